@@ -1,0 +1,112 @@
+"""One framed protocol for the agent channel (vsock or virtio-serial) and the monitor's control socket.
+
+A frame is a 9-byte header, ``!BII`` = (kind, stream, length), then ``length`` payload bytes.
+
+- ``CONTROL`` frames (stream 0) carry one JSON object with an ``op`` key.
+- ``DATA`` frames carry raw bytes of one stream; ``EOF`` frames (empty payload) close it.
+
+Stream ids: a process started through the agent gets a session number ``sid`` (>= 1) from the host,
+and its stdio streams are ``sid * 4 + fd`` (fd 0 stdin, 1 stdout, 2 stderr). Control messages name
+containers by id from day one (``main`` for ``run``), so a VM can later hold a whole pod.
+
+Ops, host -> agent: ``create`` {id, spec}, ``start`` {id}, ``signal`` {id, signal}, ``exec`` {id, sid, spec},
+``resize`` {sid, rows, cols}, ``shutdown`` {}. Replies carry the request's ``req`` and are ``ok`` or
+``error`` {message, code}. Agent -> host, unsolicited: ``hello`` {version}, ``exit`` {id, sid, code},
+``log`` {message}.
+
+Stdlib only: this module runs in the guest.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+VERSION = 1
+HEADER = struct.Struct("!BII")
+MAX_PAYLOAD = 1 << 20
+
+CONTROL = 0
+DATA = 1
+EOF = 2
+
+STDIN, STDOUT, STDERR = 0, 1, 2
+
+
+class FrameError(Exception):
+    """A malformed frame or a channel closed mid-frame."""
+
+
+def stream_id(sid: int, fd: int) -> int:
+    return sid * 4 + fd
+
+
+def split_stream(stream: int) -> tuple[int, int]:
+    return stream // 4, stream % 4
+
+
+def encode(kind: int, stream: int, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise FrameError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(kind, stream, len(payload)) + payload
+
+
+def encode_control(message: dict[str, Any]) -> bytes:
+    return encode(CONTROL, 0, json.dumps(message, separators=(",", ":")).encode())
+
+
+def decode_control(payload: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(payload)
+    except ValueError as exc:
+        raise FrameError(f"control frame is not JSON: {exc}") from exc
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise FrameError("control frame lacks an 'op'")
+    return message
+
+
+class FrameReader:
+    """Incremental decoder: feed bytes as they arrive, take whole frames out."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        self._buf += data
+        frames = []
+        while len(self._buf) >= HEADER.size:
+            kind, stream, length = HEADER.unpack_from(self._buf)
+            if kind not in (CONTROL, DATA, EOF) or length > MAX_PAYLOAD:
+                raise FrameError(f"bad frame header kind={kind} length={length}")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            frames.append((kind, stream, bytes(self._buf[HEADER.size:end])))
+            del self._buf[:end]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
+    """Blocking read of exactly one frame."""
+    header = _recv_exact(sock, HEADER.size)
+    kind, stream, length = HEADER.unpack(header)
+    if kind not in (CONTROL, DATA, EOF) or length > MAX_PAYLOAD:
+        raise FrameError(f"bad frame header kind={kind} length={length}")
+    return kind, stream, _recv_exact(sock, length)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise FrameError("channel closed mid-frame" if chunks else "channel closed")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,104 @@
+"""The one error tree of micropod.
+
+Domain code raises these; only the CLI's top-level handler turns them into a one-line message and an
+exit code. Foreign exceptions are translated at the boundary with ``raise X(...) from exc``.
+Exit codes follow docker: 125 for micropod's own failures, 126 when the command cannot be invoked,
+127 when it is not found.
+"""
+
+from __future__ import annotations
+
+
+class MicropodError(Exception):
+    """Base of every error micropod reports to a user."""
+
+    exit_code = 125
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class UsageError(MicropodError):
+    """The user's input is malformed: a flag value, a reference, a port spec."""
+
+
+class NotFoundError(MicropodError):
+    """A named thing (image, container, blob) does not exist."""
+
+
+class ConflictError(MicropodError):
+    """The request collides with existing state: a duplicate name, an image in use."""
+
+
+class InvalidReferenceError(UsageError):
+    """An image reference that does not parse."""
+
+
+class ImageError(MicropodError):
+    """An image or layer is malformed, unsupported or fails verification."""
+
+
+class DigestMismatchError(ImageError):
+    """Content did not hash to the digest that names it."""
+
+
+class RootfsError(MicropodError):
+    """Building a root filesystem from an image failed."""
+
+
+class StateError(MicropodError):
+    """The state store is unusable or inconsistent."""
+
+
+class CommandError(MicropodError):
+    """An external program failed; the message carries the tail of its stderr."""
+
+
+class GuestMissingError(MicropodError):
+    """The guest kernel or system image has not been built."""
+
+
+class VmmError(MicropodError):
+    """The VMM could not be found, configured or controlled."""
+
+
+class VmmUnavailableError(VmmError):
+    """No usable VMM on this host for the requested backend."""
+
+
+class FirecrackerApiError(VmmError):
+    """Firecracker answered an API request with a fault."""
+
+    def __init__(self, method: str, path: str, status: int, fault: str) -> None:
+        super().__init__(f"firecracker: {method} {path}: {status}: {fault}")
+        self.status = status
+        self.fault = fault
+
+
+class BootError(VmmError):
+    """The guest did not come up; the message carries the console tail."""
+
+
+class AgentError(MicropodError):
+    """The guest agent misbehaved or the channel to it broke."""
+
+
+class ProtocolError(AgentError):
+    """A frame on an agent or monitor channel was malformed."""
+
+
+class ContainerCommandError(MicropodError):
+    """The container's command could not be started (not found: 127, not executable: 126)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class TimeoutExpired(MicropodError):
+    """A bounded wait ran out."""

@@ -1,0 +1,1 @@
+"""VMM backends behind one small interface (see base.Vmm)."""

@@ -1,0 +1,87 @@
+"""The VMM interface and the plain data that describes one VM.
+
+A backend turns a VmSpec into a running VM and hands back a connected socket to the guest agent.
+Drives are a list so that pods can later add placeholder drives that are swapped after boot.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+# The guest finds its disks by position: the kernel names virtio-blk devices vda, vdb, ... in the
+# order the VMM attaches them, and both backends attach them in VmSpec.drives order.
+GUEST_DISK_NAMES = tuple(f"/dev/vd{chr(ord('a') + i)}" for i in range(26))
+
+AGENT_VSOCK_PORT = 1024
+AGENT_SERIAL_NAME = "micropod.agent"
+GUEST_CID = 3
+
+
+@dataclass(frozen=True)
+class Drive:
+    drive_id: str
+    path: Path
+    read_only: bool
+    is_root: bool = False
+
+
+@dataclass(frozen=True)
+class NetInterface:
+    iface_id: str
+    tap: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything a backend needs to boot one VM."""
+
+    vm_id: str
+    kernel: Path
+    cmdline: str
+    vcpus: int
+    memory_mib: int
+    drives: tuple[Drive, ...]
+    run_dir: Path
+    console_log: Path
+    nets: tuple[NetInterface, ...] = ()
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def guest_disk(self, drive_id: str) -> str:
+        """The /dev name the guest sees for a drive."""
+        for index, drive in enumerate(self.drives):
+            if drive.drive_id == drive_id:
+                return GUEST_DISK_NAMES[index]
+        raise KeyError(drive_id)
+
+
+class Vmm(Protocol):
+    """One running (or about to run) VM."""
+
+    name: str
+
+    def start(self) -> None:
+        """Launch the VMM process and boot the guest. Returns once the guest is booting."""
+
+    def connect_agent(self, timeout: float) -> socket.socket:
+        """A connected stream socket to the guest agent; bounded by ``timeout``."""
+
+    @property
+    def pid(self) -> int | None:
+        """The VMM process id, once started."""
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the VMM process to exit; its exit code, or None on timeout."""
+
+    def stop(self) -> None:
+        """Ask the VMM to end the VM now (quit / SendCtrlAltDel)."""
+
+    def kill(self) -> None:
+        """End the VMM process at once (SIGKILL)."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
