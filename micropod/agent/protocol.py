@@ -102,7 +102,7 @@ def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while n:
         chunk = sock.recv(n)
         if not chunk:

@@ -1,0 +1,342 @@
+"""Container commands: run, ps, stop, kill, rm, logs, inspect, wait."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from micropod import containers
+from micropod.context import Context
+from micropod.errors import MicropodError, NotFoundError, UsageError
+from micropod.state import VmRecord
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})
+@click.option("-d", "--detach", is_flag=True, help="Run in the background and print the container id.")
+@click.option("--rm", "auto_remove", is_flag=True, help="Remove the container when it exits.")
+@click.option("--name", help="Assign a name to the container.")
+@click.option("-e", "--env", multiple=True, help="Set an environment variable (KEY=VALUE, or KEY).")
+@click.option("--env-file", multiple=True, type=click.Path(path_type=Path), help="Read variables from a file.")
+@click.option("-w", "--workdir", help="Working directory inside the container.")
+@click.option("-u", "--user", help="User name or uid[:gid] to run as.")
+@click.option("--entrypoint", help="Override the image's entrypoint.")
+@click.option("-h", "--hostname", help="Container host name (default: the short id).")
+@click.option("--cpus", default="1", show_default=True, help="Number of vCPUs.")
+@click.option("-m", "--memory", default="256M", show_default=True, help="Memory of the VM (e.g. 256M, 1G).")
+@click.option("--vmm", default="auto", show_default=True, help="VMM backend: auto, qemu or firecracker.")
+@click.option("-p", "--publish", multiple=True, help="Publish a port (needs networking, see README).")
+@click.option("--boot-timeout", default=60.0, show_default=True, help="Seconds to wait for the guest agent.")
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@pass_ctx
+def run(ctx: Context, detach: bool, auto_remove: bool, name: str | None, env: tuple[str, ...],
+        env_file: tuple[Path, ...], workdir: str | None, user: str | None, entrypoint: str | None,
+        hostname: str | None, cpus: str, memory: str, vmm: str, publish: tuple[str, ...],
+        boot_timeout: float, image: str, command: tuple[str, ...]) -> None:
+    """Run a command in a new container, inside its own microVM."""
+    from micropod.runconfig import parse_env_file
+    from micropod.units import parse_cpus, parse_memory_mib
+
+    if publish:
+        raise UsageError("publishing ports (-p) needs micropod networking, which is not available yet")
+    variables = [item for path in env_file for item in parse_env_file(path)] + list(env)
+    request = containers.RunRequest(
+        image=image, args=command, name=name, auto_remove=auto_remove, env=variables, workdir=workdir,
+        user=user, entrypoint=entrypoint, hostname=hostname, vcpus=parse_cpus(cpus),
+        memory_mib=parse_memory_mib(memory), backend=vmm, boot_timeout=boot_timeout,
+    )
+    cfg = containers.create(ctx, request)
+    client = containers.start(ctx, cfg, attach=True)
+    assert client is not None
+    if detach:
+        message = client.follow(until="started", timeout=boot_timeout + 60)
+        client.close()
+        if message["op"] == "exit":
+            _fail_from_exit(message)
+        click.echo(cfg.vm_id)
+        return
+    sys.exit(_attach_foreground(client))
+
+
+def _attach_foreground(client: Any) -> int:
+    """Stream the container's output; forward SIGINT/SIGTERM to it as docker's --sig-proxy does."""
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(MicropodError):
+            client.request("signal", signal=signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+
+    def on_data(stream: int, data: bytes) -> None:
+        target = out if stream == 1 else err
+        target.write(data)
+        target.flush()
+
+    message = client.follow(on_data)
+    client.close()
+    return _fail_from_exit(message) if message.get("error") else int(message.get("code", 125))
+
+
+def _fail_from_exit(message: dict[str, Any]) -> int:
+    error = message.get("error") or "the container failed to start"
+    click.echo(f"micropod: error: {error}", err=True)
+    code = int(message.get("code") or 125)
+    sys.exit(code)
+
+
+def _status_text(record: VmRecord, now: float) -> str:
+    from micropod.units import human_duration
+
+    if record.status == "running":
+        alive = record.monitor is not None and record.monitor.alive()
+        since = human_duration(now - (record.started or record.created))
+        return f"Up {since}" + ("" if alive else " (monitor lost)")
+    if record.status == "exited":
+        ago = human_duration(now - (record.finished or now))
+        return f"Exited ({record.exit_code}) {ago} ago"
+    if record.status == "dead":
+        return "Dead"
+    return "Created"
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return "0001-01-01T00:00:00Z"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _command_text(record: VmRecord) -> str:
+    import shlex
+
+    return shlex.join(record.argv)
+
+
+@click.command(name="ps")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show all containers, not only running ones.")
+@click.option("-q", "--quiet", is_flag=True, help="Only show ids.")
+@click.option("--no-trunc", is_flag=True, help="Do not truncate output.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@pass_ctx
+def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> None:
+    """List containers."""
+    from micropod.cli.output import json_lines, table, truncate
+    from micropod.units import human_duration
+
+    now = time.time()
+    records = [r for r in ctx.state.reconcile() if show_all or r.status == "running"]
+    if quiet:
+        for record in records:
+            click.echo(record.id if no_trunc else record.short_id)
+        return
+    if fmt == "json":
+        json_lines([{
+            "ID": record.id if no_trunc else record.short_id, "Image": record.image,
+            "Command": _command_text(record), "CreatedAt": _iso(record.created),
+            "State": record.status, "Status": _status_text(record, now), "Names": record.name,
+            "ExitCode": record.exit_code, "Backend": record.backend, "Ports": "",
+        } for record in records])
+        return
+    rows = [[
+        record.id if no_trunc else record.short_id,
+        record.image,
+        f'"{_command_text(record) if no_trunc else truncate(_command_text(record), 20)}"',
+        f"{human_duration(now - record.created)} ago",
+        _status_text(record, now),
+        "",
+        record.name,
+    ] for record in records]
+    table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"], rows)
+
+
+def _each(ctx: Context, idents: tuple[str, ...], action: Any) -> None:
+    """Apply ``action`` to every container named; report each failure, fail at the end like docker."""
+    failed = False
+    for ident in idents:
+        try:
+            action(ctx.state.find(ident), ident)
+        except MicropodError as exc:
+            if ctx.debug:
+                raise
+            click.echo(f"micropod: error: {exc}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
+
+
+@click.command()
+@click.option("-t", "--time", "timeout", default=10, show_default=True, type=int,
+              help="Seconds to wait before killing the VM.")
+@click.option("-s", "--signal", "signal_name", help="Signal to send instead of the image's stop signal.")
+@click.argument("containers_", metavar="CONTAINER...", nargs=-1, required=True)
+@pass_ctx
+def stop(ctx: Context, timeout: int, signal_name: str | None, containers_: tuple[str, ...]) -> None:
+    """Stop running containers: their stop signal, then the VM is killed after the timeout."""
+    if timeout < 0:
+        raise UsageError("--time must not be negative")
+
+    def action(record: VmRecord, ident: str) -> None:
+        containers.stop(ctx, record, float(timeout), signal_name)
+        click.echo(ident)
+
+    _each(ctx, containers_, action)
+
+
+@click.command()
+@click.option("-s", "--signal", "signal_name", default="KILL", show_default=True, help="Signal to send.")
+@click.argument("containers_", metavar="CONTAINER...", nargs=-1, required=True)
+@pass_ctx
+def kill(ctx: Context, signal_name: str, containers_: tuple[str, ...]) -> None:
+    """Kill running containers (SIGKILL ends the whole VM)."""
+    def action(record: VmRecord, ident: str) -> None:
+        containers.kill(ctx, record, signal_name)
+        click.echo(ident)
+
+    _each(ctx, containers_, action)
+
+
+@click.command()
+@click.option("-f", "--force", is_flag=True, help="Kill running containers first; ignore missing ones.")
+@click.argument("containers_", metavar="CONTAINER...", nargs=-1, required=True)
+@pass_ctx
+def rm(ctx: Context, force: bool, containers_: tuple[str, ...]) -> None:
+    """Remove containers and everything they keep on the host."""
+    failed = False
+    ctx.state.reconcile()
+    for ident in containers_:
+        try:
+            containers.remove(ctx, ctx.state.find(ident), force)
+            click.echo(ident)
+        except NotFoundError as exc:
+            if not force:
+                click.echo(f"micropod: error: {exc}", err=True)
+                failed = True
+        except MicropodError as exc:
+            if ctx.debug:
+                raise
+            click.echo(f"micropod: error: {exc}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
+
+
+@click.command()
+@click.option("-f", "--follow", is_flag=True, help="Follow the log output.")
+@click.option("-t", "--timestamps", is_flag=True, help="Show timestamps.")
+@click.option("-n", "--tail", default="all", help="Number of lines to show from the end.")
+@click.argument("container")
+@pass_ctx
+def logs(ctx: Context, follow: bool, timestamps: bool, tail: str, container: str) -> None:
+    """Show a container's output (stdout to stdout, stderr to stderr)."""
+    from micropod.containerlog import LogEntry, read_entries
+
+    record = ctx.state.find(container)
+    path = ctx.root.vm(record.id).container_log
+    if tail != "all" and not tail.isdigit():
+        raise UsageError(f"invalid --tail {tail!r}: a number or 'all'")
+
+    def emit(entry: LogEntry) -> None:
+        target = sys.stdout.buffer if entry.stream == "stdout" else sys.stderr.buffer
+        if timestamps:
+            target.write(entry.time.encode() + b" ")
+        target.write(entry.data)
+        target.flush()
+
+    entries, offset = read_entries(path)
+    if tail != "all":
+        entries = entries[-int(tail):] if int(tail) else []
+    for entry in entries:
+        emit(entry)
+    while follow:
+        fresh = ctx.state.get(record.id)
+        more, offset = read_entries(path, offset)
+        for entry in more:
+            emit(entry)
+        if fresh is None or fresh.status not in ("created", "running"):
+            break
+        if not more:
+            time.sleep(0.1)
+
+
+@click.command()
+@click.argument("containers_", metavar="CONTAINER...", nargs=-1, required=True)
+@pass_ctx
+def wait(ctx: Context, containers_: tuple[str, ...]) -> None:
+    """Block until containers stop, then print their exit codes."""
+    from micropod.monitorclient import MonitorClient
+
+    for ident in containers_:
+        record = ctx.state.find(ident)
+        if containers.is_active(record):
+            with contextlib.suppress(MicropodError):
+                client = MonitorClient.connect(ctx.root.vm(record.id))
+                client.request("wait")
+                client.follow()
+                client.close()
+        final = ctx.state.reconcile() and ctx.state.get(record.id)
+        click.echo(final.exit_code if final and final.exit_code is not None else -1)
+
+
+def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
+    from micropod.runconfig import RunConfig
+
+    vm_dir = ctx.root.vm(record.id)
+    cfg: RunConfig | None = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        cfg = RunConfig.load(vm_dir.config)
+    vmm = record.vmm
+    return {
+        "Id": record.id,
+        "Created": _iso(record.created),
+        "Path": record.argv[0] if record.argv else "",
+        "Args": record.argv[1:],
+        "State": {
+            "Status": record.status,
+            "Running": record.status == "running",
+            "Dead": record.status == "dead",
+            "Pid": vmm.pid if vmm and vmm.alive() else 0,
+            "ExitCode": record.exit_code if record.exit_code is not None else 0,
+            "Error": record.error or "",
+            "StartedAt": _iso(record.started),
+            "FinishedAt": _iso(record.finished),
+            "MonitorAlive": bool(record.monitor and record.monitor.alive()),
+        },
+        "Image": f"sha256:{record.image_id}",
+        "Name": f"/{record.name}",
+        "Config": {
+            "Hostname": cfg.container.hostname if cfg else "",
+            "User": cfg.container.user if cfg else "",
+            "Env": list(cfg.container.env) if cfg else [],
+            "Cmd": record.argv,
+            "Image": record.image,
+            "WorkingDir": cfg.container.cwd if cfg else "",
+        },
+        "HostConfig": {
+            "AutoRemove": bool(record.auto_remove),
+            "Memory": (cfg.memory_mib << 20) if cfg else 0,
+            "NanoCpus": (cfg.vcpus * 10**9) if cfg else 0,
+        },
+        "VM": {
+            "Backend": record.backend,
+            "Vcpus": cfg.vcpus if cfg else 0,
+            "MemoryMiB": cfg.memory_mib if cfg else 0,
+            "Kernel": cfg.kernel if cfg else "",
+            "SystemImage": cfg.system if cfg else "",
+            "Rootfs": cfg.rootfs if cfg else "",
+            "Dir": str(vm_dir.path),
+            "ConsoleLog": str(vm_dir.console_log),
+        },
+        "LogPath": str(vm_dir.container_log),
+    }
+
+
+COMMANDS = [run, ps, stop, kill, rm, logs, wait]

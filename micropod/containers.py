@@ -1,0 +1,216 @@
+"""Container lifecycle operations, independent of the CLI (the CRI server will reuse them).
+
+A container is one VM: create records it and writes its RunConfig, start spawns its monitor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from micropod import proc
+from micropod.context import Context
+from micropod.errors import ConflictError, MicropodError, StateError
+from micropod.liveness import ProcessRef
+from micropod.monitorclient import MonitorClient, Outcome, outcome
+from micropod.names import check_name, generated_name, new_vm_id
+from micropod.runconfig import ContainerSpec, RunConfig, merge_command, merge_env, parse_signal
+from micropod.state import ACTIVE, VmRecord
+
+STOP_GRACE = 30.0
+
+
+@dataclass
+class RunRequest:
+    image: str
+    args: tuple[str, ...] = ()
+    name: str | None = None
+    auto_remove: bool = False
+    env: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    user: str | None = None
+    entrypoint: str | None = None
+    hostname: str | None = None
+    vcpus: int = 1
+    memory_mib: int = 256
+    backend: str = "auto"
+    boot_timeout: float = 60.0
+
+
+def create(ctx: Context, req: RunRequest) -> RunConfig:
+    """Resolve everything a VM needs, record it, and write its config. Nothing is left on failure."""
+    from micropod.guest.artefacts import locate
+    from micropod.rootfs.squash import ensure_rootfs
+    from micropod.vmm.factory import resolve_backend
+
+    name = check_name(req.name) if req.name else generated_name()
+    if ctx.state.name_taken(name):
+        raise ConflictError(f'the container name "/{name}" is already in use; remove it or choose another name')
+    backend = resolve_backend(req.backend)
+    guest = locate()
+    image = ctx.images.resolve(req.image)
+    config = image.config
+    command = merge_command(config.entrypoint, config.cmd, req.entrypoint, req.args)
+    vm_id = new_vm_id()
+    hostname = req.hostname or vm_id[:12]
+    rootfs = ensure_rootfs(ctx.root, ctx.images, image)
+    spec = ContainerSpec(
+        args=command,
+        env=merge_env(config.env, req.env, hostname),
+        cwd=req.workdir or config.working_dir or "/",
+        user=req.user if req.user is not None else config.user,
+        hostname=hostname,
+    )
+    cfg = RunConfig(
+        vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,
+        kernel=str(guest.kernel), system=str(guest.system), rootfs=str(rootfs),
+        vcpus=req.vcpus, memory_mib=req.memory_mib, container=spec, auto_remove=req.auto_remove,
+        stop_signal=parse_signal(config.stop_signal), boot_timeout=req.boot_timeout,
+    )
+    import json
+
+    ctx.state.insert(VmRecord(
+        id=vm_id, name=name, image=req.image, image_id=image.id, command=json.dumps(list(command)),
+        created=time.time(), status="created", auto_remove=int(req.auto_remove), backend=backend,
+    ))
+    vm_dir = ctx.root.vm(vm_id)
+    try:
+        vm_dir.path.mkdir(parents=True)
+        cfg.dump(vm_dir.config)
+    except BaseException:
+        shutil.rmtree(vm_dir.path, ignore_errors=True)
+        ctx.state.delete(vm_id)
+        raise
+    return cfg
+
+
+def start(ctx: Context, cfg: RunConfig, attach: bool) -> MonitorClient | None:
+    """Spawn the VM's monitor, detached; with ``attach`` the caller gets the output stream."""
+    vm_dir = ctx.root.vm(cfg.vm_id)
+    ours: socket.socket | None = None
+    theirs: socket.socket | None = None
+    argv: list[str | Path] = [sys.executable, "-m", "micropod.monitor", "--root", ctx.root.path, cfg.vm_id]
+    if ctx.debug:
+        argv.append("--debug")
+    if attach:
+        ours, theirs = socket.socketpair()
+        argv[3:3] = ["--attach-fd", str(theirs.fileno())]
+    try:
+        with vm_dir.monitor_log.open("ab") as log:
+            child = proc.spawn(argv, stdout=log, stderr=log, new_session=True,
+                               pass_fds=[theirs.fileno()] if theirs else [], env=_monitor_env())
+    except BaseException:
+        if ours:
+            ours.close()
+        raise
+    finally:
+        if theirs:
+            theirs.close()
+    ref = ProcessRef.of(child.pid)
+    if ref is not None:
+        ctx.state.update(cfg.vm_id, monitor_pid=ref.pid, monitor_start=ref.started)
+    return MonitorClient(ours) if ours else None
+
+
+def _monitor_env() -> dict[str, str]:
+    import os
+
+    keep = ("MICROPOD_CACHE", "MICROPOD_ACCEL", "MICROPOD_QEMU", "MICROPOD_FIRECRACKER", "PYTHONPATH")
+    return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+def is_active(record: VmRecord) -> bool:
+    return record.status in ACTIVE
+
+
+def stop(ctx: Context, record: VmRecord, timeout: float, signal_name: str | None = None) -> Outcome | None:
+    """SIGTERM (or the stop signal) to the container, the VM killed after ``timeout`` seconds."""
+    if not is_active(record):
+        return None
+    fields: dict[str, object] = {"timeout": timeout}
+    if signal_name:
+        fields["signal"] = parse_signal(signal_name)
+    return _ask_monitor(ctx, record, "stop", fields, timeout + STOP_GRACE)
+
+
+def kill(ctx: Context, record: VmRecord, signal_name: str | None = None) -> None:
+    if not is_active(record):
+        raise ConflictError(f"container {record.name} is not running")
+    if signal_name is None or parse_signal(signal_name) == 9:
+        _ask_monitor(ctx, record, "kill", {}, STOP_GRACE)
+    else:
+        _ask_monitor(ctx, record, "signal", {"signal": parse_signal(signal_name)}, None)
+
+
+def _ask_monitor(
+    ctx: Context, record: VmRecord, op: str, fields: dict[str, object], wait: float | None
+) -> Outcome | None:
+    try:
+        client = MonitorClient.connect(ctx.root.vm(record.id))
+    except MicropodError:
+        _reap_unmonitored(ctx, record)
+        return None
+    try:
+        client.request(op, **fields)
+        if wait is None:
+            return None
+        try:
+            return outcome(client.follow(timeout=wait))
+        except MicropodError:
+            _reap_unmonitored(ctx, record)
+            return None
+    finally:
+        client.close()
+
+
+def _reap_unmonitored(ctx: Context, record: VmRecord) -> None:
+    """The monitor is gone: end whatever is left of the VM ourselves and record it."""
+    fresh = ctx.state.get(record.id)
+    if fresh is None or not is_active(fresh):
+        return
+    vmm = fresh.vmm
+    if vmm is not None:
+        vmm.kill()
+    monitor = fresh.monitor
+    if monitor is not None and monitor.alive():
+        return  # it is still there, only slow: it records the exit itself
+    ctx.state.update_if(record.id, ACTIVE, status="exited", exit_code=137, finished=time.time(),
+                        error="the VM was killed after its monitor went away")
+
+
+def remove(ctx: Context, record: VmRecord, force: bool) -> None:
+    """Remove a container and everything it has on the host; safe to repeat after a crash."""
+    if is_active(record):
+        if not force:
+            raise ConflictError(
+                f"cannot remove container {record.name}: it is {record.status}; "
+                "stop it first or use --force"
+            )
+        kill_and_wait(ctx, record)
+    vm_dir = ctx.root.vm(record.id)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(vm_dir.path)
+    ctx.state.delete(record.id)
+
+
+def kill_and_wait(ctx: Context, record: VmRecord) -> None:
+    _ask_monitor(ctx, record, "kill", {}, STOP_GRACE)
+    monitor = record.monitor
+    deadline = time.monotonic() + STOP_GRACE
+    while monitor is not None and monitor.alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if monitor is not None and monitor.alive():
+        monitor.kill()
+    _reap_unmonitored(ctx, record)
+
+
+def require(ctx: Context, ident: str) -> VmRecord:
+    record = ctx.state.find(ident)
+    if record is None:
+        raise StateError(f"no container {ident}")
+    return record

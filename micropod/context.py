@@ -1,0 +1,30 @@
+"""What every command works against: the state root, its state store and image store, opened lazily."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from micropod.paths import StateRoot
+from micropod.state import StateStore
+
+if TYPE_CHECKING:
+    from micropod.image.store import ImageStore
+
+
+class Context:
+    def __init__(self, root: StateRoot, debug: bool = False) -> None:
+        self.root = root
+        self.debug = debug
+
+    @cached_property
+    def state(self) -> StateStore:
+        self.root.ensure()
+        return StateStore(self.root.db)
+
+    @cached_property
+    def images(self) -> ImageStore:
+        from micropod.image.store import ImageStore
+
+        self.root.ensure()
+        return ImageStore(self.root.images)

@@ -1,0 +1,61 @@
+"""Host checks: which VMMs, accelerators and guest artefacts are usable here, and why."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from micropod.errors import MicropodError
+from micropod.paths import StateRoot
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+def _tool(name: str, package: str, required: bool = True) -> Check:
+    path = shutil.which(name)
+    return Check(name, path is not None, path or f"not found (apt-get install {package})", required)
+
+
+def run_checks(root: StateRoot) -> list[Check]:
+    from micropod.guest.artefacts import kernel_key, locate, system_key
+    from micropod.paths import CacheRoot
+    from micropod.vmm.accel import choose_accel, kvm_verdict
+    from micropod.vmm.firecracker import find_firecracker
+    from micropod.vmm.qemu import find_qemu
+
+    checks = []
+    qemu = find_qemu()
+    checks.append(Check("qemu", qemu is not None and os.access(qemu, os.X_OK),
+                        str(qemu) if qemu else "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"))
+    verdict = kvm_verdict()
+    checks.append(Check("kvm", verdict.usable, verdict.reason, required=False))
+    checks.append(Check("qemu accelerator", True, f"{choose_accel()} (MICROPOD_ACCEL overrides)"))
+    firecracker = find_firecracker()
+    fc_ok = firecracker is not None and verdict.usable
+    fc_detail = (f"{firecracker}" if firecracker else "firecracker binary not found") + (
+        "" if verdict.usable else "; needs a usable KVM")
+    checks.append(Check("firecracker", fc_ok, fc_detail, required=False))
+    checks.append(_tool("tar2sqfs", "squashfs-tools-ng"))
+    checks.append(_tool("mkfs.ext4", "e2fsprogs"))
+    cache = CacheRoot.from_env()
+    try:
+        guest = locate(cache)
+        checks.append(Check("guest kernel", True, str(guest.kernel)))
+        checks.append(Check("guest system image", True, str(guest.system)))
+    except MicropodError as exc:
+        checks.append(Check("guest artefacts", False,
+                            f"{exc} (kernel key {kernel_key()[:12]}, system key {system_key()[:12]})"))
+    try:
+        root.ensure()
+        writable = os.access(root.path, os.W_OK)
+        checks.append(Check("state root", writable, f"{root.path}{'' if writable else ' is not writable'}"))
+    except OSError as exc:
+        checks.append(Check("state root", False, f"{root.path}: {exc.strerror}"))
+    return checks

@@ -1,0 +1,50 @@
+"""Atomic files and advisory locks: the two things that keep concurrent micropod processes safe."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(dest: Path, data: bytes, *, tmp_dir: Path | None = None, mode: int = 0o644) -> None:
+    """Write `dest` so readers see the old or the new content, never a mix, even after a crash."""
+    directory = tmp_dir or dest.parent
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(dest.parent)
+
+
+@contextlib.contextmanager
+def flock(path: Path, *, exclusive: bool = True) -> Iterator[None]:
+    """Hold an advisory lock on `path` (created if missing) for the duration of the block.
+
+    flock locks belong to the open file, so two handles in one process exclude each other too.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)

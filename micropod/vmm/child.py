@@ -1,0 +1,74 @@
+"""Bounded waits on a VMM child process, shared by the backends."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from micropod.errors import BootError
+
+T = TypeVar("T")
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        data = path.read_bytes()[-16384:]
+    except OSError:
+        return "(no output)"
+    text = data.decode(errors="replace").replace("\r", "")
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return "\n".join(tail) or "(no output)"
+
+
+def died_error(what: str, proc: subprocess.Popen[bytes], *logs: Path) -> BootError:
+    tails = "\n".join(f"--- {log.name} ---\n{log_tail(log)}" for log in logs)
+    return BootError(f"{what} exited with code {proc.returncode} before the guest came up:\n{tails}")
+
+
+def wait_until(
+    probe: Callable[[], T | None],
+    *,
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    what: str,
+    logs: tuple[Path, ...],
+    interval: float = 0.005,
+) -> T:
+    """Poll ``probe`` until it returns a value; fail early, with log tails, if ``proc`` dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value is not None:
+            return value
+        if proc.poll() is not None:
+            raise died_error(what, proc, *logs)
+        if time.monotonic() >= deadline:
+            tails = "\n".join(f"--- {log.name} ---\n{log_tail(log)}" for log in logs)
+            raise BootError(f"timed out after {timeout:.0f}s waiting for {what}:\n{tails}")
+        time.sleep(interval)
+        interval = min(interval * 2, 0.05)
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:
+    """Wait for the child using a pidfd so that the wait is bounded without polling."""
+    if proc.poll() is not None:
+        return proc.returncode
+    if timeout is None:
+        return proc.wait()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except OSError:
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    return proc.wait() if ready else None

@@ -1,0 +1,68 @@
+"""From a RunConfig to a VmSpec and a backend: the one place that picks and configures a VMM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from micropod.errors import UsageError, VmmUnavailableError
+from micropod.paths import VmDir
+from micropod.runconfig import RunConfig
+from micropod.vmm.accel import kvm_verdict
+from micropod.vmm.base import Drive, Vmm, VmSpec
+
+BACKENDS = ("auto", "qemu", "firecracker")
+
+# quiet keeps the slow emulated serial console short; panic=-1 ends the VM if the agent (PID 1) dies.
+BASE_CMDLINE = (
+    "console=ttyS0 quiet panic=-1 random.trust_cpu=on "
+    "root=/dev/vda ro rootfstype=squashfs init=/sbin/micropod-init"
+)
+# Firecracker ends the VM on the i8042 reset; QEMU with -no-reboot on a triple fault.
+REBOOT_METHOD = {"qemu": "reboot=t", "firecracker": "reboot=k pci=off"}
+
+SYSTEM_DRIVE, ROOTFS_DRIVE, UPPER_DRIVE = "system", "rootfs", "upper"
+
+
+def resolve_backend(requested: str) -> str:
+    if requested not in BACKENDS:
+        raise UsageError(f"invalid --vmm {requested!r}: choose one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested
+    from micropod.vmm.firecracker import find_firecracker
+
+    if find_firecracker() is not None and kvm_verdict().usable:
+        return "firecracker"
+    return "qemu"
+
+
+def build_spec(cfg: RunConfig, vm_dir: VmDir) -> VmSpec:
+    drives = (
+        Drive(SYSTEM_DRIVE, Path(cfg.system), read_only=True, is_root=True),
+        Drive(ROOTFS_DRIVE, Path(cfg.rootfs), read_only=True),
+        Drive(UPPER_DRIVE, vm_dir.upper, read_only=False),
+    )
+    return VmSpec(
+        vm_id=cfg.vm_id,
+        kernel=Path(cfg.kernel),
+        cmdline=f"{BASE_CMDLINE} {REBOOT_METHOD[cfg.backend]}",
+        vcpus=cfg.vcpus,
+        memory_mib=cfg.memory_mib,
+        drives=drives,
+        run_dir=vm_dir.path,
+        console_log=vm_dir.console_log,
+    )
+
+
+def create_vmm(backend: str, spec: VmSpec) -> Vmm:
+    if backend == "qemu":
+        from micropod.vmm.qemu import QemuVmm
+
+        return QemuVmm(spec)
+    if backend == "firecracker":
+        from micropod.vmm.firecracker import FirecrackerVmm, find_firecracker
+
+        binary = find_firecracker()
+        if binary is None:
+            raise VmmUnavailableError("firecracker not found", hint="see 'micropod doctor'")
+        return FirecrackerVmm(spec, binary)
+    raise UsageError(f"unknown VMM backend {backend!r}")

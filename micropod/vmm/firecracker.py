@@ -1,0 +1,436 @@
+"""The Firecracker backend: one firecracker process (optionally under the jailer) per VM.
+
+start() launches the process, waits for its API socket, sends the configuration built by
+build_config() in one place (apply_config), then InstanceStart. The guest serial console is the
+process's stdout. The agent channel is Firecracker's hybrid vsock: connect to the vsock device's Unix
+socket, say ``CONNECT <port>``, read ``OK <hostport>``, and the socket is the guest's port from then on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from micropod import proc
+from micropod.errors import BootError, VmmError
+from micropod.vmm import firecracker_api as api
+from micropod.vmm.base import AGENT_VSOCK_PORT, GUEST_CID, VmSpec
+
+API_SOCK = "api.sock"
+VSOCK_SOCK = "vsock.sock"
+VMM_LOG = "vmm.log"
+METRICS_FILE = "metrics.json"
+KERNEL_IN_JAIL = "vmlinux"
+
+API_SOCKET_TIMEOUT = 10.0
+KILL_TIMEOUT = 10.0
+_TAIL_BYTES = 16 * 1024
+
+
+def _find_program(name: str, env_var: str) -> Path | None:
+    candidates: list[str | None] = [os.environ.get(env_var), shutil.which(name), f"/usr/local/bin/{name}"]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return Path(candidate).absolute()
+    return None
+
+
+def find_firecracker() -> Path | None:
+    """$MICROPOD_FIRECRACKER, then PATH, then /usr/local/bin (where the release tarball is usually put)."""
+    return _find_program("firecracker", "MICROPOD_FIRECRACKER")
+
+
+def find_jailer() -> Path | None:
+    """$MICROPOD_JAILER, then PATH, then /usr/local/bin."""
+    return _find_program("jailer", "MICROPOD_JAILER")
+
+
+@dataclass(frozen=True)
+class JailerConfig:
+    """How to run firecracker under the jailer (docs/jailer.md)."""
+
+    binary: Path
+    uid: int
+    gid: int
+    chroot_base: Path = Path("/srv/jailer")
+    netns: Path | None = None
+    cgroup_version: int | None = None
+
+
+@dataclass(frozen=True)
+class VmmLayout:
+    """Where the VMM's files are on the host, and the names Firecracker itself uses for them.
+
+    Unjailed, Firecracker sees the host's paths. Jailed, it sees only its chroot, so every file it
+    opens is placed in the chroot first and handed over by its in-jail absolute name.
+    """
+
+    root: Path
+    jailed: bool
+
+    def host(self, name: str) -> Path:
+        return self.root / name
+
+    def visible(self, name: str) -> str:
+        return f"/{name}" if self.jailed else str(self.root / name)
+
+    def resource(self, host_path: Path, name_in_jail: str) -> str:
+        """The path Firecracker is given for a host file (kernel, disk image)."""
+        return f"/{name_in_jail}" if self.jailed else str(host_path)
+
+
+def drive_file_in_jail(drive_id: str) -> str:
+    return f"drive-{drive_id}"
+
+
+@dataclass(frozen=True)
+class FirecrackerConfig:
+    """Every pre-boot request, in the order apply_config sends them."""
+
+    logger: api.Logger
+    metrics: api.Metrics
+    boot_source: api.BootSource
+    machine: api.MachineConfiguration
+    drives: tuple[api.Drive, ...]
+    nets: tuple[api.NetworkInterface, ...]
+    vsock: api.Vsock
+    entropy: api.EntropyDevice
+
+
+def build_config(spec: VmSpec, layout: VmmLayout) -> FirecrackerConfig:
+    return FirecrackerConfig(
+        logger=api.Logger(log_path=layout.visible(VMM_LOG), level="Info", show_level=True),
+        metrics=api.Metrics(metrics_path=layout.visible(METRICS_FILE)),
+        boot_source=api.BootSource(
+            kernel_image_path=layout.resource(spec.kernel, KERNEL_IN_JAIL), boot_args=spec.cmdline
+        ),
+        machine=api.MachineConfiguration(vcpu_count=spec.vcpus, mem_size_mib=spec.memory_mib, smt=False),
+        # spec.drives order is the guest's vda, vdb, ... order; Firecracker attaches in request order.
+        drives=tuple(
+            api.Drive(
+                drive_id=drive.drive_id,
+                is_root_device=drive.is_root,
+                path_on_host=layout.resource(drive.path, drive_file_in_jail(drive.drive_id)),
+                is_read_only=drive.read_only,
+            )
+            for drive in spec.drives
+        ),
+        nets=tuple(
+            api.NetworkInterface(iface_id=net.iface_id, host_dev_name=net.tap, guest_mac=net.mac)
+            for net in spec.nets
+        ),
+        vsock=api.Vsock(guest_cid=GUEST_CID, uds_path=layout.visible(VSOCK_SOCK)),
+        entropy=api.EntropyDevice(),
+    )
+
+
+def apply_config(client: api.FirecrackerClient, config: FirecrackerConfig) -> None:
+    # Logger and metrics first so that Firecracker's complaints about the rest land in vmm.log.
+    client.put_logger(config.logger)
+    client.put_metrics(config.metrics)
+    client.put_boot_source(config.boot_source)
+    client.put_machine_config(config.machine)
+    for drive in config.drives:
+        client.put_drive(drive)
+    for net in config.nets:
+        client.put_network_interface(net)
+    client.put_vsock(config.vsock)
+    client.put_entropy(config.entropy)
+
+
+def file_tail(path: Path, lines: int = 20) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES))
+            return proc.stderr_tail(f.read(), lines)
+    except OSError:
+        return ""
+
+
+def _backoff(first: float = 0.005, limit: float = 0.2) -> Iterator[float]:
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * 2, limit)
+
+
+class FirecrackerVmm:
+    """One Firecracker microVM; implements micropod.vmm.base.Vmm."""
+
+    name = "firecracker"
+
+    def __init__(self, spec: VmSpec, binary: Path, jailer: JailerConfig | None = None) -> None:
+        self.spec = spec
+        self.binary = binary
+        self.jailer = jailer
+        # Firecracker and the jailer accept ids up to 64 characters; the short id reads better in ps.
+        self.instance_id = spec.vm_id[:12]
+        self.layout = VmmLayout(root=self._jail_root() if jailer else spec.run_dir, jailed=jailer is not None)
+        self.config = build_config(spec, self.layout)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._client: api.FirecrackerClient | None = None
+
+    # Paths.
+
+    def _jail_dir(self) -> Path:
+        """<chroot_base>/<exec_file_name>/<id>: what the jailer creates, and we remove afterwards."""
+        assert self.jailer is not None
+        return self.jailer.chroot_base / self.binary.name / self.instance_id
+
+    def _jail_root(self) -> Path:
+        return self._jail_dir() / "root"
+
+    @property
+    def api_socket(self) -> Path:
+        return self.layout.host(API_SOCK)
+
+    @property
+    def vsock_socket(self) -> Path:
+        return self.layout.host(VSOCK_SOCK)
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.layout.host(VMM_LOG)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def argv(self) -> list[str]:
+        api_sock = self.layout.visible(API_SOCK)
+        if self.jailer is None:
+            return [str(self.binary), "--api-sock", api_sock, "--id", self.instance_id]
+        jailer = self.jailer
+        argv = [
+            str(jailer.binary), "--id", self.instance_id, "--exec-file", str(self.binary),
+            "--uid", str(jailer.uid), "--gid", str(jailer.gid), "--chroot-base-dir", str(jailer.chroot_base),
+        ]
+        if jailer.netns is not None:
+            argv += ["--netns", str(jailer.netns)]
+        if jailer.cgroup_version is not None:
+            argv += ["--cgroup-version", str(jailer.cgroup_version)]
+        # The jailer passes --id itself; what follows "--" goes to firecracker.
+        return [*argv, "--", "--api-sock", api_sock]
+
+    # Lifecycle.
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise VmmError(f"VM {self.instance_id} was already started")
+        self._prepare_files()
+        with self.spec.console_log.open("ab") as console:
+            self._proc = proc.spawn(self.argv(), stdout=console, stderr=console)
+        try:
+            self._wait_for_api_socket(API_SOCKET_TIMEOUT)
+            self._client = api.FirecrackerClient(self.api_socket)
+            apply_config(self._client, self.config)
+            self._client.instance_start()
+        except BaseException:
+            self.kill()
+            raise
+
+    def connect_agent(self, timeout: float) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        last_problem = "no attempt made"
+        for delay in _backoff(first=0.01, limit=0.25):
+            self._check_alive("while connecting to the guest agent")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                return self._vsock_connect(AGENT_VSOCK_PORT, min(remaining, 2.0))
+            except OSError as exc:
+                last_problem = str(exc) or type(exc).__name__
+            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+        raise BootError(
+            f"the guest agent did not answer on vsock port {AGENT_VSOCK_PORT} within {timeout:g}s "
+            f"(last attempt: {last_problem}){self._tails()}"
+        )
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self._proc is None:
+            raise VmmError(f"VM {self.instance_id} was never started")
+        try:
+            code = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._cleanup()
+        return code
+
+    def stop(self) -> None:
+        if not self._running():
+            return
+        try:
+            self._api().send_ctrl_alt_del()
+        except VmmError:
+            # The VMM may have exited between the check and the request; that is what stop wanted.
+            if self._running():
+                raise
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            try:
+                self._proc.wait(KILL_TIMEOUT)
+            except subprocess.TimeoutExpired as exc:
+                raise VmmError(f"firecracker (pid {self._proc.pid}) survived SIGKILL for {KILL_TIMEOUT:g}s") from exc
+        self._cleanup()
+
+    def pause(self) -> None:
+        self._api().pause()
+
+    def resume(self) -> None:
+        self._api().resume()
+
+    def patch_drive(self, drive_id: str, path: Path) -> None:
+        """Swap a placeholder drive's backing file after boot (how pods get later containers' disks)."""
+        if self.jailer is not None:
+            self._place_in_jail(path, drive_file_in_jail(drive_id), writable=True)
+        self._api().patch_drive(
+            api.PartialDrive(drive_id=drive_id, path_on_host=self.layout.resource(path, drive_file_in_jail(drive_id)))
+        )
+
+    # Internals.
+
+    def _api(self) -> api.FirecrackerClient:
+        if self._client is None:
+            raise VmmError(f"VM {self.instance_id} is not running")
+        return self._client
+
+    def _running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _prepare_files(self) -> None:
+        self.spec.run_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        # Firecracker refuses to bind a socket path that exists; a previous run's sockets are stale.
+        for stale in (self.api_socket, self.vsock_socket):
+            stale.unlink(missing_ok=True)
+        # Firecracker opens the log and metrics files without creating them.
+        for name in (VMM_LOG, METRICS_FILE):
+            self.layout.host(name).touch()
+            if self.jailer is not None:
+                self._chown_for_jail(self.layout.host(name))
+        if self.jailer is not None:
+            self._place_in_jail(self.spec.kernel, KERNEL_IN_JAIL, writable=False)
+            for drive in self.spec.drives:
+                self._place_in_jail(drive.path, drive_file_in_jail(drive.drive_id), writable=not drive.read_only)
+
+    def _place_in_jail(self, source: Path, name: str, *, writable: bool) -> None:
+        """Hard-link a file into the chroot, as docs/jailer.md asks (a copy would cost the image's size)."""
+        target = self.layout.host(name)
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source, target)
+        except OSError as exc:
+            hint = None
+            if exc.errno == errno.EXDEV and self.jailer is not None:
+                hint = f"put the jailer's chroot base {self.jailer.chroot_base} on the filesystem of {source}"
+            raise VmmError(f"cannot place {source} in the jail at {target}: {exc.strerror}", hint=hint) from exc
+        if writable:
+            # The jailed firecracker runs as uid:gid and must be able to write its read-write disks.
+            self._chown_for_jail(target)
+
+    def _chown_for_jail(self, path: Path) -> None:
+        assert self.jailer is not None
+        if os.geteuid() == 0:
+            os.chown(path, self.jailer.uid, self.jailer.gid)
+
+    def _wait_for_api_socket(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for delay in _backoff():
+            self._check_alive("before its API socket was ready")
+            if _accepts_connections(self.api_socket):
+                return
+            if time.monotonic() >= deadline:
+                raise BootError(
+                    f"firecracker's API socket {self.api_socket} was not ready within {timeout:g}s{self._tails()}"
+                )
+            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+
+    def _check_alive(self, when: str) -> None:
+        assert self._proc is not None, "VM not started"
+        code = self._proc.poll()
+        if code is not None:
+            raise BootError(f"firecracker exited with code {code} {when}{self._tails()}")
+
+    def _tails(self) -> str:
+        parts = []
+        console = file_tail(self.spec.console_log)
+        if console:
+            parts.append(f"\n--- console ({self.spec.console_log}) ---\n{console}")
+        log = file_tail(self.vmm_log)
+        if log:
+            parts.append(f"\n--- firecracker log ({self.vmm_log}) ---\n{log}")
+        return "".join(parts)
+
+    def _vsock_connect(self, port: int, timeout: float) -> socket.socket:
+        """One attempt at Firecracker's host-initiated hybrid vsock handshake."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(self.vsock_socket))
+            sock.sendall(f"CONNECT {port}\n".encode())
+            line = _read_line(sock, limit=64)
+            if not line.startswith(b"OK "):
+                # Firecracker closes the connection when nothing listens on the guest port yet.
+                raise ConnectionResetError(
+                    f"vsock CONNECT {port} refused ({line.decode(errors='replace').strip() or 'connection closed'})"
+                )
+            sock.settimeout(None)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def _cleanup(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.jailer is not None:
+            # Only hard links and our own files live there; the originals are untouched.
+            shutil.rmtree(self._jail_dir(), ignore_errors=True)
+
+
+def _accepts_connections(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _read_line(sock: socket.socket, limit: int) -> bytes:
+    """Read up to and including b"\\n", one byte at a time so no guest data after the line is consumed."""
+    line = bytearray()
+    while len(line) < limit:
+        byte = sock.recv(1)
+        if not byte:
+            break
+        line += byte
+        if byte == b"\n":
+            break
+    return bytes(line)
+
+
+__all__ = [
+    "FirecrackerConfig",
+    "FirecrackerVmm",
+    "JailerConfig",
+    "VmmLayout",
+    "apply_config",
+    "build_config",
+    "find_firecracker",
+    "find_jailer",
+]

@@ -1,0 +1,191 @@
+"""The QEMU backend: the `microvm` machine with virtio-mmio devices, controlled over QMP.
+
+The agent channel is a virtio-serial port, because this kind of host has no vhost-vsock. micropod
+listens on the port's Unix socket before QEMU starts and QEMU connects to it as a client, so there is
+no race between QEMU creating a socket and micropod polling for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from micropod import proc
+from micropod.errors import VmmError, VmmUnavailableError
+from micropod.vmm.accel import choose_accel
+from micropod.vmm.base import AGENT_SERIAL_NAME, VmSpec
+from micropod.vmm.child import died_error, wait_exit, wait_until
+from micropod.vmm.qmp import QmpClient
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+def find_qemu() -> Path | None:
+    explicit = os.environ.get("MICROPOD_QEMU")
+    if explicit:
+        return Path(explicit)
+    found = shutil.which(QEMU_BINARY)
+    return Path(found) if found else None
+
+
+@dataclass(frozen=True)
+class QemuLayout:
+    """Where this VM's QEMU sockets and logs live."""
+
+    agent_sock: Path
+    qmp_sock: Path
+    vmm_log: Path
+
+    @classmethod
+    def in_dir(cls, run_dir: Path) -> QemuLayout:
+        return cls(run_dir / "agent.sock", run_dir / "qmp.sock", run_dir / "vmm.log")
+
+
+def machine_options(accel: str) -> str:
+    # No ACPI: the guest powers off by rebooting, which -no-reboot turns into QEMU exiting, and SMP
+    # comes from the MP table. Option ROMs and the RTC only cost boot time.
+    return "microvm,acpi=off,x-option-roms=off,rtc=off,isa-serial=on" + (",pit=off" if accel == "kvm" else "")
+
+
+def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout) -> list[str]:
+    """The whole QEMU command line for a VmSpec, as data that tests can check."""
+    argv = [
+        str(binary),
+        "-M", machine_options(accel),
+        "-accel", accel,
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-smp", str(spec.vcpus),
+        "-m", f"{spec.memory_mib}M",
+        "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+        "-kernel", str(spec.kernel),
+        "-append", spec.cmdline,
+        "-chardev", f"file,id=console,path={spec.console_log}",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{layout.qmp_sock},server=on,wait=off",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-device,rng=rng0",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"socket,id=agent,path={layout.agent_sock}",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_SERIAL_NAME}",
+    ]
+    for drive in spec.drives:
+        readonly = ",readonly=on" if drive.read_only else ""
+        argv += [
+            "-drive", f"id={drive.drive_id},file={drive.path},format=raw,if=none,cache=unsafe,"
+                      f"discard=unmap,aio=threads{readonly}",
+            "-device", f"virtio-blk-device,drive={drive.drive_id}",
+        ]
+    for net in spec.nets:
+        argv += [
+            "-netdev", f"tap,id={net.iface_id},ifname={net.tap},script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev={net.iface_id},mac={net.mac}",
+        ]
+    return argv
+
+
+class QemuVmm:
+    """A VM run by qemu-system-x86_64 -M microvm."""
+
+    name = "qemu"
+
+    def __init__(self, spec: VmSpec, binary: Path | None = None, accel: str | None = None) -> None:
+        found = binary or find_qemu()
+        if found is None:
+            raise VmmUnavailableError(
+                f"{QEMU_BINARY} not found", hint="install qemu-system-x86; see 'micropod doctor'"
+            )
+        self.spec = spec
+        self.binary = found
+        self.accel = accel or choose_accel()
+        self.layout = QemuLayout.in_dir(spec.run_dir)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._listener: socket.socket | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        return qemu_argv(self.spec, self.binary, self.accel, self.layout)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> None:
+        for stale in (self.layout.agent_sock, self.layout.qmp_sock):
+            stale.unlink(missing_ok=True)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._listener.bind(str(self.layout.agent_sock))
+        self._listener.listen(1)
+        with self.layout.vmm_log.open("ab") as log:
+            self._proc = proc.spawn(self.argv, stdout=log, stderr=log)
+
+    def connect_agent(self, timeout: float) -> socket.socket:
+        """Accept QEMU's connection to the agent port's socket (made as soon as QEMU starts)."""
+        child, listener = self._running()
+        if listener is None:
+            raise VmmError("the agent channel was already taken")
+        listener.setblocking(False)
+
+        def accept() -> socket.socket | None:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return None
+            return conn
+
+        try:
+            conn = wait_until(accept, proc=child, timeout=timeout, what="QEMU to open the agent channel",
+                              logs=(self.layout.vmm_log, self.spec.console_log))
+        finally:
+            listener.close()
+            self._listener = None
+        conn.setblocking(True)
+        return conn
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        child, _ = self._running()
+        return wait_exit(child, timeout)
+
+    def stop(self) -> None:
+        """Ask QEMU to quit; the guest has had its chance to shut down through the agent."""
+        child, _ = self._running()
+        if child.poll() is not None:
+            return
+        try:
+            self._qmp("quit")
+        except VmmError:
+            self.kill()
+
+    def kill(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait()
+
+    def pause(self) -> None:
+        self._qmp("stop")
+
+    def resume(self) -> None:
+        self._qmp("cont")
+
+    def check_alive(self) -> None:
+        child, _ = self._running()
+        if child.poll() is not None:
+            raise died_error("QEMU", child, self.layout.vmm_log, self.spec.console_log)
+
+    def _qmp(self, command: str) -> None:
+        client = QmpClient(self.layout.qmp_sock)
+        try:
+            client.execute(command)
+        finally:
+            client.close()
+
+    def _running(self) -> tuple[subprocess.Popen[bytes], socket.socket | None]:
+        if self._proc is None:
+            raise VmmError("QEMU was not started")
+        return self._proc, self._listener

@@ -1,0 +1,52 @@
+"""A minimal QMP client: one JSON command at a time over QEMU's control socket."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from micropod.errors import VmmError
+
+
+class QmpClient:
+    def __init__(self, path: Path, timeout: float = 5.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._buf = b""
+        try:
+            self._sock.connect(str(path))
+            self._read()  # greeting
+            self.execute("qmp_capabilities")
+        except OSError as exc:
+            self._sock.close()
+            raise VmmError(f"QMP {path}: {exc}") from exc
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self._sock.sendall(json.dumps(message).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise VmmError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+
+    def _read(self) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise VmmError("QMP connection closed")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        value = json.loads(line)
+        if not isinstance(value, dict):
+            raise VmmError(f"QMP sent {value!r}")
+        return value
+
+    def close(self) -> None:
+        self._sock.close()
