@@ -6,6 +6,7 @@ A container is one VM: create records it and writes its RunConfig, start spawns 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from micropod import proc
 from micropod.context import Context
-from micropod.errors import ConflictError, MicropodError, StateError
+from micropod.errors import ConflictError, MicropodError
 from micropod.liveness import ProcessRef
 from micropod.monitorclient import MonitorClient, Outcome, outcome
 from micropod.names import check_name, generated_name, new_vm_id
@@ -46,16 +47,18 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
     """Resolve everything a VM needs, record it, and write its config. Nothing is left on failure."""
     from micropod.guest.artefacts import locate
     from micropod.rootfs.squash import ensure_rootfs
-    from micropod.vmm.factory import resolve_backend
+    from micropod.vmm.factory import check_available, resolve_backend
 
     name = check_name(req.name) if req.name else generated_name()
     if ctx.state.name_taken(name):
-        raise ConflictError(f'the container name "/{name}" is already in use; remove it or choose another name')
-    backend = resolve_backend(req.backend)
-    guest = locate()
+        raise ConflictError(f'the container name "/{name}" is already in use; '
+                            "remove it or choose another name")
     image = ctx.images.resolve(req.image)
     config = image.config
     command = merge_command(config.entrypoint, config.cmd, req.entrypoint, req.args)
+    backend = resolve_backend(req.backend)
+    check_available(backend)
+    guest = locate()
     vm_id = new_vm_id()
     hostname = req.hostname or vm_id[:12]
     rootfs = ensure_rootfs(ctx.root, ctx.images, image)
@@ -72,8 +75,6 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
         vcpus=req.vcpus, memory_mib=req.memory_mib, container=spec, auto_remove=req.auto_remove,
         stop_signal=parse_signal(config.stop_signal), boot_timeout=req.boot_timeout,
     )
-    import json
-
     ctx.state.insert(VmRecord(
         id=vm_id, name=name, image=req.image, image_id=image.id, command=json.dumps(list(command)),
         created=time.time(), status="created", auto_remove=int(req.auto_remove), backend=backend,
@@ -208,9 +209,3 @@ def kill_and_wait(ctx: Context, record: VmRecord) -> None:
         monitor.kill()
     _reap_unmonitored(ctx, record)
 
-
-def require(ctx: Context, ident: str) -> VmRecord:
-    record = ctx.state.find(ident)
-    if record is None:
-        raise StateError(f"no container {ident}")
-    return record

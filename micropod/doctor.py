@@ -32,8 +32,9 @@ def run_checks(root: StateRoot) -> list[Check]:
 
     checks = []
     qemu = find_qemu()
-    checks.append(Check("qemu", qemu is not None and os.access(qemu, os.X_OK),
-                        str(qemu) if qemu else "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"))
+    qemu_ok = qemu is not None and os.access(qemu, os.X_OK)
+    checks.append(Check("qemu", qemu_ok, str(qemu) if qemu_ok else
+                        "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"))
     verdict = kvm_verdict()
     checks.append(Check("kvm", verdict.usable, verdict.reason, required=False))
     checks.append(Check("qemu accelerator", True, f"{choose_accel()} (MICROPOD_ACCEL overrides)"))

@@ -28,6 +28,7 @@ Stdlib + pyyaml + jsonschema. Tests run it through write_launcher(), which pins 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import http.server
 import itertools
@@ -67,7 +68,8 @@ def default_swagger_path() -> Path:
 
 def load_swagger(path: Path | None = None) -> dict[str, Any]:
     with (path or default_swagger_path()).open() as f:
-        return yaml.safe_load(f)
+        swagger: dict[str, Any] = yaml.safe_load(f)
+    return swagger
 
 
 # --- The pre-boot / post-boot table -------------------------------------------------------------
@@ -196,7 +198,7 @@ def build_operations(swagger: dict[str, Any]) -> list[Operation]:
         for method, operation in item.items():
             if method not in HTTP_METHODS:
                 continue
-            validator, required, properties = None, False, frozenset()
+            validator, required, properties = None, False, frozenset[str]()
             for param in operation.get("parameters", []):
                 if param.get("in") == "body":
                     schema = _strict(param["schema"])
@@ -539,16 +541,11 @@ def _handler_name(template: str) -> str:
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         while data := src.recv(65536):
             dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)  # pass the EOF on, like a vsock half-close
 
 
 def console(data: bytes) -> None:
@@ -581,7 +578,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_PUT = do_PATCH = do_POST = do_DELETE = _serve
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # stdout/stderr are the guest console; keep them clean
 
 

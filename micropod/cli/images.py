@@ -82,8 +82,7 @@ def images(ctx: Context, quiet: bool, digests: bool, no_trunc: bool, fmt: str) -
         for ref in image.refs or ("<none>:<none>",):
             repo, tag = _split_ref(ref)
             row = [repo, tag] + ([image.manifest_digest] if digests else [])
-            rows.append(row + [image.id if no_trunc else image.id[:12], _created_ago(image),
-                               human_size(image.size)])
+            rows.append([*row, image.id if no_trunc else image.id[:12], _created_ago(image), human_size(image.size)])
     table(headers, rows)
 
 

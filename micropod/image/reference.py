@@ -39,12 +39,9 @@ class Reference:
     @property
     def familiar(self) -> str:
         """The short form docker shows: `nginx:latest`, `user/app:1`, `localhost/hello:latest`."""
-        name = self.path
         if self.domain == DEFAULT_DOMAIN:
-            name = name.removeprefix(OFFICIAL_REPO_PREFIX)
-        else:
-            name = f"{self.domain}/{name}"
-        return name + self._suffix()
+            return self.path.removeprefix(OFFICIAL_REPO_PREFIX) + self._suffix()
+        return str(self)
 
     def with_tag(self, tag: str) -> Reference:
         return Reference(self.domain, self.path, tag, None)

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from micropod.errors import ConflictError, DigestMismatchError, ImageError, NotFoundError, UsageError
 from micropod.image.digest import VerifyingReader, check_digest, digest_hex, sha256_digest
@@ -84,6 +84,12 @@ class RemoveResult:
 
     untagged: tuple[str, ...]
     deleted: str | None
+
+    def __iter__(self) -> Iterator[str]:
+        """docker rmi's output lines."""
+        yield from (f"Untagged: {ref}" for ref in self.untagged)
+        if self.deleted:
+            yield f"Deleted: {self.deleted}"
 
 
 @dataclass(frozen=True)
@@ -195,7 +201,7 @@ class ImageStore:
         digest = self.ingest(io.BytesIO(data), sha256_digest(data), len(data))
         return Descriptor(media_type, digest, len(data))
 
-    def ingest(self, stream: BinaryIO, expected_digest: str | None = None, size: int | None = None) -> str:
+    def ingest(self, stream: IO[bytes], expected_digest: str | None = None, size: int | None = None) -> str:
         """Stream a blob into the store; it appears under its digest only if that digest checks out.
 
         Skips the copy (without reading `stream`) when the expected blob is already present.
@@ -217,7 +223,7 @@ class ImageStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
 
-    def _copy_verified(self, stream: BinaryIO, fd: int, expected: str | None, size: int | None) -> str:
+    def _copy_verified(self, stream: IO[bytes], fd: int, expected: str | None, size: int | None) -> str:
         hasher, seen = hashlib.sha256(), 0
         name = expected or "being ingested"
         with os.fdopen(fd, "wb") as out:
@@ -362,6 +368,13 @@ class ImageStore:
             size=manifest.config.size + sum(layer.size for layer in manifest.layers),
             manifest_media_type=manifest.media_type,
         )
+
+    def get(self, manifest_digest: str) -> StoredImage:
+        """The image with this manifest digest, if the index holds it."""
+        refs = self._groups().get(check_digest(manifest_digest))
+        if refs is None:
+            raise NotFoundError(f"No such image: {manifest_digest}")
+        return self._stored(manifest_digest, refs)
 
     def list(self) -> list[StoredImage]:
         return [self._stored(digest, refs) for digest, refs in self._groups().items()]

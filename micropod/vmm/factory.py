@@ -35,6 +35,24 @@ def resolve_backend(requested: str) -> str:
     return "qemu"
 
 
+def check_available(backend: str) -> None:
+    """Fail before anything is recorded when the chosen VMM cannot run here."""
+    if backend == "qemu":
+        from micropod.vmm.qemu import find_qemu
+
+        qemu = find_qemu()
+        if qemu is None or not qemu.is_file():
+            raise VmmUnavailableError("QEMU (qemu-system-x86_64) not found", hint="see 'micropod doctor'")
+    elif backend == "firecracker":
+        from micropod.vmm.firecracker import find_firecracker
+
+        if find_firecracker() is None:
+            raise VmmUnavailableError("firecracker not found", hint="see 'micropod doctor'")
+        verdict = kvm_verdict()
+        if not verdict.usable:
+            raise VmmUnavailableError(f"firecracker needs KVM: {verdict.reason}", hint="see 'micropod doctor'")
+
+
 def build_spec(cfg: RunConfig, vm_dir: VmDir) -> VmSpec:
     drives = (
         Drive(SYSTEM_DRIVE, Path(cfg.system), read_only=True, is_root=True),

@@ -356,7 +356,8 @@ class FirecrackerVmm:
             time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
 
     def _check_alive(self, when: str) -> None:
-        assert self._proc is not None, "VM not started"
+        if self._proc is None:
+            raise VmmError(f"VM {self.instance_id} was never started")
         code = self._proc.poll()
         if code is not None:
             raise BootError(f"firecracker exited with code {code} {when}{self._tails()}")

@@ -1,0 +1,1 @@
+"""micropod benchmarks: `make bench` runs them all and prints one JSON document."""

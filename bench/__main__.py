@@ -1,0 +1,19 @@
+"""Run every benchmark and print JSON: each figure is a ratio against its baseline from the same run."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from bench import boot
+
+
+def main() -> int:
+    results = {"boot": boot.run()}
+    json.dump(results, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

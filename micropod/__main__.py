@@ -1,0 +1,3 @@
+from micropod.cli import main
+
+main()

@@ -1,0 +1,288 @@
+"""Starting one container process: fork, enter the container's root, become the user, exec.
+
+The parent learns whether exec succeeded before it answers the host, through a close-on-exec pipe:
+the child writes ``<code> <message>`` there only when it fails, so EOF with nothing read means the
+exec happened. Codes follow docker: 127 not found, 126 cannot be invoked, 125 anything else.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import stat
+
+from micropod import syscalls
+from micropod.agent import users
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal  # the same functions and numbers, with stubs
+    from typing import Any
+else:
+    import _signal  # signal.py itself would import enum
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Signals the agent catches or Python ignores; an exec keeps ignored ones ignored, so reset them all.
+_RESET_SIGNALS = (
+    _signal.SIGCHLD, _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT,
+    _signal.SIGUSR1, _signal.SIGUSR2, _signal.SIGWINCH, _signal.SIGPIPE, _signal.SIGXFSZ,
+)
+_START_TIMEOUT = 30.0
+
+
+class LaunchError(Exception):
+    """The process could not be started; ``code`` is docker's exit code for it."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Launch:
+    """What the container process needs to be: built by the agent from the create/exec spec."""
+
+    __slots__ = ("args", "cwd", "env", "etc_files", "hostname", "make_cwd", "root", "stdin", "tty",
+                 "user", "user_error_code", "window")
+
+    def __init__(self, root: str, spec: dict[str, Any], *, is_exec: bool) -> None:
+        self.root = root
+        self.args: list[str] = list(spec.get("args") or [])
+        self.env: list[str] = list(spec.get("env") or [])
+        self.cwd: str = spec.get("cwd") or "/"
+        self.user: str = spec.get("user") or ""
+        self.hostname: str = spec.get("hostname") or ""
+        self.stdin = bool(spec.get("stdin"))
+        self.tty = bool(spec.get("tty"))
+        rows, cols = spec.get("rows"), spec.get("cols")
+        self.window = (int(rows), int(cols)) if rows and cols else None
+        # docker run creates a missing working directory and fails on an unknown user with 125;
+        # docker exec fails on both, with 126.
+        self.make_cwd = not is_exec
+        self.user_error_code = 126 if is_exec else 125
+        self.etc_files: dict[str, str] = {} if is_exec else etc_files(spec)
+
+
+def etc_files(spec: dict[str, Any]) -> dict[str, str]:
+    """The files docker bind-mounts into /etc; here written into the container's writable root."""
+    files = {}
+    hostname = spec.get("hostname") or ""
+    if hostname:
+        files["/etc/hostname"] = hostname + "\n"
+    hosts = spec.get("hosts")
+    if hosts is None:
+        hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        if hostname:
+            hosts += f"127.0.1.1\t{hostname}\n"
+    files["/etc/hosts"] = hosts
+    if spec.get("resolv_conf") is not None:
+        files["/etc/resolv.conf"] = spec["resolv_conf"]
+    return files
+
+
+def build_env(launch: Launch, home: str) -> dict[str, str]:
+    env = {"PATH": DEFAULT_PATH}
+    if launch.hostname:
+        env["HOSTNAME"] = launch.hostname
+    if launch.tty:
+        env["TERM"] = "xterm"
+    for item in launch.env:
+        key, sep, value = item.partition("=")
+        if sep and key:
+            env[key] = value
+    env.setdefault("HOME", home)
+    return env
+
+
+def look_path(name: str, path: str) -> str:
+    """Go's exec.LookPath, as runc uses it, with docker's wording for failures."""
+    if "/" in name:
+        try:
+            st = os.stat(name)
+        except OSError as exc:
+            raise LaunchError(127, f'exec: "{name}": stat {name}: {_go_strerror(exc)}') from exc
+        if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
+            raise LaunchError(126, f'exec: "{name}": permission denied')
+        return name
+    for directory in path.split(":"):
+        candidate = f"{directory or '.'}/{name}"
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            return candidate
+    raise LaunchError(127, f'exec: "{name}": executable file not found in $PATH')
+
+
+def _go_strerror(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+class Child:
+    """A started process as the parent sees it: the pid and its ends of the stdio plumbing."""
+
+    __slots__ = ("master", "pid", "stderr", "stdin", "stdout")
+
+    def __init__(self, pid: int, stdin: int | None, stdout: int, stderr: int | None, master: int | None):
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.master = master
+
+
+def spawn(launch: Launch) -> Child:
+    """Fork and exec the process; raise LaunchError if it could not be exec'd."""
+    if not launch.args:
+        raise LaunchError(125, "no command specified")
+    parent_fds: list[int] = []
+    child_fds: list[int] = []
+    try:
+        if launch.tty:
+            master, slave = syscalls.open_pty(f"{launch.root}/dev/pts/ptmx")
+            parent_fds.append(master)
+            child_fds.append(slave)
+            if launch.window:
+                syscalls.set_window_size(master, *launch.window)
+            stdio = (slave, slave, slave)
+            child_ends: tuple[int | None, int, int | None] = (master if launch.stdin else None, master, None)
+        else:
+            stdin_r: int | None = None
+            stdin_w: int | None = None
+            if launch.stdin:
+                stdin_r, stdin_w = os.pipe()
+                parent_fds.append(stdin_w)
+                child_fds.append(stdin_r)
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            parent_fds += [out_r, err_r]
+            child_fds += [out_w, err_w]
+            stdio = (stdin_r if stdin_r is not None else -1, out_w, err_w)
+            child_ends = (stdin_w, out_r, err_r)
+        status_r, status_w = os.pipe()
+        parent_fds.append(status_r)
+        child_fds.append(status_w)
+        pid = os.fork()
+        if pid == 0:
+            _child(launch, stdio, status_w)  # never returns
+    except BaseException:
+        for fd in parent_fds + child_fds:
+            os.close(fd)
+        raise
+    for fd in child_fds:
+        os.close(fd)
+    try:
+        failure = _read_failure(status_r, pid)
+    finally:
+        os.close(status_r)
+    if failure is not None:
+        os.waitpid(pid, 0)
+        for fd in parent_fds:
+            if fd != status_r:
+                os.close(fd)
+        raise failure
+    for fd in parent_fds:
+        if fd != status_r:
+            os.set_blocking(fd, False)
+    stdin_end, stdout_end, stderr_end = child_ends
+    return Child(pid, stdin_end, stdout_end, stderr_end, master=stdout_end if launch.tty else None)
+
+
+def _read_failure(status_r: int, pid: int) -> LaunchError | None:
+    chunks = []
+    while True:
+        ready, _, _ = select.select([status_r], [], [], _START_TIMEOUT)
+        if not ready:
+            os.kill(pid, _signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return LaunchError(125, f"the process did not start within {_START_TIMEOUT:.0f}s")
+        chunk = os.read(status_r, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    if not chunks:
+        return None
+    code, _, message = b"".join(chunks).decode(errors="replace").partition(" ")
+    return LaunchError(int(code) if code.isdigit() else 125, message)
+
+
+def _child(launch: Launch, stdio: tuple[int, int, int], status_w: int) -> None:
+    code = 125
+    try:
+        _become(launch, stdio)
+    except LaunchError as exc:
+        code, message = exc.code, exc.message
+    except BaseException as exc:  # nothing may escape into a copy of the agent's event loop
+        message = f"{type(exc).__name__}: {exc}"
+    try:
+        os.write(status_w, f"{code} {message}".encode(errors="replace"))
+    finally:
+        os._exit(code)
+
+
+def _become(launch: Launch, stdio: tuple[int, int, int]) -> None:
+    _signal.set_wakeup_fd(-1)
+    for signum in _RESET_SIGNALS:
+        _signal.signal(signum, _signal.SIG_DFL)
+    os.setsid()
+    stdin, stdout, stderr = stdio
+    if launch.tty:
+        syscalls.set_controlling_tty(stdout)
+    if stdin < 0:
+        stdin = os.open("/dev/null", os.O_RDONLY)
+    for target, fd in enumerate((stdin, stdout, stderr)):
+        os.dup2(fd, target)
+        os.set_inheritable(target, True)  # dup2 onto itself would keep close-on-exec
+    os.umask(0o022)
+    os.chroot(launch.root)
+    os.chdir("/")
+    for path, text in launch.etc_files.items():
+        _write_etc_file(path, text)
+    try:
+        user = users.resolve(launch.user)
+    except users.UserError as exc:
+        raise LaunchError(launch.user_error_code, str(exc)) from exc
+    _enter_cwd(launch)
+    try:
+        os.setgroups(user.groups)
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+    except OSError as exc:
+        raise LaunchError(126, f"cannot become user {launch.user!r}: {exc.strerror}") from exc
+    env = build_env(launch, user.home)
+    name = launch.args[0]
+    path = look_path(name, env["PATH"])
+    try:
+        os.execve(path, launch.args, env)
+    except OSError as exc:
+        code = 127 if exc.errno == errno.ENOENT else 126
+        raise LaunchError(code, f'exec: "{name}": {_go_strerror(exc)}') from exc
+
+
+def _write_etc_file(path: str, text: str) -> None:
+    # Already chrooted, so a symlink here cannot lead out of the container; replace it rather than
+    # write through it, as docker's bind mount would hide it.
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    if os.path.islink(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _enter_cwd(launch: Launch) -> None:
+    if launch.make_cwd:
+        try:
+            os.makedirs(launch.cwd, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise LaunchError(126, f"cannot create working directory {launch.cwd}: {exc.strerror}") from exc
+    try:
+        os.chdir(launch.cwd)
+    except OSError as exc:
+        raise LaunchError(
+            126, f"chdir to cwd ({launch.cwd!r}) set in config.json failed: {_go_strerror(exc)}"
+        ) from exc

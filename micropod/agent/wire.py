@@ -1,0 +1,111 @@
+"""The agent's side of protocol.py, with a lighter import set.
+
+protocol.py is the contract; this module speaks exactly the same bytes (tests/test_agent_wire.py
+checks both directions). It exists because the agent's imports are on the boot path of every VM:
+``json`` pulls in ``re`` and ``enum``, and protocol.py pulls in ``socket`` and ``typing`` as well,
+which together cost more than the rest of the agent under TCG. The C accelerator ``_json`` that
+``json`` itself uses does the real work here without them.
+"""
+
+from __future__ import annotations
+
+import _json
+import struct
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+VERSION = 1
+HEADER = struct.Struct("!BII")
+MAX_PAYLOAD = 1 << 20
+
+CONTROL = 0
+DATA = 1
+EOF = 2
+
+STDIN, STDOUT, STDERR = 0, 1, 2
+
+
+class FrameError(Exception):
+    """A malformed frame or control message."""
+
+
+def stream_id(sid: int, fd: int) -> int:
+    return sid * 4 + fd
+
+
+def split_stream(stream: int) -> tuple[int, int]:
+    return stream // 4, stream % 4
+
+
+def encode(kind: int, stream: int, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise FrameError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(kind, stream, len(payload)) + payload
+
+
+def _unserialisable(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# Same settings as json.dumps(message, separators=(",", ":")): ASCII escapes, no sorting, NaN allowed.
+_encode_json = _json.make_encoder(
+    None, _unserialisable, _json.encode_basestring_ascii, None, ":", ",", False, False, True
+)
+
+
+def encode_control(message: dict[str, Any]) -> bytes:
+    return encode(CONTROL, 0, "".join(_encode_json(message, 0)).encode())
+
+
+class _DecoderSettings:
+    """The attributes the C scanner reads from json.JSONDecoder, with json.loads' defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float  # "NaN", "Infinity", "-Infinity" all parse with float()
+
+
+_scan_json = _json.make_scanner(_DecoderSettings())  # type: ignore[arg-type]  # typeshed is odd here
+_JSON_WHITESPACE = " \t\n\r"
+
+
+def decode_control(payload: bytes) -> dict[str, Any]:
+    try:
+        text = payload.decode()
+        start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
+        message, end = _scan_json(text, start)
+    except StopIteration:
+        raise FrameError("control frame is not JSON: expecting a value") from None
+    except ValueError as exc:  # UnicodeDecodeError and json's JSONDecodeError
+        raise FrameError(f"control frame is not JSON: {exc}") from exc
+    if text[end:].strip(_JSON_WHITESPACE):
+        raise FrameError("control frame is not JSON: extra data")
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise FrameError("control frame lacks an 'op'")
+    return message
+
+
+class FrameReader:
+    """Incremental decoder: feed bytes as they arrive, take whole frames out."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        self._buf += data
+        frames = []
+        while len(self._buf) >= HEADER.size:
+            kind, stream, length = HEADER.unpack_from(self._buf)
+            if kind not in (CONTROL, DATA, EOF) or length > MAX_PAYLOAD:
+                raise FrameError(f"bad frame header kind={kind} length={length}")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            frames.append((kind, stream, bytes(self._buf[HEADER.size:end])))
+            del self._buf[:end]
+        return frames

@@ -1,0 +1,347 @@
+"""Flatten an image's layers into one merged tar stream, without extracting anything on the host.
+
+Layers are read top-down, each decompressed once. A path's fate is decided by the highest layer that
+mentions it: an upper entry hides the same path below, an upper non-directory or whiteout hides the
+whole subtree below, and an opaque directory hides everything under it below. A lower entry is emitted
+only if nothing above decided its path.
+
+Only regular files are written as they are read (they carry data). Directories, symlinks, devices and
+hard links carry none, so they are kept in memory and written at the end: a later duplicate in the same
+layer can then replace an earlier one (tar semantics, and tar2sqfs refuses duplicates), and every hard
+link can be checked against what was really emitted. tar2sqfs builds its tree in memory, so the order
+of children, parents and link targets in the stream does not matter to it.
+
+Hostile input is refused, never followed: `..` components and hard-link targets that leave the root,
+entries below a symlink or file of the same layer. Leading `/` and `./` are stripped.
+
+A hard link whose target is replaced or deleted by a higher layer must keep the old content, so it is
+written as a regular file with the target's data from its own layer (a second read of that layer; rare).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import logging
+import lzma
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+import zstandard
+
+from micropod.errors import RootfsError
+from micropod.image.compression import decompressed
+from micropod.image.model import Image, Layer
+
+log = logging.getLogger("micropod")
+
+CHUNK = 1 << 20
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+# squashfs can store only these xattr namespaces; POSIX ACLs (system.*) cannot be represented.
+XATTR_PREFIXES = ("SCHILY.xattr.user.", "SCHILY.xattr.trusted.", "SCHILY.xattr.security.")
+_MAX_LINK_CHAIN = 32
+
+
+
+@dataclass(frozen=True)
+class FlattenStats:
+    entries: int
+    data_bytes: int
+    hidden: int
+    materialised: int
+
+
+class _RawAdapter(io.RawIOBase):
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._stream.read(len(buffer))
+        memoryview(buffer)[: len(data)] = data
+        return len(data)
+
+
+@contextlib.contextmanager
+def open_layer_tar(layer: Layer) -> Iterator[tarfile.TarFile]:
+    """The layer as a streaming tar reader; compression is recognised by its magic bytes (media types
+    in the wild lie), and the blob is read to its end afterwards so its digest is always checked."""
+    with layer.open() as blob:
+        raw = blob if isinstance(blob, io.BufferedReader) else io.BufferedReader(_RawAdapter(blob), CHUNK)
+        try:
+            stream = decompressed(raw)
+            with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape",
+                              bufsize=CHUNK) as tar:
+                yield tar
+            while stream.read(CHUNK):
+                pass
+            while raw.read(CHUNK):
+                pass
+        except (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile, lzma.LZMAError, zstandard.ZstdError) as exc:
+            raise RootfsError(f"layer {layer.digest} is not a valid tar archive: {exc}") from exc
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError):
+                raise
+            raise RootfsError(f"layer {layer.digest} cannot be read: {exc}") from exc
+
+
+def normalise(name: str) -> str | None:
+    """The path relative to the root ("" is the root), or None when it tries to leave the root."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return None
+    return "/".join(parts)
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    """Proper ancestors, nearest first, excluding the root."""
+    i = path.rfind("/")
+    while i > 0:
+        yield path[:i]
+        i = path.rfind("/", 0, i)
+
+
+def _out_info(src: tarfile.TarInfo, name: str, *, regular: bool = False) -> tarfile.TarInfo:
+    """A fresh header: copying `src` would carry its pax `path`/`linkpath` records, which override
+    the sanitised name when written."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.REGTYPE if regular or src.isreg() else src.type
+    info.mode = src.mode & 0o7777
+    info.uid, info.gid = src.uid, src.gid
+    info.mtime = int(src.mtime)
+    info.size = src.size if info.type == tarfile.REGTYPE else 0
+    info.linkname = src.linkname if src.issym() else ""
+    info.devmajor, info.devminor = src.devmajor, src.devminor
+    info.uname = info.gname = ""
+    info.pax_headers = {k: v for k, v in src.pax_headers.items() if k.startswith(XATTR_PREFIXES)}
+    return info
+
+
+@dataclass
+class _HardLink:
+    path: str
+    target: str
+    layer_index: int
+    info: tarfile.TarInfo
+
+
+@dataclass
+class _State:
+    """What higher layers decided, plus what the stream has emitted so far."""
+
+    exact: set[str] = field(default_factory=set)  # a higher layer has this very path
+    subtree: set[str] = field(default_factory=set)  # ... and hides everything below it
+    required_dirs: set[str] = field(default_factory=set)  # an emitted path lies below: must be a dir
+    regular: set[str] = field(default_factory=set)  # regular files already written
+    deferred: dict[str, tarfile.TarInfo] = field(default_factory=dict)  # dirs, symlinks, devices
+    links: dict[str, _HardLink] = field(default_factory=dict)
+    materialise: list[_HardLink] = field(default_factory=list)
+    hidden: int = 0
+    data_bytes: int = 0
+
+    def hides(self, path: str) -> bool:
+        if path in self.exact:
+            return True
+        if "" in self.subtree and path:
+            return True
+        return any(a in self.subtree for a in _ancestors(path))
+
+    def require_parents(self, path: str) -> None:
+        for a in _ancestors(path):
+            if a in self.required_dirs:
+                break
+            self.required_dirs.add(a)
+
+    def emitted(self, path: str) -> bool:
+        return path in self.regular or path in self.deferred or path in self.links
+
+
+class _Flattener:
+    def __init__(self, layers: Sequence[Layer], out: IO[bytes]) -> None:
+        self.layers = layers
+        self.out = out
+        self.state = _State()
+
+    def run(self) -> FlattenStats:
+        with tarfile.open(fileobj=self.out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                          errors="surrogateescape", bufsize=CHUNK) as self.tar:
+            # tarfile copies file data in 16 KiB pieces by default, which costs much per byte here.
+            self.tar.copybufsize = CHUNK  # type: ignore[attr-defined]
+            for index in reversed(range(len(self.layers))):
+                self._layer(index)
+            self._materialise()
+            self._finish()
+        s = self.state
+        return FlattenStats(len(s.regular) + len(s.deferred) + len(s.links), s.data_bytes, s.hidden,
+                            len(s.materialise))
+
+    def _refuse(self, index: int, name: str, why: str) -> RootfsError:
+        return RootfsError(f"layer {index + 1} ({self.layers[index].digest}): entry {name!r} {why}; "
+                           f"refusing to build a root filesystem from it")
+
+    def _layer(self, index: int) -> None:
+        s = self.state
+        pending_exact: set[str] = set()
+        pending_subtree: set[str] = set()
+        layer_nondirs: set[str] = set()
+        layer_paths: set[str] = set()
+        with open_layer_tar(self.layers[index]) as tar:
+            for member in tar:
+                path = normalise(member.name)
+                if path is None:
+                    raise self._refuse(index, member.name, "leaves the root with '..'")
+                if layer_nondirs and any(a in layer_nondirs for a in _ancestors(path)):
+                    raise self._refuse(index, member.name, "lies below a symlink or file of the same layer")
+                parent, _, base = path.rpartition("/")
+                if base.startswith(WHITEOUT_PREFIX):
+                    if base == OPAQUE_MARKER:
+                        pending_subtree.add(parent)
+                        s.required_dirs.add(parent)
+                        s.require_parents(parent)
+                    elif not base.startswith(WHITEOUT_PREFIX * 2) and base != WHITEOUT_PREFIX:
+                        gone = f"{parent}/{base[len(WHITEOUT_PREFIX):]}".lstrip("/")
+                        pending_exact.add(gone)
+                        pending_subtree.add(gone)
+                    continue
+                if member.isdir():
+                    layer_nondirs.discard(path)
+                else:
+                    layer_nondirs.add(path)
+                if s.hides(path) or (not member.isdir() and path in s.required_dirs):
+                    s.hidden += 1
+                    continue
+                if not path and not member.isdir():
+                    continue
+                if path in layer_paths and not self._replace_duplicate(path, member):
+                    continue
+                layer_paths.add(path)
+                if self._entry(index, tar, member, path):
+                    pending_exact.add(path)
+                    if not member.isdir():
+                        pending_subtree.add(path)
+                    s.require_parents(path)
+        s.exact |= pending_exact
+        s.subtree |= pending_subtree
+
+    def _replace_duplicate(self, path: str, member: tarfile.TarInfo) -> bool:
+        """Tar semantics: the later entry wins. Entries without data can still be replaced; a regular
+        file already written cannot, so the first one stays (real layers never do this)."""
+        s = self.state
+        if path in s.regular:
+            log.warning("layer has two entries for %r; keeping the first", path)
+            return False
+        s.deferred.pop(path, None)
+        s.links.pop(path, None)
+        return True
+
+    def _entry(self, index: int, tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> bool:
+        s = self.state
+        if member.isreg():
+            data = tar.extractfile(member)
+            self.tar.addfile(_out_info(member, path), data)
+            s.regular.add(path)
+            s.data_bytes += member.size
+        elif member.islnk():
+            target = normalise(member.linkname)
+            if target is None or not target:
+                raise self._refuse(index, member.name, f"is a hard link to {member.linkname!r} outside the root")
+            link = _HardLink(path, target, index, member)
+            if s.hides(target):
+                s.materialise.append(link)
+            else:
+                s.links[path] = link
+        elif member.isdir() or member.issym() or member.ischr() or member.isblk() or member.isfifo():
+            s.deferred[path] = _out_info(member, path)
+        else:
+            log.debug("skipping tar entry %r of unsupported type %r", member.name, member.type)
+            return False
+        return True
+
+    def _materialise(self) -> None:
+        """Write hard links whose target a higher layer replaced as copies of the target they saw."""
+        todo: dict[int, list[tuple[_HardLink, str]]] = {}
+        for link in self.state.materialise:
+            todo.setdefault(link.layer_index, []).append((link, link.target))
+        for _ in range(_MAX_LINK_CHAIN * max(1, len(self.layers))):
+            if not todo:
+                return
+            index = max(todo)
+            jobs = todo.pop(index)
+            wanted: dict[str, list[_HardLink]] = {}
+            for link, target in jobs:
+                wanted.setdefault(target, []).append(link)
+            found = self._copy_targets(index, wanted)
+            for target, links in wanted.items():
+                hop = found.get(target)
+                if hop is None:  # not in this layer: look lower down
+                    if index == 0:
+                        raise self._refuse(links[0].layer_index, links[0].info.name,
+                                           f"is a hard link to {target!r}, which does not exist")
+                    todo.setdefault(index - 1, []).extend((link, target) for link in links)
+                elif hop:  # a hard link in its turn: follow it
+                    todo.setdefault(index, []).extend((link, hop) for link in links)
+        raise RootfsError("hard links form a loop")
+
+    def _copy_targets(self, index: int, wanted: dict[str, list[_HardLink]]) -> dict[str, str]:
+        """Write each wanted target found in layer `index` under its links' names. Returns target ->
+        "" when copied, or -> the next path when the target is itself a hard link."""
+        found: dict[str, str] = {}
+        with open_layer_tar(self.layers[index]) as tar:
+            for member in tar:
+                path = normalise(member.name)
+                if path is None or path not in wanted:
+                    continue
+                if member.islnk():
+                    found[path] = normalise(member.linkname) or ""
+                    continue
+                if not member.isreg():
+                    found.pop(path, None)
+                    continue
+                with tempfile.TemporaryFile() as copy:
+                    data = tar.extractfile(member)
+                    if data is not None:
+                        while chunk := data.read(CHUNK):
+                            copy.write(chunk)
+                    for link in wanted[path]:
+                        copy.seek(0)
+                        self.tar.addfile(_out_info(member, link.path, regular=True), copy)
+                        self.state.regular.add(link.path)
+                        self.state.data_bytes += member.size
+                found[path] = ""
+        return found
+
+    def _finish(self) -> None:
+        s = self.state
+        for path in sorted(s.deferred):
+            self.tar.addfile(s.deferred[path])
+        for path in sorted(s.links):
+            link = s.links[path]
+            target = link.target
+            for _ in range(_MAX_LINK_CHAIN):
+                if target not in s.links:
+                    break
+                target = s.links[target].target
+            info = s.deferred.get(target)
+            if not (target in s.regular or (info is not None and not info.isdir())):
+                raise self._refuse(link.layer_index, link.info.name,
+                                   f"is a hard link to {link.target!r}, which is not a file in the image")
+            out = _out_info(link.info, path)
+            out.type, out.linkname, out.size = tarfile.LNKTYPE, target, 0
+            self.tar.addfile(out)
+
+
+def flatten(layers: Sequence[Layer], out: IO[bytes]) -> FlattenStats:
+    """Write the merged tar of `layers` (bottom first) to `out`."""
+    return _Flattener(layers, out).run()
+
+
+def flatten_image(image: Image, out: IO[bytes]) -> FlattenStats:
+    return flatten(image.layers(), out)

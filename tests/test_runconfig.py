@@ -1,0 +1,64 @@
+import signal
+from pathlib import Path
+
+import pytest
+
+from micropod.errors import UsageError
+from micropod.runconfig import (
+    ContainerSpec,
+    RunConfig,
+    merge_command,
+    merge_env,
+    parse_env_file,
+    parse_signal,
+)
+
+
+def test_docker_command_rules() -> None:
+    assert merge_command(("/ep",), ("a", "b"), None, ()) == ("/ep", "a", "b")
+    assert merge_command(("/ep",), ("a",), None, ("x",)) == ("/ep", "x")
+    # --entrypoint drops the image's Cmd
+    assert merge_command(("/ep",), ("a",), "/other", ()) == ("/other",)
+    assert merge_command((), ("sh",), "", ("echo", "hi")) == ("echo", "hi")
+    with pytest.raises(UsageError, match="no command"):
+        merge_command((), (), None, ())
+
+
+def test_env_merging(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FROM_HOST", "yes")
+    monkeypatch.delenv("NOT_SET", raising=False)
+    env = merge_env(("PATH=/bin", "A=1"), ["A=2", "B=x=y", "FROM_HOST", "NOT_SET"], "h1")
+    assert env == ("PATH=/bin", "A=2", "B=x=y", "FROM_HOST=yes", "HOSTNAME=h1")
+    assert "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" in merge_env((), [], "h")
+    with pytest.raises(UsageError):
+        merge_env((), ["=x"], "h")
+
+
+def test_env_file(tmp_path: Path) -> None:
+    f = tmp_path / "env"
+    f.write_text("# comment\nA=1\n\n  B=2  \n")
+    assert parse_env_file(f) == ["A=1", "B=2"]
+    with pytest.raises(UsageError, match="--env-file"):
+        parse_env_file(tmp_path / "missing")
+
+
+def test_signals() -> None:
+    assert parse_signal("SIGTERM") == signal.SIGTERM
+    assert parse_signal("kill") == signal.SIGKILL
+    assert parse_signal("2") == 2
+    assert parse_signal(None) == signal.SIGTERM
+    for bad in ("SIGNOPE", "0", "999"):
+        with pytest.raises(UsageError):
+            parse_signal(bad)
+
+
+def test_config_round_trip(tmp_path: Path) -> None:
+    cfg = RunConfig(vm_id="a" * 64, name="n", image="hello", image_id="b" * 64, backend="qemu",
+                    kernel="/k", system="/s", rootfs="/r", vcpus=2, memory_mib=256,
+                    container=ContainerSpec(args=("echo", "hi"), env=("A=1",), user="alice"))
+    path = tmp_path / "config.json"
+    cfg.dump(path)
+    assert RunConfig.load(path) == cfg
+    assert not list(tmp_path.glob(".*tmp"))
+    agent = cfg.container.to_agent({"lower": "/dev/vdb", "upper": "/dev/vdc"})
+    assert agent["args"] == ["echo", "hi"] and agent["rootfs"]["lower"] == "/dev/vdb"
