@@ -48,9 +48,8 @@ class Cli:
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "micropod", *args]
 
-    def __call__(self, *args: str, timeout: float = 180, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), env=self.env(), capture_output=True, text=True,
-                              timeout=timeout, input=input.decode() if input else None)
+    def __call__(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), env=self.env(), capture_output=True, text=True, timeout=timeout)
 
     def spawn(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(self.argv(*args), env=self.env(), stdout=subprocess.PIPE,

@@ -496,14 +496,15 @@ def test_as_pid_one(tmp_path: Path, rootfs: Path) -> None:
     """In its own PID namespace the agent is init, as in the VM: orphans come to it, kill(-1) is safe."""
     session = Session(tmp_path, wrapper=("unshare", "--pid", "--fork", "--mount-proc", "--kill-child"))
     try:
-        # One orphan in the main process's group (killed with it), one that escaped into its own session.
-        session.create(rootfs, args=["sh", "-c", "sleep 600 & setsid sleep 600 & echo $$"])
-        reply = session.ok("start", id="main")
-        assert reply["pid"] == 2
-        assert session.outcome(1) == (b"2\n", b"", 0)
+        session.create(rootfs, args=["sleep", "600"])
+        assert session.ok("start", id="main")["pid"] == 2
+        # An orphan in a session of its own: only kill(-1) at shutdown finds it.
+        session.ok("exec", id="main", sid=2, spec={"args": ["sh", "-c", "setsid sleep 600 & echo $!"]})
+        assert session.outcome(2)[2] == 0
         started = time.monotonic()
-        assert "errors" not in session.ok("shutdown")
-        assert time.monotonic() - started < 4.0, "the escaped orphan survived until the kill deadline"
+        assert "errors" not in session.ok("shutdown"), "something still held the container's mounts"
+        assert time.monotonic() - started < 4.0, "the orphan survived until the kill deadline"
+        assert session.events(1)[-1] == ("exit", 137)
         try:
             assert session.proc.wait(TIMEOUT) == 0
         except subprocess.TimeoutExpired:

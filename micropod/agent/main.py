@@ -570,10 +570,10 @@ class Agent:
         deadline = time.monotonic() + _KILL_WAIT
         while True:
             if os.getpid() == 1:
-                pass
+                _send_signal(-1, _signal.SIGKILL)  # everything but ourselves
             for proc in self.procs.values():
                 _kill_group(proc.pid, _signal.SIGKILL)
-            for pid in []:
+            for pid in _children(os.getpid()):
                 _kill_group(pid, _signal.SIGKILL)
             self.reap()
             remaining = deadline - time.monotonic()
