@@ -9,7 +9,7 @@ import pytest
 
 from micropod.agent import channel as channels
 from micropod.agent import main as agent_main
-from micropod.agent import wire
+from micropod.agent import protocol
 
 
 def test_finds_the_named_virtio_serial_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,7 +47,7 @@ def test_read_write_and_loss() -> None:
     assert channel.read() is None
     theirs.sendall(b"abc")
     assert channel.read() == b"abc"
-    frame = wire.encode_control({"op": "hello", "version": 1})
+    frame = protocol.encode_control({"op": "hello", "version": 1})
     channel.send(frame)
     assert theirs.recv(100) == frame
     theirs.close()

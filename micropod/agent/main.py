@@ -26,7 +26,7 @@ import time
 
 from micropod import syscalls
 from micropod.agent import channel as channels
-from micropod.agent import mounts, process, wire
+from micropod.agent import mounts, process, protocol
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -101,9 +101,9 @@ class Proc:
         self.stdin = child.stdin
         self.stdin_pending = bytearray()
         self.stdin_eof = False
-        self.outputs = {child.stdout: wire.stream_id(sid, wire.STDOUT)}
+        self.outputs = {child.stdout: protocol.stream_id(sid, protocol.STDOUT)}
         if child.stderr is not None:
-            self.outputs[child.stderr] = wire.stream_id(sid, wire.STDERR)
+            self.outputs[child.stderr] = protocol.stream_id(sid, protocol.STDERR)
 
 
 def console(message: str) -> None:
@@ -178,7 +178,7 @@ class Agent:
             self.channel_lost(str(exc))
 
     def send_control(self, message: dict[str, Any]) -> None:
-        self.send(wire.encode_control(message))
+        self.send(protocol.encode_control(message))
 
     def log(self, message: str) -> None:
         console(message)
@@ -190,7 +190,7 @@ class Agent:
         self.watch(channel.fd, select.EPOLLIN)
         try:
             # Unbounded: a virtio-serial port is writable only once the host side has connected.
-            channel.send(wire.encode_control({"op": "hello", "version": wire.VERSION}), stall_timeout=None)
+            channel.send(protocol.encode_control({"op": "hello", "version": protocol.VERSION}), stall_timeout=None)
         except channels.ChannelLost as exc:
             self.channel_lost(str(exc))
 
@@ -295,14 +295,14 @@ class Agent:
             return
         try:
             frames = self.channel.reader.feed(data)
-        except wire.FrameError as exc:
+        except protocol.FrameError as exc:
             self.channel_lost(str(exc))
             return
         for kind, stream, payload in frames:
-            if kind == wire.CONTROL:
+            if kind == protocol.CONTROL:
                 try:
-                    message = wire.decode_control(payload)
-                except wire.FrameError as exc:
+                    message = protocol.decode_control(payload)
+                except protocol.FrameError as exc:
                     self.log(f"ignored a control frame: {exc}")
                     continue
                 self.on_request(message)
@@ -438,11 +438,11 @@ class Agent:
         return proc
 
     def on_stdin(self, kind: int, stream: int, payload: bytes) -> None:
-        sid, fd = wire.split_stream(stream)
+        sid, fd = protocol.split_stream(stream)
         proc = self.proc_by_sid(sid)
-        if fd != wire.STDIN or proc is None or proc.stdin is None or proc.stdin_eof:
+        if fd != protocol.STDIN or proc is None or proc.stdin is None or proc.stdin_eof:
             return  # input for a process that has gone, or never asked for stdin
-        if kind == wire.EOF:
+        if kind == protocol.EOF:
             proc.stdin_eof = True
         else:
             proc.stdin_pending += payload
@@ -498,7 +498,7 @@ class Agent:
             if not data:
                 self.close_output(proc, fd)
                 return
-            self.send(wire.encode(wire.DATA, proc.outputs[fd], data))
+            self.send(protocol.encode(protocol.DATA, proc.outputs[fd], data))
             forwarded += len(data)
             if not drain or forwarded >= _DRAIN_LIMIT:
                 return
@@ -514,7 +514,7 @@ class Agent:
             self.watch(fd, 0)
             self.fd_procs.pop(fd, None)
             os.close(fd)
-        self.send(wire.encode(wire.EOF, stream))
+        self.send(protocol.encode(protocol.EOF, stream))
 
     def reap(self) -> None:
         while True:

@@ -14,15 +14,22 @@ Ops, host -> agent: ``create`` {id, spec}, ``start`` {id}, ``signal`` {id, signa
 ``error`` {message, code}. Agent -> host, unsolicited: ``hello`` {version}, ``exit`` {id, sid, code},
 ``log`` {message}.
 
-Stdlib only: this module runs in the guest.
+Stdlib only: this module runs in the guest, on the boot path of every VM, so it avoids ``json``
+(which pulls in ``re`` and ``enum``) and ``socket``/``typing``; the C accelerator ``_json`` that ``json``
+itself uses does the real work. tests/test_protocol.py checks the bytes against the ``json`` module.
 """
 
 from __future__ import annotations
 
-import json
-import socket
+import _json
 import struct
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+
+    class Receiver(Protocol):
+        def recv(self, size: int, /) -> bytes: ...
 
 VERSION = 1
 HEADER = struct.Struct("!BII")
@@ -36,7 +43,7 @@ STDIN, STDOUT, STDERR = 0, 1, 2
 
 
 class FrameError(Exception):
-    """A malformed frame or a channel closed mid-frame."""
+    """A malformed frame, a malformed control message, or a channel closed mid-frame."""
 
 
 def stream_id(sid: int, fd: int) -> int:
@@ -53,15 +60,46 @@ def encode(kind: int, stream: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(kind, stream, len(payload)) + payload
 
 
+def _unserialisable(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# Same settings as json.dumps(message, separators=(",", ":")): ASCII escapes, no sorting, NaN allowed.
+_encode_json = _json.make_encoder(
+    None, _unserialisable, _json.encode_basestring_ascii, None, ":", ",", False, False, True
+)
+
+
 def encode_control(message: dict[str, Any]) -> bytes:
-    return encode(CONTROL, 0, json.dumps(message, separators=(",", ":")).encode())
+    return encode(CONTROL, 0, "".join(_encode_json(message, 0)).encode())
+
+
+class _DecoderSettings:
+    """The attributes the C scanner reads from json.JSONDecoder, with json.loads' defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float  # "NaN", "Infinity", "-Infinity" all parse with float()
+
+
+_scan_json = _json.make_scanner(_DecoderSettings())  # type: ignore[arg-type]  # typeshed is odd here
+_JSON_WHITESPACE = " \t\n\r"
 
 
 def decode_control(payload: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(payload)
-    except ValueError as exc:
+        text = payload.decode()
+        start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
+        message, end = _scan_json(text, start)
+    except StopIteration:
+        raise FrameError("control frame is not JSON: expecting a value") from None
+    except ValueError as exc:  # UnicodeDecodeError and json's JSONDecodeError
         raise FrameError(f"control frame is not JSON: {exc}") from exc
+    if text[end:].strip(_JSON_WHITESPACE):
+        raise FrameError("control frame is not JSON: extra data")
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise FrameError("control frame lacks an 'op'")
     return message
@@ -92,7 +130,7 @@ class FrameReader:
         return len(self._buf)
 
 
-def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
+def recv_frame(sock: Receiver) -> tuple[int, int, bytes]:
     """Blocking read of exactly one frame."""
     header = _recv_exact(sock, HEADER.size)
     kind, stream, length = HEADER.unpack(header)
@@ -101,7 +139,7 @@ def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
     return kind, stream, _recv_exact(sock, length)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: Receiver, n: int) -> bytes:
     chunks: list[bytes] = []
     while n:
         chunk = sock.recv(n)
