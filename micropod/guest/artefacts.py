@@ -17,8 +17,8 @@ from micropod.paths import CacheRoot
 
 # Bump when the way an artefact is built changes but its input files do not.
 KERNEL_RECIPE_VERSION = "1"
-SYSTEM_RECIPE_VERSION = "1"
-BASELINE_RECIPE_VERSION = "1"
+SYSTEM_RECIPE_VERSION = "2"
+BASELINE_RECIPE_VERSION = "2"
 
 GUEST_DIR = Path(__file__).resolve().parent
 PACKAGE_DIR = GUEST_DIR.parent

@@ -50,7 +50,7 @@ class QemuLayout:
 def machine_options(accel: str) -> str:
     # No ACPI: the guest powers off by rebooting, which -no-reboot turns into QEMU exiting, and SMP
     # comes from the MP table. Option ROMs and the RTC only cost boot time.
-    return "microvm,acpi=off,x-option-roms=off,rtc=off,isa-serial=on" + (",pit=off" if accel == "kvm" else "")
+    return "microvm,acpi=off,x-option-roms=off" + (",pit=off,pic=off" if accel == "kvm" else "")
 
 
 def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout) -> list[str]:
