@@ -122,3 +122,19 @@ def build_demo_image(out: Path, busybox: Path = BUSYBOX) -> Path:
     writer.add_image(demo_config(diff_id), [(compressed, OCI_LAYER_GZIP)], [DEMO_REFERENCE],
                      platform=Platform("amd64", "linux"))
     return writer.write_archive(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m micropod.image.demo OUT``: write the demo image archive for ``micropod load``."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m micropod.image.demo OUT.tar", file=sys.stderr)
+        return 2
+    build_demo_image(Path(args[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
