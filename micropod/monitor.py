@@ -29,6 +29,7 @@ from micropod.liveness import ProcessRef
 from micropod.paths import StateRoot, VmDir
 from micropod.runconfig import RunConfig
 from micropod.state import StateStore
+from micropod.unixsock import SocketDir
 from micropod.vmm.base import Vmm
 from micropod.vmm.child import log_tail
 from micropod.vmm.factory import ROOTFS_DRIVE, UPPER_DRIVE, build_spec, create_vmm
@@ -130,10 +131,7 @@ class Monitor:
 
     def _loop(self) -> None:
         assert self.link is not None
-        self.vm_dir.monitor_sock.unlink(missing_ok=True)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.listener.bind(str(self.vm_dir.monitor_sock))
-        self.listener.listen(16)
+        self.listener = SocketDir(self.vm_dir.path).listen(self.vm_dir.monitor_sock.name)
         self.sel.register(self.listener, selectors.EVENT_READ, "listener")
         self.sel.register(self.link.channel.sock, selectors.EVENT_READ, "agent")
         self.sel.register(self._wake_r, selectors.EVENT_READ, "signal")

@@ -13,6 +13,7 @@ from micropod.agent import protocol
 from micropod.channel import FramedSocket, decode
 from micropod.errors import AgentError, NotFoundError, TimeoutExpired
 from micropod.paths import VmDir
+from micropod.unixsock import SocketDir
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,13 @@ class MonitorClient:
 
     @classmethod
     def connect(cls, vm_dir: VmDir, timeout: float = 5.0) -> MonitorClient:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
+        sockets = SocketDir(vm_dir.path)
         try:
-            sock.connect(str(vm_dir.monitor_sock))
+            sock = sockets.connect(vm_dir.monitor_sock.name, timeout)
         except OSError as exc:
-            sock.close()
             raise NotFoundError(f"the VM's monitor is not reachable ({exc.strerror})") from exc
+        finally:
+            sockets.close()
         sock.settimeout(None)
         return cls(sock)
 

@@ -37,7 +37,9 @@ def test_argv_is_a_microvm_with_every_device(tmp_path: Path) -> None:
     assert any(d.startswith("virtserialport,") and "name=micropod.agent" in d for d in devices)
     assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01" in devices
     assert any("ifname=mp-tap0" in n for n in values(argv, "-netdev"))
-    assert f"socket,id=agent,path={tmp_path / 'agent.sock'}" in values(argv, "-chardev")
+    # bare names: QEMU runs in the VM's directory, so deep state roots stay within sun_path's limit
+    assert "socket,id=agent,path=agent.sock" in values(argv, "-chardev")
+    assert values(argv, "-qmp") == ["unix:qmp.sock,server=on,wait=off"]
 
 
 def test_kvm_uses_host_cpu(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from micropod import proc
 from micropod.errors import BootError, VmmError
+from micropod.unixsock import SocketDir
 from micropod.vmm import firecracker_api as api
 from micropod.vmm.base import AGENT_VSOCK_PORT, GUEST_CID, VmSpec
 
@@ -68,8 +69,9 @@ class JailerConfig:
 class VmmLayout:
     """Where the VMM's files are on the host, and the names Firecracker itself uses for them.
 
-    Unjailed, Firecracker sees the host's paths. Jailed, it sees only its chroot, so every file it
-    opens is placed in the chroot first and handed over by its in-jail absolute name.
+    Unjailed, Firecracker runs in ``root`` and is given bare names for the files there, which keeps
+    its sockets within sun_path's 107 bytes. Jailed, it sees only its chroot, so every file it opens
+    is placed in the chroot first and handed over by its in-jail absolute name.
     """
 
     root: Path
@@ -79,7 +81,7 @@ class VmmLayout:
         return self.root / name
 
     def visible(self, name: str) -> str:
-        return f"/{name}" if self.jailed else str(self.root / name)
+        return f"/{name}" if self.jailed else name
 
     def resource(self, host_path: Path, name_in_jail: str) -> str:
         """The path Firecracker is given for a host file (kernel, disk image)."""
@@ -174,6 +176,7 @@ class FirecrackerVmm:
         self.instance_id = spec.vm_id[:12]
         self.layout = VmmLayout(root=self._jail_root() if jailer else spec.run_dir, jailed=jailer is not None)
         self.config = build_config(spec, self.layout)
+        self.sockets = SocketDir(self.layout.root)
         self._proc: subprocess.Popen[bytes] | None = None
         self._client: api.FirecrackerClient | None = None
 
@@ -226,10 +229,10 @@ class FirecrackerVmm:
             raise VmmError(f"VM {self.instance_id} was already started")
         self._prepare_files()
         with self.spec.console_log.open("ab") as console:
-            self._proc = proc.spawn(self.argv(), stdout=console, stderr=console)
+            self._proc = proc.spawn(self.argv(), stdout=console, stderr=console, cwd=self.layout.root)
         try:
             self._wait_for_api_socket(API_SOCKET_TIMEOUT)
-            self._client = api.FirecrackerClient(self.api_socket)
+            self._client = api.FirecrackerClient(Path(self.sockets.address(API_SOCK)))
             apply_config(self._client, self.config)
             self._client.instance_start()
         except BaseException:
@@ -347,7 +350,7 @@ class FirecrackerVmm:
         deadline = time.monotonic() + timeout
         for delay in _backoff():
             self._check_alive("before its API socket was ready")
-            if _accepts_connections(self.api_socket):
+            if _accepts_connections(self.api_socket, self.sockets.address(API_SOCK)):
                 return
             if time.monotonic() >= deadline:
                 raise BootError(
@@ -377,7 +380,7 @@ class FirecrackerVmm:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
-            sock.connect(str(self.vsock_socket))
+            sock.connect(self.sockets.address(VSOCK_SOCK))
             sock.sendall(f"CONNECT {port}\n".encode())
             line = _read_line(sock, limit=64)
             if not line.startswith(b"OK "):
@@ -395,18 +398,19 @@ class FirecrackerVmm:
         if self._client is not None:
             self._client.close()
             self._client = None
+        self.sockets.close()
         if self.jailer is not None:
             # Only hard links and our own files live there; the originals are untouched.
             shutil.rmtree(self._jail_dir(), ignore_errors=True)
 
 
-def _accepts_connections(path: Path) -> bool:
+def _accepts_connections(path: Path, address: str) -> bool:
     if not path.exists():
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
-            probe.connect(str(path))
+            probe.connect(address)
         except OSError:
             return False
     return True

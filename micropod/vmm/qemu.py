@@ -18,6 +18,7 @@ from pathlib import Path
 
 from micropod import proc
 from micropod.errors import VmmError, VmmUnavailableError
+from micropod.unixsock import SocketDir
 from micropod.vmm.accel import choose_accel
 from micropod.vmm.base import AGENT_SERIAL_NAME, VmSpec
 from micropod.vmm.child import died_error, wait_exit, wait_until
@@ -34,17 +35,24 @@ def find_qemu() -> Path | None:
     return Path(found) if found else None
 
 
+AGENT_SOCK = "agent.sock"
+QMP_SOCK = "qmp.sock"
+
+
 @dataclass(frozen=True)
 class QemuLayout:
-    """Where this VM's QEMU sockets and logs live."""
+    """Where this VM's QEMU sockets and logs live. QEMU runs in ``run_dir`` and is given bare socket
+    names, which keeps them within sun_path's 107 bytes however deep the state root is."""
 
-    agent_sock: Path
-    qmp_sock: Path
-    vmm_log: Path
+    run_dir: Path
 
     @classmethod
     def in_dir(cls, run_dir: Path) -> QemuLayout:
-        return cls(run_dir / "agent.sock", run_dir / "qmp.sock", run_dir / "vmm.log")
+        return cls(run_dir)
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.run_dir / "vmm.log"
 
 
 def machine_options(accel: str) -> str:
@@ -68,11 +76,11 @@ def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout) -> lis
         "-append", spec.cmdline,
         "-chardev", f"file,id=console,path={spec.console_log}",
         "-serial", "chardev:console",
-        "-qmp", f"unix:{layout.qmp_sock},server=on,wait=off",
+        "-qmp", f"unix:{QMP_SOCK},server=on,wait=off",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-device,rng=rng0",
         "-device", "virtio-serial-device,max_ports=2",
-        "-chardev", f"socket,id=agent,path={layout.agent_sock}",
+        "-chardev", f"socket,id=agent,path={AGENT_SOCK}",
         "-device", f"virtserialport,chardev=agent,name={AGENT_SERIAL_NAME}",
     ]
     for drive in spec.drives:
@@ -105,6 +113,7 @@ class QemuVmm:
         self.binary = found
         self.accel = accel or choose_accel()
         self.layout = QemuLayout.in_dir(spec.run_dir)
+        self.sockets = SocketDir(spec.run_dir)
         self._proc: subprocess.Popen[bytes] | None = None
         self._listener: socket.socket | None = None
 
@@ -117,13 +126,10 @@ class QemuVmm:
         return self._proc.pid if self._proc else None
 
     def start(self) -> None:
-        for stale in (self.layout.agent_sock, self.layout.qmp_sock):
-            stale.unlink(missing_ok=True)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._listener.bind(str(self.layout.agent_sock))
-        self._listener.listen(1)
+        (self.spec.run_dir / QMP_SOCK).unlink(missing_ok=True)
+        self._listener = self.sockets.listen(AGENT_SOCK, backlog=1)
         with self.layout.vmm_log.open("ab") as log:
-            self._proc = proc.spawn(self.argv, stdout=log, stderr=log)
+            self._proc = proc.spawn(self.argv, stdout=log, stderr=log, cwd=self.spec.run_dir)
 
     def connect_agent(self, timeout: float) -> socket.socket:
         """Accept QEMU's connection to the agent port's socket (made as soon as QEMU starts)."""
@@ -180,7 +186,7 @@ class QemuVmm:
             raise died_error("QEMU", child, self.layout.vmm_log, self.spec.console_log)
 
     def _qmp(self, command: str) -> None:
-        client = QmpClient(self.layout.qmp_sock)
+        client = QmpClient(self.sockets.address(QMP_SOCK))
         try:
             client.execute(command)
         finally:

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
 from typing import Any
 
 from micropod.errors import VmmError
 
 
 class QmpClient:
-    def __init__(self, path: Path, timeout: float = 5.0) -> None:
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         self._buf = b""
         try:
-            self._sock.connect(str(path))
+            self._sock.connect(path)
             self._read()  # greeting
             self.execute("qmp_capabilities")
         except OSError as exc:
