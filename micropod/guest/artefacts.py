@@ -119,9 +119,16 @@ def baseline_path(cache: CacheRoot) -> Path:
 
 
 def locate(cache: CacheRoot | None = None) -> GuestArtefacts:
-    """The built kernel and system image for the current inputs; GuestMissingError if not built."""
+    """The built kernel and system image for the current inputs; GuestMissingError if not built.
+
+    MICROPOD_KERNEL and MICROPOD_SYSTEM_IMAGE point at other artefacts (a custom guest, or a broken
+    one in the tests that check how a failed boot is reported).
+    """
     cache = cache or CacheRoot.from_env()
-    artefacts = GuestArtefacts(kernel=kernel_path(cache), system=system_path(cache))
+    kernel = os.environ.get("MICROPOD_KERNEL")
+    system = os.environ.get("MICROPOD_SYSTEM_IMAGE")
+    artefacts = GuestArtefacts(kernel=Path(kernel) if kernel else kernel_path(cache),
+                               system=Path(system) if system else system_path(cache))
     missing = [path for path in (artefacts.kernel, artefacts.system) if not path.is_file()]
     if missing:
         names = ", ".join(os.fspath(path) for path in missing)

@@ -387,6 +387,8 @@ class ImageStore:
 
     def _resolve(self, text: str) -> tuple[StoredImage, str | None]:
         """The image `text` names, and the reference that matched (None when matched by id)."""
+        if not _ID_PREFIX.match(text):
+            parse_reference(text)  # a malformed name is a usage error, not a missing image
         groups = self._groups()
         for candidate in _candidates(text):
             for digest, refs in groups.items():
