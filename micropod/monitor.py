@@ -87,9 +87,11 @@ class Monitor:
 
         if not self.vm_dir.upper.exists():
             create_upper(self.vm_dir.upper, self.cfg.upper_size)
+        log.debug("phase: upper disk ready")
         spec = build_spec(self.cfg, self.vm_dir)
         self.vmm = create_vmm(self.cfg.backend, spec)
         self.vmm.start()
+        log.debug("phase: VMM started")
         pid = self.vmm.pid
         if pid is not None:
             ref = ProcessRef.of(pid)
@@ -100,11 +102,13 @@ class Monitor:
         channel = FramedSocket(self.vmm.connect_agent(self.cfg.boot_timeout))
         self.link = AgentLink(channel, self._on_frame)
         self._await_hello(channel, deadline)
+        log.debug("phase: agent hello")
         rootfs = {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)}
         self._expect_ok(self.link.request("create", deadline, self.vmm_fd, id=MAIN,
                                           spec=self.cfg.container.to_agent(rootfs)), "create")
         reply = self.link.request("start", deadline, self.vmm_fd, id=MAIN, sid=MAIN_SID)
         self._expect_ok(reply, "start")
+        log.debug("phase: container started")
         self.store.update(self.cfg.vm_id, status="running", started=time.time())
         self._broadcast({"op": "started", "id": self.cfg.vm_id})
 
@@ -114,14 +118,19 @@ class Monitor:
                 frame = channel.next_frame(deadline, also_watch=self.vmm_fd)
                 if frame is None:
                     raise BootError(f"the VM exited during boot:\n{self._console_tail()}")
-                if frame[0] == protocol.CONTROL and decode(frame[2])["op"] == "hello":
-                    return
+                if frame[0] == protocol.CONTROL:
+                    message = decode(frame[2])
+                    if message["op"] == "hello":
+                        log.debug("agent hello at guest uptime %.3fs", message.get("uptime", -1))
+                        return
         except TimeoutExpired:
             raise BootError(f"the guest agent did not come up within {self.cfg.boot_timeout:.0f}s; "
                             f"console tail:\n{self._console_tail()}") from None
-        except AgentError as exc:
-            raise BootError(f"the guest agent channel broke during boot ({exc}); "
-                            f"console tail:\n{self._console_tail()}") from None
+        except AgentError:
+            # The channel closes when the guest dies early; let the VMM finish so the tail is whole.
+            if self.vmm is not None:
+                self.vmm.wait(2.0)
+            raise BootError(f"the guest failed to boot; console tail:\n{self._console_tail()}") from None
 
     def _expect_ok(self, reply: dict[str, Any], what: str) -> None:
         if reply["op"] == "ok":
@@ -186,6 +195,7 @@ class Monitor:
                 log.info("agent: %s", message.get("message"))
 
     def _on_main_exit(self, code: int) -> None:
+        log.debug("phase: container exited with %d", code)
         if self.exit_code is None:
             self.exit_code = code
         assert self.link is not None
@@ -195,6 +205,7 @@ class Monitor:
         self.kill_deadline = time.monotonic() + SHUTDOWN_GRACE
 
     def _on_vmm_exit(self) -> None:
+        log.debug("phase: VMM exited")
         if self.exit_code is None:
             self._set_exit(EXIT_KILLED, f"the VM exited unexpectedly; console tail:\n{self._console_tail()}")
         self.done = True
@@ -334,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("vm_id")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format="%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     attach = socket.socket(fileno=args.attach_fd) if args.attach_fd is not None else None
     root = StateRoot.from_env(args.root)
     return Monitor(root, args.vm_id, attach).run()

@@ -190,7 +190,8 @@ class Agent:
         self.watch(channel.fd, select.EPOLLIN)
         try:
             # Unbounded: a virtio-serial port is writable only once the host side has connected.
-            channel.send(protocol.encode_control({"op": "hello", "version": protocol.VERSION}), stall_timeout=None)
+            hello = {"op": "hello", "version": protocol.VERSION, "uptime": time.clock_gettime(time.CLOCK_BOOTTIME)}
+            channel.send(protocol.encode_control(hello), stall_timeout=None)
         except channels.ChannelLost as exc:
             self.channel_lost(str(exc))
 

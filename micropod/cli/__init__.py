@@ -26,7 +26,8 @@ class _Group(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, root: str | None, debug: bool) -> None:
     """Run OCI containers inside microVMs."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(asctime)s.%(msecs)03d %(message)s", datefmt="%H:%M:%S")
     ctx.obj = Context(StateRoot.from_env(root), debug=debug)
 
 

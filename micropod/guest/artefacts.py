@@ -28,6 +28,11 @@ PACKAGES_LIST = GUEST_DIR / "packages.txt"
 LINUX_SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 BUSYBOX = Path("/bin/busybox")
 
+# The build recipes are inputs too: a change to how an artefact is made must rebuild it.
+KERNEL_RECIPE = (GUEST_DIR / "kernel_build.py",)
+SYSTEM_RECIPE = (GUEST_DIR / "system_build.py", GUEST_DIR / "staging.py")
+BASELINE_RECIPE = (GUEST_DIR / "baseline.py", GUEST_DIR / "staging.py")
+
 KERNEL_NAME = "vmlinux"
 SYSTEM_NAME = "system.sqfs"
 BASELINE_NAME = "baseline.sqfs"
@@ -59,6 +64,10 @@ def _file_identity(path: Path) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def _recipe(files: Iterable[Path]) -> list[tuple[str, bytes]]:
+    return [(f"recipe:{path.name}", path.read_bytes()) for path in files]
+
+
 def _digest(parts: Iterable[tuple[str, bytes]]) -> str:
     h = hashlib.sha256()
     for name, data in parts:
@@ -74,6 +83,7 @@ def kernel_key(
 ) -> str:
     return _digest([
         ("recipe", KERNEL_RECIPE_VERSION.encode()),
+        *_recipe(KERNEL_RECIPE),
         ("fragment", fragment.read_bytes()),
         ("linux-source", _file_identity(tarball).encode()),
     ])
@@ -85,6 +95,7 @@ def system_key(
     files = agent_sources() if sources is None else list(sources)
     parts = [
         ("recipe", SYSTEM_RECIPE_VERSION.encode()),
+        *_recipe(SYSTEM_RECIPE),
         ("packages", packages.read_bytes()),
         ("busybox", _file_identity(busybox).encode()),
     ]
@@ -95,6 +106,7 @@ def system_key(
 def baseline_key(busybox: Path = BUSYBOX) -> str:
     return _digest([
         ("recipe", BASELINE_RECIPE_VERSION.encode()),
+        *_recipe(BASELINE_RECIPE),
         ("busybox", _file_identity(busybox).encode()),
     ])
 

@@ -12,7 +12,7 @@ from micropod.vmm.base import Drive, Vmm, VmSpec
 
 BACKENDS = ("auto", "qemu", "firecracker")
 
-# quiet keeps the slow emulated serial console short; panic=-1 ends the VM if the agent (PID 1) dies.
+# keeps the slow emulated serial console short; panic=-1 ends the VM if the agent (PID 1) dies.
 BASE_CMDLINE = (
     "console=ttyS0 quiet panic=-1 random.trust_cpu=on "
     "root=/dev/vda ro rootfstype=squashfs init=/sbin/micropod-init"
