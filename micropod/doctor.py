@@ -27,8 +27,7 @@ def run_checks(root: StateRoot) -> list[Check]:
     from micropod.guest.artefacts import kernel_key, locate, system_key
     from micropod.paths import CacheRoot
     from micropod.vmm.accel import choose_accel, kvm_verdict
-    from micropod.vmm.firecracker import find_firecracker
-    from micropod.vmm.qemu import find_qemu
+    from micropod.vmm.binaries import find_firecracker, find_qemu
 
     checks = []
     qemu = find_qemu()

@@ -30,7 +30,8 @@ from micropod.paths import StateRoot, VmDir
 from micropod.runconfig import RunConfig
 from micropod.state import StateStore
 from micropod.unixsock import SocketDir
-from micropod.vmm.base import Vmm
+from micropod.vmm import snapshot
+from micropod.vmm.base import Vmm, VmSpec
 from micropod.vmm.child import log_tail
 from micropod.vmm.factory import ROOTFS_DRIVE, UPPER_DRIVE, build_spec, create_vmm
 
@@ -89,20 +90,19 @@ class Monitor:
             create_upper(self.vm_dir.upper, self.cfg.upper_size)
         log.debug("phase: upper disk ready")
         spec = build_spec(self.cfg, self.vm_dir)
-        self.vmm = create_vmm(self.cfg.backend, spec)
-        self.vmm.start()
-        log.debug("phase: VMM started")
-        pid = self.vmm.pid
-        if pid is not None:
-            ref = ProcessRef.of(pid)
-            if ref:
-                self.store.update(self.cfg.vm_id, vmm_pid=ref.pid, vmm_start=ref.started)
-            self.vmm_fd = os.pidfd_open(pid)
         deadline = time.monotonic() + self.cfg.boot_timeout
-        channel = FramedSocket(self.vmm.connect_agent(self.cfg.boot_timeout))
-        self.link = AgentLink(channel, self._on_frame)
-        self._await_hello(channel, deadline)
-        log.debug("phase: agent hello")
+        try:
+            self._launch(spec, deadline, warm=True)
+        except BootError as exc:
+            vmm = self.vmm
+            if vmm is None or not vmm.warm:
+                raise
+            # A snapshot that does not restore is useless to every later run too: drop it, boot cold.
+            log.warning("restoring the boot snapshot failed, booting cold: %s", exc)
+            vmm.kill()
+            snapshot.invalidate(getattr(vmm, "snapshot", None))
+            self._launch(spec, time.monotonic() + self.cfg.boot_timeout, warm=False)
+        assert self.link is not None
         rootfs = {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)}
         self._expect_ok(self.link.request("create", deadline, self.vmm_fd, id=MAIN,
                                           spec=self.cfg.container.to_agent(rootfs)), "create")
@@ -111,6 +111,35 @@ class Monitor:
         log.debug("phase: container started")
         self.store.update(self.cfg.vm_id, status="running", started=time.time())
         self._broadcast({"op": "started", "id": self.cfg.vm_id})
+
+    def _launch(self, spec: VmSpec, deadline: float, warm: bool) -> None:
+        """Start the VMM and get a live agent channel: a fresh boot's hello, or a restored VM's reply."""
+        if self.vmm_fd is not None:
+            os.close(self.vmm_fd)
+            self.vmm_fd = None
+        self.vmm = create_vmm(self.cfg.backend, spec, warm=warm)
+        self.vmm.start()
+        log.debug("phase: VMM started (%s)", "from snapshot" if self.vmm.warm else "cold boot")
+        pid = self.vmm.pid
+        if pid is not None:
+            ref = ProcessRef.of(pid)
+            if ref:
+                self.store.update(self.cfg.vm_id, vmm_pid=ref.pid, vmm_start=ref.started)
+            self.vmm_fd = os.pidfd_open(pid)
+        channel = FramedSocket(self.vmm.connect_agent(self.cfg.boot_timeout))
+        self.link = AgentLink(channel, self._on_frame)
+        if not self.vmm.warm:
+            self._await_hello(channel, deadline)
+            log.debug("phase: agent hello")
+            return
+        try:
+            reply = self.link.request("restore", deadline, self.vmm_fd, entropy=os.urandom(64).hex(), time=time.time())
+        except (AgentError, TimeoutExpired) as exc:
+            raise BootError(f"the restored VM's agent did not answer ({exc}); console tail:\n"
+                            f"{self._console_tail()}") from None
+        if reply["op"] != "ok":
+            raise BootError(f"the restored VM's agent refused restore: {reply.get('message')}")
+        log.debug("phase: agent restored")
 
     def _await_hello(self, channel: FramedSocket, deadline: float) -> None:
         try:

@@ -127,3 +127,36 @@ def set_controlling_tty(fd: int) -> None:
 
 def set_window_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+# ioctl numbers from <linux/fs.h> and <linux/random.h>.
+BLKFLSBUF = 0x1261
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+
+
+def flush_block_device(device: str) -> None:
+    """Drop the kernel's cached blocks of ``device`` (BLKFLSBUF)."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, BLKFLSBUF)
+    except OSError as exc:
+        raise OSError(exc.errno, f"ioctl(BLKFLSBUF) on {device}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def add_entropy(seed: bytes) -> None:
+    """Credit ``seed`` to the kernel's pool and reseed the CRNG at once (RNDADDENTROPY, RNDRESEEDCRNG).
+
+    VMs restored from one snapshot start with the same CRNG state; fresh host entropy makes them
+    diverge before anything in the container draws a random number.
+    """
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    except OSError as exc:
+        raise OSError(exc.errno, f"ioctl(RNDADDENTROPY) on /dev/urandom: {exc.strerror}") from None
+    finally:
+        os.close(fd)

@@ -198,7 +198,9 @@ def agent(tmp_path: Path) -> Iterator[Session]:
 def test_hello_comes_first(agent: Session) -> None:
     kind, stream, payload = agent.recv()
     assert (kind, stream) == (protocol.CONTROL, 0)
-    assert protocol.decode_control(payload) == {"op": "hello", "version": protocol.VERSION}
+    hello = protocol.decode_control(payload)
+    assert (hello["op"], hello["version"]) == ("hello", protocol.VERSION)
+    assert hello["uptime"] > 0
 
 
 def test_output_then_eof_then_exit(agent: Session, rootfs: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from micropod import syscalls
 from micropod.agent import mounts
-from micropod.agent.mounts import Device, Mkdir, Mount, RootfsDirs, Symlink
+from micropod.agent.mounts import Device, FlushCache, Mkdir, Mount, RootfsDirs, Symlink
 
 
 def test_overlay_plan() -> None:
@@ -19,8 +19,9 @@ def test_overlay_plan() -> None:
     assert root == "/mnt/root"
     assert plan == [
         Mkdir("/mnt"), Mkdir("/mnt/lower"), Mkdir("/mnt/upper"), Mkdir("/mnt/root"),
-        Mount("/dev/vdb", "/mnt/lower", "squashfs", syscalls.MS_RDONLY),
-        Mount("/dev/vdc", "/mnt/upper", "ext4"),
+        # cached blocks are dropped first: a VM restored from a snapshot saw other disks at boot
+        FlushCache("/dev/vdb"), Mount("/dev/vdb", "/mnt/lower", "squashfs", syscalls.MS_RDONLY),
+        FlushCache("/dev/vdc"), Mount("/dev/vdc", "/mnt/upper", "ext4"),
         Mkdir("/mnt/upper/upper"), Mkdir("/mnt/upper/work"),
         Mount("overlay", "/mnt/root", "overlay", 0,
               "lowerdir=/mnt/lower,upperdir=/mnt/upper/upper,workdir=/mnt/upper/work"),

@@ -144,6 +144,7 @@ class Agent:
             "signal": self.on_signal,
             "resize": self.on_resize,
             "shutdown": self.on_shutdown,
+            "restore": self.on_restore,
         }
         self.wakeup_r, wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_r, False)
@@ -327,6 +328,16 @@ class Agent:
             self.send_control({"op": "ok", "req": req, **result})
         if power_off:
             self.end()
+
+    def on_restore(self, message: dict[str, Any]) -> dict[str, Any]:
+        """First request after the VM was resumed from a snapshot: make it this VM, not the template."""
+        seed = bytes.fromhex(str(message.get("entropy", "")))
+        if len(seed) < 32:
+            raise RequestError("restore needs at least 32 bytes of entropy")
+        if not self.config.test_mode:
+            syscalls.add_entropy(seed)
+            time.clock_settime(time.CLOCK_REALTIME, float(message["time"]))
+        return {"uptime": time.clock_gettime(time.CLOCK_BOOTTIME)}
 
     def reply_error(self, req: object, op: str, message: str, code: int) -> None:
         console(f"{op} failed: {message}")

@@ -69,6 +69,19 @@ class Mount(_Op):
         self.busy_ok = busy_ok
 
 
+class FlushCache(_Op):
+    """Drop a block device's cached blocks before mounting it.
+
+    A VM restored from a snapshot has the template's view of its disks cached (the partition scan
+    at boot read their first blocks); this VM's disks are different files behind the same devices.
+    """
+
+    __slots__ = ("device",)
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+
 class Device(_Op):
     """A character device node; bind-mounted from ``host_path`` where mknod is not allowed."""
 
@@ -90,7 +103,7 @@ class Symlink(_Op):
         self.path = path
 
 
-Op = Mkdir | Mount | Device | Symlink
+Op = Mkdir | Mount | FlushCache | Device | Symlink
 
 
 def boot_plan() -> list[Op]:
@@ -141,7 +154,9 @@ def rootfs_plan(rootfs: dict[str, Any], dirs: RootfsDirs) -> tuple[str, list[Op]
             Mkdir(dirs.lower),
             Mkdir(dirs.upper),
             Mkdir(dirs.root),
+            FlushCache(rootfs["lower"]),
             Mount(rootfs["lower"], dirs.lower, rootfs.get("lower_fstype", "squashfs"), MS_RDONLY),
+            FlushCache(rootfs["upper"]),
             Mount(rootfs["upper"], dirs.upper, rootfs.get("upper_fstype", "ext4")),
             Mkdir(upperdir),
             Mkdir(workdir),
@@ -195,6 +210,8 @@ def apply(plan: list[Op], mounted: list[str]) -> None:
                     continue
                 raise
             mounted.append(op.target)
+        elif isinstance(op, FlushCache):
+            syscalls.flush_block_device(op.device)
         elif isinstance(op, Device):
             _device(op, mounted)
         else:

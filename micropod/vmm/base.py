@@ -63,6 +63,10 @@ class Vmm(Protocol):
 
     name: str
 
+    @property
+    def warm(self) -> bool:
+        """Resumed from a boot snapshot: the agent waits for ``restore`` instead of greeting."""
+
     def start(self) -> None:
         """Launch the VMM process and boot the guest. Returns once the guest is booting."""
 

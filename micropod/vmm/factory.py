@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from micropod.errors import UsageError, VmmUnavailableError
 from micropod.paths import VmDir
 from micropod.runconfig import RunConfig
+from micropod.vmm import snapshot
 from micropod.vmm.accel import kvm_verdict
 from micropod.vmm.base import Drive, Vmm, VmSpec
 
@@ -28,7 +31,7 @@ def resolve_backend(requested: str) -> str:
         raise UsageError(f"invalid --vmm {requested!r}: choose one of {', '.join(BACKENDS)}")
     if requested != "auto":
         return requested
-    from micropod.vmm.firecracker import find_firecracker
+    from micropod.vmm.binaries import find_firecracker
 
     if find_firecracker() is not None and kvm_verdict().usable:
         return "firecracker"
@@ -38,13 +41,13 @@ def resolve_backend(requested: str) -> str:
 def check_available(backend: str) -> None:
     """Fail before anything is recorded when the chosen VMM cannot run here."""
     if backend == "qemu":
-        from micropod.vmm.qemu import find_qemu
+        from micropod.vmm.binaries import find_qemu
 
         qemu = find_qemu()
         if qemu is None or not qemu.is_file():
             raise VmmUnavailableError("QEMU (qemu-system-x86_64) not found", hint="see 'micropod doctor'")
     elif backend == "firecracker":
-        from micropod.vmm.firecracker import find_firecracker
+        from micropod.vmm.binaries import find_firecracker
 
         if find_firecracker() is None:
             raise VmmUnavailableError("firecracker not found", hint="see 'micropod doctor'")
@@ -71,13 +74,22 @@ def build_spec(cfg: RunConfig, vm_dir: VmDir) -> VmSpec:
     )
 
 
-def create_vmm(backend: str, spec: VmSpec) -> Vmm:
+def create_vmm(backend: str, spec: VmSpec, warm: bool = True) -> Vmm:
+    """A backend for ``spec``; with ``warm``, QEMU VMs resume from a boot snapshot when they can."""
     if backend == "qemu":
         from micropod.vmm.qemu import QemuVmm
 
-        return QemuVmm(spec)
+        vmm = QemuVmm(spec)
+        if not (warm and snapshot.enabled()):
+            return vmm
+        shape = replace(spec, drives=tuple(replace(d, path=Path(d.drive_id)) for d in spec.drives),
+                        run_dir=Path("."), console_log=Path("console.log"))
+        key = snapshot.snapshot_key(spec, QemuVmm(shape, vmm.binary, vmm.accel).argv, vmm.binary)
+        saved = snapshot.ensure_snapshot(partial(QemuVmm, binary=vmm.binary, accel=vmm.accel), spec, key)
+        return QemuVmm(spec, vmm.binary, vmm.accel, snapshot=saved) if saved else vmm
     if backend == "firecracker":
-        from micropod.vmm.firecracker import FirecrackerVmm, find_firecracker
+        from micropod.vmm.binaries import find_firecracker
+        from micropod.vmm.firecracker import FirecrackerVmm
 
         binary = find_firecracker()
         if binary is None:

@@ -23,6 +23,7 @@ from micropod.errors import BootError, VmmError
 from micropod.unixsock import SocketDir
 from micropod.vmm import firecracker_api as api
 from micropod.vmm.base import AGENT_VSOCK_PORT, GUEST_CID, VmSpec
+from micropod.vmm.binaries import find_firecracker, find_jailer
 
 API_SOCK = "api.sock"
 VSOCK_SOCK = "vsock.sock"
@@ -35,22 +36,6 @@ KILL_TIMEOUT = 10.0
 _TAIL_BYTES = 16 * 1024
 
 
-def _find_program(name: str, env_var: str) -> Path | None:
-    candidates: list[str | None] = [os.environ.get(env_var), shutil.which(name), f"/usr/local/bin/{name}"]
-    for candidate in candidates:
-        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return Path(candidate).absolute()
-    return None
-
-
-def find_firecracker() -> Path | None:
-    """$MICROPOD_FIRECRACKER, then PATH, then /usr/local/bin (where the release tarball is usually put)."""
-    return _find_program("firecracker", "MICROPOD_FIRECRACKER")
-
-
-def find_jailer() -> Path | None:
-    """$MICROPOD_JAILER, then PATH, then /usr/local/bin."""
-    return _find_program("jailer", "MICROPOD_JAILER")
 
 
 @dataclass(frozen=True)
@@ -201,6 +186,10 @@ class FirecrackerVmm:
     @property
     def vmm_log(self) -> Path:
         return self.layout.host(VMM_LOG)
+
+    @property
+    def warm(self) -> bool:
+        return False  # Firecracker snapshots (snapshot/load) are not used yet: every VM boots cold
 
     @property
     def pid(self) -> int | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,22 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from micropod import proc
-from micropod.errors import VmmError, VmmUnavailableError
+from micropod.errors import BootError, VmmError, VmmUnavailableError
 from micropod.unixsock import SocketDir
 from micropod.vmm.accel import choose_accel
 from micropod.vmm.base import AGENT_SERIAL_NAME, VmSpec
+from micropod.vmm.binaries import find_qemu
 from micropod.vmm.child import died_error, wait_exit, wait_until
 from micropod.vmm.qmp import QmpClient
 
 QEMU_BINARY = "qemu-system-x86_64"
 
 
-def find_qemu() -> Path | None:
-    explicit = os.environ.get("MICROPOD_QEMU")
-    if explicit:
-        return Path(explicit)
-    found = shutil.which(QEMU_BINARY)
-    return Path(found) if found else None
 
 
 AGENT_SOCK = "agent.sock"
@@ -103,7 +97,9 @@ class QemuVmm:
 
     name = "qemu"
 
-    def __init__(self, spec: VmSpec, binary: Path | None = None, accel: str | None = None) -> None:
+    def __init__(
+        self, spec: VmSpec, binary: Path | None = None, accel: str | None = None, snapshot: Path | None = None
+    ) -> None:
         found = binary or find_qemu()
         if found is None:
             raise VmmUnavailableError(
@@ -114,8 +110,18 @@ class QemuVmm:
         self.accel = accel or choose_accel()
         self.layout = QemuLayout.in_dir(spec.run_dir)
         self.sockets = SocketDir(spec.run_dir)
+        self.snapshot = snapshot
         self._proc: subprocess.Popen[bytes] | None = None
         self._listener: socket.socket | None = None
+
+    @property
+    def warm(self) -> bool:
+        """Resumed from a snapshot: the agent greeted the template already and waits for ``restore``."""
+        return self.snapshot is not None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self._running()[0]
 
     @property
     def argv(self) -> list[str]:
@@ -128,8 +134,42 @@ class QemuVmm:
     def start(self) -> None:
         (self.spec.run_dir / QMP_SOCK).unlink(missing_ok=True)
         self._listener = self.sockets.listen(AGENT_SOCK, backlog=1)
-        with self.layout.vmm_log.open("ab") as log:
-            self._proc = proc.spawn(self.argv, stdout=log, stderr=log, cwd=self.spec.run_dir)
+        argv, fds = self.argv, []
+        if self.snapshot is not None:
+            fds.append(os.open(self.snapshot, os.O_RDONLY | os.O_CLOEXEC))
+            argv += ["-incoming", f"fd:{fds[0]}"]
+        try:
+            with self.layout.vmm_log.open("ab") as log:
+                self._proc = proc.spawn(argv, stdout=log, stderr=log, cwd=self.spec.run_dir, pass_fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if self.snapshot is not None:
+            self._resume_restored()
+
+    def _resume_restored(self) -> None:
+        """Wait for QEMU to load the snapshot, then let the (saved while paused) guest run."""
+        child = self.process
+        qmp = wait_until(self._try_qmp, proc=child, timeout=30, what="QEMU's control socket",
+                         logs=(self.layout.vmm_log,))
+        try:
+            def loaded() -> str | None:
+                status = str(qmp.execute("query-status")["status"])
+                return None if status == "inmigrate" else status
+
+            status = wait_until(loaded, proc=child, timeout=60, what="QEMU to load the snapshot",
+                                logs=(self.layout.vmm_log,))
+            if status != "paused":
+                raise BootError(f"QEMU restored the snapshot into state {status!r}")
+            qmp.execute("cont")
+        finally:
+            qmp.close()
+
+    def _try_qmp(self) -> QmpClient | None:
+        try:
+            return QmpClient(self.sockets.address(QMP_SOCK))
+        except VmmError:
+            return None
 
     def connect_agent(self, timeout: float) -> socket.socket:
         """Accept QEMU's connection to the agent port's socket (made as soon as QEMU starts)."""

@@ -1,0 +1,164 @@
+"""Boot from a snapshot: a QEMU VM saved once its agent is up, restored for every run.
+
+A cold boot under TCG spends about two seconds on the kernel and on starting CPython in the guest,
+the same work for every VM. So the first VM of a given shape (kernel, system image, vCPUs, memory,
+upper-layer size, QEMU build, accelerator) is booted as a template with placeholder disks, paused
+once the agent greets, and saved with QEMU's migration stream. Each run restores that stream with
+``-incoming fd:N`` behind its own disks and sends the agent ``restore``: fresh host entropy to
+reseed the guest's CRNG, and the time. The agent drops its cached blocks of each disk before
+mounting it, since the template's partition scan read other files behind the same devices.
+
+The template's rootfs placeholder is large and sparse: the guest keeps the capacity it saw at boot,
+and a squashfs image only reads within its own size, so every image fits behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from micropod.agent import protocol
+from micropod.errors import BootError, MicropodError, VmmError
+from micropod.image.fsutil import flock
+from micropod.paths import CacheRoot
+from micropod.unixsock import SocketDir
+from micropod.vmm.base import Drive, VmSpec
+from micropod.vmm.child import wait_until
+from micropod.vmm.qmp import QmpClient
+
+if TYPE_CHECKING:
+    from micropod.vmm.qemu import QemuVmm
+
+    QemuFactory = Callable[..., QemuVmm]
+
+log = logging.getLogger("micropod")
+
+FORMAT_VERSION = "1"
+# What a template's rootfs disk claims to hold; images up to this size can boot from the snapshot.
+ROOTFS_PLACEHOLDER_SIZE = 1 << 40
+TEMPLATE_TIMEOUT = 120.0
+SAVE_TIMEOUT = 60.0
+
+
+def enabled() -> bool:
+    return os.environ.get("MICROPOD_SNAPSHOTS", "1") not in ("0", "false", "no", "off")
+
+
+def _identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def snapshot_key(spec: VmSpec, argv_shape: list[str], binary: Path) -> str:
+    """Everything the saved machine state depends on; disk files and log paths are not part of it."""
+    h = hashlib.sha256()
+    parts = [FORMAT_VERSION, str(protocol.VERSION), _identity(binary), _identity(spec.kernel), spec.cmdline,
+             str(spec.vcpus), str(spec.memory_mib), *argv_shape]
+    for drive in spec.drives:
+        size = drive.path.stat().st_size if not drive.read_only else 0
+        parts.append(f"{drive.drive_id}:{drive.read_only}:{drive.is_root}:{size}")
+        if drive.is_root:
+            parts.append(_identity(drive.path))
+    for part in parts:
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()
+
+
+def snapshot_path(cache: CacheRoot, key: str) -> Path:
+    return cache.path / "snapshots" / f"{key}.qemu"
+
+
+def template_spec(spec: VmSpec, workdir: Path) -> VmSpec:
+    """The same machine with placeholder disks for everything but the shared system image."""
+    drives = []
+    for drive in spec.drives:
+        if drive.is_root:
+            drives.append(drive)
+            continue
+        placeholder = workdir / f"{drive.drive_id}.placeholder"
+        size = ROOTFS_PLACEHOLDER_SIZE if drive.read_only else drive.path.stat().st_size
+        with placeholder.open("wb") as f:
+            f.truncate(size)
+        drives.append(Drive(drive.drive_id, placeholder, drive.read_only, drive.is_root))
+    return replace(spec, drives=tuple(drives), run_dir=workdir, console_log=workdir / "console.log")
+
+
+def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
+    """Boot the template, wait for the agent's hello, pause, and save the migration stream."""
+    workdir = target.parent / f".template-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    vmm = vmm_factory(template_spec(spec, workdir), snapshot=None)
+    try:
+        vmm.start()
+        channel = vmm.connect_agent(TEMPLATE_TIMEOUT)
+        channel.settimeout(TEMPLATE_TIMEOUT)
+        try:
+            kind, _, payload = protocol.recv_frame(channel)
+        except (OSError, protocol.FrameError) as exc:
+            raise BootError(f"the snapshot template did not come up: {exc}") from exc
+        if kind != protocol.CONTROL or protocol.decode_control(payload)["op"] != "hello":
+            raise BootError("the snapshot template's agent did not greet")
+        sockets = SocketDir(workdir)
+        qmp = QmpClient(sockets.address("qmp.sock"))
+        try:
+            qmp.execute("stop")
+            qmp.execute("migrate", uri=f"exec:cat > {_shell_quote(str(tmp))}")
+
+            def finished() -> str | None:
+                status = str(qmp.execute("query-migrate").get("status"))
+                return status if status in ("completed", "failed", "cancelled") else None
+
+            status = wait_until(finished, proc=vmm.process, timeout=SAVE_TIMEOUT, what="the snapshot to be saved",
+                                logs=(vmm.layout.vmm_log,))
+            if status != "completed":
+                raise VmmError(f"saving the snapshot failed ({status})")
+            qmp.execute("quit")
+        finally:
+            qmp.close()
+            sockets.close()
+        channel.close()
+        vmm.wait(10)
+        os.replace(tmp, target)
+    finally:
+        vmm.kill()
+        tmp.unlink(missing_ok=True)
+        for leftover in workdir.iterdir():
+            leftover.unlink()
+        workdir.rmdir()
+
+
+def _shell_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def ensure_snapshot(vmm_factory: QemuFactory, spec: VmSpec, key: str, cache: CacheRoot | None = None) -> Path | None:
+    """The snapshot for this machine shape, building it under a lock if missing; None if that fails."""
+    cache = cache or CacheRoot.from_env()
+    path = snapshot_path(cache, key)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        with flock(path.with_name(f".{path.name}.lock")):
+            if not path.exists():
+                save_template(vmm_factory, spec, path)
+                log.info("saved boot snapshot %s in %.1fs", path.name[:12], time.monotonic() - started)
+    except MicropodError as exc:
+        log.warning("booting without a snapshot: %s", exc)
+        return None
+    return path
+
+
+def invalidate(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
