@@ -121,7 +121,8 @@ def start(ctx: Context, cfg: RunConfig, attach: bool) -> MonitorClient | None:
 def _monitor_env() -> dict[str, str]:
     import os
 
-    keep = ("MICROPOD_CACHE", "MICROPOD_ACCEL", "MICROPOD_QEMU", "MICROPOD_FIRECRACKER", "PYTHONPATH")
+    keep = ("MICROPOD_CACHE", "MICROPOD_ACCEL", "MICROPOD_QEMU", "MICROPOD_FIRECRACKER", "MICROPOD_JAILER",
+            "MICROPOD_SNAPSHOTS", "MICROPOD_SNAPSHOT_DIR", "PYTHONPATH")
     return {k: os.environ[k] for k in keep if k in os.environ}
 
 

@@ -123,3 +123,13 @@ def test_pty_from_a_devpts_instance(tmp_path: Path) -> None:
         "os.write(master, b'ping\\n')\n"
         "assert os.read(slave, 100) == b'ping\\n'\n"
     ) == 0
+
+
+def test_add_entropy_credits_the_pool() -> None:
+    # Root on the test host: a real RNDADDENTROPY + RNDRESEEDCRNG, harmless to add to.
+    syscalls.add_entropy(os.urandom(32))
+
+
+def test_flush_block_device_names_the_ioctl_when_it_fails() -> None:
+    with pytest.raises(OSError, match="BLKFLSBUF"):
+        syscalls.flush_block_device("/dev/null")

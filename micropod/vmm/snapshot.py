@@ -71,8 +71,13 @@ def snapshot_key(spec: VmSpec, argv_shape: list[str], binary: Path) -> str:
     return h.hexdigest()
 
 
+def snapshot_dir(cache: CacheRoot) -> Path:
+    explicit = os.environ.get("MICROPOD_SNAPSHOT_DIR")
+    return Path(explicit) if explicit else cache.path / "snapshots"
+
+
 def snapshot_path(cache: CacheRoot, key: str) -> Path:
-    return cache.path / "snapshots" / f"{key}.qemu"
+    return snapshot_dir(cache) / f"{key}.qemu"
 
 
 def template_spec(spec: VmSpec, workdir: Path) -> VmSpec:

@@ -1,0 +1,56 @@
+"""Boot snapshots: restored VMs must be as good as cold-booted ones, and not copies of each other."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli
+
+pytestmark = pytest.mark.e2e
+
+
+def run_out(cli: Cli, *args: str) -> str:
+    out = cli("run", "--rm", "hello", *args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_restored_vms_do_not_share_random_state_or_a_stale_clock(cli: Cli, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(tmp_path / "snapshots"))
+    run_out(cli, "true")  # builds the snapshot
+    assert len(list((tmp_path / "snapshots").glob("*.qemu"))) == 1
+    probe = "cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1; date +%s"
+    first, second = (run_out(cli, "sh", "-c", probe).split("\n", 2) for _ in range(2))
+    assert first[0] != second[0], "two restored VMs produced the same random uuid"
+    assert first[1] != second[1], "two restored VMs read the same bytes from /dev/urandom"
+    assert abs(int(second[2].strip()) - time.time()) < 30, "the restored guest's clock is stale"
+
+
+def test_cold_boot_when_snapshots_are_off(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROPOD_SNAPSHOTS", "0")
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(tmp_path / "snapshots"))
+    assert run_out(cli, "echo", "cold") == "cold\n"
+    assert not (tmp_path / "snapshots").exists()
+
+
+def test_a_broken_snapshot_is_dropped_and_the_run_boots_cold(cli: Cli, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshots = tmp_path / "snapshots"
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(snapshots))
+    run_out(cli, "true")
+    [saved] = snapshots.glob("*.qemu")
+    saved.write_bytes(b"QEVM garbage")
+    assert run_out(cli, "echo", "survived") == "survived\n"
+    assert not saved.exists() or saved.read_bytes() != b"QEVM garbage"
+
+
+def test_snapshots_are_per_machine_shape(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(tmp_path / "snapshots"))
+    assert run_out(cli, "nproc") == "1\n"
+    out = cli("run", "--rm", "--cpus", "2", "--memory", "320M", "hello", "nproc")
+    assert (out.returncode, out.stdout) == (0, "2\n"), out.stderr
+    assert len(list((tmp_path / "snapshots").glob("*.qemu"))) == 2
