@@ -136,6 +136,7 @@ class Agent:
         self.fd_procs: dict[int, Proc] = {}
         self.shutdown_at: float | None = None
         self.reattach_at: float | None = None
+        self.loss_reported = False
         self.running = True
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "create": self.on_create,
@@ -201,7 +202,10 @@ class Agent:
         channel, self.channel = self.channel, None
         if channel is None:
             return
-        console(f"channel to the host lost: {reason}")
+        if not self.loss_reported:
+            # The serial port keeps reading as EOF while no host is connected: say it once.
+            console(f"channel to the host lost: {reason}")
+            self.loss_reported = True
         self.watch(channel.fd, 0)
         if channel.kind == "serial":
             # The port stays ours; it reads as EOF until the host side is connected again.
@@ -312,6 +316,7 @@ class Agent:
                 self.on_stdin(kind, stream, payload)
 
     def on_request(self, message: dict[str, Any]) -> None:
+        self.loss_reported = False
         op, req = message["op"], message.get("req")
         power_off = False
         try:
