@@ -158,12 +158,19 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> N
     table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"], rows)
 
 
-def _each(ctx: Context, idents: tuple[str, ...], action: Any) -> None:
+def _each(ctx: Context, idents: tuple[str, ...], action: Any, ignore_missing: bool = False) -> None:
     """Apply ``action`` to every container named; report each failure, fail at the end like docker."""
     failed = False
     for ident in idents:
         try:
             action(ctx.state.find(ident), ident)
+        except NotFoundError:
+            if ignore_missing:
+                continue
+            if ctx.debug:
+                raise
+            click.echo(f"micropod: error: No such container: {ident}", err=True)
+            failed = True
         except MicropodError as exc:
             if ctx.debug:
                 raise
@@ -210,23 +217,13 @@ def kill(ctx: Context, signal_name: str, containers_: tuple[str, ...]) -> None:
 @pass_ctx
 def rm(ctx: Context, force: bool, containers_: tuple[str, ...]) -> None:
     """Remove containers and everything they keep on the host."""
-    failed = False
     ctx.state.reconcile()
-    for ident in containers_:
-        try:
-            containers.remove(ctx, ctx.state.find(ident), force)
-            click.echo(ident)
-        except NotFoundError as exc:
-            if not force:
-                click.echo(f"micropod: error: {exc}", err=True)
-                failed = True
-        except MicropodError as exc:
-            if ctx.debug:
-                raise
-            click.echo(f"micropod: error: {exc}", err=True)
-            failed = True
-    if failed:
-        sys.exit(1)
+
+    def action(record: VmRecord, ident: str) -> None:
+        containers.remove(ctx, record, force)
+        click.echo(ident)
+
+    _each(ctx, containers_, action, ignore_missing=force)
 
 
 @click.command()
