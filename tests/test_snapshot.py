@@ -1,0 +1,62 @@
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from micropod.paths import CacheRoot
+from micropod.vmm import snapshot
+from micropod.vmm.base import Drive, VmSpec
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> VmSpec:
+    for name, size in (("vmlinux", 10), ("system.sqfs", 20), ("image.sqfs", 30), ("upper.ext4", 4096)):
+        (tmp_path / name).write_bytes(b"\0" * size)
+    return VmSpec(
+        vm_id="a" * 64, kernel=tmp_path / "vmlinux", cmdline="console=ttyS0", vcpus=1, memory_mib=256,
+        drives=(Drive("system", tmp_path / "system.sqfs", True, True),
+                Drive("rootfs", tmp_path / "image.sqfs", True),
+                Drive("upper", tmp_path / "upper.ext4", False)),
+        run_dir=tmp_path, console_log=tmp_path / "console.log",
+    )
+
+
+def key(spec: VmSpec, shape: list[str] | None = None) -> str:
+    return snapshot.snapshot_key(spec, shape or ["-M", "microvm"], spec.kernel)
+
+
+def test_key_ignores_the_per_vm_disks_but_not_the_machine(spec: VmSpec, tmp_path: Path) -> None:
+    base = key(spec)
+    other_image = tmp_path / "other.sqfs"
+    other_image.write_bytes(b"x" * 999)
+    assert key(replace(spec, drives=(spec.drives[0], Drive("rootfs", other_image, True), spec.drives[2]))) == base
+    assert key(replace(spec, vcpus=2)) != base
+    assert key(replace(spec, memory_mib=512)) != base
+    assert key(replace(spec, cmdline="console=ttyS0 quiet")) != base
+    assert key(spec, ["-M", "microvm", "-cpu", "host"]) != base
+    (tmp_path / "upper.ext4").write_bytes(b"\0" * 8192)  # the guest keeps the writable disk's capacity
+    assert key(spec) != base
+
+
+def test_template_uses_placeholders_except_for_the_system_image(spec: VmSpec, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    template = snapshot.template_spec(spec, work)
+    system, rootfs, upper = template.drives
+    assert system == spec.drives[0]
+    assert rootfs.path.parent == work and rootfs.path.stat().st_size == snapshot.ROOTFS_PLACEHOLDER_SIZE
+    assert rootfs.path.stat().st_blocks == 0  # sparse
+    assert upper.path.stat().st_size == spec.drives[2].path.stat().st_size
+    assert [d.drive_id for d in template.drives] == [d.drive_id for d in spec.drives]
+    assert [d.read_only for d in template.drives] == [d.read_only for d in spec.drives]
+
+
+def test_switches_and_locations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MICROPOD_SNAPSHOTS", "0")
+    assert not snapshot.enabled()
+    monkeypatch.delenv("MICROPOD_SNAPSHOTS")
+    assert snapshot.enabled()
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(tmp_path / "s"))
+    assert snapshot.snapshot_path(CacheRoot(tmp_path), "k") == tmp_path / "s" / "k.qemu"
+    snapshot.invalidate(tmp_path / "s" / "missing.qemu")
+    snapshot.invalidate(None)
