@@ -1,0 +1,154 @@
+"""Real bridge, TAP and nftables work inside network namespaces the tests create."""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import os
+import select
+import struct
+import subprocess
+from pathlib import Path
+
+from micropod.net import links, nft
+from micropod.net.config import NetworkConfig
+from micropod.net.nft import VmNetwork
+from micropod.net.ports import PortMapping
+from tests.netns import in_fresh_netns
+
+NET = NetworkConfig.parse("mptest0", "10.77.0.0/24")
+VM = VmNetwork("vm1", "mp-vm1", "02:aa:bb:cc:dd:01", ipaddress.IPv4Address("10.77.0.2"), (PortMapping(8080, 80),))
+VM2 = VmNetwork("vm2", "mp-vm2", "02:aa:bb:cc:dd:02", ipaddress.IPv4Address("10.77.0.3"), (PortMapping(53, 53, "udp"),))
+
+
+def _links() -> list[str]:
+    return json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True, text=True, check=True).stdout)
+
+
+def _setup(*vms: VmNetwork) -> None:
+    links.ensure_bridge(NET)
+    for vm in vms:
+        links.create_tap(vm.tap, NET.bridge)
+    nft.apply(nft.ruleset(NET, list(vms)))
+
+
+def _setup_and_teardown() -> dict[str, object]:
+    _setup(VM, VM2)
+    seen = {"links": [link["ifname"] for link in _links()],
+            "inet": json.dumps(nft.listing("inet")), "netdev": json.dumps(nft.listing("netdev")),
+            "forward": Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()}
+    # vm1 goes: its TAP and every rule that names it; vm2 stays
+    links.delete_tap(VM.tap)
+    nft.apply(nft.ruleset(NET, [VM2]))
+    seen["after_links"] = [link["ifname"] for link in _links()]
+    seen["after_inet"] = json.dumps(nft.listing("inet"))
+    seen["after_netdev"] = json.dumps(nft.listing("netdev"))
+    links.delete_tap(VM.tap)  # idempotent
+    links.delete_tap(VM2.tap)
+    nft.remove()
+    nft.remove()
+    seen["final_inet"] = nft.listing("inet")["nftables"]
+    seen["final_links"] = [link["ifname"] for link in _links()]
+    return seen
+
+
+def test_setup_and_exact_teardown() -> None:
+    seen = in_fresh_netns(_setup_and_teardown)
+    assert {"mptest0", "mp-vm1", "mp-vm2"} <= set(seen["links"])
+    assert seen["forward"] == "1"
+    assert "10.77.0.2" in seen["inet"] and '"port": 80' in seen["inet"] and "masquerade" in seen["inet"]
+    assert "ingress-mp-vm1" in seen["netdev"] and "02:aa:bb:cc:dd:01" in seen["netdev"]
+    assert "mp-vm1" not in seen["after_links"] and "mp-vm2" in seen["after_links"]
+    assert "10.77.0.2" not in seen["after_inet"] and "10.77.0.3" in seen["after_inet"]
+    assert "mp-vm1" not in seen["after_netdev"] and "mp-vm2" in seen["after_netdev"]
+    assert seen["final_inet"] == []
+    assert "mp-vm2" not in seen["final_links"]
+
+
+def _collisions() -> list[str]:
+    errors = []
+    subprocess.run(["ip", "link", "add", "vx0", "type", "veth", "peer", "name", "vx1"], check=True)
+    subprocess.run(["ip", "addr", "add", "10.77.0.200/24", "dev", "vx0"], check=True)
+    for net in (NET, NetworkConfig.parse("vx0", "10.99.0.0/24")):
+        try:
+            links.ensure_bridge(net)
+        except Exception as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def test_a_colliding_subnet_or_bridge_name_is_refused() -> None:
+    subnet_error, bridge_error = in_fresh_netns(_collisions)
+    assert "collides with 10.77.0.200/24 on vx0" in subnet_error
+    assert "vx0 exists and is not a bridge" in bridge_error
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+
+
+def _arp_request(src_mac: str, src_ip: str, target_ip: str) -> bytes:
+    mac = bytes.fromhex(src_mac.replace(":", ""))
+    ether = b"\xff" * 6 + mac + b"\x08\x06"
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, ipaddress.IPv4Address(src_ip).packed,
+                      b"\0" * 6, ipaddress.IPv4Address(target_ip).packed)
+    return ether + arp
+
+
+def _arp_reply_for(fd: int, ip: str, timeout: float) -> bool:
+    """Whether the host answered an ARP request for ``ip`` on the TAP within ``timeout``."""
+    while select.select([fd], [], [], timeout)[0]:
+        frame = os.read(fd, 2048)
+        if frame[12:14] == b"\x08\x06" and struct.unpack("!H", frame[20:22])[0] == 2:
+            return frame[38:42] == ipaddress.IPv4Address(ip).packed
+    return False
+
+
+def _spoofing() -> dict[str, object]:
+    _setup(VM)
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", VM.tap.encode(), IFF_TAP | IFF_NO_PI))
+    gateway = str(NET.gateway)
+    # The VM as it is: the host answers. The bridge port turns forwarding only after the TAP's carrier
+    # comes up (when we opened it), so resend like a guest's ARP would, within a bound.
+    honest = False
+    for _ in range(20):
+        os.write(fd, _arp_request(VM.mac, str(VM.ip), gateway))
+        if _arp_reply_for(fd, str(VM.ip), 0.5):
+            honest = True
+            break
+    # Another VM's IP, or another MAC: dropped at the TAP's ingress, so no answer.
+    os.write(fd, _arp_request(VM.mac, "10.77.0.99", gateway))
+    spoofed_ip = _arp_reply_for(fd, "10.77.0.99", 1.0)
+    os.write(fd, _arp_request("02:66:66:66:66:66", str(VM.ip), gateway))
+    spoofed_mac = _arp_reply_for(fd, str(VM.ip), 1.0)
+    os.close(fd)
+    counters = [r["rule"]["expr"] for r in nft.listing("netdev")["nftables"] if "rule" in r]
+    dropped = sum(e["counter"]["packets"] for expr in counters for e in expr if "counter" in e and
+                  any("drop" in x for x in expr))
+    return {"honest": honest, "spoofed_ip": spoofed_ip, "spoofed_mac": spoofed_mac, "dropped": dropped}
+
+
+def test_anti_spoofing_drops_frames_that_are_not_the_vms_own() -> None:
+    seen = in_fresh_netns(_spoofing)
+    assert seen["honest"], "the host did not answer the VM's own ARP request"
+    assert not seen["spoofed_ip"], "an ARP request with another IP got through"
+    assert not seen["spoofed_mac"], "a frame with another MAC got through"
+    assert seen["dropped"] >= 2
+
+
+def test_nft_rejects_a_broken_batch_as_a_whole() -> None:
+    def body() -> str:
+        _setup(VM)
+        batch = nft.ruleset(NET, [VM2])
+        batch["nftables"].append({"add": {"rule": {"family": "inet", "table": "micropod", "chain": "missing",
+                                                   "expr": [{"accept": None}]}}})
+        try:
+            nft.apply(batch)
+        except Exception as exc:
+            return f"refused: {exc}" + json.dumps(nft.listing("netdev"))
+        return "applied"
+
+    result = in_fresh_netns(body)
+    assert result.startswith("refused") and "mp-vm1" in result  # the old ruleset is intact
