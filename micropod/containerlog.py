@@ -2,16 +2,29 @@
 
 Bytes that are not UTF-8 survive the round trip: they are decoded with surrogateescape, which JSON
 writes as \\udcXX escapes, and encoded back the same way when read.
+
+Rotation follows docker's json-file driver: with ``max_size`` set, a log that reaches it is renamed to
+``container.log.1`` (older ones shift to ``.2`` ... and the oldest beyond ``max_files`` is dropped) and
+a fresh one is started. Readers go through the rotated files, oldest first, then the live one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
+
+from micropod.errors import UsageError
+
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+PARTIAL_LIMIT = 16 << 10
 
 
 @dataclass(frozen=True)
@@ -20,24 +33,78 @@ class LogEntry:
     stream: str
     data: bytes
 
+    @property
+    def timestamp(self) -> float:
+        return parse_log_time(self.time)
+
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime(TIME_FORMAT)
+
+
+def parse_log_time(text: str) -> float:
+    try:
+        return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def rotated(path: Path, index: int) -> Path:
+    return path.with_name(f"{path.name}.{index}")
 
 
 class ContainerLog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_size: int = 0, max_files: int = 1) -> None:
         self.path = path
+        self.max_size = max_size
+        self.max_files = max(1, max_files)
         self._file: BinaryIO | None = None
+        self._size = 0
+        self._partial: dict[str, bytes] = {}
 
     def write(self, stream: str, data: bytes) -> None:
+        """One entry per line, as docker's json-file; a partial line waits for its end (or 16 KiB, or close)."""
+        pending = self._partial.pop(stream, b"") + data
+        lines = [part + b"\n" for part in pending.split(b"\n")]
+        lines[-1] = lines[-1][:-1]  # what follows the last newline: a partial line, or nothing
+        if not lines[-1]:
+            lines.pop()
+        elif len(lines[-1]) < PARTIAL_LIMIT:
+            self._partial[stream] = lines.pop()
+        for line in lines:
+            self._write_entry(stream, line)
+
+    def _write_entry(self, stream: str, data: bytes) -> None:
         if self._file is None:
             self._file = self.path.open("ab")
+            self._size = self._file.tell()
         line = {"log": data.decode(errors="surrogateescape"), "stream": stream, "time": _now()}
-        self._file.write(json.dumps(line).encode() + b"\n")
+        encoded = json.dumps(line).encode() + b"\n"
+        self._file.write(encoded)
         self._file.flush()
+        self._size += len(encoded)
+        if self.max_size and self._size >= self.max_size:
+            self.rotate()
+
+    def rotate(self) -> None:
+        self._close_file()
+        keep = self.max_files - 1
+        rotated(self.path, keep + 1).unlink(missing_ok=True)
+        if keep == 0:
+            self.path.unlink(missing_ok=True)  # docker's max-file=1: the log starts over
+        for index in range(keep, 0, -1):
+            source = self.path if index == 1 else rotated(self.path, index - 1)
+            if source.exists():
+                os.replace(source, rotated(self.path, index))
+        self._size = 0
 
     def close(self) -> None:
+        for stream, rest in list(self._partial.items()):
+            del self._partial[stream]
+            self._write_entry(stream, rest)
+        self._close_file()
+
+    def _close_file(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -59,6 +126,10 @@ def read_entries(path: Path, offset: int = 0) -> tuple[list[LogEntry], int]:
             data = f.read()
     except FileNotFoundError:
         return [], offset
+    return _whole_lines(data, offset)
+
+
+def _whole_lines(data: bytes, offset: int) -> tuple[list[LogEntry], int]:
     end = data.rfind(b"\n") + 1
     entries = [e for e in (parse_line(line) for line in data[:end].splitlines()) if e]
     return entries, offset + end
@@ -67,3 +138,82 @@ def read_entries(path: Path, offset: int = 0) -> tuple[list[LogEntry], int]:
 def iter_entries(path: Path) -> Iterator[LogEntry]:
     entries, _ = read_entries(path)
     yield from entries
+
+
+class LogReader:
+    """Every entry so far (rotated files first), then what is appended, across rotations."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+        self._offset = 0
+
+    def backlog(self) -> list[LogEntry]:
+        entries: list[LogEntry] = []
+        index = 1
+        while rotated(self.path, index).exists():
+            index += 1
+        for older in range(index - 1, 0, -1):
+            entries += read_entries(rotated(self.path, older))[0]
+        with contextlib.suppress(FileNotFoundError):
+            self._file = self.path.open("rb")
+        entries += self.more()
+        return entries
+
+    def more(self) -> list[LogEntry]:
+        entries: list[LogEntry] = []
+        if self._file is None:
+            with contextlib.suppress(FileNotFoundError):
+                self._file = self.path.open("rb")
+                self._offset = 0
+            if self._file is None:
+                return entries
+        new, self._offset = self._read_open()
+        entries += new
+        try:
+            current = self.path.stat().st_ino
+        except FileNotFoundError:
+            current = -1
+        if current != os.fstat(self._file.fileno()).st_ino:  # rotated: finish the old file, go on in the new
+            new, self._offset = self._read_open()
+            entries += new
+            self._file.close()
+            self._file = None
+            entries += self.more() if current != -1 else []
+        return entries
+
+    def _read_open(self) -> tuple[list[LogEntry], int]:
+        assert self._file is not None
+        self._file.seek(self._offset)
+        return _whole_lines(self._file.read(), self._offset)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+_RELATIVE = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|m|s|ms))+$")
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """docker's --since/--until: RFC3339 (with or without a zone; UTC assumed), a Unix timestamp, or a
+    duration before now like 10m, 1h30m, 45s."""
+    now = time.time() if now is None else now
+    value = text.strip()
+    if _RELATIVE.match(value):
+        units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+        return now - sum(float(n) * units[u] for n, u in _PART.findall(value))
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"invalid time {text!r}: use RFC3339 (2024-01-02T15:04:05Z), "
+                         "a Unix timestamp, or a duration like 10m") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()

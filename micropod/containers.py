@@ -16,11 +16,19 @@ from pathlib import Path
 
 from micropod import proc
 from micropod.context import Context
-from micropod.errors import ConflictError, MicropodError
+from micropod.errors import ConflictError, MicropodError, NotFoundError
 from micropod.liveness import ProcessRef
 from micropod.monitorclient import MonitorClient, Outcome, outcome
 from micropod.names import check_name, generated_name, new_vm_id
-from micropod.runconfig import ContainerSpec, RunConfig, merge_command, merge_env, parse_signal
+from micropod.runconfig import (
+    ContainerSpec,
+    LogOptions,
+    RestartPolicy,
+    RunConfig,
+    merge_command,
+    merge_env,
+    parse_signal,
+)
 from micropod.state import ACTIVE, VmRecord
 
 STOP_GRACE = 30.0
@@ -41,6 +49,10 @@ class RunRequest:
     memory_mib: int = 256
     backend: str = "auto"
     boot_timeout: float = 60.0
+    stdin: bool = False
+    tty: bool = False
+    log: LogOptions = field(default_factory=LogOptions)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 
 def create(ctx: Context, req: RunRequest) -> RunConfig:
@@ -53,7 +65,12 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
     if ctx.state.name_taken(name):
         raise ConflictError(f'the container name "/{name}" is already in use; '
                             "remove it or choose another name")
-    image = ctx.images.resolve(req.image)
+    try:
+        image = ctx.images.resolve(req.image)
+    except NotFoundError:
+        from micropod.image.pull import pull_missing
+
+        image = pull_missing(ctx, req.image)  # like docker: an image not in the store is pulled first
     config = image.config
     command = merge_command(config.entrypoint, config.cmd, req.entrypoint, req.args)
     backend = resolve_backend(req.backend)
@@ -68,12 +85,15 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
         cwd=req.workdir or config.working_dir or "/",
         user=req.user if req.user is not None else config.user,
         hostname=hostname,
+        stdin=req.stdin,
+        tty=req.tty,
     )
     cfg = RunConfig(
         vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,
         kernel=str(guest.kernel), system=str(guest.system), rootfs=str(rootfs),
         vcpus=req.vcpus, memory_mib=req.memory_mib, container=spec, auto_remove=req.auto_remove,
-        stop_signal=parse_signal(config.stop_signal), boot_timeout=req.boot_timeout,
+        stop_signal=parse_signal(config.stop_signal), boot_timeout=req.boot_timeout, log=req.log,
+        restart=req.restart,
     )
     ctx.state.insert(VmRecord(
         id=vm_id, name=name, image=req.image, image_id=image.id, command=json.dumps(list(command)),
@@ -90,7 +110,7 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
     return cfg
 
 
-def start(ctx: Context, cfg: RunConfig, attach: bool) -> MonitorClient | None:
+def start(ctx: Context, cfg: RunConfig, attach: bool, maintenance: bool = False) -> MonitorClient | None:
     """Spawn the VM's monitor, detached; with ``attach`` the caller gets the output stream."""
     vm_dir = ctx.root.vm(cfg.vm_id)
     ours: socket.socket | None = None
@@ -98,6 +118,8 @@ def start(ctx: Context, cfg: RunConfig, attach: bool) -> MonitorClient | None:
     argv: list[str | Path] = [sys.executable, "-m", "micropod.monitor", "--root", ctx.root.path, cfg.vm_id]
     if ctx.debug:
         argv.append("--debug")
+    if maintenance:
+        argv.append("--maintenance")
     if attach:
         ours, theirs = socket.socketpair()
         argv[3:3] = ["--attach-fd", str(theirs.fileno())]
@@ -210,3 +232,17 @@ def kill_and_wait(ctx: Context, record: VmRecord) -> None:
         monitor.kill()
     _reap_unmonitored(ctx, record)
 
+
+
+def start_existing(ctx: Context, record: VmRecord) -> MonitorClient:
+    """Boot a stopped container's VM again, with its writable layer (upper.ext4) kept."""
+    if is_active(record):
+        raise ConflictError(f"container {record.name} is already running")
+    cfg = RunConfig.load(ctx.root.vm(record.id).config)
+    changed = ctx.state.update_if(record.id, ("exited", "dead"), status="created", exit_code=None, error=None,
+                                  finished=None, started=None, restart_count=0, vmm_pid=None, vmm_start=None)
+    if not changed:
+        raise ConflictError(f"container {record.name} is being started or removed by another command")
+    client = start(ctx, cfg, attach=True)
+    assert client is not None
+    return client

@@ -102,3 +102,11 @@ class ContainerCommandError(MicropodError):
 
 class TimeoutExpired(MicropodError):
     """A bounded wait ran out."""
+
+
+class RegistryError(MicropodError):
+    """A registry could not be reached or answered a request with an error."""
+
+
+class AuthError(RegistryError):
+    """A registry refused the credentials (401) or the access (403)."""

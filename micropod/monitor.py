@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import os
 import selectors
@@ -19,6 +20,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from micropod.agent import protocol
@@ -27,7 +30,7 @@ from micropod.containerlog import ContainerLog
 from micropod.errors import AgentError, BootError, ContainerCommandError, MicropodError, TimeoutExpired
 from micropod.liveness import ProcessRef
 from micropod.paths import StateRoot, VmDir
-from micropod.runconfig import RunConfig
+from micropod.runconfig import RunConfig, restart_backoff
 from micropod.state import StateStore
 from micropod.unixsock import SocketDir
 from micropod.vmm import snapshot
@@ -41,11 +44,25 @@ MAIN = "main"
 MAIN_SID = 1
 SHUTDOWN_GRACE = 10.0
 EXIT_KILLED = 128 + int(signal.SIGKILL)
+FIRST_EXEC_SID = 2
+BACKOFF_RESET = 10.0  # a run this long resets the restart delay, as docker does
+
+
+@dataclass
+class Session:
+    """An exec'd process: its stream id in the agent, and the client that sees its output (if any)."""
+
+    sid: int
+    client: int | None
+    started: bool = False
 
 
 class Monitor:
-    def __init__(self, root: StateRoot, vm_id: str, attach: socket.socket | None) -> None:
+    def __init__(self, root: StateRoot, vm_id: str, attach: socket.socket | None, maintenance: bool = False) -> None:
         self.root = root
+        # Maintenance: boot a stopped container's VM with its disks mounted but no process started, for
+        # `cp`; the state store's record is left to the client, and no restart policy applies.
+        self.maintenance = maintenance
         self.vm_dir: VmDir = root.vm(vm_id)
         self.cfg = RunConfig.load(self.vm_dir.config)
         self.store = StateStore(root.db)
@@ -59,8 +76,15 @@ class Monitor:
         self.error: str | None = None
         self.kill_deadline: float | None = None
         self.done = False
-        self.log = ContainerLog(self.vm_dir.container_log)
+        self.user_stopped = False
+        self.restarts = 0
+        self.backoff_step = 0
+        self.log = ContainerLog(self.vm_dir.container_log, self.cfg.log.max_size, self.cfg.log.max_files)
         self.listener: socket.socket | None = None
+        self.sessions: dict[int, Session] = {}
+        self.client_sid: dict[int, int] = {}
+        self.pending: dict[int, Callable[[dict[str, Any]], None]] = {}
+        self._sids = itertools.count(FIRST_EXEC_SID)
         self._wake_r, self._wake_w = socket.socketpair()
         if attach is not None:
             self._add_client(attach, attached=True)
@@ -69,6 +93,26 @@ class Monitor:
 
     def run(self) -> int:
         self._install_signals()
+        try:
+            while True:
+                started = time.monotonic()
+                self._run_once()
+                code = 125 if self.exit_code is None else self.exit_code
+                if self.maintenance or not self.cfg.restart.wants_restart(code, self.restarts, self.user_stopped):
+                    break
+                if time.monotonic() - started >= BACKOFF_RESET:
+                    self.backoff_step = 0
+                self._record_restart(code)
+                if not self._backoff(restart_backoff(self.backoff_step)):
+                    break
+                self.backoff_step += 1
+                self._reset()
+        finally:
+            self._finish()
+        return 0
+
+    def _run_once(self) -> None:
+        """One boot of the VM until it ends; every failure becomes an exit code and an error."""
         try:
             self._boot_and_start()
             self._loop()
@@ -80,8 +124,53 @@ class Monitor:
             log.exception("monitor failure")
             self._set_exit(125, f"monitor failure: {exc!r}")
         finally:
-            self._finish()
-        return 0
+            self._end_vm()
+
+    def _record_restart(self, code: int) -> None:
+        """The restart policy wants another boot: say so, like docker's "Restarting (code)"."""
+        self.restarts += 1
+        log.info("restarting the VM (restart %d) after exit code %d", self.restarts, code)
+        self.store.update(self.cfg.vm_id, status="restarting", exit_code=code, error=self.error,
+                          finished=time.time(), restart_count=self.restarts)
+        self._broadcast({"op": "exit", "code": code, "error": self.error, "restarting": True}, only_attached=False)
+        for fd in list(self.clients):
+            self._drop_client(fd)
+
+    def _backoff(self, delay: float) -> bool:
+        """Wait ``delay`` seconds, serving clients; False if a stop, a kill or a signal came meanwhile."""
+        self.sel.close()
+        self.sel = selectors.DefaultSelector()
+        self._ensure_listener()
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "signal")
+        deadline = time.monotonic() + delay
+        while not self.user_stopped:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            for key, _ in self.sel.select(remaining):
+                if key.data == "signal":
+                    self._wake_r.recv(64)
+                    self.user_stopped = True
+                else:
+                    self._dispatch(key.data, key.fileobj)
+        return False
+
+    def _reset(self) -> None:
+        for fd in list(self.clients):
+            self._drop_client(fd)
+        self.sel.close()
+        self.sel = selectors.DefaultSelector()
+        self.exit_code = None
+        self.error = None
+        self.kill_deadline = None
+        self.done = False
+        self.link = None
+        self.vmm = None
+        self.sessions.clear()
+        self.client_sid.clear()
+        self.pending.clear()
+        for path in (self.vm_dir.agent_sock, self.vm_dir.qmp_sock, self.vm_dir.api_sock, self.vm_dir.vsock):
+            path.unlink(missing_ok=True)
 
     def _boot_and_start(self) -> None:
         from micropod.rootfs.upper import create_upper
@@ -106,6 +195,10 @@ class Monitor:
         rootfs = {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)}
         self._expect_ok(self.link.request("create", deadline, self.vmm_fd, id=MAIN,
                                           spec=self.cfg.container.to_agent(rootfs)), "create")
+        if self.maintenance:
+            log.debug("phase: container mounted for maintenance")
+            self._broadcast({"op": "started", "id": self.cfg.vm_id})
+            return
         reply = self.link.request("start", deadline, self.vmm_fd, id=MAIN, sid=MAIN_SID)
         self._expect_ok(reply, "start")
         log.debug("phase: container started")
@@ -169,8 +262,7 @@ class Monitor:
 
     def _loop(self) -> None:
         assert self.link is not None
-        self.listener = SocketDir(self.vm_dir.path).listen(self.vm_dir.monitor_sock.name)
-        self.sel.register(self.listener, selectors.EVENT_READ, "listener")
+        self._ensure_listener()
         self.sel.register(self.link.channel.sock, selectors.EVENT_READ, "agent")
         self.sel.register(self._wake_r, selectors.EVENT_READ, "signal")
         if self.vmm_fd is not None:
@@ -182,6 +274,11 @@ class Monitor:
                 self._kill_vm("stop timeout expired")
             for key, _ in events:
                 self._dispatch(key.data, key.fileobj)
+
+    def _ensure_listener(self) -> None:
+        if self.listener is None:
+            self.listener = SocketDir(self.vm_dir.path).listen(self.vm_dir.monitor_sock.name)
+        self.sel.register(self.listener, selectors.EVENT_READ, "listener")
 
     def _dispatch(self, what: Any, fileobj: Any) -> None:
         if what == "listener":
@@ -203,6 +300,7 @@ class Monitor:
             self._on_vmm_exit()
         elif what == "signal":
             self._wake_r.recv(64)
+            self.user_stopped = True
             self._kill_vm("the monitor was asked to terminate")
         elif isinstance(what, int):
             self._on_client(what)
@@ -216,10 +314,20 @@ class Monitor:
             if sid == MAIN_SID and fd in (protocol.STDOUT, protocol.STDERR):
                 self.log.write("stdout" if fd == protocol.STDOUT else "stderr", payload)
                 self._to_attached(lambda c: c.send_data(fd, payload))
+            elif sid in self.sessions and fd in (protocol.STDOUT, protocol.STDERR):
+                self._to_session(self.sessions[sid], lambda c: c.send_data(fd, payload))
         elif kind == protocol.CONTROL:
             message = decode(payload)
-            if message["op"] == "exit" and message.get("sid", MAIN_SID) == MAIN_SID:
+            if message["op"] in ("ok", "error") and message.get("req") in self.pending:
+                self.pending.pop(message["req"])(message)
+            elif message["op"] == "exit" and message.get("sid", MAIN_SID) == MAIN_SID:
                 self._on_main_exit(int(message["code"]))
+            elif message["op"] == "exit":
+                self._on_exec_exit(int(message["sid"]), int(message["code"]), message.get("message"))
+            elif message["op"] == "syslog":
+                # The guest's /dev/log goes to the container log as its own stream; `logs` shows it on stderr.
+                text = str(message.get("message", "")).rstrip("\n") + "\n"
+                self.log.write("syslog", text.encode(errors="surrogateescape"))
             elif message["op"] == "log":
                 log.info("agent: %s", message.get("message"))
 
@@ -232,6 +340,12 @@ class Monitor:
             self.link.send("shutdown")
         # The agent powers the VM off; bound that with a kill deadline.
         self.kill_deadline = time.monotonic() + SHUTDOWN_GRACE
+
+    def _end_maintenance(self) -> None:
+        """A clean power-off: the agent unmounts the container's disks first."""
+        self.user_stopped = True
+        if self.exit_code is None:
+            self._on_main_exit(0)
 
     def _on_vmm_exit(self) -> None:
         log.debug("phase: VMM exited")
@@ -264,10 +378,19 @@ class Monitor:
     def _drop_client(self, fd: int) -> None:
         client = self.clients.pop(fd, None)
         self.attached.discard(fd)
+        sid = self.client_sid.pop(fd, None)
+        session = self.sessions.get(sid) if sid is not None else None
+        if session is not None:
+            # Like a terminal hanging up: the process hears SIGHUP, and its output goes nowhere.
+            session.client = None
+            if session.started:
+                self._agent_send("signal", id=MAIN, sid=session.sid, signal=int(signal.SIGHUP))
         if client is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(client.sock)
             client.close()
+            if self.maintenance and not self.clients and not self.done:
+                self._end_maintenance()  # nobody is left to copy anything
 
     def _on_client(self, fd: int) -> None:
         client = self.clients[fd]
@@ -275,13 +398,15 @@ class Monitor:
             frames = client.pump()
         except MicropodError:
             frames = []
-        for kind, _stream, payload in frames:
+        for kind, stream, payload in frames:
             if kind == protocol.CONTROL:
                 try:
                     self._on_request(fd, decode(payload))
                 except MicropodError as exc:
                     with contextlib.suppress(MicropodError):
                         client.send_control({"op": "error", "message": str(exc)})
+            elif stream == protocol.STDIN:
+                self._on_client_stdin(fd, kind, payload)
         if client.closed:
             self._drop_client(fd)
 
@@ -289,19 +414,134 @@ class Monitor:
         op = message["op"]
         if op == "attach":
             self.attached.add(fd)
+        elif op == "exec":
+            self._start_exec(fd, message, "exec", {"spec": message.get("spec") or {}})
+        elif op in ("cp-get", "cp-put"):
+            self._start_exec(fd, message, "archive-get" if op == "cp-get" else "archive-put",
+                             {"path": str(message["path"])})
+        elif op == "resize":
+            sid = self.client_sid.get(fd, MAIN_SID if fd in self.attached else None)
+            if sid is not None and self.exit_code is None:
+                self._agent_send("resize", sid=sid, rows=int(message["rows"]), cols=int(message["cols"]))
+        elif op == "signal" and fd in self.client_sid:
+            session = self.sessions.get(self.client_sid[fd])
+            if session is not None and session.started:
+                self._agent_send("signal", id=MAIN, sid=session.sid, signal=int(message["signal"]))
         elif op == "signal":
             self._signal_main(int(message["signal"]))
         elif op == "stop":
+            self.user_stopped = True
             timeout = float(message.get("timeout", 10))
             self._signal_main(int(message.get("signal") or self.cfg.stop_signal))
             deadline = time.monotonic() + max(0.0, timeout)
             self.kill_deadline = min(self.kill_deadline or float("inf"), deadline)
         elif op == "kill":
+            self.user_stopped = True
             self._kill_vm("killed on request")
         elif op == "wait":
             pass  # every client hears the exit
+        elif op == "shutdown" and self.maintenance:
+            self._end_maintenance()
+        elif op == "stats":
+            client = self.clients[fd]
+
+            def answer(reply: dict[str, Any]) -> None:
+                fields = {k: v for k, v in reply.items() if k not in ("op", "req")}
+                with contextlib.suppress(MicropodError):
+                    client.send_control({"op": "stats-reply", **fields})
+
+            if self.exit_code is not None or self.link is None:
+                answer({"op": "error", "message": "the container is not running"})
+            else:
+                self._agent_send("stats", answer)
         else:
             raise AgentError(f"unknown monitor request {op!r}")
+
+    # -- exec sessions and stdin --------------------------------------------------------------------
+
+    def _agent_send(self, op: str, reply: Callable[[dict[str, Any]], None] | None = None, **fields: Any) -> None:
+        """A request to the agent whose answer, if wanted, comes back through ``reply`` in the loop."""
+        if self.link is None or self.link.channel.closed:
+            if reply is not None:
+                reply({"op": "error", "message": "the VM is not running", "code": 125})
+            return
+        try:
+            req = self.link.send(op, **fields)
+        except AgentError:
+            if reply is not None:
+                reply({"op": "error", "message": "the agent channel is gone", "code": 125})
+            return
+        if reply is not None:
+            self.pending[req] = reply
+
+    def _start_exec(self, fd: int, message: dict[str, Any], agent_op: str, fields: dict[str, Any]) -> None:
+        """A session (an exec'd process, or a cp's tar stream) routed between one client and the agent."""
+        if self.exit_code is not None or self.kill_deadline is not None:
+            raise ContainerCommandError(f"container {self.cfg.vm_id} is not running", 125)
+        if fd in self.client_sid:
+            raise AgentError("this connection already runs an exec session")
+        detach = bool(message.get("detach"))
+        session = Session(next(self._sids), None if detach else fd)
+        self.sessions[session.sid] = session
+        if not detach:
+            self.client_sid[fd] = session.sid
+
+        def started(reply: dict[str, Any]) -> None:
+            if reply["op"] == "ok":
+                session.started = True
+                if session.sid not in self.sessions:
+                    return  # it has already ended (a cp-get streams everything before its reply)
+                self._to_session(session, lambda c: c.send_control({"op": "exec-started", "sid": session.sid}),
+                                 also=fd)
+                return
+            self.sessions.pop(session.sid, None)
+            self.client_sid.pop(fd, None)
+            self._to_session(session, lambda c: c.send_control(
+                {"op": "exec-exit", "code": int(reply.get("code") or 125), "error": reply.get("message")}), also=fd)
+
+        self._agent_send(agent_op, started, id=MAIN, sid=session.sid, **fields)
+
+    def _on_exec_exit(self, sid: int, code: int, error: str | None = None) -> None:
+        session = self.sessions.pop(sid, None)
+        if session is None:
+            return
+        if session.client is not None:
+            self.client_sid.pop(session.client, None)
+        report: dict[str, Any] = {"op": "exec-exit", "code": code}
+        if error:
+            report["error"] = error
+        self._to_session(session, lambda c: c.send_control(report))
+
+    def _to_session(self, session: Session, send: Any, also: int | None = None) -> None:
+        fd = session.client if session.client is not None else also
+        client = self.clients.get(fd) if fd is not None else None
+        if client is None:
+            return
+        try:
+            send(client)
+        except MicropodError:
+            self._drop_client(client.fileno())
+
+    def _on_client_stdin(self, fd: int, kind: int, payload: bytes) -> None:
+        """A client's stdin goes to its exec session, or to the main process for an attached client."""
+        if fd in self.client_sid:
+            sid = self.client_sid[fd]
+            if not self.sessions[sid].started:
+                return
+        elif fd in self.attached and self.cfg.container.stdin:
+            sid = MAIN_SID
+        else:
+            return
+        if self.link is None or self.exit_code is not None:
+            return
+        try:
+            stream = protocol.stream_id(sid, protocol.STDIN)
+            if kind == protocol.EOF:
+                self.link.channel.send_eof(stream)
+            else:
+                self.link.channel.send_data(stream, payload)
+        except AgentError:
+            self._kill_vm("the agent channel is gone")
 
     def _signal_main(self, signum: int) -> None:
         if self.link is None or self.exit_code is not None:
@@ -334,19 +574,32 @@ class Monitor:
         if error and self.error is None:
             self.error = error
 
-    def _finish(self) -> None:
+    def _end_vm(self) -> None:
         if self.vmm is not None and self.vmm.wait(0) is None:
             if self.link is not None and not self.link.channel.closed:
                 with contextlib.suppress(MicropodError):
                     self.link.send("shutdown")
             if self.vmm.wait(SHUTDOWN_GRACE) is None:
                 self.vmm.kill()
+        if self.link is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.link.channel.sock)
+            self.link.channel.close()
+        if self.vmm_fd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.vmm_fd)
+            os.close(self.vmm_fd)
+            self.vmm_fd = None
         self.log.close()
+
+    def _finish(self) -> None:
         code = 125 if self.exit_code is None else self.exit_code
         for path in (self.vm_dir.monitor_sock, self.vm_dir.agent_sock, self.vm_dir.qmp_sock,
                      self.vm_dir.api_sock, self.vm_dir.vsock):
             path.unlink(missing_ok=True)
-        if self.cfg.auto_remove:
+        if self.maintenance:
+            pass
+        elif self.cfg.auto_remove:
             shutil.rmtree(self.vm_dir.path, ignore_errors=True)
             self.store.delete(self.cfg.vm_id)
         else:
@@ -370,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="micropod-monitor")
     parser.add_argument("--root", required=True)
     parser.add_argument("--attach-fd", type=int)
+    parser.add_argument("--maintenance", action="store_true")
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("vm_id")
     args = parser.parse_args(argv)
@@ -377,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     attach = socket.socket(fileno=args.attach_fd) if args.attach_fd is not None else None
     root = StateRoot.from_env(args.root)
-    return Monitor(root, args.vm_id, attach).run()
+    return Monitor(root, args.vm_id, attach, maintenance=args.maintenance).run()
 
 
 if __name__ == "__main__":

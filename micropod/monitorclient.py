@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ class Outcome:
 class MonitorClient:
     def __init__(self, sock: socket.socket) -> None:
         self.channel = FramedSocket(sock)
+        self._backlog: list[tuple[int, int, bytes]] = []  # frames read past the message a caller waited for
 
     @classmethod
     def connect(cls, vm_dir: VmDir, timeout: float = 5.0) -> MonitorClient:
@@ -70,6 +73,53 @@ class MonitorClient:
                         return message
             if self.channel.closed:
                 raise AgentError("the monitor went away without reporting an exit")
+
+    def interact(
+        self,
+        on_data: Callable[[int, bytes], None],
+        until: Iterable[str],
+        stdin: int | None = None,
+        wakeup: int | None = None,
+        on_wakeup: Callable[[bytes], None] | None = None,
+        detach_keys: bytes | None = None,
+    ) -> dict[str, Any]:
+        """Like follow, and also forward ``stdin`` (EOF included) as stream 0 until a control message in ``until``
+        or ``exit``. Bytes read from ``wakeup`` (a signal wakeup fd) go to ``on_wakeup``. Typing ``detach_keys``
+        returns ``{"op": "detached"}``, as docker's Ctrl-P Ctrl-Q does."""
+        ops = set(until) | {"exit"}
+        typed = b""
+        while True:
+            while self._backlog:
+                kind, stream, payload = self._backlog.pop(0)
+                if kind == protocol.DATA:
+                    on_data(stream, payload)
+                elif kind == protocol.CONTROL and decode(payload)["op"] in ops:
+                    return decode(payload)
+            watch = [self.channel.fileno()] + [fd for fd in (stdin, wakeup) if fd is not None]
+            try:
+                readable, _, _ = select.select(watch, [], [])
+            except InterruptedError:
+                continue
+            if wakeup is not None and wakeup in readable:
+                with contextlib.suppress(BlockingIOError):
+                    data = os.read(wakeup, 512)
+                    if on_wakeup is not None:
+                        on_wakeup(data)
+            if stdin is not None and stdin in readable:
+                data = os.read(stdin, 1 << 16)
+                if detach_keys:
+                    typed = (typed + data)[-len(detach_keys):]
+                    if typed == detach_keys:
+                        return {"op": "detached"}
+                if data:
+                    self.channel.send_data(protocol.STDIN, data)
+                else:
+                    self.channel.send_eof(protocol.STDIN)
+                    stdin = None
+            if self.channel.fileno() in readable:
+                self._backlog.extend(self.channel.pump())
+                if self.channel.closed and not self._backlog:
+                    raise AgentError("the monitor went away without reporting an exit")
 
     def close(self) -> None:
         self.channel.close()

@@ -38,6 +38,43 @@ class ContainerSpec:
 
 
 @dataclass(frozen=True)
+class LogOptions:
+    """docker's json-file options: rotate at ``max_size`` bytes (0: never), keep ``max_files`` files."""
+
+    max_size: int = 0
+    max_files: int = 1
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """docker's --restart: no, on-failure[:N], always, unless-stopped; N=0 means no limit."""
+
+    name: str = "no"
+    max_retries: int = 0
+
+    def wants_restart(self, exit_code: int, restarts_so_far: int, stopped_by_user: bool) -> bool:
+        if self.name == "no" or stopped_by_user:
+            return False
+        if self.name == "on-failure":
+            return exit_code != 0 and (self.max_retries == 0 or restarts_so_far < self.max_retries)
+        return True
+
+    @classmethod
+    def parse(cls, text: str) -> RestartPolicy:
+        name, _, count = text.strip().partition(":")
+        if name not in ("no", "on-failure", "always", "unless-stopped"):
+            raise UsageError(f"invalid --restart {text!r}: use no, on-failure[:N], always or unless-stopped")
+        if count and (name != "on-failure" or not count.isdigit()):
+            raise UsageError(f"invalid --restart {text!r}: only on-failure takes a maximum retry count")
+        return cls(name, int(count or 0))
+
+
+def restart_backoff(restarts: int) -> float:
+    """docker's delay before a restart: 100 ms, doubling each time, at most a minute."""
+    return float(min(60.0, 0.1 * (2 ** min(restarts, 10))))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     vm_id: str
     name: str
@@ -55,6 +92,8 @@ class RunConfig:
     boot_timeout: float = 60.0
     upper_size: int = 10 << 30
     labels: dict[str, str] = field(default_factory=dict)
+    log: LogOptions = field(default_factory=LogOptions)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
 
     def dump(self, path: Path) -> None:
         """Write atomically: a reader never sees half a config."""
@@ -68,7 +107,9 @@ class RunConfig:
         container = raw.pop("container")
         container["args"] = tuple(container["args"])
         container["env"] = tuple(container["env"])
-        return cls(container=ContainerSpec(**container), **raw)
+        log = LogOptions(**raw.pop("log", {}))
+        restart = RestartPolicy(**raw.pop("restart", {}))
+        return cls(container=ContainerSpec(**container), log=log, restart=restart, **raw)
 
 
 def merge_command(
@@ -130,3 +171,28 @@ def parse_signal(name: str | None, default: int = int(signal.SIGTERM)) -> int:
         if text in signal.Signals.__members__:
             return int(signal.Signals[text])
     raise UsageError(f"invalid signal {name!r}")
+
+
+def parse_log_opts(items: tuple[str, ...] | list[str]) -> LogOptions:
+    """--log-opt max-size=10m --log-opt max-file=3; the default size comes from MICROPOD_LOG_MAX_SIZE."""
+    options = dict(item.partition("=")[::2] for item in items)
+    unknown = set(options) - {"max-size", "max-file"}
+    if unknown:
+        raise UsageError(f"unknown --log-opt {sorted(unknown)[0]!r}: micropod supports max-size and max-file")
+    size_text = options.get("max-size") or os.environ.get("MICROPOD_LOG_MAX_SIZE", "")
+    try:
+        size = _parse_size(size_text) if size_text and size_text != "-1" else 0
+        files = int(options.get("max-file", "1"))
+    except (UsageError, ValueError):
+        raise UsageError(f"invalid --log-opt {' '.join(items)!r}: use max-size=10m, max-file=3") from None
+    if files < 1 or size < 0:
+        raise UsageError("--log-opt max-file must be at least 1 and max-size not negative")
+    return LogOptions(size, files)
+
+
+def _parse_size(text: str) -> int:
+    """docker's sizes: 100, 10k, 10m, 1g (binary multiples, an optional trailing 'b')."""
+    value = text.strip().lower().removesuffix("b")
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(value[-1:], 1)
+    number = value[:-1] if value[-1:] in "kmg" else value
+    return int(float(number) * scale)

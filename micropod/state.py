@@ -36,14 +36,18 @@ CREATE TABLE IF NOT EXISTS vms (
     vmm_pid      INTEGER,
     vmm_start    INTEGER,
     auto_remove  INTEGER NOT NULL DEFAULT 0,
-    backend      TEXT NOT NULL DEFAULT ''
+    backend      TEXT NOT NULL DEFAULT '',
+    restart_count INTEGER NOT NULL DEFAULT 0
 );
 """
+# Columns added after the first release: (name, definition) for ALTER TABLE on older databases.
+MIGRATIONS = (("restart_count", "INTEGER NOT NULL DEFAULT 0"),)
 
 # created: recorded, monitor not yet running the container; running: container process started;
+# restarting: ended, its monitor waits out the restart policy's backoff before booting it again;
 # exited: finished with an exit code; dead: its monitor and VMM vanished without saying how it ended.
-STATUSES = ("created", "running", "exited", "dead")
-ACTIVE = ("created", "running")
+STATUSES = ("created", "running", "restarting", "exited", "dead")
+ACTIVE = ("created", "running", "restarting")
 
 
 @dataclass
@@ -65,6 +69,7 @@ class VmRecord:
     vmm_start: int | None = None
     auto_remove: int = 0
     backend: str = ""
+    restart_count: int = 0
 
     @property
     def argv(self) -> list[str]:
@@ -105,6 +110,10 @@ class StateStore:
             self._conn.execute("PRAGMA synchronous = NORMAL")
             with self.write():
                 self._conn.execute(SCHEMA)
+                present = {row["name"] for row in self._conn.execute("PRAGMA table_info(vms)")}
+                for column, definition in MIGRATIONS:
+                    if column not in present:
+                        self._conn.execute(f"ALTER TABLE vms ADD COLUMN {column} {definition}")
         except sqlite3.Error as exc:
             raise StateError(f"state store {db}: {exc}") from exc
 

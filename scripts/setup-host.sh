@@ -10,6 +10,7 @@ packages=(
   e2fsprogs                  # mkfs.ext4 for each VM's writable layer
   zstd
   docker-registry skopeo umoci  # test oracles and a real registry for tests
+  squashfs-tools openssl        # mksquashfs (unpack benchmark baseline); a throwaway CA for TLS tests
   nftables iproute2
   python3-venv
 )

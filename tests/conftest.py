@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.registry import basic_registry, front, plain_registry, tls_registry  # noqa: F401  (fixtures)
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -29,7 +29,7 @@ BUSYBOX = shutil.which("busybox")
 BOOTSTRAP = f"import sys; sys.path.insert(0, {str(REPO)!r}); from micropod.agent.main import main; main()"
 TIMEOUT = 15.0
 APPLETS = ("sh", "echo", "cat", "sleep", "id", "true", "false", "env", "pwd", "tty", "test", "ls", "kill",
-           "readlink", "stat", "stty", "hostname", "setsid")
+           "readlink", "stat", "stty", "hostname", "setsid", "logger")
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the agent chroots and mounts: needs root"),
@@ -513,3 +513,25 @@ def test_as_pid_one(tmp_path: Path, rootfs: Path) -> None:
             session.fail("the agent did not exit after shutdown")
     finally:
         session.close()
+
+
+def test_dev_log_messages_go_to_the_host(agent: Session, rootfs: Path) -> None:
+    out, err, code = agent.run(rootfs, "sh", "-c", "logger -t app hello-syslog && test -S /dev/log && echo sock")
+    assert (out, code) == (b"sock\n", 0), err
+    messages: list[dict[str, Any]] = []
+    while not messages:  # before or after the exit report, depending on which the agent saw first
+        kind, _, payload = agent.recv()
+        if kind == protocol.CONTROL:
+            message = protocol.decode_control(payload)
+            if message["op"] == "syslog":
+                messages.append(message)
+    assert messages[0]["id"] == "main"
+    assert "app" in messages[0]["message"] and messages[0]["message"].endswith("hello-syslog")
+    assert agent.ok("shutdown").get("errors") is None  # /dev unmounts although the socket was bound there
+
+
+def test_stats_reports_the_counters(agent: Session) -> None:
+    reply = agent.ok("stats")
+    assert reply["cpu_total"] >= reply["cpu_idle"] > 0 and reply["cpus"] >= 1
+    assert reply["mem_total"] > reply["mem_used"] > 0
+    assert reply["block_read"] >= 0 and reply["block_write"] >= 0 and reply["pids"] >= 0

@@ -31,3 +31,60 @@ def test_torn_last_line_is_left_for_later(tmp_path: Path) -> None:
 
 def test_missing_log_is_empty(tmp_path: Path) -> None:
     assert read_entries(tmp_path / "none") == ([], 0)
+
+
+def test_rotation_keeps_max_files_and_readers_see_everything_in_order(tmp_path: Path) -> None:
+    from micropod.containerlog import LogReader
+
+    path = tmp_path / "c.log"
+    log = ContainerLog(path, max_size=200, max_files=3)
+    reader = LogReader(path)
+    assert reader.backlog() == []
+    seen: list[bytes] = []
+    for i in range(12):
+        log.write("stdout", f"line {i}\n".encode())
+        if i % 2:  # the reader polls less often than the log writes, across rotations
+            seen += [e.data for e in reader.more()]
+    log.close()
+    assert seen == [f"line {i}\n".encode() for i in range(12)]
+    assert (tmp_path / "c.log.1").exists() and (tmp_path / "c.log.2").exists()
+    assert not (tmp_path / "c.log.3").exists()
+    kept = [e.data for e in LogReader(path).backlog()]
+    assert kept == [f"line {i}\n".encode() for i in range(12 - len(kept), 12)]
+    assert 4 <= len(kept) < 12
+
+
+def test_max_file_one_starts_over(tmp_path: Path) -> None:
+    path = tmp_path / "c.log"
+    log = ContainerLog(path, max_size=10, max_files=1)
+    log.write("stdout", b"a long enough line\n")
+    log.write("stdout", b"x\n")
+    log.close()
+    assert [e.data for e in read_entries(path)[0]] == [b"x\n"] or not path.exists()
+    assert not (tmp_path / "c.log.1").exists()
+
+
+def test_since_accepts_rfc3339_unix_and_relative() -> None:
+    import pytest
+
+    from micropod.containerlog import parse_since
+    from micropod.errors import UsageError
+
+    assert parse_since("2024-01-02T03:04:05Z") == 1704164645.0
+    assert parse_since("2024-01-02T04:04:05+01:00") == 1704164645.0
+    assert parse_since("1704164645") == 1704164645.0
+    assert parse_since("10m", now=1000.0) == 400.0
+    assert parse_since("1h30m", now=10000.0) == 4600.0
+    with pytest.raises(UsageError):
+        parse_since("yesterday")
+
+
+def test_one_entry_per_line_and_partial_lines_wait(tmp_path: Path) -> None:
+    path = tmp_path / "c.log"
+    log = ContainerLog(path)
+    log.write("stdout", b"one\ntwo\nthr")
+    log.write("stderr", b"err\n")
+    assert [e.data for e in read_entries(path)[0]] == [b"one\n", b"two\n", b"err\n"]
+    log.write("stdout", b"ee\nprompt$ ")
+    log.close()
+    assert [e.data for e in read_entries(path)[0]] == [b"one\n", b"two\n", b"err\n", b"three\n", b"prompt$ "]

@@ -62,3 +62,41 @@ def test_config_round_trip(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp"))
     agent = cfg.container.to_agent({"lower": "/dev/vdb", "upper": "/dev/vdc"})
     assert agent["args"] == ["echo", "hi"] and agent["rootfs"]["lower"] == "/dev/vdb"
+
+
+def test_log_opts() -> None:
+    import pytest
+
+    from micropod.errors import UsageError
+    from micropod.runconfig import LogOptions, parse_log_opts
+
+    assert parse_log_opts([]) == LogOptions(0, 1)
+    assert parse_log_opts(["max-size=10m", "max-file=3"]) == LogOptions(10 << 20, 3)
+    assert parse_log_opts(["max-size=512k"]) == LogOptions(512 << 10, 1)
+    for bad in (["max-size=lots"], ["max-file=0"], ["compress=true"]):
+        with pytest.raises(UsageError):
+            parse_log_opts(bad)
+
+
+def test_restart_policies_and_backoff() -> None:
+    import pytest
+
+    from micropod.errors import UsageError
+    from micropod.runconfig import RestartPolicy, restart_backoff
+
+    assert RestartPolicy.parse("no") == RestartPolicy()
+    assert RestartPolicy.parse("on-failure:3") == RestartPolicy("on-failure", 3)
+    never = RestartPolicy.parse("no")
+    assert not never.wants_restart(1, 0, stopped_by_user=False)
+    failing = RestartPolicy.parse("on-failure:2")
+    assert failing.wants_restart(1, 1, False) and not failing.wants_restart(1, 2, False)
+    assert not failing.wants_restart(0, 0, False)
+    assert RestartPolicy.parse("on-failure").wants_restart(1, 100, False)
+    always = RestartPolicy.parse("always")
+    assert always.wants_restart(0, 5, False) and not always.wants_restart(0, 5, stopped_by_user=True)
+    assert RestartPolicy.parse("unless-stopped").wants_restart(137, 0, False)
+    for bad in ("sometimes", "always:3", "on-failure:x"):
+        with pytest.raises(UsageError):
+            RestartPolicy.parse(bad)
+    delays = [restart_backoff(n) for n in range(12)]
+    assert delays[0] == 0.1 and delays[1] == 0.2 and delays == sorted(delays) and delays[-1] == 60.0

@@ -90,3 +90,23 @@ def test_concurrent_writers_never_lose_rows(tmp_path: Path) -> None:
     rows = StateStore(Path(db)).all()
     assert len(rows) == 200
     assert {r.status for r in rows} == {"running"}
+
+
+def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "state.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE vms (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, image TEXT NOT NULL, "
+                 "image_id TEXT NOT NULL, command TEXT NOT NULL, created REAL NOT NULL, started REAL, "
+                 "finished REAL, status TEXT NOT NULL, exit_code INTEGER, error TEXT, monitor_pid INTEGER, "
+                 "monitor_start INTEGER, vmm_pid INTEGER, vmm_start INTEGER, "
+                 "auto_remove INTEGER NOT NULL DEFAULT 0, backend TEXT NOT NULL DEFAULT '')")
+    conn.execute("INSERT INTO vms (id, name, image, image_id, command, created, status) "
+                 "VALUES ('a', 'old', 'hello', 'x', '[]', 0, 'exited')")
+    conn.commit()
+    conn.close()
+    store = StateStore(db)
+    assert store.find("old").restart_count == 0
+    store.update("a", restart_count=2)
+    assert StateStore(db).find("old").restart_count == 2

@@ -25,8 +25,8 @@ import sys
 import time
 
 from micropod import syscalls
+from micropod.agent import archive, mounts, process, protocol
 from micropod.agent import channel as channels
-from micropod.agent import mounts, process, protocol
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -134,6 +134,8 @@ class Agent:
         self.containers: dict[str, Container] = {}
         self.procs: dict[int, Proc] = {}
         self.fd_procs: dict[int, Proc] = {}
+        self.syslogs: dict[int, tuple[Container, _socket.socket]] = {}
+        self.uploads: dict[int, tuple[Container, str, str | None, bytearray]] = {}
         self.shutdown_at: float | None = None
         self.reattach_at: float | None = None
         self.loss_reported = False
@@ -146,6 +148,9 @@ class Agent:
             "resize": self.on_resize,
             "shutdown": self.on_shutdown,
             "restore": self.on_restore,
+            "stats": self.on_stats,
+            "archive-get": self.on_archive_get,
+            "archive-put": self.on_archive_put,
         }
         self.wakeup_r, wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_r, False)
@@ -260,6 +265,8 @@ class Agent:
                 self.attach(self.listener.accept())
             else:
                 self.listener.accept().close()  # one host at a time
+        elif fd in self.syslogs:
+            self.on_syslog(fd)
         elif fd in self.fd_procs:
             proc = self.fd_procs[fd]
             if fd == proc.stdin and mask & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
@@ -374,8 +381,46 @@ class Agent:
         except BaseException:
             mounts.unmount_all(mounted)
             raise
-        self.containers[cid] = Container(cid, spec, root, mounted)
+        container = Container(cid, spec, root, mounted)
+        self.containers[cid] = container
+        self.serve_syslog(container)
         return {}
+
+    def serve_syslog(self, container: Container) -> None:
+        """The container's /dev/log: a datagram socket whose messages go to the host (op ``syslog``)."""
+        path = f"{container.root}/dev/log"
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        try:
+            if os.path.lexists(path):
+                os.unlink(path)
+            sock.bind(path)
+            os.chmod(path, 0o666)
+        except OSError as exc:
+            sock.close()
+            self.log(f"cannot serve /dev/log in container {container.cid}: {exc}")
+            return
+        sock.setblocking(False)
+        self.syslogs[sock.fileno()] = (container, sock)
+        self.watch(sock.fileno(), select.EPOLLIN)
+
+    def on_syslog(self, fd: int) -> None:
+        container, sock = self.syslogs[fd]
+        for _ in range(64):  # a bounded batch per wakeup; the rest waits for the next one
+            try:
+                data = sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.log(f"reading /dev/log of container {container.cid}: {exc}")
+                return
+            self.send_control({"op": "syslog", "id": container.cid, "message": data.decode(errors="replace")})
+
+    def close_syslogs(self) -> None:
+        for fd, (_, sock) in list(self.syslogs.items()):
+            self.on_syslog(fd)  # what was logged before the end still goes out
+            self.watch(fd, 0)
+            sock.close()
+        self.syslogs.clear()
 
     def on_start(self, message: dict[str, Any]) -> dict[str, Any]:
         container = self.container(message)
@@ -426,6 +471,65 @@ class Agent:
         syscalls.set_window_size(proc.master, int(message["rows"]), int(message["cols"]))
         return {}
 
+    def on_stats(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The guest's counters, read as `docker stats` needs them; the host turns two samples into rates."""
+        return guest_stats()
+
+    def on_archive_get(self, message: dict[str, Any]) -> dict[str, Any]:
+        """`cp` out: a tar of the path as DATA on the session's stdout, then EOF and an exit report."""
+        container = self.container(message)
+        sid = int(message["sid"])
+        self.check_sid_free(sid)
+        stream = protocol.stream_id(sid, protocol.STDOUT)
+        out = archive.FrameWriter(lambda data: self.send(protocol.encode(protocol.DATA, stream, data)))
+        try:
+            archive.write_tar(container.root, str(message["path"]), out)
+        except (archive.ArchiveError, OSError) as exc:
+            raise RequestError(str(exc), 1) from None
+        self.send(protocol.encode(protocol.EOF, stream))
+        self.send_control({"op": "exit", "id": container.cid, "sid": sid, "code": 0})
+        return {"size": out.written}
+
+    def on_archive_put(self, message: dict[str, Any]) -> dict[str, Any]:
+        """`cp` in: the tar comes as the session's stdin; it is unpacked at its EOF."""
+        container = self.container(message)
+        sid = int(message["sid"])
+        self.check_sid_free(sid)
+        if sid in self.uploads:
+            raise RequestError(f"session {sid} is in use")
+        path = str(message["path"])
+        try:
+            real = archive.resolve(container.root, path)
+        except archive.ArchiveError as exc:
+            raise RequestError(str(exc), 1) from None
+        if os.path.isdir(real):
+            dest, rename = path, None
+        else:
+            parent = path.rstrip("/").rsplit("/", 1)[0] or "/"
+            if path.endswith("/") or not os.path.isdir(archive.resolve(container.root, parent)):
+                raise RequestError(f"Could not find the file {path} in container", 1)
+            dest, rename = parent, path.rstrip("/").rsplit("/", 1)[-1]
+        self.uploads[sid] = (container, dest, rename, bytearray())
+        return {}
+
+    def on_upload(self, sid: int, kind: int, payload: bytes) -> None:
+        container, dest, rename, data = self.uploads[sid]
+        if kind != protocol.EOF:
+            data += payload
+            return
+        del self.uploads[sid]
+        import io
+
+        code, error = 0, None
+        try:
+            archive.extract_tar(container.root, dest, io.BytesIO(bytes(data)), rename)
+        except Exception as exc:  # tarfile's own errors too: the user hears what went wrong
+            code, error = 1, _describe(exc)
+        report: dict[str, Any] = {"op": "exit", "id": container.cid, "sid": sid, "code": code}
+        if error:
+            report["message"] = error
+        self.send_control(report)
+
     def on_shutdown(self, message: dict[str, Any]) -> dict[str, Any]:
         errors = self.shutdown()
         return {"errors": errors} if errors else {}
@@ -456,6 +560,9 @@ class Agent:
 
     def on_stdin(self, kind: int, stream: int, payload: bytes) -> None:
         sid, fd = protocol.split_stream(stream)
+        if fd == protocol.STDIN and sid in self.uploads:
+            self.on_upload(sid, kind, payload)
+            return
         proc = self.proc_by_sid(sid)
         if fd != protocol.STDIN or proc is None or proc.stdin is None or proc.stdin_eof:
             return  # input for a process that has gone, or never asked for stdin
@@ -546,6 +653,8 @@ class Agent:
                 self.finish(proc, os.waitstatus_to_exitcode(status))
 
     def finish(self, proc: Proc, exit_code: int) -> None:
+        for fd in self.syslogs:  # messages the process logged come before its exit report
+            self.on_syslog(fd)
         for fd in list(proc.outputs):
             self.pump(proc, fd, drain=True)
             if fd in proc.outputs:
@@ -575,6 +684,7 @@ class Agent:
         """Stop every process, report their exits, and unmount the containers' filesystems."""
         self.shutdown_at = None
         self.kill_everything()
+        self.close_syslogs()  # a bound socket keeps the container's /dev busy
         os.sync()
         errors: list[str] = []
         for container in reversed(list(self.containers.values())):
@@ -617,6 +727,43 @@ class Agent:
         except OSError as exc:
             console(f"{exc}; exiting, which panics the kernel and ends the VM")
         os._exit(1)
+
+
+def guest_stats() -> dict[str, Any]:
+    with open("/proc/stat", "rb") as file:
+        cpu = [int(v) for v in file.readline().split()[1:]]
+    meminfo: dict[str, int] = {}
+    with open("/proc/meminfo", "rb") as file:
+        for line in file:
+            key, _, rest = line.partition(b":")
+            meminfo[key.decode()] = int(rest.split()[0]) * 1024
+    read_bytes = write_bytes = 0
+    for name in os.listdir("/sys/block"):
+        if name.startswith(("loop", "ram", "zram")):
+            continue
+        try:
+            with open(f"/sys/block/{name}/stat", "rb") as file:
+                fields = file.read().split()
+        except OSError:
+            continue
+        read_bytes += int(fields[2]) * 512
+        write_bytes += int(fields[6]) * 512
+    pids = sum(1 for entry in os.listdir("/proc") if entry.isdigit() and _is_user_process(entry))
+    return {
+        "cpu_total": sum(cpu[:8]), "cpu_idle": cpu[3] + cpu[4], "cpus": os.cpu_count() or 1,
+        "mem_total": meminfo.get("MemTotal", 0),
+        "mem_used": meminfo.get("MemTotal", 0) - meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),
+        "block_read": read_bytes, "block_write": write_bytes, "pids": max(0, pids - 1),  # not the agent
+    }
+
+
+def _is_user_process(pid: str) -> bool:
+    """Kernel threads have an empty command line."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return bool(file.read(1))
+    except OSError:
+        return False
 
 
 def _describe(exc: BaseException) -> str:

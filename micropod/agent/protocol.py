@@ -10,9 +10,10 @@ and its stdio streams are ``sid * 4 + fd`` (fd 0 stdin, 1 stdout, 2 stderr). Con
 containers by id from day one (``main`` for ``run``), so a VM can later hold a whole pod.
 
 Ops, host -> agent: ``create`` {id, spec}, ``start`` {id}, ``signal`` {id, signal}, ``exec`` {id, sid, spec},
-``resize`` {sid, rows, cols}, ``shutdown`` {}. Replies carry the request's ``req`` and are ``ok`` or
+``resize`` {sid, rows, cols}, ``stats`` {} (the guest's CPU, memory and block counters), ``shutdown`` {}.
+Replies carry the request's ``req`` and are ``ok`` or
 ``error`` {message, code}. Agent -> host, unsolicited: ``hello`` {version}, ``exit`` {id, sid, code},
-``log`` {message}.
+``log`` {message}, ``syslog`` {id, message} (one datagram from the container's /dev/log).
 
 Stdlib only: this module runs in the guest, on the boot path of every VM, so it avoids ``json``
 (which pulls in ``re`` and ``enum``) and ``socket``/``typing``; the C accelerator ``_json`` that ``json``

@@ -22,6 +22,8 @@ pass_ctx = click.make_pass_decorator(Context)
 
 @click.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})
 @click.option("-d", "--detach", is_flag=True, help="Run in the background and print the container id.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep STDIN open and forward it to the container.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-TTY for the container's process.")
 @click.option("--rm", "auto_remove", is_flag=True, help="Remove the container when it exits.")
 @click.option("--name", help="Assign a name to the container.")
 @click.option("-e", "--env", multiple=True, help="Set an environment variable (KEY=VALUE, or KEY).")
@@ -34,18 +36,28 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("-m", "--memory", default="256M", show_default=True, help="Memory of the VM (e.g. 256M, 1G).")
 @click.option("--vmm", default="auto", show_default=True, help="VMM backend: auto, qemu or firecracker.")
 @click.option("-p", "--publish", multiple=True, help="Publish a port (needs networking, see README).")
+@click.option("--restart", "restart_policy", default="no", show_default=True,
+              help="Restart policy: no, on-failure[:N], always or unless-stopped (the VM is rebooted).")
+@click.option("--log-opt", "log_opts", multiple=True,
+              help="Log driver option: max-size=SIZE (e.g. 10m) or max-file=N (json-file rotation).")
 @click.option("--boot-timeout", default=60.0, show_default=True, help="Seconds to wait for the guest agent.")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
-def run(ctx: Context, detach: bool, auto_remove: bool, name: str | None, env: tuple[str, ...],
-        env_file: tuple[Path, ...], workdir: str | None, user: str | None, entrypoint: str | None,
+def run(ctx: Context, detach: bool, interactive: bool, tty: bool, auto_remove: bool, name: str | None,
+        env: tuple[str, ...], env_file: tuple[Path, ...], workdir: str | None, user: str | None, entrypoint: str | None,
         hostname: str | None, cpus: str, memory: str, vmm: str, publish: tuple[str, ...],
-        boot_timeout: float, image: str, command: tuple[str, ...]) -> None:
+        restart_policy: str, log_opts: tuple[str, ...], boot_timeout: float, image: str,
+        command: tuple[str, ...]) -> None:
     """Run a command in a new container, inside its own microVM."""
-    from micropod.runconfig import parse_env_file
+    from micropod.cli.interactive import check_tty_input
+    from micropod.runconfig import RestartPolicy, parse_env_file, parse_log_opts
     from micropod.units import parse_cpus, parse_memory_mib
 
+    check_tty_input(interactive and not detach, tty)
+    policy = RestartPolicy.parse(restart_policy)
+    if auto_remove and policy.name != "no":
+        raise UsageError("conflicting options: --restart and --rm")
     if publish:
         raise UsageError("publishing ports (-p) needs micropod networking, which is not available yet")
     variables = [item for path in env_file for item in parse_env_file(path)] + list(env)
@@ -53,6 +65,7 @@ def run(ctx: Context, detach: bool, auto_remove: bool, name: str | None, env: tu
         image=image, args=command, name=name, auto_remove=auto_remove, env=variables, workdir=workdir,
         user=user, entrypoint=entrypoint, hostname=hostname, vcpus=parse_cpus(cpus),
         memory_mib=parse_memory_mib(memory), backend=vmm, boot_timeout=boot_timeout,
+        stdin=interactive, tty=tty, log=parse_log_opts(log_opts), restart=policy,
     )
     cfg = containers.create(ctx, request)
     client = containers.start(ctx, cfg, attach=True)
@@ -64,7 +77,19 @@ def run(ctx: Context, detach: bool, auto_remove: bool, name: str | None, env: tu
             _fail_from_exit(message)
         click.echo(cfg.vm_id)
         return
+    if interactive or tty:
+        sys.exit(_attach_interactive(client, interactive, tty))
     sys.exit(_attach_foreground(client))
+
+
+def _attach_interactive(client: Any, interactive: bool, tty: bool) -> int:
+    from micropod.cli.interactive import session
+
+    try:
+        message = session(client, tty=tty, stdin=interactive, until=())
+    finally:
+        client.close()
+    return _fail_from_exit(message) if message.get("error") else int(message.get("code", 125))
 
 
 def _attach_foreground(client: Any) -> int:
@@ -104,6 +129,9 @@ def _status_text(record: VmRecord, now: float) -> str:
     if record.status == "exited":
         ago = human_duration(now - (record.finished or now))
         return f"Exited ({record.exit_code}) {ago} ago"
+    if record.status == "restarting":
+        ago = human_duration(now - (record.finished or now))
+        return f"Restarting ({record.exit_code}) {ago} ago"
     if record.status == "dead":
         return "Dead"
     return "Created"
@@ -144,6 +172,7 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> N
             "Command": _command_text(record), "CreatedAt": _iso(record.created),
             "State": record.status, "Status": _status_text(record, now), "Names": record.name,
             "ExitCode": record.exit_code, "Backend": record.backend, "Ports": "",
+            "RestartCount": record.restart_count,
         } for record in records])
         return
     rows = [[
@@ -230,16 +259,27 @@ def rm(ctx: Context, force: bool, containers_: tuple[str, ...]) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Follow the log output.")
 @click.option("-t", "--timestamps", is_flag=True, help="Show timestamps.")
 @click.option("-n", "--tail", default="all", help="Number of lines to show from the end.")
+@click.option("--since", help="Show logs since a time (RFC3339, Unix timestamp, or relative like 10m).")
+@click.option("--until", help="Show logs before a time (RFC3339, Unix timestamp, or relative like 10m).")
 @click.argument("container")
 @pass_ctx
-def logs(ctx: Context, follow: bool, timestamps: bool, tail: str, container: str) -> None:
-    """Show a container's output (stdout to stdout, stderr to stderr)."""
-    from micropod.containerlog import LogEntry, read_entries
+def logs(ctx: Context, follow: bool, timestamps: bool, tail: str, since: str | None, until: str | None,
+         container: str) -> None:
+    """Show a container's output (stdout to stdout, stderr to stderr), across rotated log files."""
+    from micropod.containerlog import LogEntry, LogReader, parse_since
 
     record = ctx.state.find(container)
     path = ctx.root.vm(record.id).container_log
     if tail != "all" and not tail.isdigit():
         raise UsageError(f"invalid --tail {tail!r}: a number or 'all'")
+    start = parse_since(since) if since else None
+    end = parse_since(until) if until else None
+
+    def wanted(entry: LogEntry) -> bool:
+        if start is None and end is None:
+            return True
+        ts = entry.timestamp
+        return (start is None or ts >= start) and (end is None or ts < end)
 
     def emit(entry: LogEntry) -> None:
         target = sys.stdout.buffer if entry.stream == "stdout" else sys.stderr.buffer
@@ -248,20 +288,24 @@ def logs(ctx: Context, follow: bool, timestamps: bool, tail: str, container: str
         target.write(entry.data)
         target.flush()
 
-    entries, offset = read_entries(path)
-    if tail != "all":
-        entries = entries[-int(tail):] if int(tail) else []
-    for entry in entries:
-        emit(entry)
-    while follow:
-        fresh = ctx.state.get(record.id)
-        more, offset = read_entries(path, offset)
-        for entry in more:
+    reader = LogReader(path)
+    try:
+        entries = [e for e in reader.backlog() if wanted(e)]
+        if tail != "all":
+            entries = entries[-int(tail):] if int(tail) else []
+        for entry in entries:
             emit(entry)
-        if fresh is None or fresh.status not in ("created", "running"):
-            break
-        if not more:
-            time.sleep(0.1)
+        while follow and (end is None or time.time() < end):
+            fresh = ctx.state.get(record.id)
+            more = [e for e in reader.more() if wanted(e)]
+            for entry in more:
+                emit(entry)
+            if fresh is None or fresh.status not in ("created", "running"):
+                break
+            if not more:
+                time.sleep(0.1)
+    finally:
+        reader.close()
 
 
 @click.command()
@@ -309,6 +353,7 @@ def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
         },
         "Image": f"sha256:{record.image_id}",
         "Name": f"/{record.name}",
+        "RestartCount": record.restart_count,
         "Config": {
             "Hostname": cfg.container.hostname if cfg else "",
             "User": cfg.container.user if cfg else "",
@@ -319,6 +364,11 @@ def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
         },
         "HostConfig": {
             "AutoRemove": bool(record.auto_remove),
+            "RestartPolicy": {"Name": cfg.restart.name if cfg else "no",
+                              "MaximumRetryCount": cfg.restart.max_retries if cfg else 0},
+            "LogConfig": {"Type": "json-file", "Config": {
+                "max-size": str(cfg.log.max_size) if cfg and cfg.log.max_size else "",
+                "max-file": str(cfg.log.max_files) if cfg else "1"}},
             "Memory": (cfg.memory_mib << 20) if cfg else 0,
             "NanoCpus": (cfg.vcpus * 10**9) if cfg else 0,
         },
@@ -336,4 +386,58 @@ def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
     }
 
 
-COMMANDS = [run, ps, stop, kill, rm, logs, wait]
+@click.command()
+@click.option("-a", "--attach", "attach_output", is_flag=True, help="Attach to the output and wait for the exit.")
+@click.argument("containers_", metavar="CONTAINER...", nargs=-1, required=True)
+@pass_ctx
+def start(ctx: Context, attach_output: bool, containers_: tuple[str, ...]) -> None:
+    """Start stopped containers: each VM boots again with its writable layer kept."""
+    ctx.state.reconcile()
+    if attach_output and len(containers_) != 1:
+        raise UsageError("you cannot start and attach multiple containers at once")
+
+    def action(record: VmRecord, ident: str) -> None:
+        client = containers.start_existing(ctx, record)
+        if attach_output:
+            sys.exit(_attach_foreground(client))
+        message = client.follow(until="started", timeout=record_timeout(ctx, record))
+        client.close()
+        if message["op"] == "exit":
+            raise MicropodError(message.get("error") or f"container {ident} exited at once "
+                                f"with code {message.get('code')}")
+        click.echo(ident)
+
+    _each(ctx, containers_, action)
+
+
+def record_timeout(ctx: Context, record: VmRecord) -> float:
+    from micropod.runconfig import RunConfig
+
+    return RunConfig.load(ctx.root.vm(record.id).config).boot_timeout + 60
+
+
+@click.command()
+@click.option("-t", "--time", "timeout", default=10, show_default=True, type=int,
+              help="Seconds to wait before killing the VM.")
+@click.argument("containers_", metavar="CONTAINER...", nargs=-1, required=True)
+@pass_ctx
+def restart(ctx: Context, timeout: int, containers_: tuple[str, ...]) -> None:
+    """Restart containers: stop (as `stop -t`), then boot the VM again with its writable layer kept."""
+    if timeout < 0:
+        raise UsageError("--time must not be negative")
+
+    def action(record: VmRecord, ident: str) -> None:
+        containers.stop(ctx, record, float(timeout))
+        fresh = ctx.state.reconcile() and ctx.state.find(record.id)
+        assert fresh
+        client = containers.start_existing(ctx, fresh)
+        message = client.follow(until="started", timeout=record_timeout(ctx, record))
+        client.close()
+        if message["op"] == "exit":
+            raise MicropodError(message.get("error") or f"container {ident} exited at once")
+        click.echo(ident)
+
+    _each(ctx, containers_, action)
+
+
+COMMANDS = [run, start, restart, ps, stop, kill, rm, logs, wait]

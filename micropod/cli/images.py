@@ -1,4 +1,4 @@
-"""Image commands: load, images, rmi."""
+"""Image commands: pull, load, images, tag, rmi, save, image prune/unpack."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from micropod.context import Context
 from micropod.errors import ConflictError, MicropodError
 
 if TYPE_CHECKING:
+    from micropod.image.credentials import CredentialStore
+    from micropod.image.pull import PullOptions
     from micropod.image.store import StoredImage
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -139,4 +141,163 @@ def image_inspect(image: StoredImage) -> dict[str, Any]:
     }
 
 
-COMMANDS = [load, images, rmi]
+class _RichProgress:
+    """Per-blob progress bars on stderr (only used when stderr is a TTY)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), console=Console(stderr=True), transient=False)
+        self.tasks: dict[str, Any] = {}
+
+    def blob_started(self, digest: str, size: int) -> None:
+        name = digest.partition(":")[2][:12]
+        if digest in self.tasks:
+            self.progress.reset(self.tasks[digest], total=size, description=f"{name} retrying")
+        else:
+            self.tasks[digest] = self.progress.add_task(name, total=size)
+
+    def blob_advanced(self, digest: str, nbytes: int) -> None:
+        self.progress.advance(self.tasks[digest], nbytes)
+
+    def blob_done(self, digest: str, *, skipped: bool) -> None:
+        name = digest.partition(":")[2][:12]
+        if skipped:
+            self.tasks[digest] = self.progress.add_task(f"{name} already exists", total=1, completed=1)
+        else:
+            self.progress.update(self.tasks[digest], description=f"{name} done")
+
+
+def pull_options(ctx: Context, platform: str | None, tls_verify: bool) -> PullOptions:
+    from micropod.image.credentials import insecure_registries
+    from micropod.image.pull import PullOptions, parse_platform
+
+    return PullOptions(platform=parse_platform(platform) if platform else None, tls_verify=tls_verify,
+                       insecure_registries=insecure_registries(ctx.root.path / "registries.json"))
+
+
+def credential_store(ctx: Context) -> CredentialStore:
+    from micropod.image.credentials import CredentialStore
+
+    return CredentialStore(ctx.root.path / "auth.json")
+
+
+def pull_image(ctx: Context, name: str, *, platform: str | None = None, tls_verify: bool = True,
+               quiet: bool = False) -> StoredImage:
+    """Pull `name`; progress bars on a TTY, a short summary otherwise, nothing but the name with -q."""
+    from micropod.image.pull import pull
+
+    options = pull_options(ctx, platform, tls_verify)
+    if not quiet and sys.stderr.isatty():
+        progress = _RichProgress()
+        with progress.progress:
+            result = pull(ctx.images, name, credentials=credential_store(ctx), options=options,
+                          progress=progress)
+    else:
+        result = pull(ctx.images, name, credentials=credential_store(ctx), options=options)
+    if quiet:
+        click.echo(str(result.reference))
+    else:
+        click.echo(f"Digest: {result.image.manifest_digest}")
+        click.echo(f"Status: pulled {result.reference} ({result.downloaded} blobs downloaded, "
+                   f"{result.skipped} already present)")
+        click.echo(str(result.reference))
+    return result.image
+
+
+@click.command()
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image reference.")
+@click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]", help="Default: the host's.")
+@click.option("--tls-verify", type=click.BOOL, default=True, show_default=True,
+              help="Verify the registry's TLS certificate (false also allows plain HTTP).")
+@click.argument("name", metavar="IMAGE")
+@pass_ctx
+def pull(ctx: Context, quiet: bool, platform: str | None, tls_verify: bool, name: str) -> None:
+    """Pull an image from a registry."""
+    pull_image(ctx, name, platform=platform, tls_verify=tls_verify, quiet=quiet)
+
+
+@click.command()
+@click.argument("source", metavar="SOURCE_IMAGE")
+@click.argument("target", metavar="TARGET_IMAGE[:TAG]")
+@pass_ctx
+def tag(ctx: Context, source: str, target: str) -> None:
+    """Create a reference TARGET that names the image SOURCE names."""
+    image = ctx.images.resolve(source)
+    ctx.images.tag(target, image.manifest_digest)
+
+
+@click.command()
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The OCI archive to write.")
+@click.argument("names", metavar="IMAGE...", nargs=-1, required=True)
+@pass_ctx
+def save(ctx: Context, output: Path, names: tuple[str, ...]) -> None:
+    """Save images to an OCI archive (load it back with `load -i`)."""
+    from micropod.image.archive import save_archive
+    from micropod.image.store import _ID_PREFIX
+
+    chosen: dict[str, tuple[StoredImage, list[str]]] = {}
+    for name in names:
+        image = ctx.images.resolve(name)
+        refs = chosen.setdefault(image.manifest_digest, (image, []))[1]
+        wanted = list(image.refs) if _ID_PREFIX.match(name) else [
+            r for r in image.refs if r in {str(c) for c in _name_candidates(name)}] or list(image.refs)
+        refs.extend(r for r in wanted if r not in refs)
+    save_archive(ctx.images, list(chosen.values()), output)
+
+
+def _name_candidates(name: str) -> list[Any]:
+    from micropod.image.store import _candidates
+
+    return _candidates(name)
+
+
+@click.group(name="image")
+def image_group() -> None:
+    """Manage images (prune, unpack; see also images, pull, rmi, tag, save)."""
+
+
+@image_group.command(name="prune")
+@click.option("-a", "--all", "all_images", is_flag=True, help="Also remove tagged images no container uses.")
+@click.option("-f", "--force", is_flag=True, help="Do not ask (micropod never asks; accepted for docker).")
+@pass_ctx
+def image_prune(ctx: Context, all_images: bool, force: bool) -> None:
+    """Remove dangling images and every blob no image needs."""
+    del force
+    used = {r.image_id for r in ctx.state.all()}
+    lines: list[str] = []
+    done: set[str] = set()
+    for image in ctx.images.list():
+        if image.id in used or image.id in done or (image.refs and not all_images):
+            continue
+        done.add(image.id)
+        lines.extend(ctx.images.remove(f"sha256:{image.id}", force=True))
+    blobs = ctx.images.gc()
+    for line in lines:
+        click.echo(line)
+    click.echo(f"Deleted {blobs} unreferenced blob(s)")
+
+
+@image_group.command(name="unpack")
+@click.option("--to", "dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the flattened tree into this (empty) directory instead of building the squashfs.")
+@click.argument("name", metavar="IMAGE")
+@pass_ctx
+def image_unpack(ctx: Context, dest: Path | None, name: str) -> None:
+    """Build and cache the image's read-only root filesystem (squashfs) without starting a VM."""
+    image = ctx.images.resolve(name)
+    if dest is not None:
+        from micropod.rootfs.extract import extract_image
+
+        stats = extract_image(ctx.images.image(image), dest)
+        click.echo(f"{dest}: {stats.entries} entries, {stats.data_bytes} bytes of file data")
+        return
+    from micropod.rootfs.squash import ensure_rootfs
+
+    click.echo(str(ensure_rootfs(ctx.root, ctx.images, image)))
+
+
+COMMANDS = [pull, load, images, tag, rmi, save, image_group]

@@ -67,4 +67,56 @@ def doctor(ctx: Context, fmt: str) -> None:
         raise MicropodError("micropod cannot run VMs on this host yet; fix the FAIL lines above")
 
 
+@click.command(name="df")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@pass_ctx
+def system_df(ctx: Context, fmt: str) -> None:
+    """Show micropod's disk usage: images, containers (their VM dirs) and the rootfs cache."""
+    from micropod.cli.output import json_lines, table
+    from micropod.housekeeping import disk_usage
+    from micropod.units import human_size
+
+    usage = disk_usage(ctx)
+    if fmt == "json":
+        json_lines([{"Type": u.kind, "TotalCount": u.total, "Active": u.active, "Size": human_size(u.size),
+                     "Reclaimable": human_size(u.reclaimable)} for u in usage])
+        return
+    table(["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"],
+          [[u.kind, str(u.total), str(u.active), human_size(u.size), human_size(u.reclaimable)] for u in usage])
+
+
+@click.command(name="prune")
+@click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
+@pass_ctx
+def system_prune(ctx: Context, force: bool) -> None:
+    """Remove stopped containers and the rootfs bases no container uses (images: `image prune`)."""
+    from micropod.housekeeping import prune
+    from micropod.units import human_size
+
+    if not force and not click.confirm(
+        "WARNING! This will remove:\n  - all stopped containers\n  - every rootfs base no container uses\n"
+        "Are you sure you want to continue?", default=False):
+        return
+    result = prune(ctx)
+    if result.containers:
+        click.echo("Deleted Containers:")
+        for vm_id in result.containers:
+            click.echo(vm_id)
+    if result.rootfs:
+        click.echo("Deleted rootfs bases:")
+        for path in result.rootfs:
+            click.echo(path.name)
+    click.echo(f"\nTotal reclaimed space: {human_size(result.reclaimed)}")
+
+
+def _extend_system_group() -> None:
+    """`system df` and `system prune` join the `system` group that cli/registry.py defines."""
+    from micropod.cli.registry import system_group
+
+    for command in (system_df, system_prune):
+        system_group.add_command(command)
+
+
+_extend_system_group()
+
 COMMANDS = [inspect, doctor]

@@ -1,17 +1,21 @@
 """Write OCI image layouts, as a directory or as a tar (an "OCI archive"), reproducibly.
 
-Used by the demo image, by tests, and later by `save`. Blobs are given in memory: these are small
-images; a large export would stream from the store instead.
+LayoutWriter is for the demo image and tests: blobs in memory, small images. `save_archive` streams
+images out of the store for `save`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import tarfile
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from micropod.image.digest import digest_hex, sha256_digest
 from micropod.image.fsutil import atomic_write
@@ -26,6 +30,9 @@ from micropod.image.model import (
     Platform,
     canonical_json,
 )
+
+if TYPE_CHECKING:
+    from micropod.image.store import ImageStore, StoredImage
 
 # Fixed metadata so the same content always makes the same archive bytes.
 ARCHIVE_MTIME = 0
@@ -90,3 +97,43 @@ def _info(name: str, kind: bytes, mode: int, size: int = 0) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
+
+
+def save_archive(store: ImageStore, images: Sequence[tuple[StoredImage, Sequence[str]]], out: Path) -> Path:
+    """Write `images` from the store as an OCI archive at `out`, streaming blobs from the store (each
+    verified as it is read); the archive appears only when complete."""
+    blobs: dict[str, int] = {}
+    entries: list[Descriptor] = []
+    for image, names in images:
+        manifest = store.read_manifest(image.manifest_digest)
+        for desc in (manifest.config, *manifest.layers):
+            blobs[desc.digest] = desc.size
+        size = store.blob_path(image.manifest_digest).stat().st_size
+        blobs[image.manifest_digest] = size
+        for name in list[str | None](names) or [None]:
+            annotations = {REF_NAME_ANNOTATION: name} if name else {}
+            entries.append(Descriptor(image.manifest_media_type, image.manifest_digest, size, annotations,
+                                      image.platform if image.platform.os else None))
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [e.to_json() for e in entries]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in (("oci-layout", canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION})),
+                               ("index.json", json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")):
+                tar.addfile(_info(name, tarfile.REGTYPE, 0o644, len(data)), io.BytesIO(data))
+            for directory in ("blobs", "blobs/sha256"):
+                tar.addfile(_info(directory, tarfile.DIRTYPE, 0o755))
+            for digest, size in sorted(blobs.items()):
+                with store.open_blob(digest, size) as blob:
+                    tar.addfile(_info(f"blobs/sha256/{digest_hex(digest)}", tarfile.REGTYPE, 0o644, size), blob)
+                    blob.read(1)  # reach EOF, so the blob's digest is checked
+            tar.close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    return out

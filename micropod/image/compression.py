@@ -7,6 +7,7 @@ import bz2
 import gzip
 import io
 import lzma
+import zlib
 from typing import IO, cast
 
 import zstandard
@@ -22,11 +23,52 @@ def detect(head: bytes) -> str:
     return NONE
 
 
+class _GzipReader(io.RawIOBase):
+    """gzip (concatenated members too) straight through zlib in large pieces. GzipFile feeds zlib 8 KiB
+    at a time and checks the CRC again in Python; the layer's sha256 already guards the bytes, and zlib
+    checks each member's trailer itself."""
+
+    def __init__(self, raw: io.BufferedReader, chunk: int = 1 << 20) -> None:
+        super().__init__()
+        self._raw = raw
+        self._chunk = chunk
+        self._inflate = zlib.decompressobj(wbits=31)
+        self._pending = b""  # compressed input not yet consumed
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        while not self._done:
+            if self._inflate.eof:
+                rest = self._inflate.unused_data
+                self._inflate = zlib.decompressobj(wbits=31)
+                self._pending = (rest + self._pending).lstrip(b"\0")  # zero padding after a member
+                while not self._pending:
+                    more = self._raw.read(self._chunk)
+                    if not more:
+                        self._done = True
+                        return 0
+                    self._pending = more.lstrip(b"\0")
+            if not self._pending:
+                self._pending = self._raw.read(self._chunk)
+                if not self._pending:
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            data = self._inflate.decompress(self._pending, len(view))
+            self._pending = self._inflate.unconsumed_tail
+            if data:
+                view[: len(data)] = data
+                return len(data)
+        return 0
+
+
 def decompressed(raw: io.BufferedReader) -> IO[bytes]:
     """A reader of the uncompressed bytes; the wrappers never close `raw`, its owner does."""
     kind = detect(raw.peek(6)[:6])
     if kind == GZIP:
-        return cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
+        return cast(IO[bytes], io.BufferedReader(_GzipReader(raw), 1 << 20))
     if kind == ZSTD:
         reader: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
                                                                         closefd=False)
@@ -40,4 +82,4 @@ def decompressed(raw: io.BufferedReader) -> IO[bytes]:
 
 # What decompressing may raise on corrupt input, for callers that translate it.
 DECOMPRESSION_ERRORS: tuple[type[Exception], ...] = (
-    EOFError, gzip.BadGzipFile, lzma.LZMAError, zstandard.ZstdError, OSError, ValueError)
+    EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, zstandard.ZstdError, OSError, ValueError)

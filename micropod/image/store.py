@@ -14,6 +14,7 @@ index.json changes happen under an exclusive lock on index.json.lock and are wri
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import io
@@ -226,14 +227,29 @@ class ImageStore:
     def _copy_verified(self, stream: IO[bytes], fd: int, expected: str | None, size: int | None) -> str:
         hasher, seen = hashlib.sha256(), 0
         name = expected or "being ingested"
-        with os.fdopen(fd, "wb") as out:
-            while chunk := stream.read(_CHUNK):
+        readinto = getattr(stream, "readinto", None)
+        if isinstance(stream, io.RawIOBase) and type(stream).readinto is io.RawIOBase.readinto:
+            readinto = None  # a raw stream that implements only read()
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            while True:
+                # readinto fills one reused buffer: no allocation or copy per chunk (network pulls).
+                if readinto is not None:
+                    n = readinto(buffer)
+                    chunk: bytes | memoryview = view[:n]
+                else:
+                    chunk = stream.read(_CHUNK)
+                    n = len(chunk)
+                if not n:
+                    break
                 hasher.update(chunk)
-                seen += len(chunk)
+                seen += n
                 if size is not None and seen > size:
                     raise DigestMismatchError(f"blob {name} is larger than its declared size {size}")
-                out.write(chunk)
-            out.flush()
+                while chunk:
+                    written = out.write(chunk)
+                    chunk = memoryview(chunk)[written or 0:]
             os.fchmod(out.fileno(), 0o644)
             os.fsync(out.fileno())
         if size is not None and seen != size:
@@ -444,6 +460,28 @@ class ImageStore:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
         return removed
+
+    def check(self) -> builtins.list[str]:
+        """Verify every blob against its digest and every indexed image for completeness; one line
+        per problem found (empty when the store is consistent)."""
+        self.init()
+        problems: builtins.list[str] = []
+        for blob in sorted(self._blobs.iterdir()):
+            digest = "sha256:" + blob.name
+            try:
+                with self.open_blob(digest) as reader:
+                    while reader.read(_CHUNK):
+                        pass
+            except (ImageError, NotFoundError) as exc:
+                problems.append(f"corrupt blob {digest}: {exc}")
+            except OSError as exc:
+                problems.append(f"unreadable blob {digest}: {exc}")
+        for digest, refs in self._groups().items():
+            try:
+                self._check_complete(digest)
+            except (ImageError, NotFoundError) as exc:
+                problems.append(f"image {', '.join(refs) or digest}: {exc}")
+        return problems
 
     def _mark(self, digest: str, media_type: str, reachable: set[str]) -> None:
         if digest in reachable or not self.has_blob(digest):

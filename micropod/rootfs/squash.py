@@ -8,6 +8,7 @@ place under a per-image lock, so concurrent runs build once and nobody sees a pa
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import tempfile
@@ -26,6 +27,7 @@ from micropod.rootfs.flatten import FlattenStats, flatten_image
 COMPRESSOR = "zstd"
 COMPRESSOR_OPTIONS = "level=3"
 BUILD_TIMEOUT = 3600.0
+PIPE_SIZE = 1 << 20
 
 
 def tar2sqfs_argv(dest: Path, *, compressor: str = COMPRESSOR,
@@ -52,6 +54,8 @@ def build_squashfs(image: Image, dest: Path, *, compressor: str = COMPRESSOR,
         child = proc.spawn(tar2sqfs_argv(dest, compressor=compressor, options=options),
                            stdin=subprocess.PIPE, stdout=errors, stderr=errors)
         assert child.stdin is not None
+        with contextlib.suppress(OSError, AttributeError):  # fewer wake-ups of both sides; Linux only
+            fcntl.fcntl(child.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         try:
             try:
                 stats = flatten_image(image, child.stdin)

@@ -1,0 +1,47 @@
+"""Exec latency: `micropod exec ID true` into a running VM against `micropod run --rm hello true`,
+both measured in the same run with the same state root.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.timing import median_of, time_command
+
+RUNS = int(os.environ.get("BENCH_RUNS", "7"))
+
+
+def run() -> dict[str, Any]:
+    import subprocess
+
+    from micropod.image.demo import build_demo_image
+
+    with tempfile.TemporaryDirectory(prefix="micropod-bench-exec-") as tmp:
+        env = dict(os.environ, MICROPOD_ROOT=str(Path(tmp) / "root"), MICROPOD_SNAPSHOT_DIR=str(Path(tmp) / "snap"))
+        cli = [sys.executable, "-m", "micropod"]
+        archive = build_demo_image(Path(tmp) / "hello.oci.tar")
+        time_command([*cli, "load", "-q", "-i", str(archive)], env)
+        run_true = [*cli, "run", "--rm", "hello", "true"]
+        time_command(run_true, env)  # builds the rootfs and the boot snapshot once
+        time_command([*cli, "run", "-d", "--name", "bench-exec", "hello", "sleep", "3600"], env)
+        try:
+            exec_true = [*cli, "exec", "bench-exec", "true"]
+            time_command(exec_true, env)
+            exec_median, exec_samples = median_of(RUNS, exec_true, env)
+            run_median, run_samples = median_of(RUNS, run_true, env)
+        finally:
+            subprocess.run([*cli, "rm", "-f", "bench-exec"], env=env, capture_output=True, timeout=120)
+    return {
+        "runs": RUNS,
+        "micropod_exec_median_s": round(exec_median, 3),
+        "micropod_run_median_s": round(run_median, 3),
+        "ratio": round(exec_median / run_median, 3),
+        "samples": {
+            "micropod_exec": [round(s, 3) for s in exec_samples],
+            "micropod_run": [round(s, 3) for s in run_samples],
+        },
+    }

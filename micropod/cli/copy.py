@@ -1,0 +1,175 @@
+"""`cp` between the host and a container, as tar streams through its monitor and agent.
+
+A stopped container's VM is booted for the copy in maintenance mode (its disks mounted by the agent as
+for a run, no process started) and powered off cleanly afterwards, so the overlay is read and written
+exactly as the container sees it.
+
+`micropod cp C:/path DEST` and `micropod cp SRC C:/path` follow docker's rules: into an existing
+directory the copy keeps its name, otherwise it takes the destination's. Paths inside the container
+are resolved within its root by the agent (see micropod/agent/archive.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from micropod.context import Context
+from micropod.errors import ConflictError, MicropodError, NotFoundError, UsageError
+from micropod.monitorclient import MonitorClient
+from micropod.state import VmRecord
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def split_container_path(arg: str) -> tuple[str, str] | None:
+    """``C:/path`` -> (C, /path); a host path (with no colon before its first slash) -> None."""
+    head, sep, tail = arg.partition(":")
+    if not sep or "/" in head or not head:
+        return None
+    return head, tail or "/"
+
+
+@contextlib.contextmanager
+def connected(ctx: Context, ident: str) -> Iterator[MonitorClient]:
+    """The monitor of a running container, or a stopped one's VM booted for the copy and powered off after."""
+    ctx.state.reconcile()
+    record = ctx.state.find(ident)
+    if record.status == "running":
+        try:
+            client = MonitorClient.connect(ctx.root.vm(record.id))
+        except MicropodError:
+            raise ConflictError(f"container {record.name} is not running") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    with maintenance(ctx, record) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def maintenance(ctx: Context, record: VmRecord) -> Iterator[MonitorClient]:
+    """Boot a stopped container's VM with its disks mounted and nothing started; its record shows
+    "created" meanwhile (so start and rm wait), and gets its old status back afterwards."""
+    from micropod import containers
+    from micropod.runconfig import RunConfig
+
+    if record.status not in ("exited", "dead"):
+        raise ConflictError(f"container {record.name} is {record.status}; try again once it has started")
+    cfg = RunConfig.load(ctx.root.vm(record.id).config)
+    if not ctx.state.update_if(record.id, ("exited", "dead"), status="created"):
+        raise ConflictError(f"container {record.name} is being started or removed by another command")
+    client: MonitorClient | None = None
+    try:
+        client = containers.start(ctx, cfg, attach=True, maintenance=True)
+        assert client is not None
+        message = client.follow(until="started", timeout=cfg.boot_timeout + 60)
+        if message["op"] != "started":
+            raise MicropodError(message.get("error") or "the stopped container's VM did not boot for the copy")
+        yield client
+        with contextlib.suppress(MicropodError):
+            client.request("shutdown")
+            client.follow(timeout=containers.STOP_GRACE)
+    finally:
+        if client is not None:
+            client.close()
+        ctx.state.update_if(record.id, ("created",), status=record.status, exit_code=record.exit_code,
+                            error=record.error, finished=record.finished)
+
+
+def _finish(message: dict[str, Any]) -> None:
+    if message["op"] == "exit":
+        raise ConflictError("the container stopped during the copy")
+    if message.get("error") or int(message.get("code", 1)) != 0:
+        raise MicropodError(str(message.get("error") or "the copy failed"))
+
+
+def copy_out(ctx: Context, ident: str, path: str, dest: Path) -> None:
+    parent = dest.parent if not dest.is_dir() else dest
+    if not parent.is_dir():
+        raise NotFoundError(f"destination directory {parent} does not exist")
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".micropod-cp-") as tmp:
+        archive = Path(tmp) / "copy.tar"
+        with connected(ctx, ident) as client, archive.open("wb") as out:
+            def sink(_stream: int, data: bytes) -> None:
+                out.write(data)
+
+            client.request("cp-get", path=path)
+            message = client.interact(sink, until=("exec-exit",))
+        _finish(message)
+        unpacked = Path(tmp) / "out"
+        unpacked.mkdir()
+        with tarfile.open(archive) as tar:
+            tar.extractall(unpacked, filter="tar")
+        [top] = list(unpacked.iterdir())
+        target = dest / top.name if dest.is_dir() else dest
+        if target.is_dir() and not top.is_dir():
+            raise ConflictError(f"cannot overwrite directory {target} with a non-directory")
+        if target.is_dir():
+            shutil.copytree(top, target, symlinks=True, dirs_exist_ok=True)
+        else:
+            os.replace(top, target)
+
+
+def copy_in(ctx: Context, src: Path, ident: str, path: str) -> None:
+    if not src.exists() and not src.is_symlink():
+        raise NotFoundError(f"could not find the file {src} on the host")
+    with connected(ctx, ident) as client:
+        client.request("cp-put", path=path)
+        message = client.interact(lambda *_: None, until=("exec-started", "exec-exit"))
+        if message["op"] == "exec-started":
+            writer = _StdinWriter(client)
+            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                tar.add(src, arcname=src.name if src.name not in ("", ".", "..") else src.resolve().name)
+            client.channel.send_eof(0)
+            message = client.interact(lambda *_: None, until=("exec-exit",))
+    _finish(message)
+
+
+class _StdinWriter:
+    def __init__(self, client: MonitorClient) -> None:
+        self.client = client
+
+    def write(self, data: bytes) -> int:
+        if data:
+            self.client.channel.send_data(0, bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+@click.command()
+@click.argument("source")
+@click.argument("destination")
+@pass_ctx
+def cp(ctx: Context, source: str, destination: str) -> None:
+    """Copy files between a container (running or stopped) and the host (C:/path DEST, or SRC C:/path)."""
+    src, dst = split_container_path(source), split_container_path(destination)
+    if src and dst:
+        raise UsageError("copying between containers is not supported")
+    if not src and not dst:
+        raise UsageError("one of the paths must name a container: CONTAINER:PATH")
+    if src:
+        if destination == "-":
+            raise UsageError("copying to stdout (-) is not supported yet")
+        copy_out(ctx, src[0], src[1], Path(destination))
+    elif dst:
+        if source == "-":
+            raise UsageError("copying from stdin (-) is not supported yet")
+        copy_in(ctx, Path(source), dst[0], dst[1])
+    sys.stdout.flush()
+
+
+COMMANDS = [cp]
