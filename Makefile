@@ -46,8 +46,10 @@ e2e: setup
 test: setup lint
 	$(BIN)/pytest -q -ra
 
-bench: setup
-	$(BIN)/python -m bench
+# stdout is the JSON document alone; setup chatter goes to stderr.
+bench:
+	@$(MAKE) --no-print-directory setup >&2
+	@$(BIN)/python -m bench
 
 clean:
 	rm -rf out build .pytest_cache .mypy_cache .ruff_cache
