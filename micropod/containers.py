@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import sys
@@ -29,7 +30,7 @@ from micropod.runconfig import (
     merge_env,
     parse_signal,
 )
-from micropod.state import ACTIVE, VmRecord
+from micropod.state import ACTIVE, VmRecord, name_in_use
 
 STOP_GRACE = 30.0
 
@@ -62,9 +63,8 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
     from micropod.vmm.factory import check_available, resolve_backend
 
     name = check_name(req.name) if req.name else generated_name()
-    if ctx.state.name_taken(name):
-        raise ConflictError(f'the container name "/{name}" is already in use; '
-                            "remove it or choose another name")
+    if ctx.state.name_taken(name):  # fail before pulling or building anything; insert() catches a race
+        raise name_in_use(name)
     try:
         image = ctx.images.resolve(req.image)
     except NotFoundError:
@@ -141,11 +141,8 @@ def start(ctx: Context, cfg: RunConfig, attach: bool, maintenance: bool = False)
 
 
 def _monitor_env() -> dict[str, str]:
-    import os
-
-    keep = ("MICROPOD_CACHE", "MICROPOD_ACCEL", "MICROPOD_QEMU", "MICROPOD_FIRECRACKER", "MICROPOD_JAILER",
-            "MICROPOD_SNAPSHOTS", "MICROPOD_SNAPSHOT_DIR", "PYTHONPATH")
-    return {k: os.environ[k] for k in keep if k in os.environ}
+    """micropod's own settings follow the monitor; proc.spawn's minimal environment drops the rest."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MICROPOD_") or k == "PYTHONPATH"}
 
 
 def is_active(record: VmRecord) -> bool:

@@ -610,7 +610,7 @@ class Monitor:
             self._drop_client(fd)
 
     def _console_tail(self) -> str:
-        return log_tail(self.vm_dir.console_log)
+        return log_tail(self.vm_dir.console_log) or "(no output)"
 
     def _install_signals(self) -> None:
         self._wake_w.setblocking(False)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from micropod.errors import UsageError
+from micropod.fsutil import atomic_write
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -97,9 +98,7 @@ class RunConfig:
 
     def dump(self, path: Path) -> None:
         """Write atomically: a reader never sees half a config."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(asdict(self), indent=1).encode())
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:

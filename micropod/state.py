@@ -145,10 +145,7 @@ class StateStore:
                 )
         except sqlite3.IntegrityError as exc:
             if "name" in str(exc):
-                raise ConflictError(
-                    f'the container name "/{record.name}" is already in use; '
-                    "remove it or choose another name"
-                ) from exc
+                raise name_in_use(record.name) from exc
             raise StateError(f"cannot record VM {record.id}: {exc}") from exc
 
     def update(self, vm_id: str, **changes: Any) -> None:
@@ -220,6 +217,10 @@ class StateStore:
             if changed:
                 record.status = "dead"
         return self.all()
+
+
+def name_in_use(name: str) -> ConflictError:
+    return ConflictError(f'the container name "/{name}" is already in use; remove it or choose another name')
 
 
 def _alive(ref: ProcessRef | None) -> bool:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from micropod.fsutil import atomic_write
 from micropod.image.digest import digest_hex, sha256_digest
-from micropod.image.fsutil import atomic_write
 from micropod.image.model import (
     OCI_CONFIG,
     OCI_INDEX,

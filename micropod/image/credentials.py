@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from micropod.errors import UsageError
-from micropod.image.fsutil import atomic_write, flock
+from micropod.fsutil import atomic_write, flock
 from micropod.image.reference import DEFAULT_DOMAIN
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from micropod.errors import ConflictError, DigestMismatchError, ImageError, NotFoundError, UsageError
+from micropod.fsutil import atomic_write, flock, fsync_dir
 from micropod.image.digest import VerifyingReader, check_digest, digest_hex, sha256_digest
-from micropod.image.fsutil import atomic_write, flock, fsync_dir
 from micropod.image.model import (
     INDEX_TYPES,
     OCI_INDEX,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from micropod import proc
 from micropod.errors import CommandError, RootfsError
-from micropod.image.fsutil import flock, fsync_dir
+from micropod.fsutil import flock, fsync_dir
 from micropod.image.model import Image
 from micropod.image.store import ImageStore, StoredImage
 from micropod.paths import StateRoot

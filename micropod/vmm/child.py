@@ -15,18 +15,27 @@ from micropod.errors import BootError
 T = TypeVar("T")
 
 
+TAIL_BYTES = 16384
+
+
 def log_tail(path: Path, lines: int = 25) -> str:
+    """The last non-blank lines of a log, reading only its end; "" if there is none."""
     try:
-        data = path.read_bytes()[-16384:]
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+            data = f.read()
     except OSError:
-        return "(no output)"
+        return ""
     text = data.decode(errors="replace").replace("\r", "")
-    tail = [line for line in text.splitlines() if line.strip()][-lines:]
-    return "\n".join(tail) or "(no output)"
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def _tails(logs: tuple[Path, ...]) -> str:
+    return "\n".join(f"--- {log.name} ---\n{log_tail(log) or '(no output)'}" for log in logs)
 
 
 def died_error(what: str, proc: subprocess.Popen[bytes], *logs: Path) -> BootError:
-    tails = "\n".join(f"--- {log.name} ---\n{log_tail(log)}" for log in logs)
+    tails = _tails(logs)
     return BootError(f"{what} exited with code {proc.returncode} before the guest came up:\n{tails}")
 
 
@@ -48,7 +57,7 @@ def wait_until(
         if proc.poll() is not None:
             raise died_error(what, proc, *logs)
         if time.monotonic() >= deadline:
-            tails = "\n".join(f"--- {log.name} ---\n{log_tail(log)}" for log in logs)
+            tails = _tails(logs)
             raise BootError(f"timed out after {timeout:.0f}s waiting for {what}:\n{tails}")
         time.sleep(interval)
         interval = min(interval * 2, 0.05)

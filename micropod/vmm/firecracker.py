@@ -24,6 +24,7 @@ from micropod.unixsock import SocketDir
 from micropod.vmm import firecracker_api as api
 from micropod.vmm.base import AGENT_VSOCK_PORT, GUEST_CID, VmSpec
 from micropod.vmm.binaries import find_firecracker, find_jailer
+from micropod.vmm.child import log_tail
 
 API_SOCK = "api.sock"
 VSOCK_SOCK = "vsock.sock"
@@ -33,7 +34,6 @@ KERNEL_IN_JAIL = "vmlinux"
 
 API_SOCKET_TIMEOUT = 10.0
 KILL_TIMEOUT = 10.0
-_TAIL_BYTES = 16 * 1024
 
 
 
@@ -131,14 +131,6 @@ def apply_config(client: api.FirecrackerClient, config: FirecrackerConfig) -> No
     client.put_vsock(config.vsock)
     client.put_entropy(config.entropy)
 
-
-def file_tail(path: Path, lines: int = 20) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES))
-            return proc.stderr_tail(f.read(), lines)
-    except OSError:
-        return ""
 
 
 def _backoff(first: float = 0.005, limit: float = 0.2) -> Iterator[float]:
@@ -356,10 +348,10 @@ class FirecrackerVmm:
 
     def _tails(self) -> str:
         parts = []
-        console = file_tail(self.spec.console_log)
+        console = log_tail(self.spec.console_log)
         if console:
             parts.append(f"\n--- console ({self.spec.console_log}) ---\n{console}")
-        log = file_tail(self.vmm_log)
+        log = log_tail(self.vmm_log)
         if log:
             parts.append(f"\n--- firecracker log ({self.vmm_log}) ---\n{log}")
         return "".join(parts)

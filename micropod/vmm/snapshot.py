@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from micropod.agent import protocol
 from micropod.errors import BootError, MicropodError, VmmError
-from micropod.image.fsutil import flock
+from micropod.fsutil import flock
 from micropod.paths import CacheRoot
 from micropod.unixsock import SocketDir
 from micropod.vmm.base import Drive, VmSpec
