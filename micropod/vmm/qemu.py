@@ -154,7 +154,10 @@ class QemuVmm:
                          logs=(self.layout.vmm_log,))
         try:
             def loaded() -> str | None:
-                status = str(qmp.execute("query-status")["status"])
+                reply = qmp.execute("query-status")
+                if not isinstance(reply, dict) or "status" not in reply:
+                    raise BootError(f"QMP query-status answered {reply!r} while restoring the snapshot")
+                status = str(reply["status"])
                 return None if status == "inmigrate" else status
 
             status = wait_until(loaded, proc=child, timeout=60, what="QEMU to load the snapshot",
@@ -162,6 +165,9 @@ class QemuVmm:
             if status != "paused":
                 raise BootError(f"QEMU restored the snapshot into state {status!r}")
             qmp.execute("cont")
+        except (OSError, VmmError) as exc:
+            # Every failure here must be a BootError: the monitor then drops the snapshot and boots cold.
+            raise BootError(f"resuming the snapshot failed: {exc}") from exc
         finally:
             qmp.close()
 
