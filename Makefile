@@ -30,8 +30,9 @@ demo-image: venv
 	$(BIN)/python -m micropod.image.demo out/hello.oci.tar
 	$(BIN)/micropod load -q -i out/hello.oci.tar
 
+# --network none: the demo leaves the host's network (bridge, firewall) untouched.
 demo: setup demo-image
-	$(BIN)/micropod run --rm hello
+	$(BIN)/micropod run --rm --network none hello
 
 lint: venv
 	$(BIN)/ruff check micropod tests bench

@@ -26,7 +26,8 @@ def run() -> dict[str, Any]:
 
     guest = locate()
     with tempfile.TemporaryDirectory(prefix="micropod-bench-") as tmp:
-        env = dict(os.environ, MICROPOD_ROOT=str(Path(tmp) / "root"), MICROPOD_SNAPSHOT_DIR=str(Path(tmp) / "snap"))
+        env = dict(os.environ, MICROPOD_ROOT=str(Path(tmp) / "root"), MICROPOD_SNAPSHOT_DIR=str(Path(tmp) / "snap"),
+                   MICROPOD_NETWORK="none")
         cold_env = dict(env, MICROPOD_SNAPSHOTS="0")
         cli = [sys.executable, "-m", "micropod"]
         run_true = [*cli, "run", "--rm", "hello", "true"]

@@ -21,7 +21,8 @@ def run() -> dict[str, Any]:
     from micropod.image.demo import build_demo_image
 
     with tempfile.TemporaryDirectory(prefix="micropod-bench-exec-") as tmp:
-        env = dict(os.environ, MICROPOD_ROOT=str(Path(tmp) / "root"), MICROPOD_SNAPSHOT_DIR=str(Path(tmp) / "snap"))
+        env = dict(os.environ, MICROPOD_ROOT=str(Path(tmp) / "root"), MICROPOD_SNAPSHOT_DIR=str(Path(tmp) / "snap"),
+                   MICROPOD_NETWORK="none")
         cli = [sys.executable, "-m", "micropod"]
         archive = build_demo_image(Path(tmp) / "hello.oci.tar")
         time_command([*cli, "load", "-q", "-i", str(archive)], env)

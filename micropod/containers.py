@@ -21,6 +21,8 @@ from micropod.errors import ConflictError, MicropodError, NotFoundError
 from micropod.liveness import ProcessRef
 from micropod.monitorclient import MonitorClient, Outcome, outcome
 from micropod.names import check_name, generated_name, new_vm_id
+from micropod.net import lifecycle as networking
+from micropod.net.dns import hosts_file
 from micropod.runconfig import (
     ContainerSpec,
     LogOptions,
@@ -54,6 +56,9 @@ class RunRequest:
     tty: bool = False
     log: LogOptions = field(default_factory=LogOptions)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    network: str | None = None  # "bridge" or "none"; None: MICROPOD_NETWORK, else bridge
+    publish: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
 
 
 def create(ctx: Context, req: RunRequest) -> RunConfig:
@@ -65,6 +70,7 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
     name = check_name(req.name) if req.name else generated_name()
     if ctx.state.name_taken(name):  # fail before pulling or building anything; insert() catches a race
         raise name_in_use(name)
+    plan = networking.plan(ctx, req.network, req.publish, req.dns)
     try:
         image = ctx.images.resolve(req.image)
     except NotFoundError:
@@ -79,32 +85,36 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
     vm_id = new_vm_id()
     hostname = req.hostname or vm_id[:12]
     rootfs = ensure_rootfs(ctx.root, ctx.images, image)
-    spec = ContainerSpec(
-        args=command,
-        env=merge_env(config.env, req.env, hostname),
-        cwd=req.workdir or config.working_dir or "/",
-        user=req.user if req.user is not None else config.user,
-        hostname=hostname,
-        stdin=req.stdin,
-        tty=req.tty,
-    )
-    cfg = RunConfig(
-        vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,
-        kernel=str(guest.kernel), system=str(guest.system), rootfs=str(rootfs),
-        vcpus=req.vcpus, memory_mib=req.memory_mib, container=spec, auto_remove=req.auto_remove,
-        stop_signal=parse_signal(config.stop_signal), boot_timeout=req.boot_timeout, log=req.log,
-        restart=req.restart,
-    )
     ctx.state.insert(VmRecord(
         id=vm_id, name=name, image=req.image, image_id=image.id, command=json.dumps(list(command)),
         created=time.time(), status="created", auto_remove=int(req.auto_remove), backend=backend,
     ))
     vm_dir = ctx.root.vm(vm_id)
     try:
+        network = networking.lease(ctx, plan, vm_id)
+        spec = ContainerSpec(
+            args=command,
+            env=merge_env(config.env, req.env, hostname),
+            cwd=req.workdir or config.working_dir or "/",
+            user=req.user if req.user is not None else config.user,
+            hostname=hostname,
+            stdin=req.stdin,
+            tty=req.tty,
+            hosts=hosts_file(hostname, network.ip or None),
+            resolv_conf=plan.resolv_conf,
+        )
+        cfg = RunConfig(
+            vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,
+            kernel=str(guest.kernel), system=str(guest.system), rootfs=str(rootfs),
+            vcpus=req.vcpus, memory_mib=req.memory_mib, container=spec, auto_remove=req.auto_remove,
+            stop_signal=parse_signal(config.stop_signal), boot_timeout=req.boot_timeout, log=req.log,
+            restart=req.restart, network=network,
+        )
         vm_dir.path.mkdir(parents=True)
         cfg.dump(vm_dir.config)
     except BaseException:
         shutil.rmtree(vm_dir.path, ignore_errors=True)
+        networking.release(ctx, vm_id)
         ctx.state.delete(vm_id)
         raise
     return cfg
@@ -214,6 +224,8 @@ def remove(ctx: Context, record: VmRecord, force: bool) -> None:
             )
         kill_and_wait(ctx, record)
     vm_dir = ctx.root.vm(record.id)
+    networking.teardown(ctx, record.id)
+    networking.release(ctx, record.id)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(vm_dir.path)
     ctx.state.delete(record.id)

@@ -63,6 +63,10 @@ class GuestMissingError(MicropodError):
     """The guest kernel or system image has not been built."""
 
 
+class NetworkError(MicropodError):
+    """Setting up or tearing down VM networking (bridge, TAP, nftables) failed."""
+
+
 class VmmError(MicropodError):
     """The VMM could not be found, configured or controlled."""
 

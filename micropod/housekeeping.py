@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from micropod.context import Context
+from micropod.net.lifecycle import reconcile
 from micropod.runconfig import RunConfig
 from micropod.state import ACTIVE
 
@@ -48,7 +49,7 @@ def rootfs_in_use(ctx: Context) -> set[Path]:
 
 
 def disk_usage(ctx: Context) -> list[Usage]:
-    records = ctx.state.reconcile()
+    records = reconcile(ctx)
     running = [r for r in records if r.status in ACTIVE]
     container_sizes = {r.id: allocated(ctx.root.vm(r.id).path) for r in records}
     stopped_size = sum(size for vm_id, size in container_sizes.items() if vm_id not in {r.id for r in running})
@@ -85,7 +86,7 @@ def prune(ctx: Context) -> Pruned:
 
     removed: list[str] = []
     reclaimed = 0
-    for record in ctx.state.reconcile():
+    for record in reconcile(ctx):
         if record.status in ACTIVE:
             continue
         reclaimed += allocated(ctx.root.vm(record.id).path)

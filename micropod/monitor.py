@@ -29,6 +29,7 @@ from micropod.channel import AgentLink, Frame, FramedSocket, decode
 from micropod.containerlog import ContainerLog
 from micropod.errors import AgentError, BootError, ContainerCommandError, MicropodError, TimeoutExpired
 from micropod.liveness import ProcessRef
+from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
 from micropod.runconfig import RunConfig, restart_backoff
 from micropod.state import StateStore
@@ -79,6 +80,7 @@ class Monitor:
         self.user_stopped = False
         self.restarts = 0
         self.backoff_step = 0
+        self.net_attached = False
         self.log = ContainerLog(self.vm_dir.container_log, self.cfg.log.max_size, self.cfg.log.max_files)
         self.listener: socket.socket | None = None
         self.sessions: dict[int, Session] = {}
@@ -178,7 +180,12 @@ class Monitor:
         if not self.vm_dir.upper.exists():
             create_upper(self.vm_dir.upper, self.cfg.upper_size)
         log.debug("phase: upper disk ready")
-        spec = build_spec(self.cfg, self.vm_dir)
+        network = self.cfg.network
+        if network.enabled and not self.maintenance and not self.net_attached:
+            lifecycle.attach(self.root, self.cfg.vm_id, network)
+            self.net_attached = True
+            log.debug("phase: network attached (%s on %s)", network.tap, network.bridge)
+        spec = build_spec(self.cfg, self.vm_dir, with_network=self.net_attached)
         deadline = time.monotonic() + self.cfg.boot_timeout
         try:
             self._launch(spec, deadline, warm=True)
@@ -192,6 +199,9 @@ class Monitor:
             snapshot.invalidate(getattr(vmm, "snapshot", None))
             self._launch(spec, time.monotonic() + self.cfg.boot_timeout, warm=False)
         assert self.link is not None
+        if self.net_attached:
+            self._expect_ok(self.link.request("network", deadline, self.vmm_fd,
+                                              **lifecycle.agent_request(network)), "network")
         rootfs = {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)}
         self._expect_ok(self.link.request("create", deadline, self.vmm_fd, id=MAIN,
                                           spec=self.cfg.container.to_agent(rootfs)), "create")
@@ -597,10 +607,13 @@ class Monitor:
         for path in (self.vm_dir.monitor_sock, self.vm_dir.agent_sock, self.vm_dir.qmp_sock,
                      self.vm_dir.api_sock, self.vm_dir.vsock):
             path.unlink(missing_ok=True)
+        self._detach_network()
         if self.maintenance:
             pass
         elif self.cfg.auto_remove:
             shutil.rmtree(self.vm_dir.path, ignore_errors=True)
+            if self.cfg.network.enabled:
+                lifecycle.release_lease(self.root, self.cfg.vm_id)
             self.store.delete(self.cfg.vm_id)
         else:
             self.store.update(self.cfg.vm_id, status="exited", exit_code=code, error=self.error,
@@ -608,6 +621,17 @@ class Monitor:
         self._broadcast({"op": "exit", "code": code, "error": self.error}, only_attached=False)
         for fd in list(self.clients):
             self._drop_client(fd)
+
+    def _detach_network(self) -> None:
+        if not self.net_attached:
+            return
+        try:
+            lifecycle.detach(self.root, self.cfg.vm_id, self.cfg.network)
+        except MicropodError as exc:
+            # reconciliation retries it; the exit must still be recorded
+            log.error("tearing down the VM's network failed: %s", exc)
+            self._set_exit(125, f"tearing down the VM's network failed: {exc}")
+        self.net_attached = False
 
     def _console_tail(self) -> str:
         return log_tail(self.vm_dir.console_log) or "(no output)"

@@ -14,6 +14,7 @@ from typing import Any
 
 from micropod.errors import UsageError
 from micropod.fsutil import atomic_write
+from micropod.net.ports import PortMapping
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -29,6 +30,8 @@ class ContainerSpec:
     hostname: str = ""
     tty: bool = False
     stdin: bool = False
+    hosts: str | None = None
+    resolv_conf: str | None = None
 
     def to_agent(self, rootfs: dict[str, str]) -> dict[str, Any]:
         spec = asdict(self)
@@ -36,6 +39,28 @@ class ContainerSpec:
         spec["env"] = list(self.env)
         spec["rootfs"] = rootfs
         return spec
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """A VM's place on the host network: ``mode`` "bridge" (one NIC on ``bridge``) or "none" (no NIC)."""
+
+    mode: str = "none"
+    bridge: str = ""
+    subnet: str = ""
+    ip: str = ""
+    mac: str = ""
+    tap: str = ""
+    ports: tuple[PortMapping, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "bridge"
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> NetworkSettings:
+        ports = tuple(PortMapping(**p) for p in raw.pop("ports", ()))
+        return cls(ports=ports, **raw)
 
 
 @dataclass(frozen=True)
@@ -95,6 +120,7 @@ class RunConfig:
     labels: dict[str, str] = field(default_factory=dict)
     log: LogOptions = field(default_factory=LogOptions)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
 
     def dump(self, path: Path) -> None:
         """Write atomically: a reader never sees half a config."""
@@ -108,7 +134,8 @@ class RunConfig:
         container["env"] = tuple(container["env"])
         log = LogOptions(**raw.pop("log", {}))
         restart = RestartPolicy(**raw.pop("restart", {}))
-        return cls(container=ContainerSpec(**container), log=log, restart=restart, **raw)
+        network = NetworkSettings.from_json(raw.pop("network", {}))
+        return cls(container=ContainerSpec(**container), log=log, restart=restart, network=network, **raw)
 
 
 def merge_command(

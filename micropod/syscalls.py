@@ -160,3 +160,20 @@ def add_entropy(seed: bytes) -> None:
         raise OSError(exc.errno, f"ioctl(RNDADDENTROPY) on /dev/urandom: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+# <linux/if_tun.h>
+TUNSETIFF, TUNSETPERSIST = 0x400454CA, 0x400454CB
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+def create_persistent_tap(name: str) -> None:
+    """A TAP device that outlives this process, for a VMM to open by name later."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+    except OSError as exc:
+        raise OSError(exc.errno, f"ioctl(TUNSETIFF) for {name}: {exc.strerror}") from None
+    finally:
+        os.close(fd)

@@ -39,16 +39,25 @@ def require_guest() -> None:
 
 @dataclass
 class Cli:
+    """micropod as a subprocess. Without ``netns`` its VMs get no NIC: tests never touch the machine's
+    own network namespace; with it, micropod runs inside that (test-made) namespace."""
+
     root: Path
+    netns: str | None = None
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["MICROPOD_ROOT"] = str(self.root)
         env.pop("MICROPOD_DEBUG", None)
+        if self.netns is None:
+            env["MICROPOD_NETWORK"] = "none"
+        else:
+            env.pop("MICROPOD_NETWORK", None)
         return env
 
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "micropod", *args]
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return [*prefix, sys.executable, "-m", "micropod", *args]
 
     def __call__(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(*args), env=self.env(), capture_output=True, text=True, timeout=timeout)

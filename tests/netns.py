@@ -15,14 +15,12 @@ CLONE_NEWNET = 0x40000000
 
 
 def _child(body: Callable[..., Any], args: tuple[Any, ...], conn: Any) -> None:
-    from pyroute2 import IPRoute
-
     from micropod import syscalls
+    from micropod.agent.netconf import loopback_up
 
     try:
         syscalls.unshare(CLONE_NEWNET)
-        with IPRoute() as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        loopback_up()
         conn.send(("ok", body(*args)))
     except BaseException:
         conn.send(("error", traceback.format_exc()))

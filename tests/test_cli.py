@@ -53,7 +53,12 @@ def test_load_images_inspect_rmi(plain: Cli, hello_archive: Path) -> None:
     (["run", "--rm", "nope"], 125, "No such image: nope"),
     (["run", "--rm", "UPPER"], 125, "invalid reference format"),
     (["run", "--memory", "12q", "x"], 125, "--memory"),
-    (["run", "-p", "80:80", "x"], 125, "networking"),
+    (["run", "-p", "80:80:90", "x"], 125, "invalid port spec '80:80:90'"),
+    (["run", "-p", "0:80", "x"], 125, "is not a port number"),
+    (["run", "-p", "80:80/sctp", "x"], 125, "protocol must be tcp or udp"),
+    (["run", "--network", "host", "x"], 125, "invalid --network 'host'"),
+    (["run", "--network", "none", "-p", "80:80", "x"], 125, "--network none has no network"),
+    (["run", "--dns", "dns.google", "x"], 125, "invalid --dns 'dns.google'"),
     (["stop", "-t", "-1", "x"], 125, "negative"),
 ])
 def test_bad_input_is_one_line_without_traceback(plain: Cli, args: list[str], code: int, needle: str) -> None:

@@ -25,7 +25,7 @@ import sys
 import time
 
 from micropod import syscalls
-from micropod.agent import archive, mounts, process, protocol
+from micropod.agent import archive, mounts, netconf, process, protocol
 from micropod.agent import channel as channels
 
 TYPE_CHECKING = False
@@ -148,6 +148,7 @@ class Agent:
             "resize": self.on_resize,
             "shutdown": self.on_shutdown,
             "restore": self.on_restore,
+            "network": self.on_network,
             "stats": self.on_stats,
             "archive-get": self.on_archive_get,
             "archive-put": self.on_archive_put,
@@ -350,6 +351,18 @@ class Agent:
             syscalls.add_entropy(seed)
             time.clock_settime(time.CLOCK_REALTIME, float(message["time"]))
         return {"uptime": time.clock_gettime(time.CLOCK_BOOTTIME)}
+
+    def on_network(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Address the VM's NICs with what the host leased (a restored VM kept the template's view)."""
+        interfaces = message.get("interfaces")
+        if not isinstance(interfaces, list):
+            raise RequestError("network needs a list of interfaces")
+        for interface in interfaces:
+            try:
+                netconf.configure_from(interface)
+            except (KeyError, ValueError, OSError, netconf.NetconfError) as exc:
+                raise RequestError(f"network: {_describe(exc)}") from None
+        return {}
 
     def reply_error(self, req: object, op: str, message: str, code: int) -> None:
         console(f"{op} failed: {message}")
@@ -830,6 +843,10 @@ def boot() -> list[str]:
             mounts.apply([op], [])
         except OSError as exc:
             errors.append(str(exc))
+    try:
+        netconf.loopback_up()
+    except (OSError, netconf.NetconfError) as exc:
+        errors.append(f"loopback: {exc}")
     # The kernel opens /dev/console as fds 0-2 only if it exists when init starts.
     for fd in (0, 1, 2):
         try:

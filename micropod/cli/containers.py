@@ -15,6 +15,7 @@ import click
 from micropod import containers
 from micropod.context import Context
 from micropod.errors import MicropodError, NotFoundError, UsageError
+from micropod.net.lifecycle import reconcile
 from micropod.state import VmRecord
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -35,7 +36,10 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--cpus", default="1", show_default=True, help="Number of vCPUs.")
 @click.option("-m", "--memory", default="256M", show_default=True, help="Memory of the VM (e.g. 256M, 1G).")
 @click.option("--vmm", default="auto", show_default=True, help="VMM backend: auto, qemu or firecracker.")
-@click.option("-p", "--publish", multiple=True, help="Publish a port (needs networking, see README).")
+@click.option("-p", "--publish", multiple=True,
+              help="Publish a port: [hostip:]hostport:guestport[/tcp|udp].")
+@click.option("--network", "--net", "network", help="bridge (default) or none (no NIC at all).")
+@click.option("--dns", multiple=True, help="Nameserver for the guest's /etc/resolv.conf (default: the host's).")
 @click.option("--restart", "restart_policy", default="no", show_default=True,
               help="Restart policy: no, on-failure[:N], always or unless-stopped (the VM is rebooted).")
 @click.option("--log-opt", "log_opts", multiple=True,
@@ -47,8 +51,8 @@ pass_ctx = click.make_pass_decorator(Context)
 def run(ctx: Context, detach: bool, interactive: bool, tty: bool, auto_remove: bool, name: str | None,
         env: tuple[str, ...], env_file: tuple[Path, ...], workdir: str | None, user: str | None, entrypoint: str | None,
         hostname: str | None, cpus: str, memory: str, vmm: str, publish: tuple[str, ...],
-        restart_policy: str, log_opts: tuple[str, ...], boot_timeout: float, image: str,
-        command: tuple[str, ...]) -> None:
+        network: str | None, dns: tuple[str, ...], restart_policy: str, log_opts: tuple[str, ...],
+        boot_timeout: float, image: str, command: tuple[str, ...]) -> None:
     """Run a command in a new container, inside its own microVM."""
     from micropod.cli.interactive import check_tty_input
     from micropod.runconfig import RestartPolicy, parse_env_file, parse_log_opts
@@ -58,14 +62,13 @@ def run(ctx: Context, detach: bool, interactive: bool, tty: bool, auto_remove: b
     policy = RestartPolicy.parse(restart_policy)
     if auto_remove and policy.name != "no":
         raise UsageError("conflicting options: --restart and --rm")
-    if publish:
-        raise UsageError("publishing ports (-p) needs micropod networking, which is not available yet")
     variables = [item for path in env_file for item in parse_env_file(path)] + list(env)
     request = containers.RunRequest(
         image=image, args=command, name=name, auto_remove=auto_remove, env=variables, workdir=workdir,
         user=user, entrypoint=entrypoint, hostname=hostname, vcpus=parse_cpus(cpus),
         memory_mib=parse_memory_mib(memory), backend=vmm, boot_timeout=boot_timeout,
         stdin=interactive, tty=tty, log=parse_log_opts(log_opts), restart=policy,
+        network=network, publish=publish, dns=dns,
     )
     cfg = containers.create(ctx, request)
     client = containers.start(ctx, cfg, attach=True)
@@ -157,11 +160,12 @@ def _command_text(record: VmRecord) -> str:
 @pass_ctx
 def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> None:
     """List containers."""
+    from micropod.cli.network import load_settings, ports_column
     from micropod.cli.output import json_lines, table, truncate
     from micropod.units import human_duration
 
     now = time.time()
-    records = [r for r in ctx.state.reconcile() if show_all or r.status == "running"]
+    records = [r for r in reconcile(ctx) if show_all or r.status == "running"]
     if quiet:
         for record in records:
             click.echo(record.id if no_trunc else record.short_id)
@@ -171,7 +175,8 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> N
             "ID": record.id if no_trunc else record.short_id, "Image": record.image,
             "Command": _command_text(record), "CreatedAt": _iso(record.created),
             "State": record.status, "Status": _status_text(record, now), "Names": record.name,
-            "ExitCode": record.exit_code, "Backend": record.backend, "Ports": "",
+            "ExitCode": record.exit_code, "Backend": record.backend,
+            "Ports": ports_column(load_settings(ctx, record.id)),
             "RestartCount": record.restart_count,
         } for record in records])
         return
@@ -181,7 +186,7 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> N
         f'"{_command_text(record) if no_trunc else truncate(_command_text(record), 20)}"',
         f"{human_duration(now - record.created)} ago",
         _status_text(record, now),
-        "",
+        ports_column(load_settings(ctx, record.id)),
         record.name,
     ] for record in records]
     table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"], rows)
@@ -246,7 +251,7 @@ def kill(ctx: Context, signal_name: str, containers_: tuple[str, ...]) -> None:
 @pass_ctx
 def rm(ctx: Context, force: bool, containers_: tuple[str, ...]) -> None:
     """Remove containers and everything they keep on the host."""
-    ctx.state.reconcile()
+    reconcile(ctx)
 
     def action(record: VmRecord, ident: str) -> None:
         containers.remove(ctx, record, force)
@@ -323,18 +328,20 @@ def wait(ctx: Context, containers_: tuple[str, ...]) -> None:
                 client.request("wait")
                 client.follow()
                 client.close()
-        final = ctx.state.reconcile() and ctx.state.get(record.id)
+        final = reconcile(ctx) and ctx.state.get(record.id)
         click.echo(final.exit_code if final and final.exit_code is not None else -1)
 
 
 def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
-    from micropod.runconfig import RunConfig
+    from micropod.cli.network import network_inspect
+    from micropod.runconfig import NetworkSettings, RunConfig
 
     vm_dir = ctx.root.vm(record.id)
     cfg: RunConfig | None = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         cfg = RunConfig.load(vm_dir.config)
     vmm = record.vmm
+    network = network_inspect(cfg.network if cfg else NetworkSettings())
     return {
         "Id": record.id,
         "Created": _iso(record.created),
@@ -371,7 +378,10 @@ def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
                 "max-file": str(cfg.log.max_files) if cfg else "1"}},
             "Memory": (cfg.memory_mib << 20) if cfg else 0,
             "NanoCpus": (cfg.vcpus * 10**9) if cfg else 0,
+            "NetworkMode": cfg.network.mode if cfg else "none",
+            "PortBindings": network["Ports"],
         },
+        "NetworkSettings": network,
         "VM": {
             "Backend": record.backend,
             "Vcpus": cfg.vcpus if cfg else 0,
@@ -392,7 +402,7 @@ def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
 @pass_ctx
 def start(ctx: Context, attach_output: bool, containers_: tuple[str, ...]) -> None:
     """Start stopped containers: each VM boots again with its writable layer kept."""
-    ctx.state.reconcile()
+    reconcile(ctx)
     if attach_output and len(containers_) != 1:
         raise UsageError("you cannot start and attach multiple containers at once")
 
@@ -428,7 +438,7 @@ def restart(ctx: Context, timeout: int, containers_: tuple[str, ...]) -> None:
 
     def action(record: VmRecord, ident: str) -> None:
         containers.stop(ctx, record, float(timeout))
-        fresh = ctx.state.reconcile() and ctx.state.find(record.id)
+        fresh = reconcile(ctx) and ctx.state.find(record.id)
         assert fresh
         client = containers.start_existing(ctx, fresh)
         message = client.follow(until="started", timeout=record_timeout(ctx, record))

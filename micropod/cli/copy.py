@@ -26,6 +26,7 @@ import click
 from micropod.context import Context
 from micropod.errors import ConflictError, MicropodError, NotFoundError, UsageError
 from micropod.monitorclient import MonitorClient
+from micropod.net.lifecycle import reconcile
 from micropod.state import VmRecord
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -42,7 +43,7 @@ def split_container_path(arg: str) -> tuple[str, str] | None:
 @contextlib.contextmanager
 def connected(ctx: Context, ident: str) -> Iterator[MonitorClient]:
     """The monitor of a running container, or a stopped one's VM booted for the copy and powered off after."""
-    ctx.state.reconcile()
+    reconcile(ctx)
     record = ctx.state.find(ident)
     if record.status == "running":
         try:

@@ -16,6 +16,7 @@ import click
 from micropod.context import Context
 from micropod.errors import MicropodError
 from micropod.monitorclient import MonitorClient
+from micropod.net.lifecycle import reconcile
 from micropod.state import VmRecord
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -77,7 +78,7 @@ def stats(ctx: Context, no_stream: bool, fmt: str, containers_: tuple[str, ...])
     from micropod.cli.output import json_lines, table
 
     records = [ctx.state.find(c) for c in containers_] if containers_ else [
-        r for r in ctx.state.reconcile() if r.status == "running"]
+        r for r in reconcile(ctx) if r.status == "running"]
     clients: dict[str, MonitorClient | None] = {}
     for record in records:
         try:

@@ -9,6 +9,7 @@ import click
 
 from micropod.context import Context
 from micropod.errors import MicropodError, NotFoundError
+from micropod.net.lifecycle import reconcile
 
 pass_ctx = click.make_pass_decorator(Context)
 
@@ -26,7 +27,7 @@ def inspect(ctx: Context, kind: str | None, fmt: str, names: tuple[str, ...]) ->
 
     results: list[dict[str, Any]] = []
     missing = []
-    records = ctx.state.reconcile() if kind != "image" else []
+    records = reconcile(ctx) if kind != "image" else []
     del records
     for name in names:
         try:

@@ -47,10 +47,7 @@ class GuestArtefacts:
 
 def agent_sources() -> list[Path]:
     """The package files the guest runs: copied into the system image, and part of its key."""
-    sources = [PACKAGE_DIR / "__init__.py"]
-    syscalls = PACKAGE_DIR / "syscalls.py"
-    if syscalls.exists():
-        sources.append(syscalls)
+    sources = [PACKAGE_DIR / "__init__.py", PACKAGE_DIR / "syscalls.py", PACKAGE_DIR / "netlink.py"]
     sources.extend(sorted((PACKAGE_DIR / "agent").glob("*.py")))
     return sources
 

@@ -1,61 +1,57 @@
-"""The bridge and the per-VM TAP devices, through netlink (pyroute2), never `ip` in the hot path."""
+"""The bridge and the per-VM TAP devices, over rtnetlink (micropod.netlink); never `ip` shell-outs."""
 
 from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
-from micropod.errors import ConflictError, MicropodError
+from micropod import syscalls
+from micropod.errors import ConflictError, NetworkError
 from micropod.net.config import NetworkConfig
+from micropod.netlink import ENODEV, NetlinkError, Rtnl, index_of
 
 
-class NetworkError(MicropodError):
-    """Setting up or tearing down VM networking failed."""
+def _name(index: int) -> str:
+    import socket
+
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return f"interface {index}"
 
 
-def _index(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
-
-
-def check_no_collision(ipr: IPRoute, network: NetworkConfig) -> None:
-    """Refuse a subnet that overlaps an address on another interface of this host (or namespace)."""
-    bridge = _index(ipr, network.bridge)
-    for address in ipr.get_addr(family=2):
-        if address["index"] == bridge:
-            continue
-        cidr = ipaddress.IPv4Interface(f"{address.get_attr('IFA_ADDRESS')}/{address['prefixlen']}")
-        if cidr.network.overlaps(network.subnet) and not cidr.network.is_loopback:
-            name = ipr.get_links(address["index"])[0].get_attr("IFLA_IFNAME")
-            raise ConflictError(f"subnet {network.subnet} collides with {cidr} on {name}; "
+def check_bridge(rtnl: Rtnl, network: NetworkConfig) -> bool:
+    """True if our bridge is already there; a ConflictError if the name or the subnet is someone else's."""
+    bridge = index_of(network.bridge)
+    addresses = rtnl.addresses()
+    if bridge is not None:
+        if rtnl.link_kind(bridge) != "bridge":
+            raise ConflictError(f"{network.bridge} exists and is not a bridge; choose another with MICROPOD_BRIDGE")
+        ours = {f"{address}/{prefix}" for index, address, prefix in addresses if index == bridge}
+        if str(network.gateway_interface) not in ours:
+            raise ConflictError(f"bridge {network.bridge} exists without {network.gateway_interface}; "
+                                "it belongs to another network (choose another with MICROPOD_BRIDGE)")
+    for index, address, prefix in addresses:
+        cidr = ipaddress.IPv4Interface(f"{address}/{prefix}")
+        if index != bridge and not cidr.network.is_loopback and cidr.network.overlaps(network.subnet):
+            raise ConflictError(f"subnet {network.subnet} collides with {cidr} on {_name(index)}; "
                                 "choose another with MICROPOD_SUBNET")
+    return bridge is not None
 
 
 def ensure_bridge(network: NetworkConfig) -> None:
     """Create the bridge with the gateway address if it is missing; check an existing one is ours."""
-    with IPRoute() as ipr:
-        index = _index(ipr, network.bridge)
-        if index is not None:
-            kind = ipr.get_links(index)[0].get_attr("IFLA_LINKINFO")
-            if kind is None or kind.get_attr("IFLA_INFO_KIND") != "bridge":
-                raise ConflictError(f"{network.bridge} exists and is not a bridge; choose another with MICROPOD_BRIDGE")
-            addresses = {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=index, family=2)}
-            if str(network.gateway_interface) not in addresses:
-                raise ConflictError(f"bridge {network.bridge} exists without {network.gateway_interface}; "
-                                    "it belongs to another network")
+    with Rtnl() as rtnl:
+        if check_bridge(rtnl, network):
             return
-        check_no_collision(ipr, network)
         try:
-            ipr.link("add", ifname=network.bridge, kind="bridge")
-            index = _index(ipr, network.bridge)
+            rtnl.add_link(network.bridge, "bridge")
+            index = index_of(network.bridge)
             assert index is not None
-            ipr.addr("add", index=index, address=str(network.gateway), prefixlen=network.subnet.prefixlen)
-            ipr.link("set", index=index, state="up")
+            rtnl.add_address(index, str(network.gateway), network.subnet.prefixlen)
+            rtnl.set_link(index, up=True)
         except NetlinkError as exc:
-            raise NetworkError(f"cannot create bridge {network.bridge}: {exc}") from exc
+            raise NetworkError(f"cannot create bridge {network.bridge}: {exc.strerror}") from exc
     # Forwarding between the bridge and the uplink, and DNAT of connections to 127.0.0.1.
     _sysctl("net/ipv4/ip_forward", "1")
     _sysctl(f"net/ipv4/conf/{network.bridge}/route_localnet", "1")
@@ -63,35 +59,39 @@ def ensure_bridge(network: NetworkConfig) -> None:
 
 def create_tap(name: str, bridge: str) -> None:
     """A persistent TAP, enslaved to the bridge and up; QEMU or Firecracker opens it by name."""
-    with IPRoute() as ipr:
-        try:
-            if _index(ipr, name) is None:
-                ipr.link("add", ifname=name, kind="tuntap", mode="tap")
-            index, master = _index(ipr, name), _index(ipr, bridge)
-            assert index is not None
-            if master is None:
-                raise NetworkError(f"bridge {bridge} does not exist")
-            ipr.link("set", index=index, master=master, state="up")
-        except NetlinkError as exc:
-            delete_tap(name)
-            raise NetworkError(f"cannot create TAP {name}: {exc}") from exc
+    try:
+        if index_of(name) is None:
+            syscalls.create_persistent_tap(name)
+        index, master = index_of(name), index_of(bridge)
+        if index is None:
+            raise NetworkError(f"TAP {name} vanished right after it was created")
+        if master is None:
+            raise NetworkError(f"bridge {bridge} does not exist")
+        with Rtnl() as rtnl:
+            rtnl.set_link(index, up=True, master=master)
+    except OSError as exc:
+        delete_tap(name)
+        raise NetworkError(f"cannot create TAP {name}: {exc.strerror}") from exc
+    except NetworkError:
+        delete_tap(name)
+        raise
 
 
 def delete_tap(name: str) -> None:
     """Idempotent: a TAP that is already gone is fine."""
-    with IPRoute() as ipr:
-        index = _index(ipr, name)
-        if index is not None:
-            try:
-                ipr.link("del", index=index)
-            except NetlinkError as exc:
-                if exc.code != 19:  # ENODEV: gone meanwhile
-                    raise NetworkError(f"cannot delete TAP {name}: {exc}") from exc
+    index = index_of(name)
+    if index is None:
+        return
+    with Rtnl() as rtnl:
+        try:
+            rtnl.delete_link(index)
+        except NetlinkError as exc:
+            if exc.errno != ENODEV:  # gone meanwhile
+                raise NetworkError(f"cannot delete TAP {name}: {exc.strerror}") from exc
 
 
 def link_exists(name: str) -> bool:
-    with IPRoute() as ipr:
-        return _index(ipr, name) is not None
+    return index_of(name) is not None
 
 
 def _sysctl(key: str, value: str) -> None:

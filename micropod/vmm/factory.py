@@ -11,7 +11,7 @@ from micropod.paths import VmDir
 from micropod.runconfig import RunConfig
 from micropod.vmm import snapshot
 from micropod.vmm.accel import kvm_verdict
-from micropod.vmm.base import Drive, Vmm, VmSpec
+from micropod.vmm.base import Drive, NetInterface, Vmm, VmSpec
 
 BACKENDS = ("auto", "qemu", "firecracker")
 
@@ -56,7 +56,7 @@ def check_available(backend: str) -> None:
             raise VmmUnavailableError(f"firecracker needs KVM: {verdict.reason}", hint="see 'micropod doctor'")
 
 
-def build_spec(cfg: RunConfig, vm_dir: VmDir) -> VmSpec:
+def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSpec:
     drives = (
         Drive(SYSTEM_DRIVE, Path(cfg.system), read_only=True, is_root=True),
         Drive(ROOTFS_DRIVE, Path(cfg.rootfs), read_only=True),
@@ -71,6 +71,8 @@ def build_spec(cfg: RunConfig, vm_dir: VmDir) -> VmSpec:
         drives=drives,
         run_dir=vm_dir.path,
         console_log=vm_dir.console_log,
+        nets=(NetInterface("net0", cfg.network.tap, cfg.network.mac),)
+        if with_network and cfg.network.enabled else (),
     )
 
 
@@ -83,6 +85,7 @@ def create_vmm(backend: str, spec: VmSpec, warm: bool = True) -> Vmm:
         if not (warm and snapshot.enabled()):
             return vmm
         shape = replace(spec, drives=tuple(replace(d, path=Path(d.drive_id)) for d in spec.drives),
+                        nets=tuple(snapshot.template_nic(n, "tap") for n in spec.nets),
                         run_dir=Path("."), console_log=Path("console.log"))
         key = snapshot.snapshot_key(spec, QemuVmm(shape, vmm.binary, vmm.accel).argv, vmm.binary)
         saved = snapshot.ensure_snapshot(partial(QemuVmm, binary=vmm.binary, accel=vmm.accel), spec, key)

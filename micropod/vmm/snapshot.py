@@ -24,12 +24,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from micropod import syscalls
 from micropod.agent import protocol
 from micropod.errors import BootError, MicropodError, VmmError
 from micropod.fsutil import flock
 from micropod.paths import CacheRoot
 from micropod.unixsock import SocketDir
-from micropod.vmm.base import Drive, VmSpec
+from micropod.vmm.base import Drive, NetInterface, VmSpec
 from micropod.vmm.child import wait_until
 from micropod.vmm.qmp import QmpClient
 
@@ -45,6 +46,7 @@ FORMAT_VERSION = "1"
 ROOTFS_PLACEHOLDER_SIZE = 1 << 40
 TEMPLATE_TIMEOUT = 120.0
 SAVE_TIMEOUT = 60.0
+TEMPLATE_MAC = "02:00:00:00:00:01"
 
 
 def enabled() -> bool:
@@ -80,7 +82,18 @@ def snapshot_path(cache: CacheRoot, key: str) -> Path:
     return snapshot_dir(cache) / f"{key}.qemu"
 
 
-def template_spec(spec: VmSpec, workdir: Path) -> VmSpec:
+def template_nic(nic: NetInterface, tap: str) -> NetInterface:
+    """A NIC like ``nic`` on another TAP; the guest's MAC is set by the agent after a restore."""
+    return NetInterface(nic.iface_id, tap, TEMPLATE_MAC)
+
+
+def template_taps(spec: VmSpec) -> list[str]:
+    """Throwaway TAPs on no bridge: the template's NICs must have a TAP backend like the VMs' own,
+    so that the offloads negotiated at boot are still there when a VM resumes."""
+    return [f"mptpl{os.getpid() % 10**8}n{i}" for i in range(len(spec.nets))]
+
+
+def template_spec(spec: VmSpec, workdir: Path, taps: list[str] | None = None) -> VmSpec:
     """The same machine with placeholder disks for everything but the shared system image."""
     drives = []
     for drive in spec.drives:
@@ -92,7 +105,8 @@ def template_spec(spec: VmSpec, workdir: Path) -> VmSpec:
         with placeholder.open("wb") as f:
             f.truncate(size)
         drives.append(Drive(drive.drive_id, placeholder, drive.read_only, drive.is_root))
-    return replace(spec, drives=tuple(drives), run_dir=workdir, console_log=workdir / "console.log")
+    nets = tuple(template_nic(nic, tap) for nic, tap in zip(spec.nets, taps or [], strict=True))
+    return replace(spec, drives=tuple(drives), nets=nets, run_dir=workdir, console_log=workdir / "console.log")
 
 
 def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
@@ -100,7 +114,14 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
     workdir = target.parent / f".template-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    vmm = vmm_factory(template_spec(spec, workdir), snapshot=None)
+    taps = template_taps(spec)
+    try:
+        for tap in taps:
+            syscalls.create_persistent_tap(tap)
+    except OSError as exc:
+        _delete_taps(taps)
+        raise BootError(f"cannot create the snapshot template's TAP: {exc.strerror}") from exc
+    vmm = vmm_factory(template_spec(spec, workdir, taps), snapshot=None)
     try:
         vmm.start()
         channel = vmm.connect_agent(TEMPLATE_TIMEOUT)
@@ -138,6 +159,14 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
         for leftover in workdir.iterdir():
             leftover.unlink()
         workdir.rmdir()
+        _delete_taps(taps)
+
+
+def _delete_taps(taps: list[str]) -> None:
+    from micropod.net.links import delete_tap
+
+    for tap in taps:
+        delete_tap(tap)
 
 
 def _shell_quote(text: str) -> str:

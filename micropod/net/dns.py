@@ -1,0 +1,54 @@
+"""The guest's /etc/resolv.conf and /etc/hosts, with docker's rules.
+
+The host's resolvers are copied, minus loopback ones (127.0.0.53 and the like cannot be reached from
+inside a VM); if none remain, public resolvers stand in. ``--dns`` replaces the nameservers and keeps
+the host's search domains and options.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from micropod.errors import UsageError
+
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+FALLBACK_NAMESERVERS = ("8.8.8.8", "8.8.4.4")
+
+
+def check_nameserver(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise UsageError(f"invalid --dns {text!r}: not an IP address") from None
+
+
+def _reachable_from_guest(address: str) -> bool:
+    try:
+        return not ipaddress.ip_address(address.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def resolv_conf(dns: tuple[str, ...] = (), host_file: Path = HOST_RESOLV_CONF) -> str:
+    try:
+        lines = host_file.read_text().splitlines()
+    except OSError:
+        lines = []
+    kept, servers = [], []
+    for line in lines:
+        fields = line.split()
+        if fields[:1] == ["nameserver"] and len(fields) > 1:
+            if _reachable_from_guest(fields[1]):
+                servers.append(fields[1])
+        elif fields[:1] in (["search"], ["domain"], ["options"]):
+            kept.append(" ".join(fields))
+    chosen = list(dns) or servers or list(FALLBACK_NAMESERVERS)
+    return "".join(f"nameserver {server}\n" for server in chosen) + "".join(f"{line}\n" for line in kept)
+
+
+def hosts_file(hostname: str, address: str | None) -> str:
+    text = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    if hostname:
+        text += f"{address or '127.0.1.1'}\t{hostname}\n"
+    return text
