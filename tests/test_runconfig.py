@@ -100,3 +100,25 @@ def test_restart_policies_and_backoff() -> None:
             RestartPolicy.parse(bad)
     delays = [restart_backoff(n) for n in range(12)]
     assert delays[0] == 0.1 and delays[1] == 0.2 and delays == sorted(delays) and delays[-1] == 60.0
+
+
+def test_network_settings_round_trip_and_old_configs(tmp_path: Path) -> None:
+    import json
+    from dataclasses import replace
+
+    from micropod.net.ports import PortMapping
+    from micropod.runconfig import NetworkSettings
+
+    network = NetworkSettings(mode="bridge", bridge="micropod0", subnet="10.88.0.0/16", ip="10.88.0.9",
+                              mac="02:00:00:00:00:09", tap="mp-abc", ports=(PortMapping(8080, 80, "udp", "127.0.0.1"),))
+    cfg = RunConfig(vm_id="a" * 64, name="n", image="hello", image_id="b" * 64, backend="qemu",
+                    kernel="/k", system="/s", rootfs="/r", vcpus=1, memory_mib=256,
+                    container=ContainerSpec(args=("true",), env=(), hosts="h", resolv_conf="r"), network=network)
+    path = tmp_path / "config.json"
+    cfg.dump(path)
+    assert RunConfig.load(path) == cfg and RunConfig.load(path).network.enabled
+    raw = json.loads(path.read_text())
+    del raw["network"]  # written before networking existed: such a VM has no NIC
+    path.write_text(json.dumps(raw))
+    assert RunConfig.load(path) == replace(cfg, network=NetworkSettings())
+    assert not RunConfig.load(path).network.enabled

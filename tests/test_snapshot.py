@@ -5,7 +5,7 @@ import pytest
 
 from micropod.paths import CacheRoot
 from micropod.vmm import snapshot
-from micropod.vmm.base import Drive, VmSpec
+from micropod.vmm.base import Drive, NetInterface, VmSpec
 
 
 @pytest.fixture
@@ -36,6 +36,29 @@ def test_key_ignores_the_per_vm_disks_but_not_the_machine(spec: VmSpec, tmp_path
     assert key(spec, ["-M", "microvm", "-cpu", "host"]) != base
     (tmp_path / "upper.ext4").write_bytes(b"\0" * 8192)  # the guest keeps the writable disk's capacity
     assert key(spec) != base
+
+
+def test_vms_on_other_taps_share_a_shape_but_a_nic_is_part_of_it(spec: VmSpec) -> None:
+    from micropod.vmm.qemu import QemuLayout, qemu_argv
+
+    def shape(s: VmSpec) -> list[str]:
+        return qemu_argv(snapshot.machine_shape(s), Path("/qemu"), "tcg", QemuLayout(Path(".")))
+
+    one = replace(spec, nets=(NetInterface("net0", "mp-aaaa", "02:00:00:00:00:0a"),))
+    two = replace(spec, nets=(NetInterface("net0", "mp-bbbb", "02:00:00:00:00:0b"),), vm_id="b" * 64)
+    assert shape(one) == shape(two)
+    assert shape(one) != shape(spec)
+    assert "mp-aaaa" not in " ".join(shape(one))
+
+
+def test_template_gets_throwaway_taps(spec: VmSpec, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    with_nic = replace(spec, nets=(NetInterface("net0", "mp-aaaa", "02:00:00:00:00:0a"),))
+    taps = snapshot.template_taps(with_nic)
+    assert len(taps) == 1 and len(taps[0]) <= 15
+    template = snapshot.template_spec(with_nic, work, taps)
+    assert template.nets == (NetInterface("net0", taps[0], snapshot.TEMPLATE_MAC),)
 
 
 def test_template_uses_placeholders_except_for_the_system_image(spec: VmSpec, tmp_path: Path) -> None:

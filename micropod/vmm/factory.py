@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -84,10 +83,8 @@ def create_vmm(backend: str, spec: VmSpec, warm: bool = True) -> Vmm:
         vmm = QemuVmm(spec)
         if not (warm and snapshot.enabled()):
             return vmm
-        shape = replace(spec, drives=tuple(replace(d, path=Path(d.drive_id)) for d in spec.drives),
-                        nets=tuple(snapshot.template_nic(n, "tap") for n in spec.nets),
-                        run_dir=Path("."), console_log=Path("console.log"))
-        key = snapshot.snapshot_key(spec, QemuVmm(shape, vmm.binary, vmm.accel).argv, vmm.binary)
+        shape = QemuVmm(snapshot.machine_shape(spec), vmm.binary, vmm.accel).argv
+        key = snapshot.snapshot_key(spec, shape, vmm.binary)
         saved = snapshot.ensure_snapshot(partial(QemuVmm, binary=vmm.binary, accel=vmm.accel), spec, key)
         return QemuVmm(spec, vmm.binary, vmm.accel, snapshot=saved) if saved else vmm
     if backend == "firecracker":

@@ -82,6 +82,13 @@ def snapshot_path(cache: CacheRoot, key: str) -> Path:
     return snapshot_dir(cache) / f"{key}.qemu"
 
 
+def machine_shape(spec: VmSpec) -> VmSpec:
+    """``spec`` without what differs between VMs of one shape (disk files, TAPs, MACs, paths)."""
+    return replace(spec, drives=tuple(replace(d, path=Path(d.drive_id)) for d in spec.drives),
+                   nets=tuple(template_nic(n, "tap") for n in spec.nets),
+                   run_dir=Path("."), console_log=Path("console.log"))
+
+
 def template_nic(nic: NetInterface, tap: str) -> NetInterface:
     """A NIC like ``nic`` on another TAP; the guest's MAC is set by the agent after a restore."""
     return NetInterface(nic.iface_id, tap, TEMPLATE_MAC)
