@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-from bench import boot, pull, unpack
+from bench import boot, net, pull, unpack
 from bench import exec as exec_bench
 
 
 def main() -> int:
     results = {"boot": boot.run(), "exec": exec_bench.run()}
-    results.update(pull=pull.run(), unpack=unpack.run())
+    results.update(pull=pull.run(), unpack=unpack.run(), net=net.run())
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

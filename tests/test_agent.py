@@ -535,3 +535,4 @@ def test_stats_reports_the_counters(agent: Session) -> None:
     assert reply["cpu_total"] >= reply["cpu_idle"] > 0 and reply["cpus"] >= 1
     assert reply["mem_total"] > reply["mem_used"] > 0
     assert reply["block_read"] >= 0 and reply["block_write"] >= 0 and reply["pids"] >= 0
+    assert reply["net_rx"] >= 0 and reply["net_tx"] >= 0

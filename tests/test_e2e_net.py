@@ -140,6 +140,9 @@ def test_nat_egress_published_ports_dns_and_visibility(world: tuple[Topology, Cl
         assert "nameserver 192.0.2.53" in etc and f"{settings['IPAddress']}\t{vm_id[:12]}" in etc, etc
         _, lo = guest(cli, "web", "ping -c1 -W2 127.0.0.1")
         assert "1 packets received" in lo, lo
+        [stats] = map(json.loads, cli("stats", "--no-stream", "--format", "json", "web").stdout.splitlines())
+        received, sent = stats["NetIO"].split(" / ")
+        assert received != "0B" and sent != "0B", stats
     finally:
         server.kill()
     assert cli("rm", "-f", "web").returncode == 0
@@ -253,4 +256,16 @@ def test_bad_network_input_is_one_line_and_creates_nothing(world: tuple[Topology
     assert full.returncode == 125 and "no free address left in 10.99.0.0/30" in one_line_error(full.stderr)
     assert [r["Names"] for r in ps(cli)] == ["only"]
     assert cli("rm", "-f", "only").returncode == 0
+    assert leftovers(topo, cli.root) == NOTHING
+
+
+def test_an_exited_container_keeps_its_address_and_starts_again(world: tuple[Topology, Cli]) -> None:
+    topo, cli = world
+    out = cli("run", "--name", "again", "hello", "sh", "-c", "ip -4 addr show eth0 | grep -o 'inet [0-9.]*'")
+    assert out.returncode == 0, out.stderr
+    state = leftovers(topo, cli.root)
+    assert state["taps"] == [] and state["attachments"] == [] and len(state["leases"]) == 1
+    second = cli("start", "-a", "again")
+    assert (second.returncode, second.stdout) == (0, out.stdout), second.stderr
+    assert cli("rm", "again").returncode == 0
     assert leftovers(topo, cli.root) == NOTHING

@@ -762,12 +762,26 @@ def guest_stats() -> dict[str, Any]:
         read_bytes += int(fields[2]) * 512
         write_bytes += int(fields[6]) * 512
     pids = sum(1 for entry in os.listdir("/proc") if entry.isdigit() and _is_user_process(entry))
+    net_rx, net_tx = _net_bytes()
     return {
         "cpu_total": sum(cpu[:8]), "cpu_idle": cpu[3] + cpu[4], "cpus": os.cpu_count() or 1,
         "mem_total": meminfo.get("MemTotal", 0),
         "mem_used": meminfo.get("MemTotal", 0) - meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),
         "block_read": read_bytes, "block_write": write_bytes, "pids": max(0, pids - 1),  # not the agent
+        "net_rx": net_rx, "net_tx": net_tx,
     }
+
+
+def _net_bytes() -> tuple[int, int]:
+    """Bytes received and sent on every interface but loopback, as docker's NET I/O counts them."""
+    rx = tx = 0
+    with open("/proc/net/dev", "rb") as file:
+        for line in file.readlines()[2:]:
+            name, _, counters = line.partition(b":")
+            if name.strip() != b"lo":
+                fields = counters.split()
+                rx, tx = rx + int(fields[0]), tx + int(fields[8])
+    return rx, tx
 
 
 def _is_user_process(pid: str) -> bool:

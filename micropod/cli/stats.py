@@ -1,4 +1,4 @@
-"""`stats`: each VM's CPU, memory, block I/O and processes, from two samples of its guest's counters.
+"""`stats`: each VM's CPU, memory, network and block I/O and processes, from two samples of its guest's counters.
 
 CPU % is docker's: busy time over elapsed time of the guest's CPUs, times their number (so 200% is two
 busy vCPUs). Memory is MemTotal - MemAvailable of the guest against the VM's memory.
@@ -33,10 +33,12 @@ class Sample:
     block_read: int
     block_write: int
     pids: int
+    net_rx: int = 0
+    net_tx: int = 0
 
     @classmethod
     def of(cls, reply: dict[str, Any]) -> Sample:
-        return cls(**{name: int(reply[name]) for name in cls.__dataclass_fields__})
+        return cls(**{name: int(reply[name]) for name in cls.__dataclass_fields__ if name in reply})
 
 
 def cpu_percent(before: Sample, after: Sample) -> float:
@@ -63,7 +65,8 @@ def row(record: VmRecord, before: Sample | None, after: Sample | None) -> dict[s
     return {
         "ID": record.short_id, "Name": record.name, "CPUPerc": f"{cpu_percent(before, after):.2f}%",
         "MemUsage": f"{human_size(after.mem_used)} / {human_size(after.mem_total)}", "MemPerc": f"{mem:.2f}%",
-        "NetIO": "0B / 0B", "BlockIO": f"{human_size(after.block_read)} / {human_size(after.block_write)}",
+        "NetIO": f"{human_size(after.net_rx)} / {human_size(after.net_tx)}",
+        "BlockIO": f"{human_size(after.block_read)} / {human_size(after.block_write)}",
         "PIDs": str(after.pids),
     }
 
