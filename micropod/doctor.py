@@ -23,6 +23,23 @@ def _tool(name: str, package: str, required: bool = True) -> Check:
     return Check(name, path is not None, path or f"not found (apt-get install {package})", required)
 
 
+def _network_checks() -> list[Check]:
+    """What bridge networking (the default) needs; `--network none` needs none of it."""
+    from micropod.net.config import NetworkConfig
+
+    checks = [_tool("nft", "nftables")]
+    tun = os.path.exists("/dev/net/tun")
+    checks.append(Check("tun", tun, "/dev/net/tun" if tun else "/dev/net/tun missing (modprobe tun)"))
+    try:
+        network = NetworkConfig.from_env()
+    except MicropodError as exc:
+        checks.append(Check("network", False, str(exc)))
+        return checks
+    checks.append(Check("network", True, f"bridge {network.bridge}, subnet {network.subnet} "
+                                         "(MICROPOD_BRIDGE, MICROPOD_SUBNET; MICROPOD_NETWORK=none for no NIC)"))
+    return checks
+
+
 def run_checks(root: StateRoot) -> list[Check]:
     from micropod.guest.artefacts import kernel_key, locate, system_key
     from micropod.paths import CacheRoot
@@ -44,6 +61,7 @@ def run_checks(root: StateRoot) -> list[Check]:
     checks.append(Check("firecracker", fc_ok, fc_detail, required=False))
     checks.append(_tool("tar2sqfs", "squashfs-tools-ng"))
     checks.append(_tool("mkfs.ext4", "e2fsprogs"))
+    checks.extend(_network_checks())
     cache = CacheRoot.from_env()
     try:
         guest = locate(cache)

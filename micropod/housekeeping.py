@@ -43,8 +43,9 @@ def allocated(path: Path) -> int:
 def rootfs_in_use(ctx: Context) -> set[Path]:
     used = set()
     for record in ctx.state.all():
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            used.add(Path(RunConfig.load(ctx.root.vm(record.id).config).rootfs).resolve())
+        cfg = RunConfig.load_if_readable(ctx.root.vm(record.id).config)
+        if cfg is not None:
+            used.add(Path(cfg.rootfs).resolve())
     return used
 
 

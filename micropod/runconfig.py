@@ -137,6 +137,14 @@ class RunConfig:
         network = NetworkSettings.from_json(raw.pop("network", {}))
         return cls(container=ContainerSpec(**container), log=log, restart=restart, network=network, **raw)
 
+    @classmethod
+    def load_if_readable(cls, path: Path) -> RunConfig | None:
+        """The config, or None for a VM whose directory is gone or half-written by a crash."""
+        try:
+            return cls.load(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
 
 def merge_command(
     entrypoint: tuple[str, ...],

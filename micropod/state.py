@@ -96,6 +96,19 @@ class VmRecord:
 _COLUMNS = tuple(f.name for f in fields(VmRecord))
 
 
+def connect(db: Path, schema: str | None = None) -> sqlite3.Connection:
+    """A connection to state.db as every user of it needs one: autocommit, waiting out other writers."""
+    try:
+        conn = sqlite3.connect(db, timeout=30.0, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        if schema:
+            conn.execute(schema)
+    except sqlite3.Error as exc:
+        raise StateError(f"state store {db}: {exc}") from exc
+    return conn
+
+
 class StateStore:
     """One connection to state.db; cheap to create, one per process."""
 
@@ -103,10 +116,8 @@ class StateStore:
         self.path = db
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(db, timeout=30.0, isolation_level=None)
+            self._conn = connect(db)
             self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA busy_timeout = 30000")
-            self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = NORMAL")
             with self.write():
                 self._conn.execute(SCHEMA)

@@ -91,7 +91,7 @@ def test_debug_shows_the_traceback(plain: Cli) -> None:
 def test_doctor_reports_each_check(plain: Cli) -> None:
     out = plain("doctor", "--format", "json")
     checks = {c["check"]: c for c in map(json.loads, out.stdout.splitlines())}
-    assert {"qemu", "kvm", "firecracker", "tar2sqfs", "mkfs.ext4", "state root"} <= set(checks)
+    assert {"qemu", "kvm", "firecracker", "tar2sqfs", "mkfs.ext4", "nft", "tun", "network", "state root"} <= set(checks)
     assert checks["qemu"]["ok"]
     if Path("/sys/module/kvm_pvm").exists():
         assert not checks["kvm"]["ok"] and "kvm_pvm" in checks["kvm"]["detail"]

@@ -201,9 +201,12 @@ def test_two_vms_get_distinct_addresses_and_rm_leaves_nothing(world: tuple[Topol
     assert clash.returncode == 125 and "port 8081/tcp is already published" in one_line_error(clash.stderr)
     assert sorted(r["Names"] for r in ps(cli)) == ["one", "two"]
 
-    assert cli("rm", "-f", "one").returncode == 0
+    # stop ends one VM's networking exactly; the other's stays
+    assert cli("stop", "-t", "1", "one").returncode == 0
     ruleset = topo.run(topo.host, "nft", "list", "ruleset").stdout
     assert str(one["IPAddress"]) not in ruleset and str(two["IPAddress"]) in ruleset
+    assert leftovers(topo, cli.root)["taps"] == [tap_name(str(inspect(cli, "two")["Id"]))]
+    assert cli("rm", "-f", "one").returncode == 0
     assert cli("rm", "-f", "two").returncode == 0
     assert leftovers(topo, cli.root) == NOTHING
     assert cli("rm", "-f", "two").returncode == 0  # idempotent
@@ -268,4 +271,24 @@ def test_an_exited_container_keeps_its_address_and_starts_again(world: tuple[Top
     second = cli("start", "-a", "again")
     assert (second.returncode, second.stdout) == (0, out.stdout), second.stderr
     assert cli("rm", "again").returncode == 0
+    assert leftovers(topo, cli.root) == NOTHING
+
+
+def test_concurrent_runs_get_distinct_addresses(world: tuple[Topology, Cli]) -> None:
+    topo, cli = world
+    runs = [cli.spawn("run", "--rm", "hello", "sh", "-c", "ip -4 addr show eth0 | grep -o 'inet [0-9.]*'")
+            for _ in range(4)]
+    results = [run.communicate(timeout=240) for run in runs]
+    assert all(run.returncode == 0 for run in runs), results
+    addresses = [out.strip() for out, _ in results]
+    assert len(set(addresses)) == 4 and all(a.startswith("inet 10.88.0.") for a in addresses), addresses
+    assert leftovers(topo, cli.root) == NOTHING
+
+
+def test_network_none_has_no_nic_and_touches_nothing(world: tuple[Topology, Cli]) -> None:
+    topo, cli = world
+    out = cli("run", "--rm", "--network", "none", "hello", "ls", "/sys/class/net")
+    assert (out.returncode, out.stdout.split()) == (0, ["lo"]), out.stderr
+    links = json.loads(topo.run(topo.host, "ip", "-j", "link").stdout)
+    assert [link["ifname"] for link in links] == ["lo", "uplink0"]
     assert leftovers(topo, cli.root) == NOTHING

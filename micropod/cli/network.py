@@ -14,10 +14,8 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 def load_settings(ctx: Context, vm_id: str) -> NetworkSettings:
-    try:
-        return RunConfig.load(ctx.root.vm(vm_id).config).network
-    except (OSError, ValueError, KeyError, TypeError):
-        return NetworkSettings()
+    cfg = RunConfig.load_if_readable(ctx.root.vm(vm_id).config)
+    return cfg.network if cfg else NetworkSettings()
 
 
 def ports_column(settings: NetworkSettings) -> str:

@@ -1,5 +1,5 @@
 """VM networking: a bridge, a TAP per VM, IP leases, and one nftables ruleset built as data.
 
-The pieces here are complete and tested in network namespaces; wiring them into `run` (TAP per VM,
-guest addressing through the agent, `-p`) is issue 4's remaining work.
+``lifecycle`` is the entry point: it plans a container's network at create, attaches it when the
+monitor boots the VM, and detaches and releases it when the VM ends or is removed.
 """

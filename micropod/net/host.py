@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 
-from micropod.errors import StateError
 from micropod.fsutil import flock
 from micropod.net import links, nft
 from micropod.net.addressing import tap_name
@@ -22,6 +20,7 @@ from micropod.net.config import NetworkConfig
 from micropod.net.nft import VmNetwork
 from micropod.net.ports import PortMapping, check_host_port_free, check_unique
 from micropod.paths import StateRoot
+from micropod.state import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS attachments (
@@ -38,12 +37,7 @@ class HostNetwork:
     def __init__(self, root: StateRoot, network: NetworkConfig) -> None:
         self.root = root
         self.network = network
-        try:
-            self._conn = sqlite3.connect(root.db, timeout=30.0, isolation_level=None)
-            self._conn.execute("PRAGMA busy_timeout = 30000")
-            self._conn.execute(SCHEMA)
-        except sqlite3.Error as exc:
-            raise StateError(f"state store {root.db}: {exc}") from exc
+        self._conn = connect(root.db, SCHEMA)
 
     def close(self) -> None:
         self._conn.close()

@@ -8,13 +8,13 @@ longer exist (after a crash).
 from __future__ import annotations
 
 import ipaddress
-import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from micropod.errors import ConflictError, StateError
+from micropod.errors import ConflictError
 from micropod.net.config import NetworkConfig
+from micropod.state import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -29,13 +29,7 @@ CREATE TABLE IF NOT EXISTS leases (
 class Ipam:
     def __init__(self, db: Path, network: NetworkConfig) -> None:
         self.network = network
-        try:
-            self._conn = sqlite3.connect(db, timeout=30.0, isolation_level=None)
-            self._conn.execute("PRAGMA busy_timeout = 30000")
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute(SCHEMA)
-        except sqlite3.Error as exc:
-            raise StateError(f"lease store {db}: {exc}") from exc
+        self._conn = connect(db, SCHEMA)
 
     def close(self) -> None:
         self._conn.close()

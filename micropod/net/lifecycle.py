@@ -16,7 +16,7 @@ from micropod.net.config import NetworkConfig
 from micropod.net.dns import check_nameserver, resolv_conf
 from micropod.net.ports import PortMapping, check_host_port_free, check_unique, parse_publish
 from micropod.paths import StateRoot
-from micropod.runconfig import NetworkSettings
+from micropod.runconfig import NetworkSettings, RunConfig
 from micropod.state import ACTIVE, VmRecord
 
 MODES = ("bridge", "none")
@@ -131,7 +131,9 @@ def detach(root: StateRoot, vm_id: str, settings: NetworkSettings | None = None)
 
 
 def teardown(ctx: Context, vm_id: str) -> None:
-    detach(ctx.root, vm_id)
+    """Detach a container being removed, with its own settings when its config is still readable."""
+    cfg = RunConfig.load_if_readable(ctx.root.vm(vm_id).config)
+    detach(ctx.root, vm_id, cfg.network if cfg else None)
 
 
 def agent_request(settings: NetworkSettings) -> dict[str, object]:
