@@ -9,6 +9,8 @@ the machine's own.
   the kernel large buffers and TSO applies; ``dd | nc`` was measured first and only showed busybox nc's
   1 KiB writes (one packet and one virtio kick each under TCG). The client times from the first byte to
   the last, so connection set-up is excluded.
+- ``run_cost``: `micropod run --rm hello true` with bridge networking against the same with
+  ``--network none``, in the same namespace: what a VM's networking adds to a whole run.
 - ``setup_teardown``: ``HostNetwork.attach`` + ``detach`` of one VM with one published port, while another
   VM stays attached, against a script doing the same with ``ip tuntap``/``ip link``/``nft -j -f -`` and the
   same ruleset JSON, each in a fresh network namespace.
@@ -38,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 ITERATIONS = 20
 FILE_SIZE = 64 << 20
+RUN_SAMPLES = 5
 HOST_BUSYBOX = "/bin/busybox"
 TIMEOUT = 300.0
 
@@ -102,7 +105,23 @@ def _wait_serving(netns_prefix: Sequence[str], url: str, what: str, detail: Call
         time.sleep(0.2)
 
 
-def tcp_throughput() -> dict[str, Any]:
+def _run_cost(cli: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
+    """What bridge networking adds to `run --rm hello true`: the same run with --network none is the baseline."""
+    from bench.timing import median_of, time_command
+
+    bridge = [*cli, "run", "--rm", "hello", "true"]
+    none = [*cli, "run", "--rm", "--network", "none", "hello", "true"]
+    for argv in (bridge, none):
+        time_command(argv, env)  # builds the rootfs and each shape's boot snapshot once
+    bridge_s, bridge_samples = median_of(RUN_SAMPLES, bridge, env)
+    none_s, none_samples = median_of(RUN_SAMPLES, none, env)
+    return {"runs": RUN_SAMPLES, "bridge_median_s": round(bridge_s, 3), "none_median_s": round(none_s, 3),
+            "ratio": round(bridge_s / none_s, 3),
+            "samples": {"bridge": [round(x, 3) for x in bridge_samples], "none": [round(x, 3) for x in none_samples]}}
+
+
+def networked_run() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tcp_throughput, run_cost), measured in one two-namespace world."""
     from micropod.image.demo import build_demo_image
     from tests.nettopo import OUTSIDE_IP, topology
 
@@ -116,6 +135,7 @@ def tcp_throughput() -> dict[str, Any]:
         cli = [*in_host, sys.executable, "-m", "micropod"]
         archive = build_demo_image(Path(tmp) / "hello.oci.tar")
         _run([*cli, "load", "-q", "-i", str(archive)], env)
+        run_cost = _run_cost(cli, env)
         _log("starting the guest")
         _run([*cli, "run", "-d", "--name", "bench-net", "hello", "sh", "-c", serve + "httpd -f -p 80 -h /www"], env)
         site = Path(tmp) / "www"
@@ -148,7 +168,7 @@ def tcp_throughput() -> dict[str, Any]:
             "guest_to_host_MBps": [round(s, 1) for s in guest_samples],
             "veth_MBps": [round(s, 1) for s in veth_samples],
         },
-    }
+    }, run_cost
 
 
 # --- set-up and teardown of one VM's networking ---
@@ -241,7 +261,8 @@ def setup_teardown() -> dict[str, Any]:
 
 
 def run() -> dict[str, Any]:
-    return {"tcp_throughput": tcp_throughput(), "setup_teardown": setup_teardown()}
+    throughput, run_cost = networked_run()
+    return {"tcp_throughput": throughput, "setup_teardown": setup_teardown(), "run_cost": run_cost}
 
 
 def main(argv: Sequence[str]) -> int:
