@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.timing import median_of, time_command
+from bench.timing import comparison, median_of, time_command
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 
@@ -32,17 +32,8 @@ def run() -> dict[str, Any]:
         try:
             exec_true = [*cli, "exec", "bench-exec", "true"]
             time_command(exec_true, env)
-            exec_median, exec_samples = median_of(RUNS, exec_true, env)
-            run_median, run_samples = median_of(RUNS, run_true, env)
+            _, exec_samples = median_of(RUNS, exec_true, env)
+            _, run_samples = median_of(RUNS, run_true, env)
         finally:
             subprocess.run([*cli, "rm", "-f", "bench-exec"], env=env, capture_output=True, timeout=120)
-    return {
-        "runs": RUNS,
-        "micropod_exec_median_s": round(exec_median, 3),
-        "micropod_run_median_s": round(run_median, 3),
-        "ratio": round(exec_median / run_median, 3),
-        "samples": {
-            "micropod_exec": [round(s, 3) for s in exec_samples],
-            "micropod_run": [round(s, 3) for s in run_samples],
-        },
-    }
+    return comparison(("micropod_exec", exec_samples), ("micropod_run", run_samples))

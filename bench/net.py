@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from bench.timing import comparison
 
 if TYPE_CHECKING:
     from micropod.net.nft import VmNetwork
@@ -113,11 +114,9 @@ def _run_cost(cli: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
     none = [*cli, "run", "--rm", "--network", "none", "hello", "true"]
     for argv in (bridge, none):
         time_command(argv, env)  # builds the rootfs and each shape's boot snapshot once
-    bridge_s, bridge_samples = median_of(RUN_SAMPLES, bridge, env)
-    none_s, none_samples = median_of(RUN_SAMPLES, none, env)
-    return {"runs": RUN_SAMPLES, "bridge_median_s": round(bridge_s, 3), "none_median_s": round(none_s, 3),
-            "ratio": round(bridge_s / none_s, 3),
-            "samples": {"bridge": [round(x, 3) for x in bridge_samples], "none": [round(x, 3) for x in none_samples]}}
+    _, bridge_samples = median_of(RUN_SAMPLES, bridge, env)
+    _, none_samples = median_of(RUN_SAMPLES, none, env)
+    return comparison(("bridge", bridge_samples), ("none", none_samples))
 
 
 def networked_run() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -157,18 +156,9 @@ def networked_run() -> tuple[dict[str, Any], dict[str, Any]]:
             outside.kill()
             outside.wait(10)
             subprocess.run([*cli, "rm", "-f", "bench-net"], env=env, capture_output=True, timeout=120)
-    guest_mbps, veth_mbps = statistics.median(guest_samples), statistics.median(veth_samples)
-    return {
-        "runs": RUNS,
-        "bytes": FILE_SIZE,
-        "guest_to_host_MBps": round(guest_mbps, 1),
-        "veth_MBps": round(veth_mbps, 1),
-        "ratio": round(guest_mbps / veth_mbps, 4),
-        "samples": {
-            "guest_to_host_MBps": [round(s, 1) for s in guest_samples],
-            "veth_MBps": [round(s, 1) for s in veth_samples],
-        },
-    }, run_cost
+    throughput = comparison(("guest_to_host", guest_samples), ("veth", veth_samples), unit="MBps", digits=1,
+                            bytes=FILE_SIZE)
+    return throughput, run_cost
 
 
 # --- set-up and teardown of one VM's networking ---
@@ -247,17 +237,8 @@ def setup_teardown() -> dict[str, Any]:
         micropod_samples: list[float] = in_fresh_netns(_micropod_cycles, str(Path(tmp) / "root"), ITERATIONS,
                                                        timeout=TIMEOUT)
     shell_samples: list[float] = in_fresh_netns(_shell_cycles, ITERATIONS, timeout=TIMEOUT)
-    micropod_ms, shell_ms = statistics.median(micropod_samples) * 1e3, statistics.median(shell_samples) * 1e3
-    return {
-        "iterations": ITERATIONS,
-        "micropod_ms": round(micropod_ms, 2),
-        "shell_ms": round(shell_ms, 2),
-        "ratio": round(micropod_ms / shell_ms, 3),
-        "samples": {
-            "micropod_ms": [round(s * 1e3, 2) for s in micropod_samples],
-            "shell_ms": [round(s * 1e3, 2) for s in shell_samples],
-        },
-    }
+    return comparison(("micropod", [s * 1e3 for s in micropod_samples]), ("shell", [s * 1e3 for s in shell_samples]),
+                      unit="ms", digits=2)
 
 
 def run() -> dict[str, Any]:

@@ -15,7 +15,6 @@ import io
 import json
 import random
 import shutil
-import statistics
 import sys
 import tarfile
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.timing import time_command
+from bench.timing import comparison, time_command
 from micropod import proc
 
 SEED = 20261122
@@ -75,10 +74,10 @@ def build_image(dest: Path) -> Path:
                                       "digest": config_digest, "size": config_size},
                            "layers": layers}).encode()
     manifest_digest, manifest_size = put(manifest)
-    index = {"schemaVersion": 2, "manifests": [{
+    image_index = {"schemaVersion": 2, "manifests": [{
         "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
         "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": TAG}}]}
-    (dest / "index.json").write_text(json.dumps(index))
+    (dest / "index.json").write_text(json.dumps(image_index))
     (dest / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     return dest
 
@@ -124,19 +123,8 @@ def run() -> dict[str, Any]:
                                         f"docker://{ref}", f"oci:{target}:{TAG}"]))
             shutil.rmtree(root)
             shutil.rmtree(target)
-    micropod_s, skopeo_s = statistics.median(ours), statistics.median(theirs)
-    return {
-        "image_bytes": image_size(layout),
-        "layers": LAYERS,
-        "runs": RUNS,
-        "micropod_pull_s": round(micropod_s, 3),
-        "skopeo_copy_s": round(skopeo_s, 3),
-        "micropod_samples_s": [round(s, 3) for s in ours],
-        "skopeo_samples_s": [round(s, 3) for s in theirs],
-        "ratio": round(micropod_s / skopeo_s, 3),
-        "target": 1.0,
-        "goal": 0.7,
-    }
+    return comparison(("micropod_pull", ours), ("skopeo_copy", theirs),
+                      image_bytes=image_size(layout), layers=LAYERS, target=1.0, goal=0.7)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 def time_command(argv: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 300) -> float:
@@ -20,3 +21,18 @@ def time_command(argv: Sequence[str], env: Mapping[str, str] | None = None, time
 def median_of(runs: int, argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[float, list[float]]:
     samples = [time_command(argv, env) for _ in range(runs)]
     return statistics.median(samples), samples
+
+
+def comparison(ours: tuple[str, Sequence[float]], baseline: tuple[str, Sequence[float]], unit: str = "s",
+               digits: int = 3, **extra: Any) -> dict[str, Any]:
+    """A figure as every benchmark reports it: both medians, their ratio (ours / baseline), the samples."""
+    (name, samples), (base_name, base_samples) = ours, baseline
+    median, base_median = statistics.median(samples), statistics.median(base_samples)
+    return {
+        "runs": len(samples),
+        f"{name}_median_{unit}": round(median, digits),
+        f"{base_name}_median_{unit}": round(base_median, digits),
+        "ratio": round(median / base_median, 3),
+        **extra,
+        "samples": {name: [round(s, digits) for s in samples], base_name: [round(s, digits) for s in base_samples]},
+    }

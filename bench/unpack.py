@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.pull import TAG, image_size, micropod_argv, shared_image
-from bench.timing import time_command
+from bench.timing import comparison, time_command
 from micropod import proc
 
 RUNS = 5
@@ -42,20 +42,9 @@ def run() -> dict[str, Any]:
             shutil.rmtree(bundle)
             sqfs.unlink()
         baseline = [u + m for u, m in zip(umoci, mksquashfs, strict=True)]
-        micropod_s, baseline_s = statistics.median(ours), statistics.median(baseline)
-        return {
-            "image_bytes": image_size(layout),
-            "runs": RUNS,
-            "micropod_unpack_s": round(micropod_s, 3),
-            "umoci_plus_mksquashfs_s": round(baseline_s, 3),
-            "umoci_s": round(statistics.median(umoci), 3),
-            "mksquashfs_s": round(statistics.median(mksquashfs), 3),
-            "micropod_samples_s": [round(s, 3) for s in ours],
-            "baseline_samples_s": [round(s, 3) for s in baseline],
-            "ratio": round(micropod_s / baseline_s, 3),
-            "target": 0.7,
-            "goal": 0.4,
-        }
+        return comparison(("micropod_unpack", ours), ("umoci_plus_mksquashfs", baseline),
+                          image_bytes=image_size(layout), umoci_median_s=round(statistics.median(umoci), 3),
+                          mksquashfs_median_s=round(statistics.median(mksquashfs), 3), target=0.7, goal=0.4)
 
 
 if __name__ == "__main__":
