@@ -292,3 +292,16 @@ def test_network_none_has_no_nic_and_touches_nothing(world: tuple[Topology, Cli]
     links = json.loads(topo.run(topo.host, "ip", "-j", "link").stdout)
     assert [link["ifname"] for link in links] == ["lo", "uplink0"]
     assert leftovers(topo, cli.root) == NOTHING
+
+
+def test_dns_over_udp_through_nat(world: tuple[Topology, Cli]) -> None:
+    topo, cli = world
+    server = topo.spawn(topo.outside, sys.executable, str(Path(__file__).parent / "fake_dns.py"), OUTSIDE_IP)
+    try:
+        started(server)
+        out = cli("run", "--rm", "--dns", OUTSIDE_IP, "hello", "nslookup", "example.test")
+        assert out.returncode == 0 and "Address: 192.0.2.99" in out.stdout, out.stdout + out.stderr
+    finally:
+        server.kill()
+        log, _ = server.communicate(timeout=10)
+    assert f"query from {HOST_IP}" in log, log  # the guest's query left through the host's address

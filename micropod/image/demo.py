@@ -25,11 +25,11 @@ PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 APPLETS = (
     "[", "awk", "base64", "basename", "cat", "chmod", "chown", "cp", "cut", "date", "dd", "df", "dirname",
-    "du", "echo", "env", "expr", "false", "find", "free", "grep", "head", "hostname", "id", "ip", "kill",
-    "less", "ln", "httpd", "ls", "md5sum", "mkdir", "mktemp", "more", "mount", "mv", "nc", "nproc", "ping", "printf",
-    "ps", "pwd", "readlink", "rm", "rmdir", "sed", "seq", "sh", "sha256sum", "sleep", "sort", "stat",
-    "sync", "tail", "tee", "test", "timeout", "top", "touch", "tr", "true", "umount", "uname", "uniq",
-    "uptime", "vi", "wc", "wget", "which", "whoami", "xargs", "yes",
+    "du", "echo", "env", "expr", "false", "find", "free", "grep", "head", "hostname", "httpd", "id", "ip",
+    "kill", "less", "ln", "ls", "md5sum", "mkdir", "mktemp", "more", "mount", "mv", "nc", "nproc",
+    "nslookup", "ping", "printf", "ps", "pwd", "readlink", "rm", "rmdir", "sed", "seq", "sh", "sha256sum",
+    "sleep", "sort", "stat", "sync", "tail", "tee", "test", "timeout", "top", "touch", "tr", "true",
+    "umount", "uname", "uniq", "uptime", "vi", "wc", "wget", "which", "whoami", "xargs", "yes"
 )
 
 HELLO_SCRIPT = b"""\
