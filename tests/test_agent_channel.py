@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from micropod import syscalls
+from micropod.agent import boot, protocol
 from micropod.agent import channel as channels
-from micropod.agent import main as agent_main
-from micropod.agent import protocol
 
 
 def test_finds_the_named_virtio_serial_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,10 +67,10 @@ def test_a_host_that_stops_reading_is_lost_after_the_stall_timeout() -> None:
 
 
 def test_config_from_environment() -> None:
-    config = agent_main.Config({})
+    config = boot.Config({})
     assert (config.channel, config.test_mode, config.grace, config.mount_base) == ("auto", False, 10.0, "/mnt")
-    assert config.reboot == agent_main.syscalls.LINUX_REBOOT_CMD_RESTART
-    config = agent_main.Config({"MICROPOD_AGENT_CHANNEL": "unix:/x", "MICROPOD_AGENT_REBOOT": "poweroff",
-                                "MICROPOD_AGENT_GRACE": "2.5"})
+    assert config.reboot == syscalls.LINUX_REBOOT_CMD_RESTART
+    config = boot.Config({"MICROPOD_AGENT_CHANNEL": "unix:/x", "MICROPOD_AGENT_REBOOT": "poweroff",
+                          "MICROPOD_AGENT_GRACE": "2.5"})
     assert (config.test_mode, config.grace) == (True, 2.5)
-    assert config.reboot == agent_main.syscalls.LINUX_REBOOT_CMD_POWER_OFF
+    assert config.reboot == syscalls.LINUX_REBOOT_CMD_POWER_OFF

@@ -1,0 +1,56 @@
+"""A container in the VM: its spec, its mounted root filesystem and its main process."""
+
+from __future__ import annotations
+
+import _socket
+
+from micropod.agent import mounts
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from micropod.agent.main import Proc
+
+
+class Container:
+    __slots__ = ("cid", "main", "main_done", "mounted", "root", "spec")
+
+    def __init__(self, cid: str, spec: dict[str, Any], root: str, mounted: list[str]) -> None:
+        self.cid = cid
+        self.spec = spec
+        self.root = root
+        self.mounted = mounted
+        self.main: Proc | None = None
+        self.main_done = False
+
+
+def valid_id(cid: str) -> bool:
+    return 0 < len(cid) <= 128 and cid.isascii() and cid.replace("-", "").replace("_", "").replace(
+        ".", "").isalnum() and not cid.startswith(".")
+
+
+def mount_container(cid: str, spec: dict[str, Any], mount_base: str) -> Container:
+    """Its root filesystem and hostname; a failure leaves nothing mounted."""
+    root, plan = mounts.rootfs_plan(spec.get("rootfs") or {}, mounts.RootfsDirs(mount_base))
+    plan += mounts.container_plan(root)
+    mounted: list[str] = []
+    try:
+        mounts.apply(plan, mounted)
+        if spec.get("hostname"):
+            _socket.sethostname(spec["hostname"])
+    except BaseException:
+        mounts.unmount_all(mounted)
+        raise
+    return Container(cid, spec, root, mounted)
+
+
+def exec_spec(base: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """docker exec: the container's env, user and working directory unless the exec overrides them."""
+    return {
+        **spec,
+        "env": list(base.get("env") or []) + list(spec.get("env") or []),
+        "user": spec.get("user") or base.get("user") or "",
+        "cwd": spec.get("cwd") or base.get("cwd") or "/",
+        "hostname": base.get("hostname") or "",
+    }

@@ -1,0 +1,78 @@
+"""``cp`` between the host and a container, over a session's stdio and an exit report.
+
+``archive-get`` sends a tar of the path as DATA on the session's stdout; ``archive-put`` takes the tar
+as the session's stdin and unpacks it at its EOF.
+"""
+
+from __future__ import annotations
+
+import os
+
+from micropod.agent import archive, protocol
+from micropod.agent.errors import RequestError, describe
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from micropod.agent.containers import Container
+    from micropod.agent.main import Agent
+
+
+class FileCopy:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.uploads: dict[int, tuple[Container, str, str | None, bytearray]] = {}
+
+    def on_archive_get(self, message: dict[str, Any]) -> dict[str, Any]:
+        container = self.agent.container(message)
+        sid = int(message["sid"])
+        self.agent.check_sid_free(sid)
+        stream = protocol.stream_id(sid, protocol.STDOUT)
+        out = archive.FrameWriter(lambda data: self.agent.send(protocol.encode(protocol.DATA, stream, data)))
+        try:
+            archive.write_tar(container.root, str(message["path"]), out)
+        except (archive.ArchiveError, OSError) as exc:
+            raise RequestError(str(exc), 1) from None
+        self.agent.send(protocol.encode(protocol.EOF, stream))
+        self.agent.send_control({"op": "exit", "id": container.cid, "sid": sid, "code": 0})
+        return {"size": out.written}
+
+    def on_archive_put(self, message: dict[str, Any]) -> dict[str, Any]:
+        container = self.agent.container(message)
+        sid = int(message["sid"])
+        self.agent.check_sid_free(sid)
+        if sid in self.uploads:
+            raise RequestError(f"session {sid} is in use")
+        path = str(message["path"])
+        try:
+            real = archive.resolve(container.root, path)
+        except archive.ArchiveError as exc:
+            raise RequestError(str(exc), 1) from None
+        if os.path.isdir(real):
+            dest, rename = path, None
+        else:
+            parent = path.rstrip("/").rsplit("/", 1)[0] or "/"
+            if path.endswith("/") or not os.path.isdir(archive.resolve(container.root, parent)):
+                raise RequestError(f"Could not find the file {path} in container", 1)
+            dest, rename = parent, path.rstrip("/").rsplit("/", 1)[-1]
+        self.uploads[sid] = (container, dest, rename, bytearray())
+        return {}
+
+    def on_upload(self, sid: int, kind: int, payload: bytes) -> None:
+        container, dest, rename, data = self.uploads[sid]
+        if kind != protocol.EOF:
+            data += payload
+            return
+        del self.uploads[sid]
+        import io
+
+        code, error = 0, None
+        try:
+            archive.extract_tar(container.root, dest, io.BytesIO(bytes(data)), rename)
+        except Exception as exc:  # tarfile's own errors too: the user hears what went wrong
+            code, error = 1, describe(exc)
+        report: dict[str, Any] = {"op": "exit", "id": container.cid, "sid": sid, "code": code}
+        if error:
+            report["message"] = error
+        self.agent.send_control(report)
