@@ -1,0 +1,239 @@
+"""A monitor's VM: the host network it is attached to, and one boot's VMM with its agent channel.
+
+Launching gets a live agent: a fresh boot's hello, or a restored snapshot's answer to ``restore``, with a cold
+boot when the snapshot does not restore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from micropod.agent import protocol
+from micropod.channel import AgentLink, Frame, FramedSocket, decode
+from micropod.errors import AgentError, BootError, ContainerCommandError, MicropodError, TimeoutExpired
+from micropod.liveness import ProcessRef
+from micropod.net import lifecycle
+from micropod.paths import StateRoot, VmDir
+from micropod.runconfig import RunConfig
+from micropod.state import StateStore
+from micropod.vmm import snapshot
+from micropod.vmm.base import Vmm, VmSpec
+from micropod.vmm.child import log_tail
+from micropod.vmm.factory import ROOTFS_DRIVE, UPPER_DRIVE, build_spec, create_vmm
+
+log = logging.getLogger("micropod.monitor")  # one logger for all of the monitor: its log names no module
+
+MAIN = "main"  # the container's id in the agent
+MAIN_SID = 1  # the stream id of its main process
+SHUTDOWN_GRACE = 10.0
+
+Reply = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class NetworkAttachment:
+    """The VM's TAP on the host bridge: attached for the first boot, kept by restarts, detached at the end."""
+
+    root: StateRoot
+    cfg: RunConfig
+    attached: bool = False
+
+    def attach(self) -> None:
+        if self.attached:
+            return
+        network = self.cfg.network
+        lifecycle.attach(self.root, self.cfg.vm_id, network)
+        self.attached = True
+        log.debug("phase: network attached (%s on %s)", network.tap, network.bridge)
+
+    def detach(self) -> str | None:
+        """Tear it down; a failure comes back as the error to record, since the exit must still be recorded."""
+        if not self.attached:
+            return None
+        error = None
+        try:
+            lifecycle.detach(self.root, self.cfg.vm_id, self.cfg.network)
+        except MicropodError as exc:
+            # reconciliation retries it
+            log.error("tearing down the VM's network failed: %s", exc)
+            error = f"tearing down the VM's network failed: {exc}"
+        self.attached = False
+        return error
+
+
+class VmProcess:
+    """One boot's VMM child and agent channel. A launch that fails leaves them here, for end() to clean up."""
+
+    def __init__(self, cfg: RunConfig, vm_dir: VmDir, store: StateStore, on_frame: Callable[[Frame], None]) -> None:
+        self.cfg = cfg
+        self.vm_dir = vm_dir
+        self.store = store
+        self.on_frame = on_frame  # agent frames that are not the reply a request waits for
+        self.vmm: Vmm | None = None
+        self.pidfd: int | None = None
+        self.link: AgentLink | None = None
+        self.pending: dict[int, Reply] = {}
+
+    def boot(self, network: NetworkAttachment, maintenance: bool) -> None:
+        """Boot the VM and create the container; start its main process, unless only its disks are wanted."""
+        from micropod.rootfs.upper import create_upper
+
+        if not self.vm_dir.upper.exists():
+            create_upper(self.vm_dir.upper, self.cfg.upper_size)
+        log.debug("phase: upper disk ready")
+        if self.cfg.network.enabled and not maintenance:
+            network.attach()
+        spec = build_spec(self.cfg, self.vm_dir, with_network=network.attached)
+        deadline = time.monotonic() + self.cfg.boot_timeout
+        self.launch(spec, deadline)
+        if network.attached:
+            self.request("network", deadline, **lifecycle.agent_request(self.cfg.network))
+        rootfs = {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)}
+        self.request("create", deadline, id=MAIN, spec=self.cfg.container.to_agent(rootfs))
+        if maintenance:
+            log.debug("phase: container mounted for maintenance")
+            return
+        self.request("start", deadline, id=MAIN, sid=MAIN_SID)
+        log.debug("phase: container started")
+
+    def launch(self, spec: VmSpec, deadline: float) -> None:
+        """Restore the boot snapshot if there is one, else boot cold; either way the agent answers after."""
+        try:
+            self._start(spec, deadline, warm=True)
+        except BootError as exc:
+            vmm = self.vmm
+            if vmm is None or not vmm.warm:
+                raise
+            # A snapshot that does not restore is useless to every later run too: drop it, boot cold.
+            log.warning("restoring the boot snapshot failed, booting cold: %s", exc)
+            vmm.kill()
+            snapshot.invalidate(getattr(vmm, "snapshot", None))
+            self._start(spec, time.monotonic() + self.cfg.boot_timeout, warm=False)
+
+    def _start(self, spec: VmSpec, deadline: float, warm: bool) -> None:
+        """Start the VMM and get a live agent channel: a fresh boot's hello, or a restored VM's reply."""
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.vmm = create_vmm(self.cfg.backend, spec, warm=warm)
+        self.vmm.start()
+        log.debug("phase: VMM started (%s)", "from snapshot" if self.vmm.warm else "cold boot")
+        pid = self.vmm.pid
+        if pid is not None:
+            ref = ProcessRef.of(pid)
+            if ref:
+                self.store.update(self.cfg.vm_id, vmm_pid=ref.pid, vmm_start=ref.started)
+            self.pidfd = os.pidfd_open(pid)
+        channel = FramedSocket(self.vmm.connect_agent(self.cfg.boot_timeout))
+        self.link = AgentLink(channel, self.on_frame)
+        if not self.vmm.warm:
+            self._await_hello(channel, deadline)
+            log.debug("phase: agent hello")
+            return
+        try:
+            reply = self.link.request("restore", deadline, self.pidfd, entropy=os.urandom(64).hex(), time=time.time())
+        except (AgentError, TimeoutExpired) as exc:
+            raise BootError(f"the restored VM's agent did not answer ({exc}); console tail:\n"
+                            f"{console_tail(self.vm_dir)}") from None
+        if reply["op"] != "ok":
+            raise BootError(f"the restored VM's agent refused restore: {reply.get('message')}")
+        log.debug("phase: agent restored")
+
+    def _await_hello(self, channel: FramedSocket, deadline: float) -> None:
+        try:
+            while True:
+                frame = channel.next_frame(deadline, also_watch=self.pidfd)
+                if frame is None:
+                    raise BootError(f"the VM exited during boot:\n{console_tail(self.vm_dir)}")
+                if frame[0] == protocol.CONTROL:
+                    message = decode(frame[2])
+                    if message["op"] == "hello":
+                        log.debug("agent hello at guest uptime %.3fs", message.get("uptime", -1))
+                        return
+        except TimeoutExpired:
+            raise BootError(f"the guest agent did not come up within {self.cfg.boot_timeout:.0f}s; "
+                            f"console tail:\n{console_tail(self.vm_dir)}") from None
+        except AgentError:
+            # The channel closes when the guest dies early; let the VMM finish so the tail is whole.
+            if self.vmm is not None:
+                self.vmm.wait(2.0)
+            raise BootError(f"the guest failed to boot; console tail:\n{console_tail(self.vm_dir)}") from None
+
+    def request(self, op: str, deadline: float, **fields: Any) -> None:
+        """A request during start-up: a refusal fails the start with the agent's message and exit code."""
+        assert self.link is not None
+        reply = self.link.request(op, deadline, self.pidfd, **fields)
+        if reply["op"] == "ok":
+            return
+        message = str(reply.get("message", f"{op} failed"))
+        raise ContainerCommandError(message, int(reply.get("code") or 125))
+
+    def send(self, op: str, **fields: Any) -> None:
+        """A request whose answer nobody waits for; AgentError if the channel is gone."""
+        assert self.link is not None
+        self.link.send(op, **fields)
+
+    def send_stdin(self, sid: int, kind: int, payload: bytes) -> None:
+        """Input (or its end, for an EOF frame) for process ``sid``; AgentError if the channel is gone."""
+        assert self.link is not None
+        stream = protocol.stream_id(sid, protocol.STDIN)
+        if kind == protocol.EOF:
+            self.link.channel.send_eof(stream)
+        else:
+            self.link.channel.send_data(stream, payload)
+
+    def call(self, op: str, reply: Reply | None = None, **fields: Any) -> None:
+        """A request to the agent whose answer, if wanted, comes back through ``reply`` in the loop."""
+        if self.link is None or self.link.channel.closed:
+            if reply is not None:
+                reply({"op": "error", "message": "the VM is not running", "code": 125})
+            return
+        try:
+            req = self.link.send(op, **fields)
+        except AgentError:
+            if reply is not None:
+                reply({"op": "error", "message": "the agent channel is gone", "code": 125})
+            return
+        if reply is not None:
+            self.pending[req] = reply
+
+    def deliver_reply(self, message: dict[str, Any]) -> bool:
+        """Hand an agent's ok or error to the call that waits for it; False if none does."""
+        if message["op"] not in ("ok", "error") or message.get("req") not in self.pending:
+            return False
+        self.pending.pop(message["req"])(message)
+        return True
+
+    def kill(self) -> None:
+        if self.vmm is not None:
+            self.vmm.kill()
+
+    def end(self) -> None:
+        """Power the VM off (the agent first, the VMM killed after a grace period); close its channel and pidfd."""
+        if self.vmm is not None and self.vmm.wait(0) is None:
+            if self.link is not None and not self.link.channel.closed:
+                with contextlib.suppress(MicropodError):
+                    self.link.send("shutdown")
+            if self.vmm.wait(SHUTDOWN_GRACE) is None:
+                self.vmm.kill()
+        if self.link is not None:
+            self.link.channel.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def remove_vm_sockets(vm_dir: VmDir) -> None:
+    """The sockets a boot's VMM and agent leave behind; the next boot, or nobody, binds them again."""
+    for path in (vm_dir.agent_sock, vm_dir.qmp_sock, vm_dir.api_sock, vm_dir.vsock):
+        path.unlink(missing_ok=True)
+
+
+def console_tail(vm_dir: VmDir) -> str:
+    return log_tail(vm_dir.console_log) or "(no output)"

@@ -1,0 +1,132 @@
+"""What a monitor's clients send: requests on the control stream, and stdin for the main process or their exec
+session."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol
+
+from micropod.agent import protocol
+from micropod.channel import decode
+from micropod.errors import AgentError, ContainerCommandError, MicropodError
+from micropod.monitor_connections import Connections
+from micropod.monitor_launch import MAIN_SID, Reply
+from micropod.monitor_sessions import ExecSessions
+from micropod.runconfig import RunConfig
+
+
+class Container(Protocol):
+    """The monitor's side: the container as its current boot runs it."""
+
+    @property
+    def maintenance(self) -> bool:
+        """Booted for `cp` only: no process runs, and a shutdown request ends it."""
+
+    def running(self) -> bool:
+        """The main process has not exited and the agent can be reached."""
+
+    def accepts_exec(self) -> bool:
+        """Running and not being stopped."""
+
+    def call_agent(self, op: str, reply: Reply | None = None, **fields: Any) -> None: ...
+
+    def signal_main(self, signum: int) -> None: ...
+
+    def stop(self, signum: int, timeout: float) -> None:
+        """``signum`` to the main process, the VM killed after ``timeout`` seconds."""
+
+    def kill(self) -> None: ...
+
+    def end_maintenance(self) -> None: ...
+
+    def write_stdin(self, sid: int, kind: int, payload: bytes) -> None: ...
+
+
+class ClientRequests:
+    def __init__(self, cfg: RunConfig, clients: Connections, sessions: ExecSessions, container: Container) -> None:
+        self.cfg = cfg
+        self.clients = clients
+        self.sessions = sessions
+        self.container = container
+
+    def on_readable(self, fd: int) -> None:
+        client = self.clients.clients[fd]
+        try:
+            frames = client.pump()
+        except MicropodError:
+            frames = []
+        for kind, stream, payload in frames:
+            if kind == protocol.CONTROL:
+                try:
+                    self._on_request(fd, decode(payload))
+                except MicropodError as exc:
+                    with contextlib.suppress(MicropodError):
+                        client.send_control({"op": "error", "message": str(exc)})
+            elif stream == protocol.STDIN:
+                self._on_stdin(fd, kind, payload)
+        if client.closed:
+            self.clients.drop(fd)
+
+    def _on_request(self, fd: int, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == "attach":
+            self.clients.attached.add(fd)
+        elif op == "exec":
+            self._start_exec(fd, message, "exec", {"spec": message.get("spec") or {}})
+        elif op in ("cp-get", "cp-put"):
+            self._start_exec(fd, message, "archive-get" if op == "cp-get" else "archive-put",
+                             {"path": str(message["path"])})
+        elif op == "resize":
+            sid = self.sessions.sid_of_client.get(fd, MAIN_SID if fd in self.clients.attached else None)
+            if sid is not None and self.container.running():
+                self.container.call_agent("resize", sid=sid, rows=int(message["rows"]), cols=int(message["cols"]))
+        elif op == "signal" and fd in self.sessions.sid_of_client:
+            self.sessions.send_signal(fd, int(message["signal"]))
+        elif op == "signal":
+            self.container.signal_main(int(message["signal"]))
+        elif op == "stop":
+            timeout = float(message.get("timeout", 10))
+            self.container.stop(int(message.get("signal") or self.cfg.stop_signal), timeout)
+        elif op == "kill":
+            self.container.kill()
+        elif op == "wait":
+            pass  # every client hears the exit
+        elif op == "shutdown" and self.container.maintenance:
+            self.container.end_maintenance()
+        elif op == "stats":
+            self._stats(fd)
+        else:
+            raise AgentError(f"unknown monitor request {op!r}")
+
+    def _start_exec(self, fd: int, message: dict[str, Any], agent_op: str, fields: dict[str, Any]) -> None:
+        """A session (an exec'd process, or a cp's tar stream) routed between one client and the agent."""
+        if not self.container.accepts_exec():
+            raise ContainerCommandError(f"container {self.cfg.vm_id} is not running", 125)
+        self.sessions.start(fd, bool(message.get("detach")), agent_op, fields)
+
+    def _stats(self, fd: int) -> None:
+        client = self.clients.clients[fd]
+
+        def answer(reply: dict[str, Any]) -> None:
+            fields = {k: v for k, v in reply.items() if k not in ("op", "req")}
+            with contextlib.suppress(MicropodError):
+                client.send_control({"op": "stats-reply", **fields})
+
+        if not self.container.running():
+            answer({"op": "error", "message": "the container is not running"})
+        else:
+            self.container.call_agent("stats", answer)
+
+    def _on_stdin(self, fd: int, kind: int, payload: bytes) -> None:
+        """A client's stdin goes to its exec session, or to the main process for an attached client."""
+        session = self.sessions.of_client(fd)
+        if session is not None:
+            if not session.started:
+                return
+            sid = session.sid
+        elif fd in self.clients.attached and self.cfg.container.stdin:
+            sid = MAIN_SID
+        else:
+            return
+        if self.container.running():
+            self.container.write_stdin(sid, kind, payload)

@@ -1,0 +1,108 @@
+"""Exec sessions: processes exec'd in the container (and `cp`'s tar streams), each with its own stream id in the
+agent, routed to and from the one client that started it."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from micropod.channel import FramedSocket
+from micropod.errors import AgentError
+from micropod.monitor_connections import Connections
+from micropod.monitor_launch import MAIN, Reply
+
+FIRST_EXEC_SID = 2
+
+
+@dataclass
+class Session:
+    """An exec'd process: its stream id in the agent, and the client that sees its output (if any)."""
+
+    sid: int
+    client: int | None
+    started: bool = False
+
+
+class AgentCall(Protocol):
+    def __call__(self, op: str, reply: Reply | None = None, **fields: Any) -> None:
+        """Send a request to the agent; its answer, if wanted, comes to ``reply``."""
+
+
+class ExecSessions:
+    def __init__(self, clients: Connections, call_agent: AgentCall) -> None:
+        self.clients = clients
+        self.call_agent = call_agent
+        self.by_sid: dict[int, Session] = {}
+        self.sid_of_client: dict[int, int] = {}
+        self._sids = itertools.count(FIRST_EXEC_SID)  # not reset by a restart
+
+    def clear(self) -> None:
+        self.by_sid.clear()
+        self.sid_of_client.clear()
+
+    def of_client(self, fd: int) -> Session | None:
+        sid = self.sid_of_client.get(fd)
+        return None if sid is None else self.by_sid[sid]
+
+    def start(self, fd: int, detach: bool, agent_op: str, fields: dict[str, Any]) -> None:
+        """A session routed between the client on ``fd`` (none if detached) and the agent."""
+        if fd in self.sid_of_client:
+            raise AgentError("this connection already runs an exec session")
+        session = Session(next(self._sids), None if detach else fd)
+        self.by_sid[session.sid] = session
+        if not detach:
+            self.sid_of_client[fd] = session.sid
+
+        def started(reply: dict[str, Any]) -> None:
+            if reply["op"] == "ok":
+                session.started = True
+                if session.sid not in self.by_sid:
+                    return  # it has already ended (a cp-get streams everything before its reply)
+                self._send(session, lambda c: c.send_control({"op": "exec-started", "sid": session.sid}), also=fd)
+                return
+            self.by_sid.pop(session.sid, None)
+            self.sid_of_client.pop(fd, None)
+            self._send(session, lambda c: c.send_control(
+                {"op": "exec-exit", "code": int(reply.get("code") or 125), "error": reply.get("message")}), also=fd)
+
+        self.call_agent(agent_op, started, id=MAIN, sid=session.sid, **fields)
+
+    def output(self, sid: int, stream: int, payload: bytes) -> None:
+        """The session's stdout or stderr, for its client."""
+        if sid in self.by_sid:
+            self._send(self.by_sid[sid], lambda c: c.send_data(stream, payload))
+
+    def ended(self, sid: int, code: int, error: str | None = None) -> None:
+        session = self.by_sid.pop(sid, None)
+        if session is None:
+            return
+        if session.client is not None:
+            self.sid_of_client.pop(session.client, None)
+        report: dict[str, Any] = {"op": "exec-exit", "code": code}
+        if error:
+            report["error"] = error
+        self._send(session, lambda c: c.send_control(report))
+
+    def send_signal(self, fd: int, signum: int) -> None:
+        """A signal from the client on ``fd`` for its session's process, once that runs."""
+        session = self.by_sid.get(self.sid_of_client[fd])
+        if session is not None and session.started:
+            self.call_agent("signal", id=MAIN, sid=session.sid, signal=signum)
+
+    def hang_up(self, fd: int) -> None:
+        """The client on ``fd`` went away."""
+        sid = self.sid_of_client.pop(fd, None)
+        session = self.by_sid.get(sid) if sid is not None else None
+        if session is not None:
+            # Like a terminal hanging up: the process hears SIGHUP, and its output goes nowhere.
+            session.client = None
+            if session.started:
+                self.call_agent("signal", id=MAIN, sid=session.sid, signal=int(signal.SIGHUP))
+
+    def _send(self, session: Session, send: Callable[[FramedSocket], None], also: int | None = None) -> None:
+        """To the session's client, or to ``also`` (the client that asked) once the session has none."""
+        self.clients.send_to(session.client if session.client is not None else also, send)
+
