@@ -96,16 +96,39 @@ class VmRecord:
 _COLUMNS = tuple(f.name for f in fields(VmRecord))
 
 
+BUSY_TIMEOUT = 30.0
+
+
 def connect(db: Path, schema: str | None = None) -> sqlite3.Connection:
-    """A connection to state.db as every user of it needs one: autocommit, waiting out other writers."""
+    """A connection to state.db as every user of it needs one: autocommit, waiting out other writers.
+
+    Setting up a connection can meet a lock that SQLite's busy handler does not wait for (a fresh
+    connection asking for WAL while others open the file), so that part is retried, within bounds.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            return _open(db, schema)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise StateError(f"state store {db}: {exc}") from exc
+            time.sleep(0.01)
+        except sqlite3.Error as exc:
+            raise StateError(f"state store {db}: {exc}") from exc
+
+
+def _open(db: Path, schema: str | None) -> sqlite3.Connection:
+    conn = sqlite3.connect(db, timeout=BUSY_TIMEOUT, isolation_level=None)
     try:
-        conn = sqlite3.connect(db, timeout=30.0, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout = 30000")
-        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        # WAL is a property of the file: ask for it only while the file is not in WAL yet.
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
         if schema:
             conn.execute(schema)
-    except sqlite3.Error as exc:
-        raise StateError(f"state store {db}: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
