@@ -206,6 +206,8 @@ def test_two_vms_get_distinct_addresses_and_rm_leaves_nothing(world: tuple[Topol
     ruleset = topo.run(topo.host, "nft", "list", "ruleset").stdout
     assert str(one["IPAddress"]) not in ruleset and str(two["IPAddress"]) in ruleset
     assert leftovers(topo, cli.root)["taps"] == [tap_name(str(inspect(cli, "two")["Id"]))]
+    assert cli("port", "one").stdout == "" and cli("port", "two").stdout == "80/udp -> 0.0.0.0:8082\n"
+    assert {r["Names"]: r["Ports"] for r in ps(cli)} == {"one": "", "two": "0.0.0.0:8082->80/udp"}
     assert cli("rm", "-f", "one").returncode == 0
     assert cli("rm", "-f", "two").returncode == 0
     assert leftovers(topo, cli.root) == NOTHING

@@ -160,7 +160,6 @@ def _command_text(record: VmRecord) -> str:
 @pass_ctx
 def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> None:
     """List containers."""
-    from micropod.cli.network import load_settings, ports_column
     from micropod.cli.output import json_lines, table, truncate
     from micropod.units import human_duration
 
@@ -176,7 +175,7 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> N
             "Command": _command_text(record), "CreatedAt": _iso(record.created),
             "State": record.status, "Status": _status_text(record, now), "Names": record.name,
             "ExitCode": record.exit_code, "Backend": record.backend,
-            "Ports": ports_column(load_settings(ctx, record.id)),
+            "Ports": _ports(ctx, record),
             "RestartCount": record.restart_count,
         } for record in records])
         return
@@ -186,10 +185,17 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> N
         f'"{_command_text(record) if no_trunc else truncate(_command_text(record), 20)}"',
         f"{human_duration(now - record.created)} ago",
         _status_text(record, now),
-        ports_column(load_settings(ctx, record.id)),
+        _ports(ctx, record),
         record.name,
     ] for record in records]
     table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"], rows)
+
+
+def _ports(ctx: Context, record: VmRecord) -> str:
+    """Like docker, only a running container shows its published ports."""
+    from micropod.cli.network import load_settings, ports_column
+
+    return ports_column(load_settings(ctx, record.id)) if record.status == "running" else ""
 
 
 def _each(ctx: Context, idents: tuple[str, ...], action: Any, ignore_missing: bool = False) -> None:

@@ -46,7 +46,8 @@ def network_inspect(settings: NetworkSettings) -> dict[str, Any]:
 def port(ctx: Context, container: str, private_port: str | None) -> None:
     """List a container's published ports, or the host side of one of them (PORT[/PROTO])."""
     record = ctx.state.find(container)
-    settings = load_settings(ctx, record.id)
+    # like docker, a container that is not running publishes nothing
+    settings = load_settings(ctx, record.id) if record.status == "running" else NetworkSettings()
     wanted: tuple[int, str] | None = None
     if private_port is not None:
         number, _, protocol = private_port.partition("/")
