@@ -177,11 +177,10 @@ def _vm(index: int) -> VmNetwork:
 
 def _micropod_cycles(state: str, iterations: int) -> list[float]:
     """In a fresh namespace: the product's attach + detach, with one other VM attached throughout."""
-    from micropod.net.config import NetworkConfig
     from micropod.net.host import HostNetwork
     from micropod.paths import StateRoot
 
-    host = HostNetwork(StateRoot(Path(state)).ensure(), NetworkConfig.parse())
+    host = HostNetwork(StateRoot(Path(state)).ensure())
     try:
         resident = _vm(0)
         host.attach(resident)  # creates the bridge too
@@ -206,7 +205,7 @@ def _shell_cycles(iterations: int) -> list[float]:
     network = NetworkConfig.parse()
 
     def nft(vms: list[VmNetwork]) -> None:
-        _run(["nft", "-j", "-f", "-"], input=json.dumps(ruleset(network, vms)).encode())
+        _run(["nft", "-j", "-f", "-"], input=json.dumps(ruleset(vms)).encode())
 
     def add_tap(name: str) -> None:
         _run(["ip", "tuntap", "add", "dev", name, "mode", "tap"])

@@ -58,7 +58,7 @@ class NetworkAttachment:
             return None
         error = None
         try:
-            lifecycle.detach(self.root, self.cfg.vm_id, self.cfg.network)
+            lifecycle.detach(self.root, self.cfg.vm_id)
         except MicropodError as exc:
             # reconciliation retries it
             log.error("tearing down the VM's network failed: %s", exc)

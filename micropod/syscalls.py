@@ -171,7 +171,7 @@ def create_persistent_tap(name: str) -> None:
     """A TAP device that outlives this process, for a VMM to open by name later."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
         fcntl.ioctl(fd, TUNSETPERSIST, 1)
     except OSError as exc:
         raise OSError(exc.errno, f"ioctl(TUNSETIFF) for {name}: {exc.strerror}") from None

@@ -19,7 +19,8 @@ NET = NetworkConfig.parse("mphost0", "10.66.0.0/24")
 
 
 def vm(n: int, *ports: PortMapping) -> VmNetwork:
-    return VmNetwork(f"vm{n}", f"mp-h{n}", f"02:00:00:00:01:{n:02x}", ipaddress.IPv4Address(f"10.66.0.{n + 1}"), ports)
+    return VmNetwork(f"vm{n}", f"mp-h{n}", f"02:00:00:00:01:{n:02x}", ipaddress.IPv4Address(f"10.66.0.{n + 1}"), ports,
+                     NET)
 
 
 def _links() -> list[str]:
@@ -29,7 +30,7 @@ def _links() -> list[str]:
 
 def _lifecycle(root_dir: str) -> dict[str, object]:
     root = StateRoot(Path(root_dir)).ensure()
-    host = HostNetwork(root, NET)
+    host = HostNetwork(root)
     seen: dict[str, object] = {}
     host.attach(vm(1, PortMapping(8080, 80)))
     host.attach(vm(2))
@@ -44,7 +45,7 @@ def _lifecycle(root_dir: str) -> dict[str, object]:
     seen["detach1"] = host.detach("vm1")
     seen["detach1_again"] = host.detach("vm1")
     seen["inet_after_detach1"] = json.dumps(nft.listing("inet"))
-    seen["reclaimed"] = host.reclaim(keep={"vm9"})
+    seen["reclaimed"] = host.reclaim(lambda vm_id: vm_id == "vm9")
     seen["final"] = (host.attachments(), [n for n in _links() if n.startswith("mp-")], nft.listing("inet"),
                      nft.listing("netdev"))
     host.close()
@@ -65,9 +66,9 @@ def test_attach_detach_reclaim(tmp_path: Path) -> None:
 
 def _failed_rules_undo(root_dir: str) -> dict[str, object]:
     root = StateRoot(Path(root_dir)).ensure()
-    host = HostNetwork(root, NET)
+    host = HostNetwork(root)
     host.attach(vm(1))
-    bad = VmNetwork("vm5", "mp-h5", "not-a-mac", ipaddress.IPv4Address("10.66.0.6"))
+    bad = VmNetwork("vm5", "mp-h5", "not-a-mac", ipaddress.IPv4Address("10.66.0.6"), (), NET)
     try:
         host.attach(bad)
         error = "attached"

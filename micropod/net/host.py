@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-from collections.abc import Iterable, Iterator
+import sqlite3
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
 from micropod.fsutil import flock
@@ -28,16 +29,24 @@ CREATE TABLE IF NOT EXISTS attachments (
     tap    TEXT NOT NULL,
     mac    TEXT NOT NULL,
     ip     TEXT NOT NULL,
-    ports  TEXT NOT NULL
+    ports  TEXT NOT NULL,
+    bridge TEXT NOT NULL DEFAULT '',
+    subnet TEXT NOT NULL DEFAULT ''
 )
 """
+# Columns added after the table first shipped; an older table gains them on open.
+MIGRATIONS = (("bridge", "TEXT NOT NULL DEFAULT ''"), ("subnet", "TEXT NOT NULL DEFAULT ''"))
 
 
 class HostNetwork:
-    def __init__(self, root: StateRoot, network: NetworkConfig) -> None:
+    def __init__(self, root: StateRoot) -> None:
         self.root = root
-        self.network = network
         self._conn = connect(root.db, SCHEMA)
+        present = {row[1] for row in self._conn.execute("PRAGMA table_info(attachments)")}
+        for column, definition in MIGRATIONS:
+            if column not in present:
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it meanwhile
+                    self._conn.execute(f"ALTER TABLE attachments ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         self._conn.close()
@@ -48,10 +57,12 @@ class HostNetwork:
             yield
 
     def attachments(self) -> list[VmNetwork]:
-        rows = self._conn.execute("SELECT vm_id, tap, mac, ip, ports FROM attachments ORDER BY rowid").fetchall()
+        rows = self._conn.execute("SELECT vm_id, tap, mac, ip, ports, bridge, subnet FROM attachments "
+                                  "ORDER BY rowid").fetchall()
         return [VmNetwork(vm_id, tap, mac, ipaddress.IPv4Address(ip),
-                          tuple(PortMapping(**p) for p in json.loads(ports)))
-                for vm_id, tap, mac, ip, ports in rows]
+                          tuple(PortMapping(**p) for p in json.loads(ports)),
+                          NetworkConfig.parse(bridge, subnet) if bridge else NetworkConfig())
+                for vm_id, tap, mac, ip, ports, bridge, subnet in rows]
 
     def published(self, exclude: str | None = None) -> list[PortMapping]:
         return [p for vm in self.attachments() if vm.vm_id != exclude for p in vm.ports]
@@ -63,49 +74,57 @@ class HostNetwork:
             check_unique(list(vm.ports), [p for a in others for p in a.ports])
             for port in vm.ports:
                 check_host_port_free(port)
-            links.ensure_bridge(self.network)
+            links.ensure_bridge(vm.network)
+            # The row first: whatever a crash leaves from here on, reconciliation finds through it.
+            self._store(vm)
             try:
-                links.create_tap(vm.tap, self.network.bridge)
-                self._store(vm)
+                links.create_tap(vm.tap, vm.network.bridge)
                 self._apply([*others, vm])
             except BaseException:
-                self._forget(vm.vm_id)
-                links.delete_tap(vm.tap)
                 with contextlib.suppress(Exception):
                     self._apply(others)
+                links.delete_tap(vm.tap)
+                self._forget(vm.vm_id)
                 raise
 
-    def detach(self, vm_id: str) -> bool:
-        """Remove the VM's TAP, row and rules; idempotent. True if anything was there."""
+    def detach(self, vm_id: str, unless: Callable[[str], bool] | None = None) -> bool:
+        """Remove the VM's rules, TAP and row, in that order; idempotent. True if anything was there.
+
+        ``unless`` is asked under the lock: reconciliation uses it so that a VM started again since
+        it looked is left alone.
+        """
         with self._locked():
-            attached = [a for a in self.attachments() if a.vm_id == vm_id]
+            if unless is not None and unless(vm_id):
+                return False
+            rows = self.attachments()
+            attached = [a for a in rows if a.vm_id == vm_id]
             tap = attached[0].tap if attached else tap_name(vm_id)
             if not attached and not links.link_exists(tap):
                 return False
+            # Rules go while the TAP still exists (its ingress chain is bound to it); if that fails,
+            # the row stays for the next try.
+            self._apply([a for a in rows if a.vm_id != vm_id])
             links.delete_tap(tap)
             self._forget(vm_id)
-            self._apply(self.attachments())
             return True
 
-    def reclaim(self, keep: Iterable[str]) -> list[str]:
-        """Detach every VM not in ``keep`` (a crashed monitor's leftovers); the ids detached."""
-        alive = set(keep)
-        stale = [a.vm_id for a in self.attachments() if a.vm_id not in alive]
-        for vm_id in stale:
-            self.detach(vm_id)
-        return stale
+    def reclaim(self, is_active: Callable[[str], bool]) -> list[str]:
+        """Detach every VM that no longer runs (a crashed monitor's leftovers); the ids detached."""
+        stale = [a.vm_id for a in self.attachments() if not is_active(a.vm_id)]
+        return [vm_id for vm_id in stale if self.detach(vm_id, unless=is_active)]
 
     def _apply(self, vms: list[VmNetwork]) -> None:
         # With no VM left, nothing of micropod's stays in the firewall.
         if vms:
-            nft.apply(nft.ruleset(self.network, vms))
+            nft.apply(nft.ruleset(vms))
         else:
             nft.remove()
 
     def _store(self, vm: VmNetwork) -> None:
         ports = json.dumps([asdict(p) for p in vm.ports])
-        self._conn.execute("INSERT OR REPLACE INTO attachments VALUES (?, ?, ?, ?, ?)",
-                           (vm.vm_id, vm.tap, vm.mac, str(vm.ip), ports))
+        self._conn.execute("INSERT OR REPLACE INTO attachments (vm_id, tap, mac, ip, ports, bridge, subnet) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (vm.vm_id, vm.tap, vm.mac, str(vm.ip), ports, vm.network.bridge, str(vm.network.subnet)))
 
     def _forget(self, vm_id: str) -> None:
         self._conn.execute("DELETE FROM attachments WHERE vm_id = ?", (vm_id,))

@@ -16,7 +16,7 @@ from micropod.net.config import NetworkConfig
 from micropod.net.dns import check_nameserver, resolv_conf
 from micropod.net.ports import PortMapping, check_host_port_free, check_unique, parse_publish
 from micropod.paths import StateRoot
-from micropod.runconfig import NetworkSettings, RunConfig
+from micropod.runconfig import NetworkSettings
 from micropod.state import ACTIVE, VmRecord
 
 MODES = ("bridge", "none")
@@ -47,15 +47,16 @@ def plan(ctx: Context, mode: str | None, publish: tuple[str, ...], dns: tuple[st
         return Plan(mode, None, (), resolv_conf(servers))
     network = NetworkConfig.from_env()
     if ports:
-        check_ports(ctx.root, network, ports)
+        reconcile(ctx)  # a crashed run's rows must not hold its ports
+        check_ports(ctx.root, ports)
     _check_bridge(network)
     return Plan(mode, network, ports, resolv_conf(servers))
 
 
-def check_ports(root: StateRoot, network: NetworkConfig, ports: tuple[PortMapping, ...]) -> None:
+def check_ports(root: StateRoot, ports: tuple[PortMapping, ...]) -> None:
     from micropod.net.host import HostNetwork
 
-    host = HostNetwork(root, network)
+    host = HostNetwork(root)
     try:
         check_unique(list(ports), host.published())
     finally:
@@ -111,19 +112,19 @@ def attach(root: StateRoot, vm_id: str, settings: NetworkSettings) -> None:
     from micropod.net.host import HostNetwork
     from micropod.net.nft import VmNetwork
 
-    host = HostNetwork(root, network_of(settings))
+    host = HostNetwork(root)
     try:
-        host.attach(VmNetwork(vm_id, settings.tap, settings.mac, ipaddress.IPv4Address(settings.ip), settings.ports))
+        host.attach(VmNetwork(vm_id, settings.tap, settings.mac, ipaddress.IPv4Address(settings.ip), settings.ports,
+                              network_of(settings)))
     finally:
         host.close()
 
 
-def detach(root: StateRoot, vm_id: str, settings: NetworkSettings | None = None) -> bool:
-    """Idempotent; safe with or without the VM's settings (a crashed run may have lost them)."""
+def detach(root: StateRoot, vm_id: str) -> bool:
+    """Idempotent; everything needed is in the VM's attachment row (or its TAP's name)."""
     from micropod.net.host import HostNetwork
 
-    network = network_of(settings) if settings is not None and settings.enabled else NetworkConfig.from_env()
-    host = HostNetwork(root, network)
+    host = HostNetwork(root)
     try:
         return host.detach(vm_id)
     finally:
@@ -131,9 +132,7 @@ def detach(root: StateRoot, vm_id: str, settings: NetworkSettings | None = None)
 
 
 def teardown(ctx: Context, vm_id: str) -> None:
-    """Detach a container being removed, with its own settings when its config is still readable."""
-    cfg = RunConfig.load_if_readable(ctx.root.vm(vm_id).config)
-    detach(ctx.root, vm_id, cfg.network if cfg else None)
+    detach(ctx.root, vm_id)
 
 
 def agent_request(settings: NetworkSettings) -> dict[str, object]:
@@ -149,38 +148,46 @@ def reconcile(ctx: Context) -> list[VmRecord]:
     that no longer run, addresses of VMs that no longer exist. Cheap when there is nothing to do.
 
     The leftovers are read before the records: a VM records itself before it leases or attaches, so
-    a run starting meanwhile is never mistaken for a leftover.
+    a run starting meanwhile is never mistaken for a leftover; and only those leftovers are freed.
     """
-    import sqlite3
-
-    try:
-        conn = sqlite3.connect(ctx.root.db, timeout=30.0)
-        try:
-            attached, leased = _ids(conn, "attachments"), _ids(conn, "leases")
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        attached, leased = set(), set()
+    attached, leased = _ids(ctx, "attachments"), _ids(ctx, "leases")
     records = ctx.state.reconcile()
     active = {r.id for r in records if r.status in ACTIVE}
-    for vm_id in attached - active:
-        detach(ctx.root, vm_id)
-    if leased - {r.id for r in records}:
+    if attached - active:
+        from micropod.net.host import HostNetwork
+
+        def still_active(vm_id: str) -> bool:
+            record = ctx.state.get(vm_id)
+            return record is not None and record.status in ACTIVE
+
+        host = HostNetwork(ctx.root)
+        try:
+            for vm_id in attached - active:
+                host.detach(vm_id, unless=still_active)
+        finally:
+            host.close()
+    stale = leased - {r.id for r in records}
+    if stale:
         from micropod.net.ipam import Ipam
 
         ipam = Ipam(ctx.root.db, NetworkConfig())
         try:
-            ipam.reclaim(r.id for r in records)
+            for vm_id in stale:
+                ipam.release(vm_id)
         finally:
             ipam.close()
     return records
 
 
-def _ids(conn: object, table: str) -> set[str]:
+def _ids(ctx: Context, table: str) -> set[str]:
     import sqlite3
 
-    assert isinstance(conn, sqlite3.Connection)
+    from micropod.state import connect
+
+    conn = connect(ctx.root.db)
     try:
         return {row[0] for row in conn.execute(f"SELECT vm_id FROM {table}")}
     except sqlite3.OperationalError:  # the table does not exist yet: nothing was ever attached or leased
         return set()
+    finally:
+        conn.close()

@@ -42,19 +42,29 @@ def check_bridge(rtnl: Rtnl, network: NetworkConfig) -> bool:
 def ensure_bridge(network: NetworkConfig) -> None:
     """Create the bridge with the gateway address if it is missing; check an existing one is ours."""
     with Rtnl() as rtnl:
-        if check_bridge(rtnl, network):
-            return
-        try:
-            rtnl.add_link(network.bridge, "bridge")
-            index = index_of(network.bridge)
-            assert index is not None
-            rtnl.add_address(index, str(network.gateway), network.subnet.prefixlen)
-            rtnl.set_link(index, up=True)
-        except NetlinkError as exc:
-            raise NetworkError(f"cannot create bridge {network.bridge}: {exc.strerror}") from exc
+        if not check_bridge(rtnl, network):
+            _create_bridge(rtnl, network)
+    # Every time, not only at creation: something may have reset them since (sysctl --system).
     # Forwarding between the bridge and the uplink, and DNAT of connections to 127.0.0.1.
     _sysctl("net/ipv4/ip_forward", "1")
     _sysctl(f"net/ipv4/conf/{network.bridge}/route_localnet", "1")
+
+
+def _create_bridge(rtnl: Rtnl, network: NetworkConfig) -> None:
+    try:
+        rtnl.add_link(network.bridge, "bridge")
+        index = index_of(network.bridge)
+        if index is None:
+            raise NetworkError(f"bridge {network.bridge} vanished right after it was created")
+        try:
+            rtnl.add_address(index, str(network.gateway), network.subnet.prefixlen)
+            rtnl.set_link(index, up=True)
+        except BaseException:
+            # half a bridge (no address) would pass for someone else's and block every later run
+            rtnl.delete_link(index)
+            raise
+    except NetlinkError as exc:
+        raise NetworkError(f"cannot create bridge {network.bridge}: {exc.strerror}") from exc
 
 
 def create_tap(name: str, bridge: str) -> None:

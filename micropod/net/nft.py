@@ -3,18 +3,19 @@
 Two tables, each replaced wholesale from the list of VMs on every change, so that applying is
 idempotent and teardown is exact (a VM's rules disappear with the VM from the list):
 
-- ``inet micropod``: masquerade for egress from the subnet, DNAT for published ports (from other
-  hosts in prerouting, from the host itself through localhost in output), and masquerade of the
-  127.0.0.1-sourced connections that DNAT sends to the bridge.
+- ``inet micropod``: per network, masquerade for egress from the subnet, hairpin masquerade for VMs
+  reaching published ports over the bridge, and masquerade of the 127.0.0.1-sourced connections that
+  DNAT sends to the bridge. DNAT for published ports: from other hosts in prerouting (never for a
+  port published on a loopback address), from the host itself through localhost in output.
 - ``netdev micropod``: an ingress chain per TAP that admits only the VM's own MAC and IPv4 address
-  (and ARP for it), before the host stack or the bridge sees a frame.
+  (and ARP for it) and nothing addressed to 127.0.0.0/8, before the host stack or the bridge sees it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from micropod import proc
@@ -22,6 +23,7 @@ from micropod.net.config import NetworkConfig
 from micropod.net.ports import PortMapping
 
 TABLE = "micropod"
+LOOPBACK = {"prefix": {"addr": "127.0.0.0", "len": 8}}
 Json = dict[str, Any]
 
 
@@ -32,6 +34,7 @@ class VmNetwork:
     mac: str
     ip: ipaddress.IPv4Address
     ports: tuple[PortMapping, ...] = ()
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
 def _match(left: Json | str, right: Any, op: str = "==") -> Json:
@@ -68,6 +71,10 @@ def _replace_table(family: str) -> list[Json]:
 def _dnat_rules(vm: VmNetwork, chain: str) -> list[Json]:
     rules = []
     for port in vm.ports:
+        if chain == "prerouting" and port.host_ip and ipaddress.IPv4Address(port.host_ip).is_loopback:
+            # A port published on 127.0.0.1 is the host's alone: in prerouting, a neighbour that sends
+            # to 127.0.0.1 with our MAC would be let in before the kernel could call it a martian.
+            continue
         destination = (_match(_payload("ip", "daddr"), port.host_ip) if port.host_ip
                        else _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"))
         rules.append(_rule("inet", chain, destination,
@@ -85,6 +92,10 @@ def _antispoof(vm: VmNetwork) -> list[Json]:
         _rule("netdev", chain, _match(_payload("ether", "saddr"), vm.mac, "!="), counter, drop),
         _rule("netdev", chain, _match(_payload("ether", "type"), "ip"),
               _match(_payload("ip", "saddr"), str(vm.ip), "!="), counter, drop),
+        # route_localnet on the bridge (for -p via the host's localhost) would otherwise let a guest
+        # that routes 127.0.0.0/8 to its gateway reach the host's loopback-only services.
+        _rule("netdev", chain, _match(_payload("ether", "type"), "ip"),
+              _match(_payload("ip", "daddr"), LOOPBACK), counter, drop),
         _rule("netdev", chain, _match(_payload("ether", "type"), "ip"), {"accept": None}),
         _rule("netdev", chain, _match(_payload("ether", "type"), "arp"),
               _match(_payload("arp", "saddr ether"), vm.mac, "!="), counter, drop),
@@ -96,20 +107,34 @@ def _antispoof(vm: VmNetwork) -> list[Json]:
     ]
 
 
-def ruleset(network: NetworkConfig, vms: list[VmNetwork]) -> Json:
-    """The complete desired state as an nft JSON batch."""
+def _masquerade(network: NetworkConfig) -> list[Json]:
     subnet = {"prefix": {"addr": str(network.subnet.network_address), "len": network.subnet.prefixlen}}
+    return [
+        # egress: the VMs' subnet leaves through the host's address
+        _rule("inet", "postrouting", _match(_payload("ip", "saddr"), subnet),
+              _match(_meta("oifname"), network.bridge, "!="), {"masquerade": None}),
+        # hairpin: a VM reaching another (or itself) through a published port; without this the
+        # answer would go straight back over the bridge, past conntrack, when br_netfilter is off
+        _rule("inet", "postrouting", _match(_payload("ip", "saddr"), subnet),
+              _match(_meta("oifname"), network.bridge), _match({"ct": {"key": "status"}}, "dnat", "in"),
+              {"masquerade": None}),
+        # the host's own localhost connections DNATed to a VM must not reach it from 127.0.0.1
+        _rule("inet", "postrouting", _match(_payload("ip", "saddr"), LOOPBACK),
+              _match(_meta("oifname"), network.bridge), {"masquerade": None}),
+    ]
+
+
+def ruleset(vms: list[VmNetwork]) -> Json:
+    """The complete desired state as an nft JSON batch; each VM's network gets its NAT rules."""
     commands: list[Json] = [{"metainfo": {"json_schema_version": 1}}]
     commands += _replace_table("inet")
     commands += [
         _chain("inet", "prerouting", "prerouting", -100, kind="nat"),
         _chain("inet", "output", "output", -100, kind="nat"),
         _chain("inet", "postrouting", "postrouting", 100, kind="nat"),
-        _rule("inet", "postrouting", _match(_payload("ip", "saddr"), subnet),
-              _match(_meta("oifname"), network.bridge, "!="), {"masquerade": None}),
-        _rule("inet", "postrouting", _match(_payload("ip", "saddr"), {"prefix": {"addr": "127.0.0.0", "len": 8}}),
-              _match(_meta("oifname"), network.bridge), {"masquerade": None}),
     ]
+    for network in dict.fromkeys(vm.network for vm in vms):
+        commands += _masquerade(network)
     for vm in vms:
         commands += _dnat_rules(vm, "prerouting")
         commands += _dnat_rules(vm, "output")

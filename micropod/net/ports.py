@@ -48,20 +48,27 @@ def parse_publish(spec: str) -> PortMapping:
     return PortMapping(_port(host_port, spec), _port(guest_port, spec), protocol, host_ip)
 
 
+def _clash(a: PortMapping, b: PortMapping) -> bool:
+    """The same port and protocol on the same host address; no address means all of them."""
+    return ((a.protocol, a.host_port) == (b.protocol, b.host_port)
+            and (a.host_ip is None or b.host_ip is None or a.host_ip == b.host_ip))
+
+
 def check_unique(mappings: list[PortMapping], taken: list[PortMapping]) -> None:
     """Refuse a host port published twice (in this request, or by a running VM)."""
-    seen: set[tuple[str, int]] = set()
-    for mapping in [*taken, *mappings]:
-        key = (mapping.protocol, mapping.host_port)
-        if key in seen:
+    seen: list[PortMapping] = list(taken)
+    for mapping in mappings:
+        if any(_clash(mapping, other) for other in seen):
             raise ConflictError(f"port {mapping.host_port}/{mapping.protocol} is already published")
-        seen.add(key)
+        seen.append(mapping)
 
 
 def check_host_port_free(mapping: PortMapping) -> None:
     """Refuse a port some host program listens on: its traffic would silently go to the VM instead."""
     kind = socket.SOCK_STREAM if mapping.protocol == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as probe:
+        # as a server would bind: connections in TIME_WAIT do not make a port busy
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((mapping.host_ip or "0.0.0.0", mapping.host_port))
         except OSError as exc:

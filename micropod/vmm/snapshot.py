@@ -18,6 +18,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -94,10 +96,33 @@ def template_nic(nic: NetInterface, tap: str) -> NetInterface:
     return NetInterface(nic.iface_id, tap, TEMPLATE_MAC)
 
 
+TEMPLATE_TAP = re.compile(r"mptpl(\d+)n\d+")
+
+
 def template_taps(spec: VmSpec) -> list[str]:
     """Throwaway TAPs on no bridge: the template's NICs must have a TAP backend like the VMs' own,
     so that the offloads negotiated at boot are still there when a VM resumes."""
-    return [f"mptpl{os.getpid() % 10**8}n{i}" for i in range(len(spec.nets))]
+    return [f"mptpl{os.getpid()}n{i}" for i in range(len(spec.nets))]
+
+
+def stale_template_taps() -> list[str]:
+    """Template TAPs whose builder died before it could delete them (the name carries its pid)."""
+    stale = []
+    for _, name in socket.if_nameindex():
+        match = TEMPLATE_TAP.fullmatch(name)
+        if match and not _pid_alive(int(match.group(1))):
+            stale.append(name)
+    return stale
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def template_spec(spec: VmSpec, workdir: Path, taps: list[str] | None = None) -> VmSpec:
@@ -122,6 +147,7 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     taps = template_taps(spec)
+    _delete_taps(stale_template_taps())
     try:
         for tap in taps:
             syscalls.create_persistent_tap(tap)
