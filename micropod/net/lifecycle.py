@@ -150,8 +150,9 @@ def reconcile(ctx: Context) -> list[VmRecord]:
     The leftovers are read before the records: a VM records itself before it leases or attaches, so
     a run starting meanwhile is never mistaken for a leftover; and only those leftovers are freed.
     """
+    state = ctx.state  # opening it makes the root and the database on first use
     attached, leased = _ids(ctx, "attachments"), _ids(ctx, "leases")
-    records = ctx.state.reconcile()
+    records = state.reconcile()
     active = {r.id for r in records if r.status in ACTIVE}
     if attached - active:
         from micropod.net.host import HostNetwork
