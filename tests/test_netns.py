@@ -98,28 +98,40 @@ def _arp_request(src_mac: str, src_ip: str, target_ip: str) -> bytes:
     return ether + arp
 
 
-def _arp_reply_for(fd: int, ip: str, timeout: float) -> bool:
-    """Whether the host answered an ARP request for ``ip`` on the TAP within ``timeout``."""
+def _arp_reply(fd: int, ip: str, timeout: float) -> bytes | None:
+    """The host's ARP answer to ``ip`` on the TAP within ``timeout``: the answering MAC, or None."""
     while select.select([fd], [], [], timeout)[0]:
         frame = os.read(fd, 2048)
         if frame[12:14] == b"\x08\x06" and struct.unpack("!H", frame[20:22])[0] == 2:
-            return frame[38:42] == ipaddress.IPv4Address(ip).packed
-    return False
+            return frame[22:28] if frame[38:42] == ipaddress.IPv4Address(ip).packed else None
+    return None
 
 
-def _spoofing() -> dict[str, object]:
+def _arp_reply_for(fd: int, ip: str, timeout: float) -> bool:
+    return _arp_reply(fd, ip, timeout) is not None
+
+
+def _vm_tap() -> tuple[int, bytes]:
+    """The VM's side of its TAP, once the host answers its honest ARP: (fd, the bridge's MAC or b"").
+
+    The bridge port turns forwarding only after the TAP's carrier comes up (when we opened it), so
+    resend like a guest's ARP would, within a bound.
+    """
     _setup(VM)
     fd = os.open("/dev/net/tun", os.O_RDWR)
     fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", VM.tap.encode(), IFF_TAP | IFF_NO_PI))
-    gateway = str(NET.gateway)
-    # The VM as it is: the host answers. The bridge port turns forwarding only after the TAP's carrier
-    # comes up (when we opened it), so resend like a guest's ARP would, within a bound.
-    honest = False
     for _ in range(20):
-        os.write(fd, _arp_request(VM.mac, str(VM.ip), gateway))
-        if _arp_reply_for(fd, str(VM.ip), 0.5):
-            honest = True
-            break
+        os.write(fd, _arp_request(VM.mac, str(VM.ip), str(NET.gateway)))
+        bridge_mac = _arp_reply(fd, str(VM.ip), 0.5)
+        if bridge_mac:
+            return fd, bridge_mac
+    return fd, b""
+
+
+def _spoofing() -> dict[str, object]:
+    fd, bridge_mac = _vm_tap()
+    gateway = str(NET.gateway)
+    honest = bool(bridge_mac)  # the VM as it is: the host answers
     # Another VM's IP, or another MAC: dropped at the TAP's ingress, so no answer.
     os.write(fd, _arp_request(VM.mac, "10.77.0.99", gateway))
     spoofed_ip = _arp_reply_for(fd, "10.77.0.99", 1.0)
@@ -184,22 +196,8 @@ def _echo_reply_for(fd: int, ident: int, timeout: float) -> bool:
 
 
 def _pings_from_the_vm() -> dict[str, object]:
-    _setup(VM)
-    fd = os.open("/dev/net/tun", os.O_RDWR)
-    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", VM.tap.encode(), IFF_TAP | IFF_NO_PI))
+    fd, bridge_mac = _vm_tap()
     gateway = str(NET.gateway)
-    bridge_mac = b""
-    for _ in range(20):  # as in _spoofing: the bridge port forwards once the TAP's carrier is up
-        os.write(fd, _arp_request(VM.mac, str(VM.ip), gateway))
-        deadline = select.select([fd], [], [], 0.5)[0]
-        while deadline:
-            frame = os.read(fd, 2048)
-            if frame[12:14] == b"\x08\x06" and struct.unpack("!H", frame[20:22])[0] == 2:
-                bridge_mac = frame[22:28]
-                break
-            deadline = select.select([fd], [], [], 0.5)[0]
-        if bridge_mac:
-            break
     mac = bytes.fromhex(VM.mac.replace(":", ""))
     os.write(fd, _echo_request(mac, bridge_mac, str(VM.ip), gateway, 0x1111))
     gateway_answers = _echo_reply_for(fd, 0x1111, 2.0)
