@@ -19,7 +19,8 @@ NETLINK_ROUTE = 0
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE = 24
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP_INTR = 0x1, 0x2, 0x4, 0x10
+DUMP_ATTEMPTS = 5
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x200, 0x400, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFF_UP = 0x1
@@ -29,7 +30,7 @@ IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_OIF, RTA_GATEWAY = 4, 5
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1
 AF_UNSPEC, AF_INET = 0, 2
-ENODEV, EEXIST = 19, 17
+EINTR, ENODEV, EEXIST = 4, 19, 17
 NLA_F_NESTED = 0x8000
 
 _HEADER = struct.Struct("IHHII")
@@ -110,6 +111,9 @@ class Rtnl:
                         raise NetlinkError(-error, os.strerror(-error))
                     return
                 if kind == NLMSG_DONE:
+                    (error,) = struct.unpack_from("i", body) if len(body) >= 4 else (0,)
+                    if error < 0:  # a dump that failed part way
+                        raise NetlinkError(-error, os.strerror(-error))
                     return
                 yield kind, flags, body
 
@@ -118,8 +122,13 @@ class Rtnl:
         for _ in self._messages(self._send(kind, flags | NLM_F_ACK, body)):
             pass
 
-    def dump(self, kind: int, body: bytes) -> Iterator[bytes]:
-        yield from (message for _, _, message in self._messages(self._send(kind, NLM_F_DUMP, body)))
+    def dump(self, kind: int, body: bytes) -> list[bytes]:
+        """Every message of a dump; one that changed while it was read (DUMP_INTR) is read again."""
+        for _ in range(DUMP_ATTEMPTS):
+            answers = list(self._messages(self._send(kind, NLM_F_DUMP, body)))
+            if not any(flags & NLM_F_DUMP_INTR for _, flags, _ in answers):
+                return [message for _, _, message in answers]
+        raise NetlinkError(EINTR, "the kernel's table kept changing while it was read")
 
     # -- links ------------------------------------------------------------------------------------
 
