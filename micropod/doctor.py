@@ -37,6 +37,14 @@ def _network_checks() -> list[Check]:
         return checks
     checks.append(Check("network", True, f"bridge {network.bridge}, subnet {network.subnet} "
                                          "(MICROPOD_BRIDGE, MICROPOD_SUBNET; MICROPOD_NETWORK=none for no NIC)"))
+    if shutil.which("nft"):
+        from micropod.net.nft import forward_blockers
+
+        blockers = forward_blockers()
+        checks.append(Check("forwarding", not blockers, "no forward chain drops by default" if not blockers else
+                            f"{', '.join(blockers)}: policy drop, so VM traffic through the bridge is dropped "
+                            f"unless {'it accepts' if len(blockers) == 1 else 'they accept'} {network.subnet}",
+                            required=False))
     return checks
 
 

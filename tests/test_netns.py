@@ -217,3 +217,15 @@ def test_a_guest_cannot_reach_the_hosts_loopback_through_its_gateway() -> None:
     seen = in_fresh_netns(_pings_from_the_vm)
     assert seen["bridge_mac"] and seen["gateway"], seen
     assert not seen["loopback"] and seen["dropped"] >= 1, seen
+
+
+def _blockers() -> tuple[list[str], list[str]]:
+    before = nft.forward_blockers()
+    _setup(VM)  # micropod's own table does not count
+    subprocess.run(["nft", "add table ip filter; add chain ip filter FORWARD "
+                    "{ type filter hook forward priority 0; policy drop; }"], check=True)
+    return before, nft.forward_blockers()
+
+
+def test_doctor_sees_forward_chains_that_drop() -> None:
+    assert in_fresh_netns(_blockers) == ([], ["ip filter FORWARD"])

@@ -156,6 +156,17 @@ def remove() -> None:
     apply({"nftables": [{"metainfo": {"json_schema_version": 1}}, *empty]})
 
 
+def forward_blockers() -> list[str]:
+    """Other tables' forward chains whose policy is drop: they drop the VMs' forwarded traffic too,
+    whatever micropod's own rules say (a docker host's iptables FORWARD chain, for one)."""
+    out = proc.run(["nft", "-j", "list", "chains"], check=False)
+    if out.returncode != 0:
+        return []
+    chains = [item["chain"] for item in json.loads(out.stdout).get("nftables", []) if "chain" in item]
+    return [f"{c['family']} {c['table']} {c['name']}" for c in chains
+            if c.get("hook") == "forward" and c.get("policy") == "drop" and c.get("table") != TABLE]
+
+
 def listing(family: str) -> Json:
     out = proc.run(["nft", "-j", "list", "table", family, TABLE], check=False)
     if out.returncode != 0:
