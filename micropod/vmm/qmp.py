@@ -22,11 +22,16 @@ class QmpClient:
             self._sock.close()
             raise VmmError(f"QMP {path}: {exc}") from exc
 
-    def execute(self, command: str, **arguments: Any) -> Any:
+    def execute(self, command: str, *, pass_fd: int | None = None, **arguments: Any) -> Any:
+        """Run one command; ``pass_fd`` goes along as SCM_RIGHTS, for commands such as ``getfd``."""
         message: dict[str, Any] = {"execute": command}
         if arguments:
             message["arguments"] = arguments
-        self._sock.sendall(json.dumps(message).encode() + b"\n")
+        data = json.dumps(message).encode() + b"\n"
+        if pass_fd is None:
+            self._sock.sendall(data)
+        else:
+            socket.send_fds(self._sock, [data], [pass_fd])
         while True:
             reply = self._read()
             if "event" in reply:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("micropod")
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: streams written by QEMU into our fd (1 went through `exec:cat`)
 # What a template's rootfs disk claims to hold; images up to this size can boot from the snapshot.
 ROOTFS_PLACEHOLDER_SIZE = 1 << 40
 TEMPLATE_TIMEOUT = 120.0
@@ -169,7 +169,15 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
         qmp = QmpClient(sockets.address("qmp.sock"))
         try:
             qmp.execute("stop")
-            qmp.execute("migrate", uri=f"exec:cat > {_shell_quote(str(tmp))}")
+            # QEMU writes the stream straight into our file. With `exec:cat > file`, QEMU ends the cat
+            # when it closes the channel at completion (SIGTERM after a short wait), which can cut a
+            # cat still writing short: a truncated snapshot that the next restore rejects.
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                qmp.execute("getfd", pass_fd=out, fdname="snapshot")
+            finally:
+                os.close(out)
+            qmp.execute("migrate", uri="fd:snapshot")
 
             def finished() -> str | None:
                 status = str(qmp.execute("query-migrate").get("status"))
@@ -200,10 +208,6 @@ def _delete_taps(taps: list[str]) -> None:
 
     for tap in taps:
         delete_tap(tap)
-
-
-def _shell_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def ensure_snapshot(vmm_factory: QemuFactory, spec: VmSpec, key: str, cache: CacheRoot | None = None) -> Path | None:
