@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -18,15 +19,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(dest: Path, data: bytes, *, tmp_dir: Path | None = None, mode: int = 0o644) -> None:
-    """Write `dest` so readers see the old or the new content, never a mix, even after a crash."""
+@contextlib.contextmanager
+def atomic_file(dest: Path, *, tmp_dir: Path | None = None, mode: int | None = 0o644) -> Iterator[BinaryIO]:
+    """A file to write that becomes `dest` only when the block ends without an error, so readers see
+    the old or the new content, never a mix, even after a crash. ``mode`` None keeps mkstemp's 0600."""
     directory = tmp_dir or dest.parent
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{dest.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
-            os.fchmod(f.fileno(), mode)
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:
@@ -34,6 +38,12 @@ def atomic_write(dest: Path, data: bytes, *, tmp_dir: Path | None = None, mode: 
             os.unlink(tmp)
         raise
     fsync_dir(dest.parent)
+
+
+def atomic_write(dest: Path, data: bytes, *, tmp_dir: Path | None = None, mode: int = 0o644) -> None:
+    """Write `dest` so readers see the old or the new content, never a mix, even after a crash."""
+    with atomic_file(dest, tmp_dir=tmp_dir, mode=mode) as f:
+        f.write(data)
 
 
 @contextlib.contextmanager

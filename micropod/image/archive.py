@@ -6,18 +6,15 @@ images out of the store for `save`.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import tarfile
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from micropod.fsutil import atomic_write
+from micropod.fsutil import atomic_file, atomic_write
 from micropod.image.digest import digest_hex, sha256_digest
 from micropod.image.model import (
     OCI_CONFIG,
@@ -116,24 +113,14 @@ def save_archive(store: ImageStore, images: Sequence[tuple[StoredImage, Sequence
                                       image.platform if image.platform.os else None))
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [e.to_json() for e in entries]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for name, data in (("oci-layout", canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION})),
-                               ("index.json", json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")):
-                tar.addfile(_info(name, tarfile.REGTYPE, 0o644, len(data)), io.BytesIO(data))
-            for directory in ("blobs", "blobs/sha256"):
-                tar.addfile(_info(directory, tarfile.DIRTYPE, 0o755))
-            for digest, size in sorted(blobs.items()):
-                with store.open_blob(digest, size) as blob:
-                    tar.addfile(_info(f"blobs/sha256/{digest_hex(digest)}", tarfile.REGTYPE, 0o644, size), blob)
-                    blob.read(1)  # reach EOF, so the blob's digest is checked
-            tar.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    with atomic_file(out, mode=None) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("oci-layout", canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION})),
+                           ("index.json", json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")):
+            tar.addfile(_info(name, tarfile.REGTYPE, 0o644, len(data)), io.BytesIO(data))
+        for directory in ("blobs", "blobs/sha256"):
+            tar.addfile(_info(directory, tarfile.DIRTYPE, 0o755))
+        for digest, size in sorted(blobs.items()):
+            with store.open_blob(digest, size) as blob:
+                tar.addfile(_info(f"blobs/sha256/{digest_hex(digest)}", tarfile.REGTYPE, 0o644, size), blob)
+                blob.read(1)  # reach EOF, so the blob's digest is checked
     return out
