@@ -114,7 +114,7 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
         cfg.dump(vm_dir.config)
     except BaseException:
         shutil.rmtree(vm_dir.path, ignore_errors=True)
-        networking.release(ctx, vm_id)
+        networking.release_lease(ctx.root, vm_id)
         ctx.state.delete(vm_id)
         raise
     return cfg
@@ -224,8 +224,8 @@ def remove(ctx: Context, record: VmRecord, force: bool) -> None:
             )
         kill_and_wait(ctx, record)
     vm_dir = ctx.root.vm(record.id)
-    networking.teardown(ctx, record.id)
-    networking.release(ctx, record.id)
+    networking.detach(ctx.root, record.id)
+    networking.release_lease(ctx.root, record.id)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(vm_dir.path)
     ctx.state.delete(record.id)

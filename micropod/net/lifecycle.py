@@ -87,10 +87,6 @@ def lease(ctx: Context, plan: Plan, vm_id: str) -> NetworkSettings:
                            ip=str(address), mac=mac_for(vm_id), tap=tap_name(vm_id), ports=plan.ports)
 
 
-def release(ctx: Context, vm_id: str) -> None:
-    release_lease(ctx.root, vm_id)
-
-
 def release_lease(root: StateRoot, vm_id: str) -> None:
     from micropod.net.ipam import Ipam
 
@@ -131,10 +127,6 @@ def detach(root: StateRoot, vm_id: str) -> bool:
         host.close()
 
 
-def teardown(ctx: Context, vm_id: str) -> None:
-    detach(ctx.root, vm_id)
-
-
 def agent_request(settings: NetworkSettings) -> dict[str, object]:
     """What the guest agent needs to address its NIC."""
     network = network_of(settings)
@@ -151,7 +143,7 @@ def reconcile(ctx: Context) -> list[VmRecord]:
     a run starting meanwhile is never mistaken for a leftover; and only those leftovers are freed.
     """
     state = ctx.state  # opening it makes the root and the database on first use
-    attached, leased = _ids(ctx, "attachments"), _ids(ctx, "leases")
+    attached, leased = _ids(ctx, "attachments", "leases")
     records = state.reconcile()
     active = {r.id for r in records if r.status in ACTIVE}
     if attached - active:
@@ -180,15 +172,20 @@ def reconcile(ctx: Context) -> list[VmRecord]:
     return records
 
 
-def _ids(ctx: Context, table: str) -> set[str]:
+def _ids(ctx: Context, *tables: str) -> list[set[str]]:
+    """The VM ids in each table; a table not made yet (nothing ever attached or leased) has none."""
     import sqlite3
 
     from micropod.state import connect
 
     conn = connect(ctx.root.db)
     try:
-        return {row[0] for row in conn.execute(f"SELECT vm_id FROM {table}")}
-    except sqlite3.OperationalError:  # the table does not exist yet: nothing was ever attached or leased
-        return set()
+        found = []
+        for table in tables:
+            try:
+                found.append({row[0] for row in conn.execute(f"SELECT vm_id FROM {table}")})
+            except sqlite3.OperationalError:
+                found.append(set())
+        return found
     finally:
         conn.close()

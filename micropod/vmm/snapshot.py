@@ -30,6 +30,7 @@ from micropod import syscalls
 from micropod.agent import protocol
 from micropod.errors import BootError, MicropodError, VmmError
 from micropod.fsutil import flock
+from micropod.liveness import start_time
 from micropod.paths import CacheRoot
 from micropod.unixsock import SocketDir
 from micropod.vmm.base import Drive, NetInterface, VmSpec
@@ -110,19 +111,9 @@ def stale_template_taps() -> list[str]:
     stale = []
     for _, name in socket.if_nameindex():
         match = TEMPLATE_TAP.fullmatch(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and start_time(int(match.group(1))) is None:  # no such process any more
             stale.append(name)
     return stale
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def template_spec(spec: VmSpec, workdir: Path, taps: list[str] | None = None) -> VmSpec:
