@@ -91,6 +91,14 @@ class Session:
     def fail(self, what: str) -> None:
         pytest.fail(f"{what}; agent exit status {self.proc.poll()}; agent stderr:\n{self.stderr()}")
 
+    def exit_code(self, what: str) -> int:
+        """The agent's exit status within TIMEOUT; otherwise the test fails, saying ``what`` it waited for."""
+        try:
+            return self.proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.fail(what)
+            raise
+
     def recv(self) -> tuple[int, int, bytes]:
         if self.backlog:
             return self.backlog.pop(0)
@@ -422,11 +430,7 @@ def test_shutdown_unmounts_and_exits(agent: Session, rootfs: Path) -> None:
     mountinfo = Path(f"/proc/{agent.proc.pid}/mountinfo")
     assert f"{rootfs}/proc" in mountinfo.read_text()
     assert "errors" not in agent.ok("shutdown")
-    try:
-        code = agent.proc.wait(TIMEOUT)
-    except subprocess.TimeoutExpired:
-        agent.fail("the agent did not exit after shutdown")
-    assert code == 0
+    assert agent.exit_code("the agent did not exit after shutdown") == 0
     assert not Path(f"/proc/{reply['pid']}").exists()
 
 
@@ -434,10 +438,7 @@ def test_main_exit_without_shutdown_ends_the_agent(tmp_path: Path, rootfs: Path)
     session = Session(tmp_path, env={"MICROPOD_AGENT_GRACE": "0.2"})
     try:
         session.run(rootfs, "true")
-        try:
-            assert session.proc.wait(TIMEOUT) == 0
-        except subprocess.TimeoutExpired:
-            session.fail("the agent waited forever for shutdown")
+        assert session.exit_code("the agent waited forever for shutdown") == 0
     finally:
         session.close()
 
@@ -507,10 +508,7 @@ def test_as_pid_one(tmp_path: Path, rootfs: Path) -> None:
         assert "errors" not in session.ok("shutdown"), "something still held the container's mounts"
         assert time.monotonic() - started < 4.0, "the orphan survived until the kill deadline"
         assert session.events(1)[-1] == ("exit", 137)
-        try:
-            assert session.proc.wait(TIMEOUT) == 0
-        except subprocess.TimeoutExpired:
-            session.fail("the agent did not exit after shutdown")
+        assert session.exit_code("the agent did not exit after shutdown") == 0
     finally:
         session.close()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import shutil
 import tarfile
@@ -89,14 +88,9 @@ def _docker_save(tmp_path: Path, layers: list[bytes], tags: list[str], *, diff_i
     files[config_name] = config
     files["manifest.json"] = json.dumps([{"Config": config_name, "RepoTags": tags, "Layers": names}]).encode()
     files["repositories"] = b"{}"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    archive = layer_tar(f(name, data) for name, data in files.items())
     out = tmp_path / ("save.tar.gz" if gz else "save.tar")
-    out.write_bytes(gzip.compress(buf.getvalue()) if gz else buf.getvalue())
+    out.write_bytes(gzip.compress(archive) if gz else archive)
     return out
 
 
@@ -179,13 +173,7 @@ def test_escaping_member_names_are_refused(tmp_path):
     entry = json.loads(members["manifest.json"])
     entry[0]["Layers"] = ["../../../etc/passwd"]
     members["manifest.json"] = json.dumps(entry).encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    archive.write_bytes(buf.getvalue())
+    archive.write_bytes(layer_tar(f(name, data) for name, data in members.items()))
     with pytest.raises(ImageError, match="leaves the image"):
         load_image(ImageStore(tmp_path / "s"), archive)
 
