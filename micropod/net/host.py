@@ -64,16 +64,17 @@ class HostNetwork:
                           NetworkConfig.parse(bridge, subnet) if bridge else NetworkConfig())
                 for vm_id, tap, mac, ip, ports, bridge, subnet in rows]
 
-    def published(self, exclude: str | None = None) -> list[PortMapping]:
-        return [p for vm in self.attachments() if vm.vm_id != exclude for p in vm.ports]
+    def check_ports(self, ports: tuple[PortMapping, ...], vm_id: str | None = None) -> None:
+        """Refuse ports another VM publishes or a host program listens on."""
+        check_unique(list(ports), [p for vm in self.attachments() if vm.vm_id != vm_id for p in vm.ports])
+        for port in ports:
+            check_host_port_free(port)
 
     def attach(self, vm: VmNetwork) -> None:
         """Bridge (if missing), the VM's TAP, and rules; the ports are checked again under the lock."""
         with self._locked():
+            self.check_ports(vm.ports, vm.vm_id)
             others = [a for a in self.attachments() if a.vm_id != vm.vm_id]
-            check_unique(list(vm.ports), [p for a in others for p in a.ports])
-            for port in vm.ports:
-                check_host_port_free(port)
             links.ensure_bridge(vm.network)
             # The row first: whatever a crash leaves from here on, reconciliation finds through it.
             self._store(vm)

@@ -14,7 +14,7 @@ from micropod.errors import UsageError
 from micropod.net.addressing import mac_for, tap_name
 from micropod.net.config import NetworkConfig
 from micropod.net.dns import check_nameserver, resolv_conf
-from micropod.net.ports import PortMapping, check_host_port_free, check_unique, parse_publish
+from micropod.net.ports import PortMapping, parse_publish
 from micropod.paths import StateRoot
 from micropod.runconfig import NetworkSettings
 from micropod.state import ACTIVE, VmRecord
@@ -24,8 +24,7 @@ MODES = ("bridge", "none")
 
 @dataclass(frozen=True)
 class Plan:
-    mode: str
-    network: NetworkConfig | None
+    network: NetworkConfig | None  # None: --network none
     ports: tuple[PortMapping, ...]
     resolv_conf: str
 
@@ -44,13 +43,13 @@ def plan(ctx: Context, mode: str | None, publish: tuple[str, ...], dns: tuple[st
     if mode == "none":
         if ports:
             raise UsageError("--network none has no network to publish ports on; drop -p or the --network none")
-        return Plan(mode, None, (), resolv_conf(servers))
+        return Plan(None, (), resolv_conf(servers))
     network = NetworkConfig.from_env()
     if ports:
         reconcile(ctx)  # a crashed run's rows must not hold its ports
         check_ports(ctx.root, ports)
     _check_bridge(network)
-    return Plan(mode, network, ports, resolv_conf(servers))
+    return Plan(network, ports, resolv_conf(servers))
 
 
 def check_ports(root: StateRoot, ports: tuple[PortMapping, ...]) -> None:
@@ -58,11 +57,9 @@ def check_ports(root: StateRoot, ports: tuple[PortMapping, ...]) -> None:
 
     host = HostNetwork(root)
     try:
-        check_unique(list(ports), host.published())
+        host.check_ports(ports)
     finally:
         host.close()
-    for port in ports:
-        check_host_port_free(port)
 
 
 def _check_bridge(network: NetworkConfig) -> None:
