@@ -5,7 +5,7 @@ official swagger (Firecracker v1.16.1) before it is obeyed.
     fake_firecracker.py --api-sock PATH --id ID
 
 - Routing, methods, path parameters and body schemas come from the swagger file
-  (<repo>/../shared/specs/firecracker-api-v1.16.1.yaml, or $FAKE_FC_SWAGGER).
+  (<repo>/specs/firecracker-api-v1.16.1.yaml, vendored, or $FAKE_FC_SWAGGER).
 - Object bodies reject unknown fields unless the schema says ``additionalProperties: true``: the
   swagger is silent, but Firecracker deserialises with serde ``deny_unknown_fields``.
 - Which calls are allowed before/after InstanceStart is derived from the operations' summary and
@@ -62,8 +62,7 @@ def default_swagger_path() -> Path:
     override = os.environ.get("FAKE_FC_SWAGGER")
     if override:
         return Path(override)
-    repo = Path(__file__).resolve().parent.parent
-    return repo.parent / "shared" / "specs" / SPEC_NAME
+    return Path(__file__).resolve().parent.parent / "specs" / SPEC_NAME
 
 
 def load_swagger(path: Path | None = None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -255,3 +256,13 @@ def test_every_request_is_recorded(fc: FakeProcess) -> None:
     ]
     assert records[1]["body"] == {"x": 1}
     assert "Invalid request method" in records[1]["fault"]
+
+
+def test_the_swagger_is_vendored_so_a_fresh_clone_needs_nothing_beside_it() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    assert fake.default_swagger_path().is_relative_to(repo)
+    assert fake.default_swagger_path().is_file()
+    tracked = subprocess.run(["git", "-C", str(repo), "grep", "-l", "-E", r"\.\./shared|shared/specs", "--",
+                              ":!*.md", ":!tests/test_fake_firecracker.py"],
+                             capture_output=True, text=True, check=False)
+    assert tracked.stdout == "", f"files reach outside the clone: {tracked.stdout}"
