@@ -24,7 +24,8 @@ DUMP_ATTEMPTS = 5
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x200, 0x400, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFF_UP = 0x1
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 10, 18
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS = 1, 3, 10, 18, 20
+IFALIASZ = 256
 IFLA_INFO_KIND = 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_OIF, RTA_GATEWAY = 4, 5
@@ -145,17 +146,30 @@ class Rtnl:
             body += attr(IFLA_ADDRESS, mac_bytes(mac))
         self.request(RTM_NEWLINK, 0, body)
 
+    def set_alias(self, index: int, alias: str) -> None:
+        """The link's free-text alias (``ip link ... alias``), at most IFALIASZ - 1 bytes."""
+        data = alias.encode()[:IFALIASZ - 1]
+        self.request(RTM_NEWLINK, 0, _IFINFO.pack(AF_UNSPEC, 0, index, 0, 0) + attr(IFLA_IFALIAS, data))
+
     def delete_link(self, index: int) -> None:
         self.request(RTM_DELLINK, 0, _IFINFO.pack(AF_UNSPEC, 0, index, 0, 0))
 
-    def link_kind(self, index: int) -> str | None:
-        """"bridge", "tun", "veth"...; None for a device without a kind (a physical NIC, lo)."""
+    def _link_attrs(self, index: int) -> dict[int, bytes]:
         body = _IFINFO.pack(AF_UNSPEC, 0, index, 0, 0)
         for _, _, message in self._messages(self._send(RTM_GETLINK, 0, body)):
-            info = parse_attrs(message, _IFINFO.size).get(IFLA_LINKINFO)
-            kind = parse_attrs(info).get(IFLA_INFO_KIND) if info else None
-            return kind.rstrip(b"\0").decode() if kind else None
-        return None
+            return parse_attrs(message, _IFINFO.size)
+        return {}
+
+    def link_kind(self, index: int) -> str | None:
+        """"bridge", "tun", "veth"...; None for a device without a kind (a physical NIC, lo)."""
+        info = self._link_attrs(index).get(IFLA_LINKINFO)
+        kind = parse_attrs(info).get(IFLA_INFO_KIND) if info else None
+        return kind.rstrip(b"\0").decode() if kind else None
+
+    def link_alias(self, index: int) -> str:
+        """The link's alias, "" if it has none."""
+        raw = self._link_attrs(index).get(IFLA_IFALIAS, b"")
+        return raw.split(b"\0", 1)[0].decode(errors="replace")
 
     # -- addresses and routes ---------------------------------------------------------------------
 

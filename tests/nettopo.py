@@ -2,7 +2,8 @@
 
 ``host`` is where micropod runs (its bridge, TAPs and nftables tables live there); ``outside`` plays
 the internet, one veth away: host 192.0.2.1/24 <-> outside 192.0.2.2/24 (TEST-NET-1). The outside
-has no route to the VM subnet, so anything a guest reaches there went through NAT.
+has no route to the VM subnet, so anything a guest reaches there went through NAT. The outside also
+holds the cloud's metadata address (169.254.169.254), routed to from the host as a cloud's would be.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 HOST_IP = "192.0.2.1"
 OUTSIDE_IP = "192.0.2.2"
+METADATA_IP = "169.254.169.254"
 _serial = itertools.count()
 
 
@@ -64,6 +66,8 @@ def topology() -> Iterator[Topology]:
         _ip("-n", topo.outside, "addr", "add", f"{OUTSIDE_IP}/24", "dev", "eth0")
         _ip("-n", topo.host, "link", "set", "uplink0", "up")
         _ip("-n", topo.outside, "link", "set", "eth0", "up")
+        _ip("-n", topo.outside, "addr", "add", f"{METADATA_IP}/32", "dev", "eth0")
+        _ip("-n", topo.host, "route", "add", f"{METADATA_IP}/32", "via", OUTSIDE_IP)
         yield topo
     finally:
         for netns in made:

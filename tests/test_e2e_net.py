@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from micropod.net.addressing import mac_for, tap_name
+from micropod.net.owner import Owner
 from tests.conftest import Cli, require_guest
-from tests.nettopo import HOST_IP, OUTSIDE_IP, Topology, topology
+from tests.nettopo import HOST_IP, METADATA_IP, OUTSIDE_IP, Topology, topology
 from tests.test_e2e_exec import start_sleeper
 from tests.test_e2e_run import console_of, one_line_error, ps, wait_for
 
@@ -30,6 +31,11 @@ SERVE = ("import functools, http.server, sys\n"
          "server = http.server.HTTPServer((sys.argv[1], 8000), handler)\n"
          "print('listening', flush=True)\n"
          "server.serve_forever()\n")
+BANNER = ("import socket, sys\n"
+          "s = socket.socket(); s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen()\n"
+          "print('listening', flush=True)\n"
+          "while True:\n"
+          "    c, _ = s.accept(); c.sendall(b'host-service\\n'); c.close()\n")
 LISTEN = ("import socket, sys, time\n"
           "s = socket.socket(); s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen()\n"
           "print('listening', flush=True); time.sleep(600)\n")
@@ -96,14 +102,23 @@ def _rows(db: sqlite3.Connection, query: str) -> list[object]:
 NOTHING = {"taps": [], "tables": [], "leases": [], "attachments": []}
 
 
+def http_get(host: str, port: int, path: str = "/") -> str:
+    """A guest's shell line: one HTTP request with busybox nc, which gives up connecting after 3 s."""
+    return f"printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port}"
+
+
 def test_nat_egress_published_ports_dns_and_visibility(world: tuple[Topology, Cli], tmp_path: Path) -> None:
     topo, cli = world
     site = tmp_path / "site"
     site.mkdir()
     (site / "greeting").write_text("hello from the outside\n")
     server = topo.spawn(topo.outside, sys.executable, "-c", SERVE, OUTSIDE_IP, str(site))
+    metadata = topo.spawn(topo.outside, sys.executable, "-c", SERVE, METADATA_IP, str(site))
+    host_service = topo.spawn(topo.host, sys.executable, "-c", BANNER, "9999")  # on every host address
     try:
         started(server)
+        started(metadata)
+        started(host_service)
         out = cli("run", "-d", "--name", "web", "-p", "8080:80", "--dns", "192.0.2.53", "hello", "sh", "-c",
                   "mkdir -p /www && echo served-by-the-guest > /www/index.html && echo ready && "
                   "exec httpd -f -p 80 -h /www")
@@ -112,8 +127,20 @@ def test_nat_egress_published_ports_dns_and_visibility(world: tuple[Topology, Cl
         wait_for(lambda: "ready" in cli("logs", "web").stdout, 60, "the guest's server", lambda: console_of(cli, "web"))
 
         # egress: the outside has no route to the VM subnet, so an answer means NAT worked
-        code, text = guest(cli, "web", f"printf 'GET /greeting HTTP/1.0\\r\\n\\r\\n' | nc {OUTSIDE_IP} 8000")
+        code, text = guest(cli, "web", http_get(OUTSIDE_IP, 8000, "/greeting"))
         assert code == 0 and "hello from the outside" in text, text
+        # but not the cloud's metadata service, which the host itself reaches
+        assert fetch(topo, topo.host, f"http://{METADATA_IP}:8000/greeting") == "hello from the outside\n"
+        code, text = guest(cli, "web", http_get(METADATA_IP, 8000, "/greeting"))
+        assert code != 0 and "hello" not in text, text
+        # nor the host's own services: on the gateway, on the uplink's address
+        greeting = topo.run(topo.outside, sys.executable, "-c", "import socket, sys; "
+                            f"print(socket.create_connection(('{HOST_IP}', 9999), 3).recv(64).decode())")
+        assert "host-service" in greeting.stdout, greeting.stderr  # the service is there for the outside
+        for address in ("10.88.0.1", HOST_IP):
+            code, text = guest(cli, "web", f"nc -w 3 {address} 9999 </dev/null")
+            assert code != 0 and "host-service" not in text, (address, text)
+        assert _drops(topo, cli, '"drop"', "inet", chain="input") >= 2
         server.terminate()
         _, log = server.communicate(timeout=10)
         assert f"{HOST_IP} - - " in log and "GET /greeting" in log, log  # seen from the host's address
@@ -124,6 +151,9 @@ def test_nat_egress_published_ports_dns_and_visibility(world: tuple[Topology, Cl
                  lambda: console_of(cli, "web"))
         assert fetch(topo, topo.host, "http://127.0.0.1:8080/") == "served-by-the-guest\n"
         assert fetch(topo, topo.host, url) == "served-by-the-guest\n"
+        # the host opens connections to its guests: the answers come back in
+        guest_ip = inspect(cli, "web")["NetworkSettings"]["IPAddress"]  # type: ignore[index]
+        assert fetch(topo, topo.host, f"http://{guest_ip}:80/") == "served-by-the-guest\n"
 
         # what the user sees: port, ps, inspect, and the guest's own view agree
         assert cli("port", "web").stdout == "80/tcp -> 0.0.0.0:8080\n"
@@ -144,7 +174,8 @@ def test_nat_egress_published_ports_dns_and_visibility(world: tuple[Topology, Cl
         received, sent = stats["NetIO"].split(" / ")
         assert received != "0B" and sent != "0B", stats
     finally:
-        server.kill()
+        for helper in (server, metadata, host_service):
+            helper.kill()
     assert cli("rm", "-f", "web").returncode == 0
     assert leftovers(topo, cli.root) == NOTHING
 
@@ -154,13 +185,15 @@ ARP_SOURCE = '{"payload": {"protocol": "arp", "field": "saddr ip"}}'
 MAC_SOURCE = '{"payload": {"protocol": "ether", "field": "saddr"}}'
 
 
-def _drops(topo: Topology, match: str) -> int:
-    table = json.loads(topo.run(topo.host, "nft", "-j", "list", "table", "netdev", "micropod").stdout)
+def _drops(topo: Topology, cli: Cli, match: str, family: str = "netdev", chain: str | None = None) -> int:
+    """The packets counted by the first rule of the root's ``family`` table that mentions ``match``."""
+    listed = topo.run(topo.host, "nft", "-j", "list", "table", family, Owner.of(cli.root).table).stdout
+    table = json.loads(listed or '{"nftables": []}')
     for item in table["nftables"]:
         rule = item.get("rule")
-        if rule and match in json.dumps(rule["expr"]):
+        if rule and match in json.dumps(rule["expr"]) and chain in (None, rule["chain"]):
             return int(next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e))
-    raise AssertionError(f"no anti-spoofing rule matching {match}: {table}")
+    raise AssertionError(f"no rule matching {match}: {table}")
 
 
 def test_a_guest_that_changes_its_ip_or_mac_is_cut_off(world: tuple[Topology, Cli]) -> None:
@@ -172,19 +205,20 @@ def test_a_guest_that_changes_its_ip_or_mac_is_cut_off(world: tuple[Topology, Cl
     code, text = guest(cli, "sneaky",
                        f"ip addr add 10.88.0.250/16 dev eth0 && ping -c2 -W2 -I 10.88.0.250 {OUTSIDE_IP}")
     assert code != 0 and "0 packets received" in text, text
-    assert _drops(topo, IP_SOURCE) + _drops(topo, ARP_SOURCE) > 0
+    assert _drops(topo, cli, IP_SOURCE) + _drops(topo, cli, ARP_SOURCE) > 0
 
-    before = _drops(topo, MAC_SOURCE)
+    before = _drops(topo, cli, MAC_SOURCE)
     code, text = guest(cli, "sneaky", f"ip link set eth0 address 02:66:66:66:66:66 && ping -c2 -W2 {OUTSIDE_IP}")
     assert code != 0 and "0 packets received" in text, text
-    assert _drops(topo, MAC_SOURCE) > before
+    assert _drops(topo, cli, MAC_SOURCE) > before
     # a well-behaved neighbour is unaffected
     start_sleeper(cli, "honest")
     code, text = guest(cli, "honest", f"ping -c1 -W3 {OUTSIDE_IP}")
     assert code == 0, text
 
 
-def test_two_vms_get_distinct_addresses_and_rm_leaves_nothing(world: tuple[Topology, Cli]) -> None:
+def test_two_vms_get_distinct_addresses_and_rm_leaves_nothing(world: tuple[Topology, Cli], tmp_path: Path,
+                                                              hello_archive: Path) -> None:
     topo, cli = world
     start_sleeper(cli, "one", "-p", "8081:80")
     start_sleeper(cli, "two", "-p", "8082:80/udp")
@@ -200,6 +234,15 @@ def test_two_vms_get_distinct_addresses_and_rm_leaves_nothing(world: tuple[Topol
     clash = cli("run", "-d", "--name", "three", "-p", "8081:80", "hello", "true")
     assert clash.returncode == 125 and "port 8081/tcp is already published" in one_line_error(clash.stderr)
     assert sorted(r["Names"] for r in ps(cli)) == ["one", "two"]
+
+    # another state root on this host: the busy default network is not its to share, and it touches nothing
+    other = Cli(tmp_path / "other-root", netns=topo.host)
+    assert other("load", "-i", str(hello_archive)).returncode == 0
+    refused = other("run", "--rm", "hello", "true")
+    assert refused.returncode == 125, refused.stderr
+    assert (f"bridge micropod0 belongs to the state root {cli.root.resolve()}, which has VMs on it"
+            in one_line_error(refused.stderr)), refused.stderr
+    assert sorted(leftovers(topo, cli.root)["taps"]) == sorted(taps)
 
     # stop ends one VM's networking exactly; the other's stays
     assert cli("stop", "-t", "1", "one").returncode == 0
@@ -309,7 +352,8 @@ def test_dns_over_udp_through_nat(world: tuple[Topology, Cli]) -> None:
     assert f"query from {HOST_IP}" in log, log  # the guest's query left through the host's address
 
 
-def test_vms_reach_each_other_and_themselves_through_published_ports(world: tuple[Topology, Cli]) -> None:
+def test_vms_reach_each_other_and_themselves_through_published_ports(world: tuple[Topology, Cli],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     topo, cli = world
     # As on hosts without br_netfilter: bridged replies then bypass the host's conntrack, which only
     # the hairpin masquerade makes work. The setting is per namespace; this one is the test's own.
@@ -319,7 +363,26 @@ def test_vms_reach_each_other_and_themselves_through_published_ports(world: tupl
     assert out.returncode == 0, out.stderr
     wait_for(lambda: "ready" in cli("logs", "server").stdout, 60, "the server", lambda: console_of(cli, "server"))
     start_sleeper(cli, "client")
-    request = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc 10.88.0.1 8090"
     for name in ("client", "server"):
-        code, text = guest(cli, name, request)
+        code, text = guest(cli, name, http_get("10.88.0.1", 8090))
         assert code == 0 and "hairpin-ok" in text, (name, text)
+    server_ip = inspect(cli, "server")["NetworkSettings"]["IPAddress"]  # type: ignore[index]
+    code, text = guest(cli, "client", http_get(server_ip, 80))
+    assert code == 0 and "hairpin-ok" in text, text  # VM to VM, directly: docker's default bridge allows it
+
+    # a VM started with MICROPOD_ICC=0 reaches no other VM, nor is reached, but through published ports
+    monkeypatch.setenv("MICROPOD_ICC", "0")
+    start_sleeper(cli, "loner")
+    monkeypatch.delenv("MICROPOD_ICC")
+    loner_ip = inspect(cli, "loner")["NetworkSettings"]["IPAddress"]  # type: ignore[index]
+    code, text = guest(cli, "loner", http_get(server_ip, 80))
+    assert code != 0 and "hairpin-ok" not in text, text
+    code, text = guest(cli, "client", f"ping -c1 -W3 {loner_ip}")
+    assert code != 0 and "0 packets received" in text, text
+    # not even routed through the gateway, which would pass a bridge-only rule
+    code, text = guest(cli, "loner", f"ip route add {server_ip}/32 via 10.88.0.1 && {http_get(server_ip, 80)}")
+    assert code != 0 and "hairpin-ok" not in text, text
+    code, text = guest(cli, "loner", http_get("10.88.0.1", 8090))
+    assert code == 0 and "hairpin-ok" in text, text
+    code, text = guest(cli, "loner", f"ping -c1 -W3 {OUTSIDE_IP}")
+    assert code == 0, text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -59,17 +60,22 @@ def test_a_port_published_twice_or_in_use_is_refused() -> None:
             check_host_port_free(PortMapping(port, 80, host_ip="127.0.0.1"))
 
 
-def test_ruleset_is_two_wholesale_tables_with_per_vm_rules() -> None:
+T = "micropod-0123456789ab"
+
+
+def test_ruleset_is_three_wholesale_tables_of_one_root_with_per_vm_rules() -> None:
     vm = VmNetwork("v1", "mp-v1", "02:00:00:00:00:02", ipaddress.IPv4Address("10.88.0.2"),
                    (PortMapping(8080, 80),))
-    commands = ruleset([vm])["nftables"]
+    commands = ruleset([vm], T)["nftables"]
     tables = [c for c in commands if "table" in next(iter(c.values()), {})]
     # each table: add (so delete cannot fail), delete, add: an atomic replace
-    assert [next(iter(c)) for c in tables] == ["add", "delete", "add"] * 2
+    assert [next(iter(c)) for c in tables] == ["add", "delete", "add"] * 3
+    assert {c[next(iter(c))]["table"]["name"] for c in tables} == {T}
+    assert {c["add"]["rule"]["table"] for c in commands if "rule" in c.get("add", {})} == {T}
     text = str(commands)
     assert "'masquerade': None" in text and "'dnat'" in text and "'dev': 'mp-v1'" in text
-    assert ruleset([]) != ruleset([vm])
-    assert "mp-v1" not in str(ruleset([]))
+    assert ruleset([], T) != ruleset([vm], T)
+    assert "mp-v1" not in str(ruleset([], T))
 
 
 def test_ports_on_different_host_addresses_do_not_clash() -> None:
@@ -88,7 +94,7 @@ def _chain_rules(commands: list[dict[str, object]], chain: str) -> list[str]:
 def test_a_port_published_on_loopback_is_the_hosts_alone() -> None:
     vm = VmNetwork("v1", "mp-v1", "02:00:00:00:00:02", ipaddress.IPv4Address("10.88.0.2"),
                    (PortMapping(8080, 80, host_ip="127.0.0.1"), PortMapping(8081, 81)))
-    commands = ruleset([vm])["nftables"]
+    commands = ruleset([vm], T)["nftables"]
     prerouting, output = _chain_rules(commands, "prerouting"), _chain_rules(commands, "output")
     assert len(output) == 2 and len(prerouting) == 1 and "8081" in prerouting[0]
 
@@ -97,10 +103,73 @@ def test_each_network_gets_its_nat_and_guests_cannot_reach_host_loopback() -> No
     other = NetworkConfig.parse("mp1", "10.99.0.0/24")
     one = VmNetwork("v1", "mp-v1", "02:00:00:00:00:02", ipaddress.IPv4Address("10.88.0.2"))
     two = VmNetwork("v2", "mp-v2", "02:00:00:00:00:03", ipaddress.IPv4Address("10.99.0.2"), (), other)
-    commands = ruleset([one, two])["nftables"]
+    commands = ruleset([one, two], T)["nftables"]
     postrouting = _chain_rules(commands, "postrouting")
     assert sum("10.88.0.0" in r for r in postrouting) == 2 and sum("10.99.0.0" in r for r in postrouting) == 2
     assert sum("'dnat'" in r and "ct" in r for r in postrouting) == 2  # hairpin, per network
     for tap in ("mp-v1", "mp-v2"):
         ingress = _chain_rules(commands, f"ingress-{tap}")
         assert any("daddr" in r and "127.0.0.0" in r and "drop" in r for r in ingress)
+
+
+def test_guests_may_not_reach_the_host_or_link_local_addresses() -> None:
+    vm = VmNetwork("v1", "mp-v1", "02:00:00:00:00:02", ipaddress.IPv4Address("10.88.0.2"))
+    commands = ruleset([vm], T)["nftables"]
+    guard = _chain_rules(commands, "input")
+    # replies to the host's own connections, then DNATed ones, then a drop of the rest from the bridge
+    assert len(guard) == 3 and all("'iifname'}}, 'right': 'micropod0'" in r for r in guard), guard
+    assert "established" in guard[0] and "related" in guard[0] and "accept" in guard[0]
+    assert "'dnat'" in guard[1] and "accept" in guard[1] and "drop" in guard[2]
+    hooks = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in commands if "chain" in c.get("add", {})}
+    assert hooks["input"]["hook"] == "input" and hooks["input"]["family"] == "inet"
+    ingress = _chain_rules(commands, "ingress-mp-v1")
+    link_local = [r for r in ingress if "169.254.0.0" in r]
+    assert len(link_local) == 1 and "'daddr'" in link_local[0] and "drop" in link_local[0]
+    assert ingress.index(link_local[0]) < next(i for i, r in enumerate(ingress) if r.endswith("{'accept': None}]"))
+
+
+def test_icc_off_isolates_a_vm_from_the_others_bridged_or_routed() -> None:
+    open_vm = VmNetwork("v1", "mp-v1", "02:00:00:00:00:02", ipaddress.IPv4Address("10.88.0.2"))
+    loner = VmNetwork("v2", "mp-v2", "02:00:00:00:00:03", ipaddress.IPv4Address("10.88.0.3"), icc=False)
+    everyone = ruleset([open_vm], T)["nftables"]
+    assert not any("drop" in r for r in _chain_rules(everyone, "forward"))  # the default: VMs reach each other
+    assert not [c for c in everyone if c.get("add", {}).get("rule", {}).get("family") == "bridge"]
+    commands = ruleset([open_vm, loner], T)["nftables"]
+    bridged = [str(c["add"]["rule"]["expr"]) for c in commands if "rule" in c.get("add", {})
+               and c["add"]["rule"]["family"] == "bridge"]
+    assert len(bridged) == 2 and all("mp-v2" in r and "drop" in r for r in bridged)
+    assert not any("mp-v1" in r for r in bridged)
+    routed = [r for r in _chain_rules(commands, "forward") if "10.88.0.3" in r]
+    assert len(routed) == 2 and all("drop" in r for r in routed)
+    forward = _chain_rules(commands, "forward")
+    assert "'dnat'" in forward[0] and "accept" in forward[0]  # published ports still pass, hairpin too
+
+
+def test_micropod_icc_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from micropod.net.config import icc_from_env
+
+    assert icc_from_env() is True
+    monkeypatch.setenv("MICROPOD_ICC", "0")
+    assert icc_from_env() is False
+    monkeypatch.setenv("MICROPOD_ICC", "off")
+    with pytest.raises(UsageError, match="invalid MICROPOD_ICC"):
+        icc_from_env()
+
+
+def test_a_root_is_one_owner_however_it_is_spelled(tmp_path: Path) -> None:
+    from micropod.net.owner import Owner, recorded_owner
+
+    (tmp_path / "root").mkdir()
+    one, two = Owner.of(tmp_path / "root"), Owner.of(tmp_path / "x" / ".." / "root")
+    assert one == two and one.table == two.table and one.table.startswith("micropod-") and len(one.table) == 21
+    assert Owner.of(tmp_path).table != one.table
+    assert recorded_owner(one.alias) == (one.tag, str(tmp_path / "root"))
+    assert recorded_owner("") is None and recorded_owner("someone else's bridge") is None
+
+
+def test_resolvers_on_the_hosts_own_addresses_are_not_given_to_guests(tmp_path: Path) -> None:
+    from micropod.net.dns import resolv_conf
+
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 192.168.1.10\nnameserver 10.1.2.3\n")
+    assert resolv_conf((), conf, local=frozenset({"192.168.1.10"})) == "nameserver 10.1.2.3\n"

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import select
+import socket
 import struct
 import subprocess
 from pathlib import Path
@@ -28,29 +29,32 @@ def _links() -> list[str]:
     return json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True, text=True, check=True).stdout)
 
 
+TABLE = "micropod-test"
+
+
 def _setup(*vms: VmNetwork) -> None:
-    links.ensure_bridge(NET)
+    links.ensure_owned_bridge(NET, "micropod 000000000000 /test")
     for vm in vms:
         links.create_tap(vm.tap, NET.bridge)
-    nft.apply(nft.ruleset(list(vms)))
+    nft.apply(nft.ruleset(list(vms), TABLE))
 
 
 def _setup_and_teardown() -> dict[str, object]:
     _setup(VM, VM2)
     seen = {"links": [link["ifname"] for link in _links()],
-            "inet": json.dumps(nft.listing("inet")), "netdev": json.dumps(nft.listing("netdev")),
+            "inet": json.dumps(nft.listing("inet", TABLE)), "netdev": json.dumps(nft.listing("netdev", TABLE)),
             "forward": Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()}
     # vm1 goes: its TAP and every rule that names it; vm2 stays
     links.delete_tap(VM.tap)
-    nft.apply(nft.ruleset([VM2]))
+    nft.apply(nft.ruleset([VM2], TABLE))
     seen["after_links"] = [link["ifname"] for link in _links()]
-    seen["after_inet"] = json.dumps(nft.listing("inet"))
-    seen["after_netdev"] = json.dumps(nft.listing("netdev"))
+    seen["after_inet"] = json.dumps(nft.listing("inet", TABLE))
+    seen["after_netdev"] = json.dumps(nft.listing("netdev", TABLE))
     links.delete_tap(VM.tap)  # idempotent
     links.delete_tap(VM2.tap)
-    nft.remove()
-    nft.remove()
-    seen["final_inet"] = nft.listing("inet")["nftables"]
+    nft.remove(TABLE)
+    nft.remove(TABLE)
+    seen["final_inet"] = nft.listing("inet", TABLE)["nftables"]
     seen["final_links"] = [link["ifname"] for link in _links()]
     return seen
 
@@ -74,7 +78,7 @@ def _collisions() -> list[str]:
     subprocess.run(["ip", "addr", "add", "10.77.0.200/24", "dev", "vx0"], check=True)
     for net in (NET, NetworkConfig.parse("vx0", "10.99.0.0/24")):
         try:
-            links.ensure_bridge(net)
+            links.ensure_owned_bridge(net, "")
         except Exception as exc:
             errors.append(str(exc))
     return errors
@@ -138,7 +142,7 @@ def _spoofing() -> dict[str, object]:
     os.write(fd, _arp_request("02:66:66:66:66:66", str(VM.ip), gateway))
     spoofed_mac = _arp_reply_for(fd, str(VM.ip), 1.0)
     os.close(fd)
-    counters = [r["rule"]["expr"] for r in nft.listing("netdev")["nftables"] if "rule" in r]
+    counters = [r["rule"]["expr"] for r in nft.listing("netdev", TABLE)["nftables"] if "rule" in r]
     dropped = sum(e["counter"]["packets"] for expr in counters for e in expr if "counter" in e and
                   any("drop" in x for x in expr))
     return {"honest": honest, "spoofed_ip": spoofed_ip, "spoofed_mac": spoofed_mac, "dropped": dropped}
@@ -155,13 +159,13 @@ def test_anti_spoofing_drops_frames_that_are_not_the_vms_own() -> None:
 def test_nft_rejects_a_broken_batch_as_a_whole() -> None:
     def body() -> str:
         _setup(VM)
-        batch = nft.ruleset([VM2])
-        batch["nftables"].append({"add": {"rule": {"family": "inet", "table": "micropod", "chain": "missing",
+        batch = nft.ruleset([VM2], TABLE)
+        batch["nftables"].append({"add": {"rule": {"family": "inet", "table": TABLE, "chain": "missing",
                                                    "expr": [{"accept": None}]}}})
         try:
             nft.apply(batch)
         except Exception as exc:
-            return f"refused: {exc}" + json.dumps(nft.listing("netdev"))
+            return f"refused: {exc}" + json.dumps(nft.listing("netdev", TABLE))
         return "applied"
 
     result = in_fresh_netns(body)
@@ -195,28 +199,64 @@ def _echo_reply_for(fd: int, ident: int, timeout: float) -> bool:
     return False
 
 
+def _answer_one_ping(fd: int, timeout: float) -> bool:
+    """Play the guest: answer the first echo request to the VM's address that reaches the TAP."""
+    while select.select([fd], [], [], timeout)[0]:
+        frame = os.read(fd, 2048)
+        if frame[12:14] == b"\x08\x00" and frame[23] == 1 and frame[34] == 8 and frame[30:34] == VM.ip.packed:
+            ip = frame[14:22] + b"\x40\x01\0\0" + frame[30:34] + frame[26:30]
+            ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+            icmp = b"\0\0\0\0" + frame[38:]
+            icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+            os.write(fd, frame[6:12] + frame[0:6] + b"\x08\x00" + ip + icmp)
+            return True
+    return False
+
+
+def _raw_echo_reply_for(raw: socket.socket, ident: int, timeout: float) -> bool:
+    while select.select([raw], [], [], timeout)[0]:
+        packet = raw.recv(2048)
+        if packet[20] == 0 and packet[24:26] == struct.pack("!H", ident):
+            return True
+    return False
+
+
+def _counted(family: str, needle: str) -> int:
+    rules = [r["rule"]["expr"] for r in nft.listing(family, TABLE)["nftables"] if "rule" in r]
+    return sum(e["counter"]["packets"] for expr in rules for e in expr if "counter" in e and needle in json.dumps(expr))
+
+
 def _pings_from_the_vm() -> dict[str, object]:
+    # the uplink: an address of the host's on another interface, which the guest could route to
+    subprocess.run(["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1"], check=True)
+    subprocess.run(["ip", "addr", "add", "192.0.2.1/24", "dev", "up0"], check=True)
+    subprocess.run(["ip", "link", "set", "up0", "up"], check=True)
     fd, bridge_mac = _vm_tap()
-    gateway = str(NET.gateway)
     mac = bytes.fromhex(VM.mac.replace(":", ""))
-    os.write(fd, _echo_request(mac, bridge_mac, str(VM.ip), gateway, 0x1111))
-    gateway_answers = _echo_reply_for(fd, 0x1111, 2.0)
-    os.write(fd, _echo_request(mac, bridge_mac, str(VM.ip), "127.0.0.1", 0x2222))
-    loopback_answers = _echo_reply_for(fd, 0x2222, 2.0)
+    answered = {}
+    for ident, target in enumerate((str(NET.gateway), "192.0.2.1", "127.0.0.1", "169.254.169.254"), 0x1111):
+        os.write(fd, _echo_request(mac, bridge_mac, str(VM.ip), target, ident))
+        answered[target] = _echo_reply_for(fd, ident, 2.0)
+    # the host's own ping to the VM: its answer comes back in, as the reply of the host's connection
+    subprocess.run(["ip", "neigh", "replace", str(VM.ip), "lladdr", VM.mac, "dev", NET.bridge], check=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
+        raw.sendto(_echo_request(b"", b"", "0.0.0.0", "0.0.0.0", 0x3333)[22:], (str(VM.ip), 0))
+        guest_answered = _answer_one_ping(fd, 5.0)
+        host_ping = _raw_echo_reply_for(raw, 0x3333, 5.0)
     os.close(fd)
-    rules = [r["rule"]["expr"] for r in nft.listing("netdev")["nftables"] if "rule" in r]
-    dropped = sum(e["counter"]["packets"] for expr in rules for e in expr
-                  if "counter" in e and "127.0.0.0" in json.dumps(expr))
-    return {"bridge_mac": bool(bridge_mac), "gateway": gateway_answers, "loopback": loopback_answers,
-            "dropped": dropped}
+    return {"bridge_mac": bool(bridge_mac), "answered": answered, "guest_answered": guest_answered,
+            "host_ping": host_ping, "to_host": _counted("inet", '"drop"'),
+            "to_loopback": _counted("netdev", "127.0.0.0"), "to_link_local": _counted("netdev", "169.254.0.0")}
 
 
-def test_a_guest_cannot_reach_the_hosts_loopback_through_its_gateway() -> None:
+def test_a_guest_cannot_reach_the_host_but_the_host_reaches_it() -> None:
     # route_localnet is on for the bridge (-p through the host's localhost); without the ingress rule
     # the host would answer a guest that sends to 127.0.0.1 via its gateway's MAC
     seen = in_fresh_netns(_pings_from_the_vm)
-    assert seen["bridge_mac"] and seen["gateway"], seen
-    assert not seen["loopback"] and seen["dropped"] >= 1, seen
+    assert seen["bridge_mac"], "the host did not answer the VM's own ARP request"
+    assert not any(seen["answered"].values()), seen  # type: ignore[attr-defined]
+    assert seen["to_host"] == 2 and seen["to_loopback"] == 1 and seen["to_link_local"] == 1, seen
+    assert seen["guest_answered"] and seen["host_ping"], seen
 
 
 def _blockers() -> tuple[list[str], list[str]]:

@@ -44,3 +44,11 @@ class NetworkConfig:
     @property
     def gateway_interface(self) -> ipaddress.IPv4Interface:
         return ipaddress.IPv4Interface(f"{self.gateway}/{self.subnet.prefixlen}")
+
+
+def icc_from_env() -> bool:
+    """MICROPOD_ICC=0: a VM started with it exchanges nothing with other VMs but through published ports."""
+    value = os.environ.get("MICROPOD_ICC", "1").strip().lower()
+    if value not in ("0", "1", "false", "true"):
+        raise UsageError(f"invalid MICROPOD_ICC {value!r}: use 1 (VMs reach each other, the default) or 0")
+    return value in ("1", "true")

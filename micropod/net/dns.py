@@ -1,8 +1,9 @@
 """The guest's /etc/resolv.conf and /etc/hosts, with docker's rules.
 
 The host's resolvers are copied, minus loopback ones (127.0.0.53 and the like cannot be reached from
-inside a VM); if none remain, public resolvers stand in. ``--dns`` replaces the nameservers and keeps
-the host's search domains and options.
+inside a VM) and the host's own addresses (VMs may not reach the host's services: a dnsmasq on the
+host's LAN address is out of bounds too); if none remain, public resolvers stand in. ``--dns``
+replaces the nameservers and keeps the host's search domains and options.
 """
 
 from __future__ import annotations
@@ -23,23 +24,37 @@ def check_nameserver(text: str) -> str:
         raise UsageError(f"invalid --dns {text!r}: not an IP address") from None
 
 
-def _reachable_from_guest(address: str) -> bool:
+def host_addresses() -> frozenset[str]:
+    """The host's own IPv4 addresses; none if netlink cannot say (the filter then drops what it must)."""
+    from micropod.netlink import Rtnl
+
     try:
-        return not ipaddress.ip_address(address.partition("%")[0]).is_loopback
+        with Rtnl() as rtnl:
+            return frozenset(address for _, address, _ in rtnl.addresses())
+    except OSError:
+        return frozenset()
+
+
+def _reachable_from_guest(address: str, local: frozenset[str]) -> bool:
+    try:
+        parsed = ipaddress.ip_address(address.partition("%")[0])
     except ValueError:
         return False
+    return not parsed.is_loopback and str(parsed) not in local
 
 
-def resolv_conf(dns: tuple[str, ...] = (), host_file: Path = HOST_RESOLV_CONF) -> str:
+def resolv_conf(dns: tuple[str, ...] = (), host_file: Path = HOST_RESOLV_CONF,
+                local: frozenset[str] | None = None) -> str:
     try:
         lines = host_file.read_text().splitlines()
     except OSError:
         lines = []
     kept, servers = [], []
+    local = host_addresses() if local is None and not dns else local or frozenset()
     for line in lines:
         fields = line.split()
         if fields[:1] == ["nameserver"] and len(fields) > 1:
-            if _reachable_from_guest(fields[1]):
+            if _reachable_from_guest(fields[1], local):
                 servers.append(fields[1])
         elif fields[:1] in (["search"], ["domain"], ["options"]):
             kept.append(" ".join(fields))

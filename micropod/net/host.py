@@ -1,8 +1,9 @@
 """One VM's networking on the host, set up and torn down as a unit: TAP, table row, nftables rules.
 
-Every change happens under one lock (``net.lock`` in the state root) and ends by applying the whole
-ruleset rebuilt from the ``attachments`` table, so concurrent runs never lose each other's rules and
-a VM's rules vanish exactly when its row does. A failed attach undoes what it did.
+Every change happens under one host-wide lock (``owner.host_lock``) and ends by applying this root's
+whole ruleset, rebuilt from its ``attachments`` table into its own tables, so concurrent runs never
+lose each other's rules, a VM's rules vanish exactly when its row does, and no other state root's
+rules or bridges are touched. A failed attach undoes what it did.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
-from micropod.fsutil import flock
-from micropod.net import links, nft
+from micropod.net import links, nft, owner
 from micropod.net.addressing import tap_name
 from micropod.net.config import NetworkConfig
 from micropod.net.nft import VmNetwork
@@ -31,16 +31,19 @@ CREATE TABLE IF NOT EXISTS attachments (
     ip     TEXT NOT NULL,
     ports  TEXT NOT NULL,
     bridge TEXT NOT NULL DEFAULT '',
-    subnet TEXT NOT NULL DEFAULT ''
+    subnet TEXT NOT NULL DEFAULT '',
+    icc    INTEGER NOT NULL DEFAULT 1
 )
 """
 # Columns added after the table first shipped; an older table gains them on open.
-MIGRATIONS = (("bridge", "TEXT NOT NULL DEFAULT ''"), ("subnet", "TEXT NOT NULL DEFAULT ''"))
+MIGRATIONS = (("bridge", "TEXT NOT NULL DEFAULT ''"), ("subnet", "TEXT NOT NULL DEFAULT ''"),
+              ("icc", "INTEGER NOT NULL DEFAULT 1"))
 
 
 class HostNetwork:
     def __init__(self, root: StateRoot) -> None:
         self.root = root
+        self.owner = owner.Owner.of(root.path)
         self._conn = connect(root.db, SCHEMA)
         present = {row[1] for row in self._conn.execute("PRAGMA table_info(attachments)")}
         for column, definition in MIGRATIONS:
@@ -53,20 +56,23 @@ class HostNetwork:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with flock(self.root.path / "net.lock"):
+        with owner.host_lock():
             yield
 
     def attachments(self) -> list[VmNetwork]:
-        rows = self._conn.execute("SELECT vm_id, tap, mac, ip, ports, bridge, subnet FROM attachments "
+        rows = self._conn.execute("SELECT vm_id, tap, mac, ip, ports, bridge, subnet, icc FROM attachments "
                                   "ORDER BY rowid").fetchall()
         return [VmNetwork(vm_id, tap, mac, ipaddress.IPv4Address(ip),
                           tuple(PortMapping(**p) for p in json.loads(ports)),
-                          NetworkConfig.parse(bridge, subnet) if bridge else NetworkConfig())
-                for vm_id, tap, mac, ip, ports, bridge, subnet in rows]
+                          NetworkConfig.parse(bridge, subnet) if bridge else NetworkConfig(), bool(icc))
+                for vm_id, tap, mac, ip, ports, bridge, subnet, icc in rows]
 
     def check_ports(self, ports: tuple[PortMapping, ...], vm_id: str | None = None) -> None:
-        """Refuse ports another VM publishes or a host program listens on."""
-        check_unique(list(ports), [p for vm in self.attachments() if vm.vm_id != vm_id for p in vm.ports])
+        """Refuse ports another VM (of any state root) publishes or a host program listens on."""
+        if not ports:
+            return
+        taken = [p for vm in self.attachments() if vm.vm_id != vm_id for p in vm.ports]
+        check_unique(list(ports), taken + nft.published_elsewhere(self.owner.table))
         for port in ports:
             check_host_port_free(port)
 
@@ -75,7 +81,7 @@ class HostNetwork:
         with self._locked():
             self.check_ports(vm.ports, vm.vm_id)
             others = [a for a in self.attachments() if a.vm_id != vm.vm_id]
-            links.ensure_bridge(vm.network)
+            owner.ensure_bridge(vm.network, self.owner)
             # The row first: whatever a crash leaves from here on, reconciliation finds through it.
             self._store(vm)
             try:
@@ -117,15 +123,16 @@ class HostNetwork:
     def _apply(self, vms: list[VmNetwork]) -> None:
         # With no VM left, nothing of micropod's stays in the firewall.
         if vms:
-            nft.apply(nft.ruleset(vms))
+            nft.apply(nft.ruleset(vms, self.owner.table))
         else:
-            nft.remove()
+            nft.remove(self.owner.table)
 
     def _store(self, vm: VmNetwork) -> None:
         ports = json.dumps([asdict(p) for p in vm.ports])
-        self._conn.execute("INSERT OR REPLACE INTO attachments (vm_id, tap, mac, ip, ports, bridge, subnet) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (vm.vm_id, vm.tap, vm.mac, str(vm.ip), ports, vm.network.bridge, str(vm.network.subnet)))
+        self._conn.execute("INSERT OR REPLACE INTO attachments (vm_id, tap, mac, ip, ports, bridge, subnet, icc) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (vm.vm_id, vm.tap, vm.mac, str(vm.ip), ports, vm.network.bridge, str(vm.network.subnet),
+                            int(vm.icc)))
 
     def _forget(self, vm_id: str) -> None:
         self._conn.execute("DELETE FROM attachments WHERE vm_id = ?", (vm_id,))

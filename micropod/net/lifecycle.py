@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from micropod.context import Context
 from micropod.errors import UsageError
 from micropod.net.addressing import mac_for, tap_name
-from micropod.net.config import NetworkConfig
+from micropod.net.config import NetworkConfig, icc_from_env
 from micropod.net.dns import check_nameserver, resolv_conf
 from micropod.net.ports import PortMapping, parse_publish
 from micropod.paths import StateRoot
@@ -45,10 +45,11 @@ def plan(ctx: Context, mode: str | None, publish: tuple[str, ...], dns: tuple[st
             raise UsageError("--network none has no network to publish ports on; drop -p or the --network none")
         return Plan(None, (), resolv_conf(servers))
     network = NetworkConfig.from_env()
+    icc_from_env()  # refused now rather than by the monitor at boot
     if ports:
         reconcile(ctx)  # a crashed run's rows must not hold its ports
         check_ports(ctx.root, ports)
-    _check_bridge(network)
+    _check_bridge(ctx.root, network)
     return Plan(network, ports, resolv_conf(servers))
 
 
@@ -62,12 +63,13 @@ def check_ports(root: StateRoot, ports: tuple[PortMapping, ...]) -> None:
         host.close()
 
 
-def _check_bridge(network: NetworkConfig) -> None:
-    from micropod.net.links import check_bridge
+def _check_bridge(root: StateRoot, network: NetworkConfig) -> None:
+    """Early and without the lock: the bridge's name, subnet and owner (attach checks again under it)."""
+    from micropod.net import owner
     from micropod.netlink import Rtnl
 
     with Rtnl() as rtnl:
-        check_bridge(rtnl, network)
+        owner.check(rtnl, network, owner.Owner.of(root.path))
 
 
 def lease(ctx: Context, plan: Plan, vm_id: str) -> NetworkSettings:
@@ -108,7 +110,7 @@ def attach(root: StateRoot, vm_id: str, settings: NetworkSettings) -> None:
     host = HostNetwork(root)
     try:
         host.attach(VmNetwork(vm_id, settings.tap, settings.mac, ipaddress.IPv4Address(settings.ip), settings.ports,
-                              network_of(settings)))
+                              network_of(settings), icc_from_env()))
     finally:
         host.close()
 

@@ -39,24 +39,35 @@ def check_bridge(rtnl: Rtnl, network: NetworkConfig) -> bool:
     return bridge is not None
 
 
-def ensure_bridge(network: NetworkConfig) -> None:
-    """Create the bridge with the gateway address if it is missing; check an existing one is ours."""
+def ensure_owned_bridge(network: NetworkConfig, alias: str) -> None:
+    """Create the bridge with the gateway address if it is missing; either way it carries ``alias``,
+    the owner's record (``owner`` decides who may have it)."""
     with Rtnl() as rtnl:
         if not check_bridge(rtnl, network):
-            _create_bridge(rtnl, network)
+            _create_bridge(rtnl, network, alias)
+        index = index_of(network.bridge)
+        try:
+            if index is None:
+                raise NetworkError(f"bridge {network.bridge} vanished while it was set up")
+            if rtnl.link_alias(index) != alias:
+                rtnl.set_alias(index, alias)
+        except NetlinkError as exc:
+            raise NetworkError(f"cannot record the owner of bridge {network.bridge}: {exc.strerror}") from exc
     # Every time, not only at creation: something may have reset them since (sysctl --system).
     # Forwarding between the bridge and the uplink, and DNAT of connections to 127.0.0.1.
     _sysctl("net/ipv4/ip_forward", "1")
     _sysctl(f"net/ipv4/conf/{network.bridge}/route_localnet", "1")
 
 
-def _create_bridge(rtnl: Rtnl, network: NetworkConfig) -> None:
+def _create_bridge(rtnl: Rtnl, network: NetworkConfig, alias: str) -> None:
     try:
         rtnl.add_link(network.bridge, "bridge")
         index = index_of(network.bridge)
         if index is None:
             raise NetworkError(f"bridge {network.bridge} vanished right after it was created")
         try:
+            # the owner first: a bridge seen without it is nobody's yet, and another root waits on the lock
+            rtnl.set_alias(index, alias)
             rtnl.add_address(index, str(network.gateway), network.subnet.prefixlen)
             rtnl.set_link(index, up=True)
         except BaseException:

@@ -1,14 +1,20 @@
-"""micropod's whole nftables state, built as data and applied in one atomic `nft -j -f` transaction.
+"""One state root's nftables state, built as data and applied in one atomic `nft -j -f` transaction.
 
-Two tables, each replaced wholesale from the list of VMs on every change, so that applying is
-idempotent and teardown is exact (a VM's rules disappear with the VM from the list):
+Each state root owns three tables named after it (``micropod-<root tag>``, see ``owner``), each replaced
+wholesale from that root's VMs on every change, so that applying is idempotent, teardown is exact (a
+VM's rules disappear with the VM from the list), and no root ever rewrites or deletes another's:
 
-- ``inet micropod``: per network, masquerade for egress from the subnet, hairpin masquerade for VMs
-  reaching published ports over the bridge, and masquerade of the 127.0.0.1-sourced connections that
-  DNAT sends to the bridge. DNAT for published ports: from other hosts in prerouting (never for a
-  port published on a loopback address), from the host itself through localhost in output.
-- ``netdev micropod``: an ingress chain per TAP that admits only the VM's own MAC and IPv4 address
-  (and ARP for it) and nothing addressed to 127.0.0.0/8, before the host stack or the bridge sees it.
+- ``inet``: per network, masquerade for egress from the subnet, hairpin masquerade for VMs reaching
+  published ports over the bridge, and masquerade of the 127.0.0.1-sourced connections that DNAT
+  sends to the bridge. DNAT for published ports: from other hosts in prerouting (never for a port
+  published on a loopback address), from the host itself through localhost in output. An input
+  chain drops what the VMs send to the host itself, except replies to the host's own connections;
+  a forward chain keeps VMs started with MICROPOD_ICC=0 from being routed to other VMs.
+- ``netdev``: an ingress chain per TAP that admits only the VM's own MAC and IPv4 address (and ARP
+  for it) and nothing addressed to 127.0.0.0/8 or 169.254.0.0/16, before the host stack or the
+  bridge sees it.
+- ``bridge``: drops frames the bridge would switch between a MICROPOD_ICC=0 VM and another VM; it
+  works whether br_netfilter is loaded or not.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from micropod import proc
 from micropod.net.config import NetworkConfig
 from micropod.net.ports import PortMapping
 
-TABLE = "micropod"
+PREFIX = "micropod"  # every table of ours is PREFIX or starts with PREFIX-; the bare name is an old release's
+FAMILIES = ("inet", "netdev", "bridge")
 LOOPBACK = {"prefix": {"addr": "127.0.0.0", "len": 8}}
+LINK_LOCAL = {"prefix": {"addr": "169.254.0.0", "len": 16}}
 Json = dict[str, Any]
 
 
@@ -35,6 +43,7 @@ class VmNetwork:
     ip: ipaddress.IPv4Address
     ports: tuple[PortMapping, ...] = ()
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    icc: bool = True  # False: no traffic with other VMs except through published ports
 
 
 def _match(left: Json | str, right: Any, op: str = "==") -> Json:
@@ -49,98 +58,141 @@ def _meta(key: str) -> Json:
     return {"meta": {"key": key}}
 
 
-def _rule(family: str, chain: str, *expr: Json) -> Json:
-    return {"add": {"rule": {"family": family, "table": TABLE, "chain": chain, "expr": list(expr)}}}
+COUNTER: Json = {"counter": None}
+DROP: Json = {"drop": None}
+ACCEPT: Json = {"accept": None}
+DNATED = _match({"ct": {"key": "status"}}, "dnat", "in")
 
 
-def _chain(family: str, name: str, hook: str, priority: int, kind: str = "filter", policy: str = "accept",
-           device: str | None = None) -> Json:
-    chain: Json = {"family": family, "table": TABLE, "name": name, "type": kind, "hook": hook,
-                   "prio": priority, "policy": policy}
-    if device is not None:
-        chain["dev"] = device
-    return {"add": {"chain": chain}}
+@dataclass(frozen=True)
+class Ruleset:
+    """Builds one table set; ``table`` is the owning root's name for all of its families."""
+
+    table: str
+
+    def rule(self, family: str, chain: str, *expr: Json) -> Json:
+        return {"add": {"rule": {"family": family, "table": self.table, "chain": chain, "expr": list(expr)}}}
+
+    def chain(self, family: str, name: str, hook: str, priority: int, kind: str = "filter",
+              policy: str = "accept", device: str | None = None) -> Json:
+        chain: Json = {"family": family, "table": self.table, "name": name, "type": kind, "hook": hook,
+                       "prio": priority, "policy": policy}
+        if device is not None:
+            chain["dev"] = device
+        return {"add": {"chain": chain}}
+
+    def replace_table(self, family: str) -> list[Json]:
+        # "add" first so that "delete" never fails on a missing table: the pair empties it atomically.
+        table = {"family": family, "name": self.table}
+        return [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
+
+    def dnat(self, vm: VmNetwork, chain: str) -> list[Json]:
+        rules = []
+        for port in vm.ports:
+            if chain == "prerouting" and port.host_ip and ipaddress.IPv4Address(port.host_ip).is_loopback:
+                # A port published on 127.0.0.1 is the host's alone: in prerouting, a neighbour that sends
+                # to 127.0.0.1 with our MAC would be let in before the kernel could call it a martian.
+                continue
+            destination = (_match(_payload("ip", "daddr"), port.host_ip) if port.host_ip
+                           else _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"))
+            rules.append(self.rule("inet", chain, destination,
+                                   _match(_payload(port.protocol, "dport"), port.host_port),
+                                   {"dnat": {"family": "ip", "addr": str(vm.ip), "port": port.guest_port}}))
+        return rules
+
+    def antispoof(self, vm: VmNetwork) -> list[Json]:
+        chain = f"ingress-{vm.tap}"
+        ip = _match(_payload("ether", "type"), "ip")
+        arp = _match(_payload("ether", "type"), "arp")
+        return [
+            self.chain("netdev", chain, "ingress", -500, device=vm.tap, policy="drop"),
+            self.rule("netdev", chain, _match(_payload("ether", "saddr"), vm.mac, "!="), COUNTER, DROP),
+            self.rule("netdev", chain, ip, _match(_payload("ip", "saddr"), str(vm.ip), "!="), COUNTER, DROP),
+            # route_localnet on the bridge (for -p via the host's localhost) would otherwise let a guest
+            # that routes 127.0.0.0/8 to its gateway reach the host's loopback-only services.
+            self.rule("netdev", chain, ip, _match(_payload("ip", "daddr"), LOOPBACK), COUNTER, DROP),
+            # The cloud's metadata service (169.254.169.254) hands out the host's credentials; nothing
+            # link-local is a VM's business, bridged or routed. micropod's own metadata service, when
+            # it comes, gets its accept rule here, before this drop.
+            self.rule("netdev", chain, ip, _match(_payload("ip", "daddr"), LINK_LOCAL), COUNTER, DROP),
+            self.rule("netdev", chain, ip, ACCEPT),
+            self.rule("netdev", chain, arp, _match(_payload("arp", "saddr ether"), vm.mac, "!="), COUNTER, DROP),
+            self.rule("netdev", chain, arp, _match(_payload("arp", "saddr ip"), str(vm.ip), "!="), COUNTER, DROP),
+            self.rule("netdev", chain, arp, ACCEPT),
+            # Anything else (IPv6 included: VMs get no IPv6 address) meets the chain's drop policy.
+            self.rule("netdev", chain, COUNTER),
+        ]
+
+    def masquerade(self, network: NetworkConfig) -> list[Json]:
+        subnet = {"prefix": {"addr": str(network.subnet.network_address), "len": network.subnet.prefixlen}}
+        return [
+            # egress: the VMs' subnet leaves through the host's address
+            self.rule("inet", "postrouting", _match(_payload("ip", "saddr"), subnet),
+                      _match(_meta("oifname"), network.bridge, "!="), {"masquerade": None}),
+            # hairpin: a VM reaching another (or itself) through a published port; without this the
+            # answer would go straight back over the bridge, past conntrack, when br_netfilter is off
+            self.rule("inet", "postrouting", _match(_payload("ip", "saddr"), subnet),
+                      _match(_meta("oifname"), network.bridge), DNATED, {"masquerade": None}),
+            # the host's own localhost connections DNATed to a VM must not reach it from 127.0.0.1
+            self.rule("inet", "postrouting", _match(_payload("ip", "saddr"), LOOPBACK),
+                      _match(_meta("oifname"), network.bridge), {"masquerade": None}),
+        ]
+
+    def host_guard(self, network: NetworkConfig) -> list[Json]:
+        """Whatever a VM sends that the host would deliver to itself (the gateway, the uplink's address,
+        any local, broadcast or multicast address) is dropped, unless it answers a connection the host
+        opened. Published ports are DNATed in prerouting and so are forwarded, not delivered here."""
+        bridge = _match(_meta("iifname"), network.bridge)
+        return [
+            self.rule("inet", "input", bridge, _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+                      ACCEPT),
+            self.rule("inet", "input", bridge, DNATED, ACCEPT),
+            self.rule("inet", "input", bridge, COUNTER, DROP),
+        ]
+
+    def isolation(self, vm: VmNetwork) -> list[Json]:
+        """A MICROPOD_ICC=0 VM and the other VMs: switched frames and routed packets both go, whether
+        br_netfilter hands bridged traffic to the inet hooks or not; published ports still work."""
+        routed = (_match(_meta("iifname"), vm.network.bridge), _match(_meta("oifname"), vm.network.bridge))
+        return [
+            self.rule("bridge", "forward", _match(_meta("iifname"), vm.tap), COUNTER, DROP),
+            self.rule("bridge", "forward", _match(_meta("oifname"), vm.tap), COUNTER, DROP),
+            self.rule("inet", "forward", *routed, _match(_payload("ip", "saddr"), str(vm.ip)), COUNTER, DROP),
+            self.rule("inet", "forward", *routed, _match(_payload("ip", "daddr"), str(vm.ip)), COUNTER, DROP),
+        ]
 
 
-def _replace_table(family: str) -> list[Json]:
-    # "add" first so that "delete" never fails on a missing table: the pair empties it atomically.
-    table = {"family": family, "name": TABLE}
-    return [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
+def ruleset(vms: list[VmNetwork], table: str = PREFIX) -> Json:
+    """The complete desired state of one root as an nft JSON batch; each network gets its NAT and guard.
 
-
-def _dnat_rules(vm: VmNetwork, chain: str) -> list[Json]:
-    rules = []
-    for port in vm.ports:
-        if chain == "prerouting" and port.host_ip and ipaddress.IPv4Address(port.host_ip).is_loopback:
-            # A port published on 127.0.0.1 is the host's alone: in prerouting, a neighbour that sends
-            # to 127.0.0.1 with our MAC would be let in before the kernel could call it a martian.
-            continue
-        destination = (_match(_payload("ip", "daddr"), port.host_ip) if port.host_ip
-                       else _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"))
-        rules.append(_rule("inet", chain, destination,
-                           _match(_payload(port.protocol, "dport"), port.host_port),
-                           {"dnat": {"family": "ip", "addr": str(vm.ip), "port": port.guest_port}}))
-    return rules
-
-
-def _antispoof(vm: VmNetwork) -> list[Json]:
-    chain = f"ingress-{vm.tap}"
-    drop = {"drop": None}
-    counter = {"counter": None}
-    return [
-        _chain("netdev", chain, "ingress", -500, device=vm.tap, policy="drop"),
-        _rule("netdev", chain, _match(_payload("ether", "saddr"), vm.mac, "!="), counter, drop),
-        _rule("netdev", chain, _match(_payload("ether", "type"), "ip"),
-              _match(_payload("ip", "saddr"), str(vm.ip), "!="), counter, drop),
-        # route_localnet on the bridge (for -p via the host's localhost) would otherwise let a guest
-        # that routes 127.0.0.0/8 to its gateway reach the host's loopback-only services.
-        _rule("netdev", chain, _match(_payload("ether", "type"), "ip"),
-              _match(_payload("ip", "daddr"), LOOPBACK), counter, drop),
-        _rule("netdev", chain, _match(_payload("ether", "type"), "ip"), {"accept": None}),
-        _rule("netdev", chain, _match(_payload("ether", "type"), "arp"),
-              _match(_payload("arp", "saddr ether"), vm.mac, "!="), counter, drop),
-        _rule("netdev", chain, _match(_payload("ether", "type"), "arp"),
-              _match(_payload("arp", "saddr ip"), str(vm.ip), "!="), counter, drop),
-        _rule("netdev", chain, _match(_payload("ether", "type"), "arp"), {"accept": None}),
-        # Anything else (IPv6 included: VMs get no IPv6 address) meets the chain's drop policy.
-        _rule("netdev", chain, counter),
-    ]
-
-
-def _masquerade(network: NetworkConfig) -> list[Json]:
-    subnet = {"prefix": {"addr": str(network.subnet.network_address), "len": network.subnet.prefixlen}}
-    return [
-        # egress: the VMs' subnet leaves through the host's address
-        _rule("inet", "postrouting", _match(_payload("ip", "saddr"), subnet),
-              _match(_meta("oifname"), network.bridge, "!="), {"masquerade": None}),
-        # hairpin: a VM reaching another (or itself) through a published port; without this the
-        # answer would go straight back over the bridge, past conntrack, when br_netfilter is off
-        _rule("inet", "postrouting", _match(_payload("ip", "saddr"), subnet),
-              _match(_meta("oifname"), network.bridge), _match({"ct": {"key": "status"}}, "dnat", "in"),
-              {"masquerade": None}),
-        # the host's own localhost connections DNATed to a VM must not reach it from 127.0.0.1
-        _rule("inet", "postrouting", _match(_payload("ip", "saddr"), LOOPBACK),
-              _match(_meta("oifname"), network.bridge), {"masquerade": None}),
-    ]
-
-
-def ruleset(vms: list[VmNetwork]) -> Json:
-    """The complete desired state as an nft JSON batch; each VM's network gets its NAT rules."""
+    Roots always pass their own table; the bare default is for benchmarks in namespaces of their own."""
+    build = Ruleset(table)
+    networks = list(dict.fromkeys(vm.network for vm in vms))
     commands: list[Json] = [{"metainfo": {"json_schema_version": 1}}]
-    commands += _replace_table("inet")
+    commands += build.replace_table("inet")
     commands += [
-        _chain("inet", "prerouting", "prerouting", -100, kind="nat"),
-        _chain("inet", "output", "output", -100, kind="nat"),
-        _chain("inet", "postrouting", "postrouting", 100, kind="nat"),
+        build.chain("inet", "prerouting", "prerouting", -100, kind="nat"),
+        build.chain("inet", "output", "output", -100, kind="nat"),
+        build.chain("inet", "postrouting", "postrouting", 100, kind="nat"),
+        build.chain("inet", "input", "input", 0),
+        build.chain("inet", "forward", "forward", 0),
     ]
-    for network in dict.fromkeys(vm.network for vm in vms):
-        commands += _masquerade(network)
+    for network in networks:
+        commands += build.masquerade(network)
+        commands += build.host_guard(network)
+        # DNATed connections (published ports, hairpin included) pass before any isolation drop
+        commands.append(build.rule("inet", "forward", _match(_meta("iifname"), network.bridge), DNATED, ACCEPT))
     for vm in vms:
-        commands += _dnat_rules(vm, "prerouting")
-        commands += _dnat_rules(vm, "output")
-    commands += _replace_table("netdev")
+        commands += build.dnat(vm, "prerouting")
+        commands += build.dnat(vm, "output")
+    commands += build.replace_table("netdev")
     for vm in vms:
-        commands += _antispoof(vm)
+        commands += build.antispoof(vm)
+    commands += build.replace_table("bridge")
+    commands.append(build.chain("bridge", "forward", "forward", 0))
+    for vm in vms:
+        if not vm.icc:
+            commands += build.isolation(vm)
     return {"nftables": commands}
 
 
@@ -149,26 +201,61 @@ def apply(batch: Json) -> None:
     proc.run(["nft", "-j", "-f", "-"], input=json.dumps(batch).encode())
 
 
-def remove() -> None:
-    """Delete both tables; nothing of micropod's stays in the firewall."""
-    empty = [{"add": {"table": {"family": f, "name": TABLE}}} for f in ("inet", "netdev")]
-    empty += [{"delete": {"table": {"family": f, "name": TABLE}}} for f in ("inet", "netdev")]
+def remove(table: str) -> None:
+    """Delete one root's tables; nothing of that root's stays in the firewall, and no one else's goes."""
+    empty = [{"add": {"table": {"family": f, "name": table}}} for f in FAMILIES]
+    empty += [{"delete": {"table": {"family": f, "name": table}}} for f in FAMILIES]
     apply({"nftables": [{"metainfo": {"json_schema_version": 1}}, *empty]})
+
+
+def _ours(name: object) -> bool:
+    return isinstance(name, str) and (name == PREFIX or name.startswith(f"{PREFIX}-"))
+
+
+def _items(*argv: str) -> list[Json]:
+    out = proc.run(["nft", "-j", *argv], check=False)
+    if out.returncode != 0:
+        return []
+    items: list[Json] = json.loads(out.stdout).get("nftables", [])
+    return items
 
 
 def forward_blockers() -> list[str]:
     """Other tables' forward chains whose policy is drop: they drop the VMs' forwarded traffic too,
     whatever micropod's own rules say (a docker host's iptables FORWARD chain, for one)."""
-    out = proc.run(["nft", "-j", "list", "chains"], check=False)
-    if out.returncode != 0:
-        return []
-    chains = [item["chain"] for item in json.loads(out.stdout).get("nftables", []) if "chain" in item]
+    chains = [item["chain"] for item in _items("list", "chains") if "chain" in item]
     return [f"{c['family']} {c['table']} {c['name']}" for c in chains
-            if c.get("hook") == "forward" and c.get("policy") == "drop" and c.get("table") != TABLE]
+            if c.get("hook") == "forward" and c.get("policy") == "drop" and not _ours(c.get("table"))]
 
 
-def listing(family: str) -> Json:
-    out = proc.run(["nft", "-j", "list", "table", family, TABLE], check=False)
+def has_table(table: str) -> bool:
+    """Whether a root's tables are there: they are exactly while that root has a VM attached."""
+    return any(item.get("table", {}).get("name") == table for item in _items("list", "tables", "inet"))
+
+
+def published_elsewhere(own: str) -> list[PortMapping]:
+    """The host ports other state roots DNAT (their output chains hold every published port)."""
+    found = []
+    for item in _items("list", "ruleset", "inet"):
+        rule = item.get("rule")
+        if not rule or not _ours(rule.get("table")) or rule.get("table") == own or rule.get("chain") != "output":
+            continue
+        host_ip, port, protocol = None, None, None
+        for expr in rule.get("expr", []):
+            match = expr.get("match", {}) if isinstance(expr, dict) else {}
+            left, right = match.get("left"), match.get("right")
+            payload = left.get("payload", {}) if isinstance(left, dict) else {}
+            if payload.get("field") == "dport" and isinstance(right, int):
+                port, protocol = right, payload.get("protocol")
+            elif payload.get("field") == "daddr" and isinstance(right, str):
+                host_ip = right
+        if port and protocol in ("tcp", "udp"):
+            found.append(PortMapping(port, port, protocol, host_ip))
+    return found
+
+
+def listing(family: str, table: str) -> Json:
+    out = proc.run(["nft", "-j", "list", "table", family, table], check=False)
     if out.returncode != 0:
         return {"nftables": []}
     result: Json = json.loads(out.stdout)
