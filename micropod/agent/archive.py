@@ -2,8 +2,10 @@
 
 A path is resolved one component at a time, symlinks included, as if the root were ``/``: an absolute
 link target starts again at the root. A ``..`` that a symlink would take above the root is refused
-(``PathEscape``), as is a ``..`` of the requested path that climbs above it. ``tarfile`` is imported
-only when a copy is made, to keep it off the agent's boot path.
+(``ArchiveError``), as is a ``..`` of the requested path that climbs above it. What the host sends is
+unpacked by micropod/agent/beneath.py beneath an fd of the destination, following no link the
+container planted. ``tarfile`` and the unpacker are imported only when a copy is made, to keep them
+off the agent's boot path.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import IO
+
+    from micropod.agent.beneath import Untar
 
 _MAX_LINKS = 40
 
@@ -88,46 +92,49 @@ def write_tar(root: str, path: str, out: FrameWriter) -> None:
         tar.add(real, arcname=name, recursive=True)
 
 
-def extract_tar(root: str, dest: str, source: IO[bytes], rename_top: str | None = None) -> None:
-    """Unpack a tar stream into container directory ``dest``; each member's parent is resolved within
-    the root, so no member lands outside it whatever links the tar or the container holds."""
-    import shutil
-    import tarfile
+def open_dir(root: str, path: str) -> int:
+    """An fd of container directory ``path``, resolved as the container sees it and then opened from
+    an fd of the root following no link: a link the container swaps in meanwhile fails, never leads out."""
+    from micropod.agent.beneath import TarError, open_beneath
 
-    with tarfile.open(fileobj=source, mode="r|") as tar:
-        for member in tar:
-            parts = _parts(member.name)
-            if not parts or ".." in parts:
-                raise ArchiveError(f"refusing the archive member {member.name!r}")
-            if rename_top:
-                parts[0] = rename_top
-            parent = resolve(root, "/".join([dest, *parts[:-1]]))
-            target = parent + "/" + parts[-1]
-            if member.isdir():
-                if not os.path.isdir(target):
-                    if os.path.lexists(target):
-                        os.unlink(target)
-                    os.mkdir(target, 0o700)
-                os.chmod(target, member.mode & 0o7777)
-                continue
-            if os.path.lexists(target) and (os.path.isdir(target) and not os.path.islink(target)):
-                raise ArchiveError(f"cannot overwrite directory {'/'.join([dest, *parts])} with a non-directory")
-            if os.path.lexists(target):
-                os.unlink(target)
-            if member.issym():
-                os.symlink(member.linkname, target)
-            elif member.islnk():
-                link_parts = _parts(member.linkname)
-                if rename_top and link_parts:
-                    link_parts[0] = rename_top
-                os.link(resolve(root, "/".join([dest, *link_parts]), follow_last=False), target)
-            elif member.isfile():
-                data = tar.extractfile(member)
-                assert data is not None
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "wb") as file:
-                    shutil.copyfileobj(data, file)
-                os.chmod(target, member.mode & 0o7777)
-            else:
-                continue  # devices and fifos are not copied into a running container
-            os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+    real = resolve(root, path)
+    rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return open_beneath(rootfd, _parts(real[len(root):]))
+    except TarError as exc:
+        raise ArchiveError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ArchiveError(f"{path}: {exc.strerror}") from None
+    finally:
+        os.close(rootfd)
+
+
+def upload(root: str, dest: str, rename_top: str | None = None) -> Untar:
+    """A tar stream to feed, unpacked into container directory ``dest`` by the rules of beneath.py;
+    its owners are the tar's (the host packs root's unless ``cp -a``). Close it with ``finish``."""
+    from micropod.agent.beneath import Untar
+
+    return Untar(open_dir(root, dest), rename_top, keep_owner=True)
+
+
+def finish(untar: Untar) -> None:
+    """End an upload: raise its first error as an ``ArchiveError``, and release its directory."""
+    from micropod.agent.beneath import TarError
+
+    try:
+        untar.close()
+    except TarError as exc:
+        raise ArchiveError(str(exc)) from None
+    finally:
+        untar.extractor.abort()
+        os.close(untar.extractor.dirfd)
+
+
+def extract_tar(root: str, dest: str, source: IO[bytes], rename_top: str | None = None) -> None:
+    """Unpack all of a tar stream read from ``source`` into container directory ``dest``."""
+    untar = upload(root, dest, rename_top)
+    try:
+        while chunk := source.read(1 << 16):
+            untar.feed(chunk)
+    finally:
+        finish(untar)

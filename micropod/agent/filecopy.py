@@ -1,7 +1,8 @@
 """``cp`` between the host and a container, over a session's stdio and an exit report.
 
 ``archive-get`` sends a tar of the path as DATA on the session's stdout; ``archive-put`` takes the tar
-as the session's stdin and unpacks it at its EOF.
+as the session's stdin and unpacks it as it comes (never holding it whole in the guest's memory),
+beneath an fd of the destination opened when the copy starts; its EOF ends the copy.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from micropod.agent.beneath import Untar
     from micropod.agent.containers import Container
     from micropod.agent.main import Agent
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 class FileCopy:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.uploads: dict[int, tuple[Container, str, str | None, bytearray]] = {}
+        self.uploads: dict[int, tuple[Container, Untar]] = {}
 
     def on_archive_get(self, message: dict[str, Any]) -> dict[str, Any]:
         container = self.agent.container(message)
@@ -56,21 +58,22 @@ class FileCopy:
             if path.endswith("/") or not os.path.isdir(archive.resolve(container.root, parent)):
                 raise RequestError(f"Could not find the file {path} in container", 1)
             dest, rename = parent, path.rstrip("/").rsplit("/", 1)[-1]
-        self.uploads[sid] = (container, dest, rename, bytearray())
+        try:
+            self.uploads[sid] = (container, archive.upload(container.root, dest, rename))
+        except archive.ArchiveError as exc:
+            raise RequestError(str(exc), 1) from None
         return {}
 
     def on_upload(self, sid: int, kind: int, payload: bytes) -> None:
-        container, dest, rename, data = self.uploads[sid]
+        container, untar = self.uploads[sid]
         if kind != protocol.EOF:
-            data += payload
+            untar.feed(payload)
             return
         del self.uploads[sid]
-        import io
-
         code, error = 0, None
         try:
-            archive.extract_tar(container.root, dest, io.BytesIO(bytes(data)), rename)
-        except Exception as exc:  # tarfile's own errors too: the user hears what went wrong
+            archive.finish(untar)
+        except Exception as exc:  # OSError too: the user hears what went wrong
             code, error = 1, describe(exc)
         report: dict[str, Any] = {"op": "exit", "id": container.cid, "sid": sid, "code": code}
         if error:

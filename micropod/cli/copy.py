@@ -7,24 +7,30 @@ exactly as the container sees it.
 `micropod cp C:/path DEST` and `micropod cp SRC C:/path` follow docker's rules: into an existing
 directory the copy keeps its name, otherwise it takes the destination's. Paths inside the container
 are resolved within its root by the agent (see micropod/agent/archive.py).
+
+The guest is untrusted, and so is the tar it sends: it is unpacked as it streams in, never spooled,
+beneath an open fd of the destination directory without following any link (micropod/agent/beneath.py,
+which the agent uses for ``cp`` in too). Files are the invoking user's unless ``-a`` keeps the tar's
+owners; setuid and setgid bits are dropped, and devices, fifos and sockets are skipped with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+import posixpath
 import sys
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
+from micropod.agent import protocol
+from micropod.agent.beneath import TarError, Untar
 from micropod.context import Context
-from micropod.errors import ConflictError, MicropodError, NotFoundError, UsageError
+from micropod.errors import ConflictError, MicropodError, NotFoundError, UsageError, printable
 from micropod.monitorclient import MonitorClient
 from micropod.net.lifecycle import reconcile
 from micropod.state import VmRecord
@@ -78,10 +84,13 @@ def maintenance(ctx: Context, record: VmRecord) -> Iterator[MonitorClient]:
         message = client.follow(until="started", timeout=cfg.boot_timeout + 60)
         if message["op"] != "started":
             raise MicropodError(message.get("error") or "the stopped container's VM did not boot for the copy")
-        yield client
-        with contextlib.suppress(MicropodError):
-            client.request("shutdown")
-            client.follow(timeout=containers.STOP_GRACE)
+        try:
+            yield client
+        finally:
+            # Also after a failed copy: the VM booted for it must not stay up.
+            with contextlib.suppress(MicropodError, OSError):
+                client.request("shutdown")
+                client.follow(timeout=containers.STOP_GRACE)
     finally:
         if client is not None:
             client.close()
@@ -96,46 +105,76 @@ def _finish(message: dict[str, Any]) -> None:
         raise MicropodError(str(message.get("error") or "the copy failed"))
 
 
-def copy_out(ctx: Context, ident: str, path: str, dest: Path) -> None:
-    parent = dest.parent if not dest.is_dir() else dest
-    if not parent.is_dir():
-        raise NotFoundError(f"destination directory {parent} does not exist")
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".micropod-cp-") as tmp:
-        archive = Path(tmp) / "copy.tar"
-        with connected(ctx, ident) as client, archive.open("wb") as out:
-            def sink(_stream: int, data: bytes) -> None:
-                out.write(data)
+def copy_out(ctx: Context, ident: str, path: str, dest: Path, archive: bool = False) -> None:
+    """Unpack the container's tar of ``path`` as it streams in, beneath an fd of the destination
+    directory (see micropod/agent/beneath.py for the rules that keep it there)."""
+    if dest.is_dir():
+        where, top = dest, posixpath.basename(path.rstrip("/"))
+    else:
+        where, top = dest.parent, dest.name
+        if not where.is_dir():
+            raise NotFoundError(f"destination directory {where} does not exist")
+    try:
+        dirfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MicropodError(f"cannot open the destination directory {where}: {exc.strerror}") from None
+    # The host, not the guest's tar, names the top: "" (a copy of "/" or ".") puts the contents in place.
+    untar = Untar(dirfd, top if top not in (".", "..") else "", keep_owner=archive)
+    try:
+        def sink(stream: int, data: bytes) -> None:
+            if stream == protocol.STDOUT:
+                untar.feed(data)
 
+        with connected(ctx, ident) as client:
             client.request("cp-get", path=path)
             message = client.interact(sink, until=("exec-exit",))
-        _finish(message)
-        unpacked = Path(tmp) / "out"
-        unpacked.mkdir()
-        with tarfile.open(archive) as tar:
-            tar.extractall(unpacked, filter="tar")
-        [top] = list(unpacked.iterdir())
-        target = dest / top.name if dest.is_dir() else dest
-        if target.is_dir() and not top.is_dir():
-            raise ConflictError(f"cannot overwrite directory {target} with a non-directory")
-        if target.is_dir():
-            shutil.copytree(top, target, symlinks=True, dirs_exist_ok=True)
-        else:
-            os.replace(top, target)
+        if untar.error is None:
+            _finish(message)
+        try:
+            untar.close()
+        except TarError as exc:
+            raise MicropodError(f"copy from {ident}:{path} stopped: {exc}") from None
+    finally:
+        untar.extractor.abort()
+        os.close(dirfd)
+    _warn_skipped(untar.skipped)
 
 
-def copy_in(ctx: Context, src: Path, ident: str, path: str) -> None:
+def _warn_skipped(skipped: list[str]) -> None:
+    if skipped:
+        click.echo(f"warning: skipped {len(skipped)} device node(s), fifo(s), socket(s) or unknown member(s), "
+                   f"such as {printable(skipped[0])!r}: cp copies files, directories and links", err=True)
+
+
+def copy_in(ctx: Context, src: Path, ident: str, path: str, archive: bool = False) -> None:
+    """Pack ``src`` as it is (links as links, nothing outside it followed) and stream it in. The agent
+    takes the tar's owners, so that without ``-a`` they are root, as docker makes them."""
     if not src.exists() and not src.is_symlink():
         raise NotFoundError(f"could not find the file {src} on the host")
+    skipped: list[str] = []
+
+    def only_copyable(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
+            skipped.append(info.name)
+            return None
+        info.mode &= 0o1777 if info.isdir() else 0o777
+        if not archive:
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+        return info
+
     with connected(ctx, ident) as client:
         client.request("cp-put", path=path)
         message = client.interact(lambda *_: None, until=("exec-started", "exec-exit"))
         if message["op"] == "exec-started":
             writer = _StdinWriter(client)
             with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                tar.add(src, arcname=src.name if src.name not in ("", ".", "..") else src.resolve().name)
+                name = src.name if src.name not in ("", ".", "..") else src.resolve().name
+                tar.add(src, arcname=name, filter=only_copyable)
             client.channel.send_eof(0)
             message = client.interact(lambda *_: None, until=("exec-exit",))
     _finish(message)
+    _warn_skipped(skipped)
 
 
 class _StdinWriter:
@@ -152,10 +191,11 @@ class _StdinWriter:
 
 
 @click.command()
+@click.option("-a", "--archive", is_flag=True, help="Keep the files' owners (uid and gid) from the source")
 @click.argument("source")
 @click.argument("destination")
 @pass_ctx
-def cp(ctx: Context, source: str, destination: str) -> None:
+def cp(ctx: Context, archive: bool, source: str, destination: str) -> None:
     """Copy files between a container (running or stopped) and the host (C:/path DEST, or SRC C:/path)."""
     src, dst = split_container_path(source), split_container_path(destination)
     if src and dst:
@@ -165,11 +205,11 @@ def cp(ctx: Context, source: str, destination: str) -> None:
     if src:
         if destination == "-":
             raise UsageError("copying to stdout (-) is not supported yet")
-        copy_out(ctx, src[0], src[1], Path(destination))
+        copy_out(ctx, src[0], src[1], Path(destination), archive)
     elif dst:
         if source == "-":
             raise UsageError("copying from stdin (-) is not supported yet")
-        copy_in(ctx, Path(source), dst[0], dst[1])
+        copy_in(ctx, Path(source), dst[0], dst[1], archive)
     sys.stdout.flush()
 
 
