@@ -1,4 +1,10 @@
-"""A framed stream socket (agent channel or monitor control connection), host side."""
+"""A framed stream socket (agent channel or monitor control connection), host side.
+
+A blocking socket (the CLI's side) sends each frame in full. A non-blocking one (every socket of the monitor)
+never blocks: what the peer cannot take yet waits in a queue of at most ``limit`` bytes, whole frames only,
+and ``flush()`` sends more once the socket is writable. A send that would pass the bound raises ChannelFull
+and queues nothing, so the framing stays intact; callers keep well under it by pausing what feeds them.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,27 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from micropod import guestmsg
 from micropod.agent import protocol
-from micropod.errors import AgentError, ProtocolError, TimeoutExpired
+from micropod.errors import AgentError, ChannelFull, ProtocolError, TimeoutExpired
 
 Frame = tuple[int, int, bytes]
+OUT_LIMIT = 4 << 20  # a monitor socket's queue of unsent bytes
 
 
 class FramedSocket:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, limit: int = OUT_LIMIT) -> None:
         self.sock = sock
+        self.limit = limit
         self._reader = protocol.FrameReader()
         self._ready: list[Frame] = []
+        self._out = bytearray()
         self.closed = False
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued but not yet sent."""
+        return len(self._out)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -36,11 +51,32 @@ class FramedSocket:
         self._send(protocol.encode(protocol.EOF, stream))
 
     def _send(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            self.closed = True
-            raise AgentError(f"channel write failed: {exc}") from exc
+        if self.closed:
+            raise AgentError("channel closed")
+        if self.sock.getblocking():
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                self.closed = True
+                raise AgentError(f"channel write failed: {exc}") from exc
+            return
+        if len(self._out) + len(data) > self.limit:
+            raise ChannelFull(f"the peer is not reading: {len(self._out)} bytes wait to be sent")
+        self._out += data
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what the socket takes now; AgentError if the peer has gone."""
+        while self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.closed = True
+                self._out.clear()
+                raise AgentError(f"channel write failed: {exc}") from exc
+            del self._out[:sent]
 
     def pump(self) -> list[Frame]:
         """Read what is available now (the socket is readable) and return the whole frames."""
@@ -57,10 +93,11 @@ class FramedSocket:
         try:
             return self._reader.feed(data)
         except protocol.FrameError as exc:
+            self.closed = True  # nothing after a bad header can be framed again
             raise ProtocolError(str(exc)) from exc
 
     def next_frame(self, deadline: float, also_watch: int | None = None) -> Frame | None:
-        """Block until one frame arrives; None if ``also_watch`` became readable first."""
+        """Block until one frame arrives, sending the queue meanwhile; None if ``also_watch`` became readable first."""
         while not self._ready:
             if self.closed:
                 raise AgentError("channel closed")
@@ -68,9 +105,11 @@ class FramedSocket:
             if remaining <= 0:
                 raise TimeoutExpired("timed out waiting on the channel")
             watch = [self.sock] + ([also_watch] if also_watch is not None else [])
-            readable, _, _ = select.select(watch, [], [], remaining)
+            readable, writable, _ = select.select(watch, [self.sock] if self._out else [], [], remaining)
             if also_watch is not None and also_watch in readable:
                 return None
+            if writable:
+                self.flush()
             if self.sock in readable:
                 self._ready.extend(self.pump())
         return self._ready.pop(0)
@@ -91,6 +130,7 @@ class AgentLink:
     """Requests to the guest agent; frames that are not the awaited reply go to ``on_frame``."""
 
     def __init__(self, channel: FramedSocket, on_frame: Callable[[Frame], None]) -> None:
+        channel.sock.setblocking(False)  # a guest that stops reading must never block the monitor
         self.channel = channel
         self.on_frame = on_frame
         self._ids = itertools.count(1)
@@ -100,7 +140,7 @@ class AgentLink:
         self.channel.send_control({"op": op, "req": req, **fields})
         return req
 
-    def request(self, op: str, deadline: float, vmm_fd: int | None = None, **fields: Any) -> dict[str, Any]:
+    def request(self, op: str, deadline: float, vmm_fd: int | None = None, **fields: Any) -> guestmsg.Reply:
         req = self.send(op, **fields)
         while True:
             frame = self.channel.next_frame(deadline, also_watch=vmm_fd)
@@ -108,7 +148,10 @@ class AgentLink:
                 raise AgentError(f"the VM ended while waiting for the agent to answer {op!r}")
             kind, _, payload = frame
             if kind == protocol.CONTROL:
-                message = decode(payload)
-                if message.get("req") == req and message["op"] in ("ok", "error"):
+                try:
+                    message = guestmsg.parse(payload)
+                except guestmsg.BadGuestMessage:
+                    message = None  # on_frame refuses it
+                if isinstance(message, guestmsg.Reply) and message.req == req:
                     return message
             self.on_frame(frame)

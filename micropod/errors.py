@@ -8,6 +8,16 @@ Exit codes follow docker: 125 for micropod's own failures, 126 when the command 
 
 from __future__ import annotations
 
+import re
+
+# C0 controls but newline and tab, DEL, C1 controls: a guest's string must not drive the user's terminal.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters (ESC, CR, C1...) shown as ``\\xNN`` escapes, lines and tabs kept."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
 
 class MicropodError(Exception):
     """Base of every error micropod reports to a user."""
@@ -20,7 +30,8 @@ class MicropodError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        return self.message if not self.hint else f"{self.message} ({self.hint})"
+        # Messages often quote what a guest or a registry sent: what reaches a terminal is escaped here, once.
+        return printable(self.message if not self.hint else f"{self.message} ({self.hint})")
 
 
 class UsageError(MicropodError):
@@ -94,6 +105,10 @@ class AgentError(MicropodError):
 
 class ProtocolError(AgentError):
     """A frame on an agent or monitor channel was malformed."""
+
+
+class ChannelFull(AgentError):
+    """A channel's outbound queue is at its bound: the peer is not reading."""
 
 
 class ContainerCommandError(MicropodError):

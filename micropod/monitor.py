@@ -24,17 +24,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from micropod import guestmsg
 from micropod.agent import protocol
-from micropod.channel import Frame, decode
+from micropod.channel import Frame
 from micropod.containerlog import ContainerLog
-from micropod.errors import AgentError, ContainerCommandError, MicropodError
-from micropod.monitor_connections import Connections, Watchlist
+from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError, printable
+from micropod.monitor_connections import READ, WRITE, Connections, Watchlist
 from micropod.monitor_launch import (
     MAIN,
     MAIN_SID,
     SHUTDOWN_GRACE,
     NetworkAttachment,
-    Reply,
+    OnReply,
     VmProcess,
     console_tail,
     remove_vm_sockets,
@@ -125,12 +126,13 @@ class Monitor:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return True
-            for what in self.watch.ready(remaining):
+            self._update_watch()
+            for what, mask in self.watch.ready(remaining):
                 if what == "signal":
                     self._wake_r.recv(64)
                     self.user_stopped = True
                 else:
-                    self._dispatch(what)
+                    self._dispatch(what, mask)
         return False
 
     def reset(self) -> None:
@@ -161,17 +163,34 @@ class Monitor:
             self.watch.watch(self.vm.pidfd, "vmm")
         while not self.done:
             timeout = None if self.kill_deadline is None else max(0.0, self.kill_deadline - time.monotonic())
+            self._update_watch()
             events = self.watch.ready(timeout)
             if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
                 self._kill_vm("stop timeout expired")
-            for what in events:
-                self._dispatch(what)
+            for what, mask in events:
+                self._dispatch(what, mask)
 
-    def _dispatch(self, what: object) -> None:
+    def _update_watch(self) -> None:
+        """Back-pressure both ways: read the agent only while every held client keeps up, and read a stdin
+        forwarder only while the agent keeps up; write wherever something is queued."""
+        link = self.vm.link
+        if link is not None and self.watch.watched(link.channel.sock):
+            held = self.clients.attached | set(self.sessions.sid_of_client)
+            events = 0 if self.clients.holding_back(held) else READ
+            self.watch.set_events(link.channel.sock, events | (WRITE if link.channel.backlog else 0))
+        congested = self.vm.congested
+        for fd, client in self.clients.clients.items():
+            paused = congested and self.requests.forwards_stdin(fd)
+            self.watch.set_events(client.sock, (0 if paused else READ) | (WRITE if client.backlog else 0))
+
+    def _dispatch(self, what: object, mask: int = READ) -> None:
         if what == "listener":
             self.clients.accept()
         elif what == "agent":
-            self._on_agent_readable()
+            if mask & WRITE:
+                self._on_agent_writable()
+            if mask & READ:
+                self._on_agent_readable()
         elif what == "vmm":
             self._on_vmm_exit()
         elif what == "signal":
@@ -179,16 +198,28 @@ class Monitor:
             self.user_stopped = True
             self._kill_vm("the monitor was asked to terminate")
         elif isinstance(what, int):
-            self.requests.on_readable(what)
+            if mask & WRITE:
+                self.clients.flush(what)
+            if mask & READ and what in self.clients.clients:
+                self.requests.on_readable(what)
 
     # -- agent events ----------------------------------------------------------------------------
+
+    def _on_agent_writable(self) -> None:
+        link = self.vm.link
+        assert link is not None
+        try:
+            link.channel.flush()
+        except AgentError:
+            self._on_agent_readable()  # notices the closed channel
 
     def _on_agent_readable(self) -> None:
         link = self.vm.link
         assert link is not None
         try:
             frames = link.channel.pump()
-        except AgentError:
+        except AgentError as exc:
+            guestmsg.refuse(f"the agent channel broke: {exc}")  # a bad frame header: the channel is closed
             frames = []
         for frame in frames:
             self._on_frame(frame)
@@ -198,28 +229,39 @@ class Monitor:
                 self._wait_vmm_gone()
 
     def _on_frame(self, frame: Frame) -> None:
+        """One frame from the agent; whatever is malformed, or names a stream or session that does not exist,
+        is refused (one rate-limited line in monitor.log) and changes nothing."""
         kind, stream, payload = frame
         if kind == protocol.DATA:
             sid, fd = protocol.split_stream(stream)
-            if sid == MAIN_SID and fd in (protocol.STDOUT, protocol.STDERR):
+            if fd not in (protocol.STDOUT, protocol.STDERR):
+                guestmsg.refuse(f"data on stream {stream}, which is not an output stream")
+            elif sid == MAIN_SID:
                 self.container_log.write("stdout" if fd == protocol.STDOUT else "stderr", payload)
                 self.clients.to_attached(lambda c: c.send_data(fd, payload))
-            elif fd in (protocol.STDOUT, protocol.STDERR):
-                self.sessions.output(sid, fd, payload)
+            elif not self.sessions.output(sid, fd, payload):
+                guestmsg.refuse(f"data for session {sid}, which does not exist")
         elif kind == protocol.CONTROL:
-            message = decode(payload)
-            if self.vm.deliver_reply(message):
-                return
-            if message["op"] == "exit" and message.get("sid", MAIN_SID) == MAIN_SID:
-                self._on_main_exit(int(message["code"]))
-            elif message["op"] == "exit":
-                self.sessions.ended(int(message["sid"]), int(message["code"]), message.get("message"))
-            elif message["op"] == "syslog":
-                # The guest's /dev/log goes to the container log as its own stream; `logs` shows it on stderr.
-                text = str(message.get("message", "")).rstrip("\n") + "\n"
-                self.container_log.write("syslog", text.encode(errors="surrogateescape"))
-            elif message["op"] == "log":
-                log.info("agent: %s", message.get("message"))
+            try:
+                self._on_message(guestmsg.parse(payload))
+            except guestmsg.BadGuestMessage as exc:
+                guestmsg.refuse(str(exc))
+        # EOF frames: a session ends with its exit report, so the host needs none from the guest
+
+    def _on_message(self, message: guestmsg.GuestMessage) -> None:
+        if isinstance(message, guestmsg.Reply):
+            self.vm.deliver_reply(message)
+        elif isinstance(message, guestmsg.Exit) and message.sid == MAIN_SID:
+            self._on_main_exit(message.code)
+        elif isinstance(message, guestmsg.Exit):
+            if not self.sessions.ended(message.sid, message.code, message.message):
+                guestmsg.refuse(f"an exit of session {message.sid}, which does not exist")
+        elif isinstance(message, guestmsg.Syslog):
+            # The guest's /dev/log goes to the container log as its own stream; `logs` shows it on stderr.
+            text = message.message.rstrip("\n") + "\n"
+            self.container_log.write("syslog", text.encode(errors="surrogateescape"))
+        elif isinstance(message, guestmsg.Log):
+            log.info("agent: %s", printable(message.message))
 
     def _on_main_exit(self, code: int) -> None:
         log.debug("phase: container exited with %d", code)
@@ -255,7 +297,7 @@ class Monitor:
     def accepts_exec(self) -> bool:
         return self.exit_code is None and self.kill_deadline is None
 
-    def call_agent(self, op: str, reply: Reply | None = None, **fields: Any) -> None:
+    def call_agent(self, op: str, reply: OnReply | None = None, **fields: Any) -> None:
         self.vm.call(op, reply, **fields)
 
     def signal_main(self, signum: int) -> None:
@@ -266,17 +308,23 @@ class Monitor:
         self._unless_channel_gone(lambda: self.vm.send_stdin(sid, kind, payload))
 
     def _unless_channel_gone(self, send: Callable[[], object]) -> None:
-        """A write to the agent; when the channel cannot take it, the VM is as good as gone."""
+        """A write to the agent; when the channel has gone, the VM is as good as gone. A full one is the
+        caller's to report (ChannelFull): the VM may just be busy."""
         try:
             send()
+        except ChannelFull:
+            raise
         except AgentError:
             self._kill_vm("the agent channel is gone")
 
     def stop(self, signum: int, timeout: float) -> None:
         self.user_stopped = True
-        self.signal_main(signum)
         deadline = time.monotonic() + max(0.0, timeout)
         self.kill_deadline = min(self.kill_deadline or float("inf"), deadline)
+        try:
+            self.signal_main(signum)
+        except ChannelFull:
+            log.warning("stop: the agent is not reading its channel; the VM is killed after the timeout")
 
     def kill(self) -> None:
         self.user_stopped = True
@@ -303,7 +351,7 @@ class Monitor:
         if self.exit_code is None:
             self.exit_code = code
         if error and self.error is None:
-            self.error = error
+            self.error = printable(error)  # it quotes the guest (console tails, agent refusals) to terminals
 
     def _end_vm(self) -> None:
         if self.vm.link is not None:

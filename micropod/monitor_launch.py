@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from micropod import guestmsg
 from micropod.agent import protocol
-from micropod.channel import AgentLink, Frame, FramedSocket, decode
-from micropod.errors import AgentError, BootError, ContainerCommandError, MicropodError, TimeoutExpired
+from micropod.channel import AgentLink, Frame, FramedSocket
+from micropod.errors import AgentError, BootError, ChannelFull, ContainerCommandError, MicropodError, TimeoutExpired
 from micropod.liveness import ProcessRef
 from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
@@ -32,8 +33,12 @@ log = logging.getLogger("micropod.monitor")  # one logger for all of the monitor
 MAIN = "main"  # the container's id in the agent
 MAIN_SID = 1  # the stream id of its main process
 SHUTDOWN_GRACE = 10.0
+# Past this many unsent bytes to the agent, the monitor stops reading stdin for it and refuses requests; the
+# channel's own bound (channel.OUT_LIMIT) leaves room for the stdin chunks already read when that happens.
+AGENT_HIGH_WATER = 1 << 20
+MAX_PENDING = 1024  # requests waiting for the agent's answer
 
-Reply = Callable[[dict[str, Any]], None]
+OnReply = Callable[[guestmsg.Reply], None]
 
 
 @dataclass
@@ -78,7 +83,7 @@ class VmProcess:
         self.vmm: Vmm | None = None
         self.pidfd: int | None = None
         self.link: AgentLink | None = None
-        self.pending: dict[int, Reply] = {}
+        self.pending: dict[int, OnReply | None] = {}
 
     def boot(self, network: NetworkAttachment, maintenance: bool) -> None:
         """Boot the VM and create the container; start its main process, unless only its disks are wanted."""
@@ -141,8 +146,8 @@ class VmProcess:
         except (AgentError, TimeoutExpired) as exc:
             raise BootError(f"the restored VM's agent did not answer ({exc}); console tail:\n"
                             f"{console_tail(self.vm_dir)}") from None
-        if reply["op"] != "ok":
-            raise BootError(f"the restored VM's agent refused restore: {reply.get('message')}")
+        if not reply.ok:
+            raise BootError(f"the restored VM's agent refused restore: {reply.message}")
         log.debug("phase: agent restored")
 
     def _await_hello(self, channel: FramedSocket, deadline: float) -> None:
@@ -152,9 +157,13 @@ class VmProcess:
                 if frame is None:
                     raise BootError(f"the VM exited during boot:\n{console_tail(self.vm_dir)}")
                 if frame[0] == protocol.CONTROL:
-                    message = decode(frame[2])
-                    if message["op"] == "hello":
-                        log.debug("agent hello at guest uptime %.3fs", message.get("uptime", -1))
+                    try:
+                        message = guestmsg.parse(frame[2])
+                    except guestmsg.BadGuestMessage as exc:
+                        guestmsg.refuse(str(exc))
+                        continue
+                    if isinstance(message, guestmsg.Hello):
+                        log.debug("agent hello at guest uptime %.3fs", message.uptime or -1)
                         return
         except TimeoutExpired:
             raise BootError(f"the guest agent did not come up within {self.cfg.boot_timeout:.0f}s; "
@@ -169,15 +178,24 @@ class VmProcess:
         """A request during start-up: a refusal fails the start with the agent's message and exit code."""
         assert self.link is not None
         reply = self.link.request(op, deadline, self.pidfd, **fields)
-        if reply["op"] == "ok":
+        if reply.ok:
             return
-        message = str(reply.get("message", f"{op} failed"))
-        raise ContainerCommandError(message, int(reply.get("code") or 125))
+        raise ContainerCommandError(reply.message or f"{op} failed", reply.code or 125)
+
+    @property
+    def congested(self) -> bool:
+        """The agent has not read what was sent to it: no more stdin or requests until it does."""
+        return self.link is not None and self.link.channel.backlog >= AGENT_HIGH_WATER
 
     def send(self, op: str, **fields: Any) -> None:
-        """A request whose answer nobody waits for; AgentError if the channel is gone."""
+        """A request whose answer nobody waits for; ChannelFull if the agent is not reading, AgentError if the
+        channel is gone."""
         assert self.link is not None
-        self.link.send(op, **fields)
+        if self.congested:
+            raise ChannelFull(f"the agent is not reading its channel; {op!r} not sent")
+        req = self.link.send(op, **fields)
+        if len(self.pending) < MAX_PENDING:
+            self.pending[req] = None  # its answer is expected, and goes nowhere
 
     def send_stdin(self, sid: int, kind: int, payload: bytes) -> None:
         """Input (or its end, for an EOF frame) for process ``sid``; AgentError if the channel is gone."""
@@ -188,27 +206,31 @@ class VmProcess:
         else:
             self.link.channel.send_data(stream, payload)
 
-    def call(self, op: str, reply: Reply | None = None, **fields: Any) -> None:
+    def call(self, op: str, reply: OnReply | None = None, **fields: Any) -> None:
         """A request to the agent whose answer, if wanted, comes back through ``reply`` in the loop."""
         if self.link is None or self.link.channel.closed:
-            if reply is not None:
-                reply({"op": "error", "message": "the VM is not running", "code": 125})
-            return
-        try:
-            req = self.link.send(op, **fields)
-        except AgentError:
-            if reply is not None:
-                reply({"op": "error", "message": "the agent channel is gone", "code": 125})
-            return
+            failure = "the VM is not running"
+        elif self.congested:
+            failure = "the agent is not reading its channel"
+        elif len(self.pending) >= MAX_PENDING:
+            failure = "too many requests wait for the agent's answer"
+        else:
+            try:
+                self.pending[self.link.send(op, **fields)] = reply
+                return
+            except AgentError:
+                failure = "the agent channel is gone"
         if reply is not None:
-            self.pending[req] = reply
+            reply(guestmsg.Reply.failure(failure))
 
-    def deliver_reply(self, message: dict[str, Any]) -> bool:
-        """Hand an agent's ok or error to the call that waits for it; False if none does."""
-        if message["op"] not in ("ok", "error") or message.get("req") not in self.pending:
-            return False
-        self.pending.pop(message["req"])(message)
-        return True
+    def deliver_reply(self, reply: guestmsg.Reply) -> None:
+        """Hand an agent's ok or error to the call that waits for it."""
+        if reply.req not in self.pending:
+            guestmsg.refuse(f"a reply to request {reply.req}, which nobody sent or which was answered")
+            return
+        callback = self.pending.pop(reply.req)
+        if callback is not None:
+            callback(reply)
 
     def kill(self) -> None:
         if self.vmm is not None:
@@ -220,6 +242,7 @@ class VmProcess:
             if self.link is not None and not self.link.channel.closed:
                 with contextlib.suppress(MicropodError):
                     self.link.send("shutdown")
+                    self.link.channel.flush()  # a guest that reads nothing gets killed below, after the grace
             if self.vmm.wait(SHUTDOWN_GRACE) is None:
                 self.vmm.kill()
         if self.link is not None:

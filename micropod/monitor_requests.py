@@ -3,16 +3,19 @@ session."""
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from typing import Any, Protocol
 
+from micropod import guestmsg
 from micropod.agent import protocol
 from micropod.channel import decode
-from micropod.errors import AgentError, ContainerCommandError, MicropodError
+from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError
 from micropod.monitor_connections import Connections
-from micropod.monitor_launch import MAIN_SID, Reply
+from micropod.monitor_launch import MAIN_SID, OnReply
 from micropod.monitor_sessions import ExecSessions
 from micropod.runconfig import RunConfig
+
+log = logging.getLogger("micropod.monitor")
 
 
 class Container(Protocol):
@@ -28,7 +31,7 @@ class Container(Protocol):
     def accepts_exec(self) -> bool:
         """Running and not being stopped."""
 
-    def call_agent(self, op: str, reply: Reply | None = None, **fields: Any) -> None: ...
+    def call_agent(self, op: str, reply: OnReply | None = None, **fields: Any) -> None: ...
 
     def signal_main(self, signum: int) -> None: ...
 
@@ -57,15 +60,22 @@ class ClientRequests:
             frames = []
         for kind, stream, payload in frames:
             if kind == protocol.CONTROL:
+                error = None
                 try:
                     self._on_request(fd, decode(payload))
                 except MicropodError as exc:
-                    with contextlib.suppress(MicropodError):
-                        client.send_control({"op": "error", "message": str(exc)})
+                    error = str(exc)
+                except (KeyError, TypeError, ValueError) as exc:
+                    error = f"malformed request: {exc!r}"
+                if error is not None:
+                    self._refuse(fd, error)
             elif stream == protocol.STDIN:
                 self._on_stdin(fd, kind, payload)
         if client.closed:
             self.clients.drop(fd)
+
+    def _refuse(self, fd: int, error: str) -> None:
+        self.clients.send_to(fd, lambda c: c.send_control({"op": "error", "message": error}))
 
     def _on_request(self, fd: int, message: dict[str, Any]) -> None:
         op = message["op"]
@@ -104,16 +114,24 @@ class ClientRequests:
             raise ContainerCommandError(f"container {self.cfg.vm_id} is not running", 125)
         self.sessions.start(fd, bool(message.get("detach")), agent_op, fields)
 
-    def _stats(self, fd: int) -> None:
-        client = self.clients.clients[fd]
+    def forwards_stdin(self, fd: int) -> bool:
+        """The client on ``fd`` may send stdin for the agent: paused while the agent does not read."""
+        return fd in self.sessions.sid_of_client or (fd in self.clients.attached and self.cfg.container.stdin)
 
-        def answer(reply: dict[str, Any]) -> None:
-            fields = {k: v for k, v in reply.items() if k not in ("op", "req")}
-            with contextlib.suppress(MicropodError):
-                client.send_control({"op": "stats-reply", **fields})
+    def _stats(self, fd: int) -> None:
+        def answer(reply: guestmsg.Reply) -> None:
+            if not reply.ok:
+                fields: dict[str, Any] = {"message": reply.message}
+            else:
+                try:
+                    fields = dict(guestmsg.stats(reply))
+                except guestmsg.BadGuestMessage as exc:
+                    guestmsg.refuse(str(exc))
+                    fields = {"message": "the guest sent malformed stats"}
+            self.clients.send_to(fd, lambda c: c.send_control({"op": "stats-reply", **fields}))
 
         if not self.container.running():
-            answer({"op": "error", "message": "the container is not running"})
+            answer(guestmsg.Reply.failure("the container is not running"))
         else:
             self.container.call_agent("stats", answer)
 
@@ -129,4 +147,8 @@ class ClientRequests:
         else:
             return
         if self.container.running():
-            self.container.write_stdin(sid, kind, payload)
+            try:
+                self.container.write_stdin(sid, kind, payload)
+            except ChannelFull:
+                # Unreachable while stdin readers pause at the agent's high-water mark; say so if it happens.
+                log.error("stdin for session %d lost: the agent channel is full", sid)

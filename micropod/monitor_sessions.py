@@ -9,10 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from micropod import guestmsg
 from micropod.channel import FramedSocket
-from micropod.errors import AgentError
+from micropod.errors import AgentError, printable
 from micropod.monitor_connections import Connections
-from micropod.monitor_launch import MAIN, Reply
+from micropod.monitor_launch import MAIN, OnReply
 
 FIRST_EXEC_SID = 2
 
@@ -27,7 +28,7 @@ class Session:
 
 
 class AgentCall(Protocol):
-    def __call__(self, op: str, reply: Reply | None = None, **fields: Any) -> None:
+    def __call__(self, op: str, reply: OnReply | None = None, **fields: Any) -> None:
         """Send a request to the agent; its answer, if wanted, comes to ``reply``."""
 
 
@@ -56,8 +57,8 @@ class ExecSessions:
         if not detach:
             self.sid_of_client[fd] = session.sid
 
-        def started(reply: dict[str, Any]) -> None:
-            if reply["op"] == "ok":
+        def started(reply: guestmsg.Reply) -> None:
+            if reply.ok:
                 session.started = True
                 if session.sid not in self.by_sid:
                     return  # it has already ended (a cp-get streams everything before its reply)
@@ -66,31 +67,35 @@ class ExecSessions:
             self.by_sid.pop(session.sid, None)
             self.sid_of_client.pop(fd, None)
             self._send(session, lambda c: c.send_control(
-                {"op": "exec-exit", "code": int(reply.get("code") or 125), "error": reply.get("message")}), also=fd)
+                {"op": "exec-exit", "code": reply.code or 125, "error": printable(reply.message)}), also=fd)
 
         self.call_agent(agent_op, started, id=MAIN, sid=session.sid, **fields)
 
-    def output(self, sid: int, stream: int, payload: bytes) -> None:
-        """The session's stdout or stderr, for its client."""
-        if sid in self.by_sid:
-            self._send(self.by_sid[sid], lambda c: c.send_data(stream, payload))
+    def output(self, sid: int, stream: int, payload: bytes) -> bool:
+        """The session's stdout or stderr, for its client; False if there is no such session."""
+        if sid not in self.by_sid:
+            return False
+        self._send(self.by_sid[sid], lambda c: c.send_data(stream, payload))
+        return True
 
-    def ended(self, sid: int, code: int, error: str | None = None) -> None:
+    def ended(self, sid: int, code: int, error: str | None = None) -> bool:
+        """The session's process exited; False if there is no such session."""
         session = self.by_sid.pop(sid, None)
         if session is None:
-            return
+            return False
         if session.client is not None:
             self.sid_of_client.pop(session.client, None)
         report: dict[str, Any] = {"op": "exec-exit", "code": code}
         if error:
-            report["error"] = error
+            report["error"] = printable(error)
         self._send(session, lambda c: c.send_control(report))
+        return True
 
     def send_signal(self, fd: int, signum: int) -> None:
         """A signal from the client on ``fd`` for its session's process, once that runs."""
         session = self.by_sid.get(self.sid_of_client[fd])
         if session is not None and session.started:
-            self.call_agent("signal", id=MAIN, sid=session.sid, signal=signum)
+            self.call_agent("signal", None, id=MAIN, sid=session.sid, signal=signum)
 
     def hang_up(self, fd: int) -> None:
         """The client on ``fd`` went away."""

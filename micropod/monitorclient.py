@@ -89,12 +89,10 @@ class MonitorClient:
         ops = set(until) | {"exit"}
         typed = b""
         while True:
-            while self._backlog:
-                kind, stream, payload = self._backlog.pop(0)
-                if kind == protocol.DATA:
-                    on_data(stream, payload)
-                elif kind == protocol.CONTROL and decode(payload)["op"] in ops:
-                    return decode(payload)
+            ended = self._deliver(on_data, ops)
+            if ended is not None:
+                self._backlog.pop(0)
+                return ended
             watch = [self.channel.fileno()] + [fd for fd in (stdin, wakeup) if fd is not None]
             try:
                 readable, _, _ = select.select(watch, [], [])
@@ -112,14 +110,50 @@ class MonitorClient:
                     if typed == detach_keys:
                         return {"op": "detached"}
                 if data:
-                    self.channel.send_data(protocol.STDIN, data)
+                    self._send_reading(protocol.encode(protocol.DATA, protocol.STDIN, data), on_data, ops)
                 else:
-                    self.channel.send_eof(protocol.STDIN)
+                    self._send_reading(protocol.encode(protocol.EOF, protocol.STDIN), on_data, ops)
                     stdin = None
             if self.channel.fileno() in readable:
                 self._backlog.extend(self.channel.pump())
                 if self.channel.closed and not self._backlog:
                     raise AgentError("the monitor went away without reporting an exit")
+
+    def _deliver(self, on_data: Callable[[int, bytes], None], ops: set[str]) -> dict[str, Any] | None:
+        """Hand the backlog's output to ``on_data`` in order, up to a control message in ``ops``: that one is
+        returned, and left at the backlog's head."""
+        while self._backlog:
+            kind, stream, payload = self._backlog[0]
+            if kind == protocol.CONTROL and (message := decode(payload))["op"] in ops:
+                return message
+            self._backlog.pop(0)
+            if kind == protocol.DATA:
+                on_data(stream, payload)
+        return None
+
+    def _send_reading(self, frame: bytes, on_data: Callable[[int, bytes], None], ops: set[str]) -> None:
+        """Send ``frame`` while still reading the monitor's output: a monitor holds our input back while its
+        guest does not read, so a client that only waited to write would stop the output that frees it."""
+        sock, view = self.channel.sock, memoryview(frame)
+        while view:
+            try:
+                readable, writable, _ = select.select([sock], [sock], [])
+            except InterruptedError:
+                continue
+            if readable:
+                self._backlog.extend(self.channel.pump())
+                ended = self._deliver(on_data, ops)
+                if ended is not None:
+                    return  # the session is over: the rest of its input has nowhere to go
+                if self.channel.closed:
+                    raise AgentError("the monitor went away without reporting an exit")
+            if writable:
+                try:
+                    view = view[sock.send(view, socket.MSG_DONTWAIT):]
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise AgentError(f"the monitor connection broke: {exc}") from exc
 
     def close(self) -> None:
         self.channel.close()

@@ -14,6 +14,8 @@ Ops, host -> agent: ``create`` {id, spec}, ``start`` {id}, ``signal`` {id, signa
 Replies carry the request's ``req`` and are ``ok`` or
 ``error`` {message, code}. Agent -> host, unsolicited: ``hello`` {version}, ``exit`` {id, sid, code},
 ``log`` {message}, ``syslog`` {id, message} (one datagram from the container's /dev/log).
+The host checks every field of what the agent sends (micropod/guestmsg.py). Decoding refuses NaN, the
+infinities (``1e400`` included) and nesting deeper than ``MAX_DEPTH``, on both sides.
 
 Stdlib only: this module runs in the guest, on the boot path of every VM, so it avoids ``json``
 (which pulls in ``re`` and ``enum``) and ``socket``/``typing``; the C accelerator ``_json`` that ``json``
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 VERSION = 1
 HEADER = struct.Struct("!BII")
 MAX_PAYLOAD = 1 << 20
+MAX_DEPTH = 32  # nesting of a control message: the C scanner recurses, so bound it before it runs
 
 CONTROL = 0
 DATA = 1
@@ -81,18 +84,52 @@ class _DecoderSettings:
     strict = True
     object_hook = None
     object_pairs_hook = None
-    parse_float = float
     parse_int = int
-    parse_constant = float  # "NaN", "Infinity", "-Infinity" all parse with float()
+
+    @staticmethod
+    def parse_float(text: str) -> float:
+        value = float(text)
+        if value - value != 0.0:  # 1e400 is infinite: no counter or time is
+            raise ValueError(f"non-finite number {text[:20]}")
+        return value
+
+    @staticmethod
+    def parse_constant(text: str) -> float:
+        raise ValueError(f"non-finite number {text}")
 
 
 _scan_json = _json.make_scanner(_DecoderSettings())  # type: ignore[arg-type]  # typeshed is odd here
 _JSON_WHITESPACE = " \t\n\r"
 
 
+def _nesting(text: str) -> int:
+    """How deep arrays and objects nest in ``text``, brackets inside strings not counted."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
 def decode_control(payload: bytes) -> dict[str, Any]:
     try:
         text = payload.decode()
+        # Counting brackets is cheap and almost always settles it; the exact scan runs only when it cannot.
+        if text.count("[") + text.count("{") > MAX_DEPTH and _nesting(text) > MAX_DEPTH:
+            raise FrameError(f"control frame nests deeper than {MAX_DEPTH}")
         start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
         message, end = _scan_json(text, start)
     except StopIteration:

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from micropod.context import Context
-from micropod.errors import ConflictError, MicropodError, UsageError
+from micropod.errors import ConflictError, MicropodError, UsageError, printable
 from micropod.monitorclient import MonitorClient
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -166,7 +166,7 @@ def _exit_code(message: dict[str, Any], vm_id: str) -> int:
         click.echo(f"micropod: error: container {vm_id} stopped", err=True)
         return 137
     if message.get("error"):
-        click.echo(f"micropod: error: {message['error']}", err=True)
+        click.echo(f"micropod: error: {printable(str(message['error']))}", err=True)  # the guest's words
     return int(message.get("code", 125))
 
 

@@ -7,12 +7,15 @@ busy vCPUs). Memory is MemTotal - MemAvailable of the guest against the VM's mem
 from __future__ import annotations
 
 import contextlib
+import select
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import click
 
+from micropod.agent import protocol
+from micropod.channel import decode
 from micropod.context import Context
 from micropod.errors import MicropodError
 from micropod.monitorclient import MonitorClient
@@ -21,6 +24,7 @@ from micropod.state import VmRecord
 
 pass_ctx = click.make_pass_decorator(Context)
 INTERVAL = 1.0
+TIMEOUT = 3.0  # for every VM's answer together: a guest that does not answer shows "--" and holds no one up
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,14 @@ class Sample:
     net_tx: int = 0
 
     @classmethod
-    def of(cls, reply: dict[str, Any]) -> Sample:
-        return cls(**{name: int(reply[name]) for name in cls.__dataclass_fields__ if name in reply})
+    def of(cls, reply: dict[str, Any]) -> Sample | None:
+        """The counters of a monitor's stats-reply (which checked them); None if it carries an error."""
+        if reply.get("op") != "stats-reply" or "error" in reply or "message" in reply:
+            return None
+        values = {name: reply.get(name, 0) for name in cls.__dataclass_fields__}
+        if not all(type(v) is int and v >= 0 for v in values.values()):
+            return None
+        return cls(**values)
 
 
 def cpu_percent(before: Sample, after: Sample) -> float:
@@ -47,12 +57,45 @@ def cpu_percent(before: Sample, after: Sample) -> float:
     return 0.0 if total <= 0 else 100.0 * busy / total * after.cpus
 
 
-def sample(client: MonitorClient) -> Sample | None:
-    client.request("stats")
-    reply = client.interact(lambda *_: None, until=("stats-reply",))
-    if reply["op"] != "stats-reply" or "error" in reply or "message" in reply:
-        return None
-    return Sample.of(reply)
+def sample_all(clients: dict[str, MonitorClient], timeout: float = TIMEOUT) -> dict[str, Sample | None]:
+    """One sample of each VM, asked of all at once and awaited together until ``timeout``; a VM that has not
+    answered by then gets None, and its client is closed and removed (a late answer would be misread)."""
+    taken: dict[str, Sample | None] = dict.fromkeys(clients)
+    waiting: dict[int, str] = {}
+    for vm_id, client in clients.items():
+        try:
+            client.request("stats")
+            waiting[client.channel.fileno()] = vm_id
+        except MicropodError:
+            pass
+    deadline = time.monotonic() + timeout
+    while waiting and (remaining := deadline - time.monotonic()) > 0:
+        try:
+            readable, _, _ = select.select(list(waiting), [], [], remaining)
+        except InterruptedError:
+            continue
+        for fd in readable:
+            vm_id = waiting[fd]
+            reply = _stats_reply(clients[vm_id])
+            if reply is not None:
+                taken[vm_id] = Sample.of(reply)
+                del waiting[fd]
+    for vm_id in waiting.values():
+        clients.pop(vm_id).close()
+    return taken
+
+
+def _stats_reply(client: MonitorClient) -> dict[str, Any] | None:
+    """What a readable monitor connection sent: its stats-reply (or exit, or an empty answer if it has gone)."""
+    try:
+        for kind, _, payload in client.channel.pump():
+            if kind == protocol.CONTROL:
+                message = decode(payload)
+                if message["op"] in ("stats-reply", "exit", "error"):
+                    return message
+    except MicropodError:
+        return {}
+    return {} if client.channel.closed else None
 
 
 def row(record: VmRecord, before: Sample | None, after: Sample | None) -> dict[str, str]:
@@ -82,21 +125,15 @@ def stats(ctx: Context, no_stream: bool, fmt: str, containers_: tuple[str, ...])
 
     records = [ctx.state.find(c) for c in containers_] if containers_ else [
         r for r in reconcile(ctx) if r.status == "running"]
-    clients: dict[str, MonitorClient | None] = {}
-    for record in records:
-        try:
-            clients[record.id] = MonitorClient.connect(ctx.root.vm(record.id))
-        except MicropodError:
-            clients[record.id] = None
+    clients: dict[str, MonitorClient] = {}
 
     def take() -> dict[str, Sample | None]:
-        taken: dict[str, Sample | None] = {}
-        for vm_id, client in clients.items():
-            taken[vm_id] = None
-            if client is not None:
+        for record in records:  # again for a VM whose monitor did not answer last time
+            if record.id not in clients:
                 with contextlib.suppress(MicropodError):
-                    taken[vm_id] = sample(client)
-        return taken
+                    clients[record.id] = MonitorClient.connect(ctx.root.vm(record.id))
+        taken = sample_all(clients)
+        return {r.id: taken.get(r.id) for r in records}
 
     try:
         previous = take()
@@ -117,8 +154,7 @@ def stats(ctx: Context, no_stream: bool, fmt: str, containers_: tuple[str, ...])
                 return
     finally:
         for client in clients.values():
-            if client is not None:
-                client.close()
+            client.close()
 
 
 COMMANDS = [stats]
