@@ -1,4 +1,4 @@
-"""Parsing of user-facing quantities: --memory, --cpus, durations."""
+"""Parsing of user-facing quantities: --memory, --cpus, sizes, durations."""
 
 from __future__ import annotations
 
@@ -25,6 +25,24 @@ def parse_memory_mib(text: str) -> int:
     if mib < MIN_MEMORY_MIB:
         raise UsageError(f"invalid --memory {text!r}: a microVM needs at least {MIN_MEMORY_MIB}M")
     return mib
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes in docker's syntax (``100``, ``10k``, ``512m``, ``64g``, ``1t``; binary multiples,
+    an optional ``b`` or ``ib``)."""
+    match = _MEMORY.match(text)
+    if not match:
+        raise UsageError(f"invalid size {text!r}: use a size such as 512M or 64G")
+    number, unit = match.groups()
+    return int(float(number) * _FACTORS[unit.lower()])
+
+
+def binary_size(size: int) -> str:
+    """``64 GiB``, ``1.5 MiB``: sizes of limits, as the user sets them."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor:
+            return f"{size / factor:.3g} {unit}"
+    return f"{size} B"
 
 
 def parse_cpus(text: str) -> int:

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import http.client
 import http.server
+import json
 import os
 import socket
+import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,12 +87,42 @@ class RunningRegistry:
                 self.child.kill()
                 self.child.wait(timeout=10)
 
+    def put_raw(self, repo: str, tag: str, blobs: list[tuple[bytes, str]]) -> bytes:
+        """Upload `blobs` (config first, then layers; (bytes, media type)) and an OCI manifest naming them
+        as they are, sizes included: what skopeo would refuse to push (a 5 MiB config). The manifest."""
+        descriptors = []
+        for data, media_type in blobs:
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            location = _http(self.host, "POST", f"/v2/{repo}/blobs/uploads/", b"", 202)
+            _http(self.host, "PUT", f"{location}{'&' if '?' in location else '?'}digest={digest}", data, 201)
+            descriptors.append({"mediaType": media_type, "digest": digest, "size": len(data)})
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "config": descriptors[0], "layers": descriptors[1:]}).encode()
+        _http(self.host, "PUT", f"/v2/{repo}/manifests/{tag}", manifest, 201,
+              {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        return manifest
+
     def push(self, source: str, repo: str, *, extra: tuple[str, ...] = ()) -> None:
         """skopeo copy SOURCE (e.g. oci-archive:PATH) to this registry as REPO (name:tag)."""
         argv: list[str | Path] = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *extra]
         if self.basic_auth:
             argv += ["--dest-creds", f"{USER}:{PASSWORD}"]
         proc.run([*argv, source, f"docker://{self.host}/{repo}"], timeout=120)
+
+
+def _http(host: str, method: str, path: str, body: bytes, status: int, headers: dict[str, str] | None = None) -> str:
+    """One request to the registry; its Location header (path and query), for uploads."""
+    conn = http.client.HTTPConnection(host, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/octet-stream", **(headers or {})})
+        response = conn.getresponse()
+        detail = response.read()
+        if response.status != status:
+            raise RuntimeError(f"{method} {path}: HTTP {response.status}: {detail[:300]!r}")
+        location = urllib.parse.urlsplit(response.headers.get("Location", ""))
+        return location.path + (f"?{location.query}" if location.query else "")
+    finally:
+        conn.close()
 
 
 def start_registry(workdir: Path, *, basic_auth: bool = False, tls: Tls | None = None) -> RunningRegistry:
@@ -142,6 +176,7 @@ class Fault:
     content_type: str | None = None
     redirect: bool = False
     retry_after: str | None = None
+    redirect_to: str | None = None  # the base URL of the blob store; the front's own on localhost if None
 
 
 @dataclass
@@ -153,11 +188,17 @@ class Front:
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # (method, path, headers)
     port: int = 0
     tokens_issued: list[str] = field(default_factory=list)
+    tls: Tls | None = None  # serve HTTPS with this certificate
+    realm: str | None = None  # the token realm's base URL; the front's own if None
     _server: http.server.ThreadingHTTPServer | None = None
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def base(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def start(self) -> Front:
         front = self
@@ -176,6 +217,10 @@ class Front:
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls.cert, self.tls.key)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self.port = int(self._server.server_address[1])
         threading.Thread(target=self._server.serve_forever, daemon=True, name="front").start()
         return self
@@ -211,7 +256,7 @@ class Front:
             path = path[len("/_blobstore"):]
         elif self.token_auth and not h.headers.get("Authorization", "").startswith("Bearer tok"):
             repo = path.split("/")[2] if path.count("/") > 3 else ""
-            challenge = f'Bearer realm="http://{self.host}/token",service="micropod-test"'
+            challenge = f'Bearer realm="{self.realm or self.base}/token",service="micropod-test"'
             if repo:
                 challenge += f',scope="repository:{repo}:pull"'
             return self._send(h, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"token needed"}]}',
@@ -225,7 +270,8 @@ class Front:
                 return self._send(h, fault.status, b'{"errors":[{"code":"INJECTED","message":"injected fault"}]}',
                                   headers)
             if fault.redirect and not h.path.startswith("/_blobstore/"):
-                return self._send(h, 307, headers={"Location": f"http://localhost:{self.port}/_blobstore{path}"})
+                store = fault.redirect_to or f"{'https' if self.tls else 'http'}://localhost:{self.port}"
+                return self._send(h, 307, headers={"Location": f"{store}/_blobstore{path}"})
         conn = http.client.HTTPConnection(self.upstream, timeout=30)
         try:
             conn.request(h.command, path, headers={k: v for k, v in h.headers.items()

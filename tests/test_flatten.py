@@ -5,13 +5,15 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from micropod import proc
-from micropod.errors import DigestMismatchError, RootfsError
+from micropod.errors import DigestMismatchError, RootfsError, UsageError
 from micropod.rootfs.flatten import flatten
+from micropod.rootfs.limits import ImageLimits
 from tests.imagetools import (
     Entry,
     MemLayer,
@@ -21,6 +23,7 @@ from tests.imagetools import (
     flatten_tree,
     hard,
     layer_tar,
+    layers,
     oci_layout,
     opq,
     sym,
@@ -213,3 +216,126 @@ def test_matches_umoci_unpack(tmp_path):
     got = {p: ("dir" if n.kind == DIR else "sym" if n.kind == SYM else "file", n.link.encode() if n.kind == SYM
                else n.data) for p, n in flatten_tree(*spec).items()}
     assert got == expected
+
+
+# -- limits on untrusted layers (micropod.rootfs.limits) ---------------------------------------------------
+
+DEEP = "/".join(["a"] * 20_000)  # a 40 KB name: 50 KB of tar, 211 bytes gzipped
+
+
+def _flatten_traced(layers: list[MemLayer], limits: ImageLimits | None = None) -> tuple[BaseException | None, int]:
+    """(the error flatten raised, if any; the peak of memory allocated while it ran)."""
+    tracemalloc.start()
+    try:
+        flatten(layers, io.BytesIO(), *([limits] if limits else []))
+        error = None
+    except Exception as exc:
+        error = exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return error, peak
+
+
+def test_20000_components_are_refused_in_bounded_memory():
+    layer = MemLayer(*compress(layer_tar([f(DEEP, "x")]), "gzip"))
+    error, peak = _flatten_traced([layer])
+    assert peak < 50 << 20, f"{peak >> 20} MiB"  # the set of ancestor paths took 386 MiB
+    assert isinstance(error, RootfsError) and "PATH_MAX" in str(error), error
+    assert len(str(error)) < 400  # the 40 KB name is not echoed whole
+
+
+def test_path_handling_is_linear_when_the_limits_allow_20000_components():
+    unbounded = ImageLimits(path_max=1 << 30, max_depth=1 << 30)
+    layers = [MemLayer(*compress(layer_tar([f(DEEP, "x"), f(DEEP[:-1] + "b", "y")]), "gzip")),
+              MemLayer(*compress(layer_tar([f(DEEP[:-1] + "c", "z")]), "gzip"))]
+    error, peak = _flatten_traced(layers, unbounded)
+    assert error is None
+    assert peak < 50 << 20, f"{peak >> 20} MiB"
+
+
+def test_depth_limit():
+    flatten_tree([f("/".join(["d"] * 256), "ok")])
+    with pytest.raises(RootfsError, match="deeper than 256 components"):
+        flatten_tree([f("/".join(["d"] * 257), "x")])
+
+
+def _path_of(size: int) -> str:
+    """A relative path of `size` bytes, of 100-byte components."""
+    parts, left = [], size
+    while left > 101:
+        parts.append("p" * 100)
+        left -= 101
+    return "/".join([*parts, "q" * left])
+
+
+def test_path_max_counts_the_slash_and_the_nul():
+    assert len(_path_of(4094)) == 4094
+    assert flatten_tree([f(_path_of(4094), "ok")])[_path_of(4094)].data == b"ok"
+    with pytest.raises(RootfsError, match=r"4096 bytes long, more than PATH_MAX \(4096\)"):
+        flatten_tree([f(_path_of(4095))])
+    with pytest.raises(RootfsError, match="link target of 4096 bytes"):
+        flatten_tree([sym("s", "t" * 4096)])
+
+
+def test_entry_count_limit():
+    entries = [f(f"f{i}") for i in range(10)]
+    flatten(layers(entries[:6], entries[6:]), io.BytesIO(), ImageLimits(max_entries=10))
+    with pytest.raises(RootfsError, match="more than 10 entries"):
+        flatten(layers(entries[:6], [*entries[6:], wh("f0")]), io.BytesIO(), ImageLimits(max_entries=10))
+
+
+def test_metadata_bound():
+    entries = [f("n" * 100 + str(i)) for i in range(10)]
+    flatten(layers(entries), io.BytesIO(), ImageLimits(max_metadata=2000))
+    with pytest.raises(RootfsError, match="file names, link targets and attributes exceed"):
+        flatten(layers(entries), io.BytesIO(), ImageLimits(max_metadata=1000))
+
+
+def test_uncompressed_size_bound_comes_from_the_environment(monkeypatch):
+    bomb = layers([f("zeros", bytes(8 << 20))], how="gzip")  # 8 KiB of gzip
+    assert bomb[0].size < 64 << 10
+    monkeypatch.setenv("MICROPOD_MAX_IMAGE_SIZE", "1m")
+    with pytest.raises(RootfsError, match=r"larger than 1 MiB uncompressed.*MICROPOD_MAX_IMAGE_SIZE"):
+        flatten(bomb, io.BytesIO())
+    monkeypatch.setenv("MICROPOD_MAX_IMAGE_SIZE", "9m")
+    flatten(bomb, io.BytesIO())
+    monkeypatch.setenv("MICROPOD_MAX_IMAGE_SIZE", "lots")
+    with pytest.raises(UsageError, match="invalid MICROPOD_MAX_IMAGE_SIZE"):
+        flatten(bomb, io.BytesIO())
+
+
+def test_the_size_bound_counts_all_layers_and_trailing_garbage(monkeypatch):
+    monkeypatch.setenv("MICROPOD_MAX_IMAGE_SIZE", "100k")
+    tar = layer_tar([f("a", bytes(30 << 10))])
+    flatten([MemLayer(tar)], io.BytesIO())
+    with pytest.raises(RootfsError, match="larger than 100 KiB"):
+        flatten([MemLayer(tar), MemLayer(layer_tar([f("b", bytes(30 << 10))])), MemLayer(tar)], io.BytesIO())
+    with pytest.raises(RootfsError, match="larger than 100 KiB"):
+        flatten([MemLayer(*compress(tar + bytes(200 << 10), "gzip"))], io.BytesIO())
+
+
+def _raw_layer(*headers: bytes) -> MemLayer:
+    return MemLayer(b"".join(headers) + tarfile.TarInfo("f").tobuf(tarfile.USTAR_FORMAT) + bytes(1024))
+
+
+def _pax(records: dict[str, str], kind: bytes = tarfile.XHDTYPE) -> bytes:
+    return tarfile.TarInfo._create_pax_generic_header(records, kind, "utf-8")  # type: ignore[attr-defined]
+
+
+def test_extended_header_over_1_mib_is_refused_before_it_is_read():
+    huge = _raw_layer(_pax({"SCHILY.xattr.user.big": "v" * (2 << 20)}))
+    error, peak = _flatten_traced([huge])
+    assert isinstance(error, RootfsError) and "extended header" in str(error), error
+    assert peak < 1 << 20, f"{peak} bytes"  # tarfile would have read the 2 MiB record into memory
+
+
+def test_global_pax_records_are_not_applied_to_every_file():
+    flatten([_raw_layer(_pax({"comment": "git archive"}, tarfile.XGLTYPE))], io.BytesIO())
+    with pytest.raises(RootfsError, match=r"global pax header sets .SCHILY\.xattr\.user\.x."):
+        flatten([_raw_layer(_pax({"SCHILY.xattr.user.x": "1"}, tarfile.XGLTYPE))], io.BytesIO())
+
+
+def test_a_chain_of_extended_headers_is_a_clear_error():
+    with pytest.raises(RootfsError, match="chains too many tar extended headers"):
+        flatten([_raw_layer(*[_pax({"comment": "c"})] * 3000)], io.BytesIO())

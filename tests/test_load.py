@@ -73,7 +73,7 @@ def test_bare_tag_ref_name_loads_untagged(tmp_path):
 
 
 def _docker_save(tmp_path: Path, layers: list[bytes], tags: list[str], *, diff_ids: list[str] | None = None,
-                 gz: bool = False) -> Path:
+                 gz: bool = False, labels: dict[str, str] | None = None) -> Path:
     files: dict[str, bytes] = {}
     names = []
     for i, layer in enumerate(layers):
@@ -81,7 +81,7 @@ def _docker_save(tmp_path: Path, layers: list[bytes], tags: list[str], *, diff_i
         files[name] = layer
         names.append(name)
     config = canonical_json({
-        "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"], "Env": ["X=1"]},
+        "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"], "Env": ["X=1"], "Labels": labels or {}},
         "rootfs": {"type": "layers", "diff_ids": diff_ids or
                    ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers]}})
     config_name = hashlib.sha256(config).hexdigest() + ".json"
@@ -193,3 +193,31 @@ def test_multi_platform_index_picks_the_host(tmp_path):
     writer.write_dir(tmp_path / "l")
     (img,) = load_image(ImageStore(tmp_path / "s"), tmp_path / "l")
     assert img.config.architecture == "amd64" and img.refs == ("localhost/multi:1",)
+
+
+# -- what is read into memory is bounded (a 4 MiB config, as containers/image allows) ----------------------
+
+BIG_LABELS = {"filler": "x" * (5 << 20)}
+
+
+def test_oci_config_over_4_mib_is_refused(tmp_path):
+    oci_layout(tmp_path / "l", [compress(LAYER1, "gzip")], ref="localhost/big:1",
+               config={"config": {"Labels": BIG_LABELS}})
+    store = ImageStore(tmp_path / "store")
+    with pytest.raises(ImageError, match=r"config sha256:[0-9a-f]{64} declares \d+ bytes, more than the 4 MiB"):
+        load_image(store, _tar_dir(tmp_path / "l", tmp_path / "a.tar"))
+    assert store.list() == []
+
+
+def test_docker_save_config_over_4_mib_is_refused(tmp_path):
+    archive = _docker_save(tmp_path, [LAYER1], ["big:1"], labels=BIG_LABELS)
+    store = ImageStore(tmp_path / "store")
+    with pytest.raises(ImageError, match=r"\.json is larger than the 4 MiB image metadata may have"):
+        load_image(store, archive)
+    assert store.list() == []
+
+
+def test_config_just_under_the_cap_loads(tmp_path):
+    archive = _docker_save(tmp_path, [LAYER1], ["fine:1"], labels={"filler": "x" * ((4 << 20) - 4096)})
+    (img,) = load_image(ImageStore(tmp_path / "store"), archive)
+    assert img.config.labels["filler"].startswith("xxx")

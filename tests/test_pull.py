@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from micropod import proc
 from micropod.image.archive import LayoutWriter
-from micropod.image.model import OCI_INDEX, OCI_LAYER, Platform, canonical_json
+from micropod.image.digest import sha256_digest
+from micropod.image.model import OCI_CONFIG, OCI_INDEX, OCI_LAYER, Platform, canonical_json
 from tests.conftest import Cli
 from tests.imagetools import f, layer_tar
-from tests.registry import PASSWORD, USER, Fault, Front, RunningRegistry
+from tests.registry import PASSWORD, USER, Fault, Front, RunningRegistry, Tls, make_tls
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/docker-registry"), reason="docker-registry missing")
 
@@ -153,6 +156,71 @@ def test_redirects_never_carry_the_registry_token(mp: Cli, front: Front, pushed:
     store_hits = [headers for _, path, headers in front.seen if path.startswith("/_blobstore/")]
     assert store_hits
     assert all("Authorization" not in h for h in store_hits)
+
+
+# -- redirects keep or upgrade the scheme, never https -> http ------------------------------------------
+
+@pytest.fixture(scope="session")
+def front_certs(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    return make_tls(tmp_path_factory.mktemp("front-tls"))
+
+
+@pytest.fixture
+def tls_front(plain_registry: RunningRegistry, front_certs: Tls) -> Iterator[Front]:
+    server = Front(plain_registry.host, tls=front_certs).start()
+    yield server
+    server.stop()
+
+
+def _trusting(mp: Cli, tls: Tls, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(mp.argv(*args), env={**mp.env(), "SSL_CERT_FILE": str(tls.ca)}, capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_redirect_from_https_to_plain_http_is_refused(mp: Cli, tls_front: Front, front: Front, pushed: str) -> None:
+    del pushed
+    assert tls_front.tls is not None
+    tls_front.faults.append(Fault("/blobs/", redirect=True, redirect_to=f"http://localhost:{front.port}"))
+    error = _error_line(_trusting(mp, tls_front.tls, "pull", f"{tls_front.host}/hello:latest"))
+    assert "from https to plain http" in error
+    assert not [path for _, path, _ in front.seen if path.startswith("/_blobstore/")]
+    _check_clean(mp)
+
+
+def test_redirect_from_http_to_https_is_followed(mp: Cli, front: Front, tls_front: Front, pushed: str) -> None:
+    del pushed
+    assert tls_front.tls is not None
+    front.faults.append(Fault("/blobs/", redirect=True, redirect_to=f"https://localhost:{tls_front.port}"))
+    result = _trusting(mp, tls_front.tls, "pull", f"{front.host}/hello:latest")
+    assert result.returncode == 0, result.stderr
+    assert [path for _, path, _ in tls_front.seen if path.startswith("/_blobstore/")]
+
+
+def test_token_realm_over_plain_http_is_refused_for_an_https_registry(mp: Cli, tls_front: Front, front: Front,
+                                                                      pushed: str) -> None:
+    del pushed
+    assert tls_front.tls is not None
+    tls_front.token_auth = True
+    tls_front.realm = front.base  # the credentials would cross the network in clear
+    error = _error_line(_trusting(mp, tls_front.tls, "pull", f"{tls_front.host}/hello:latest"))
+    assert "token realm from https to plain http" in error
+    assert not [path for _, path, _ in front.seen if path.startswith("/token")]
+    tls_front.realm = None  # its own https realm is fine
+    assert _trusting(mp, tls_front.tls, "pull", f"{tls_front.host}/hello:latest").returncode == 0
+    assert tls_front.tokens_issued
+
+
+# -- metadata read into memory is bounded ------------------------------------------------------------
+
+def test_config_over_4_mib_is_refused_before_it_is_downloaded(mp: Cli, plain_registry: RunningRegistry) -> None:
+    tar = layer_tar([f("etc/big", "1")])
+    config = canonical_json({"architecture": "amd64", "os": "linux", "config": {"Labels": {"x": "y" * (5 << 20)}},
+                             "rootfs": {"type": "layers", "diff_ids": [sha256_digest(tar)]}})
+    plain_registry.put_raw("bigconfig", "v1", [(config, OCI_CONFIG), (tar, OCI_LAYER)])
+    error = _error_line(mp("pull", f"{plain_registry.host}/bigconfig:v1"))
+    assert re.search(r"config sha256:[0-9a-f]{64} declares \d+ bytes, more than the 4 MiB allowed", error), error
+    _check_clean(mp)
+    assert mp("images", "-q").stdout.strip() == ""
 
 
 def test_platform_selection(mp: Cli, plain_registry: RunningRegistry, tmp_path: Path) -> None:

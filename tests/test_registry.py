@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from micropod.errors import ImageError, UsageError
+from micropod.errors import ImageError, RegistryError, UsageError
 from micropod.image.model import DOCKER_MANIFEST, OCI_MANIFEST, Descriptor, Platform
 from micropod.image.pull import parse_platform, select_platform
-from micropod.image.registry import RegistryClient, RetryPolicy, is_loopback, parse_challenge
+from micropod.image.registry import RegistryClient, RetryPolicy, _no_downgrade, is_loopback, parse_challenge
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -68,3 +70,20 @@ def test_parse_platform() -> None:
     for bad in ("linux", "linux/", "a/b/c/d"):
         with pytest.raises(UsageError):
             parse_platform(bad)
+
+
+@pytest.mark.parametrize(("source", "target"), [
+    ("https://r.example/v2/x/blobs/sha256:1", "https://cdn.example/b"),
+    ("http://127.0.0.1:5000/v2/x/blobs/sha256:1", "http://localhost:5000/_blobstore/b"),
+    ("http://127.0.0.1:5000/v2/x/blobs/sha256:1", "https://cdn.example/b")])
+def test_redirects_keep_or_upgrade_the_scheme(source: str, target: str) -> None:
+    assert _no_downgrade(source, target, "the redirect") == target
+
+
+@pytest.mark.parametrize(("source", "target", "words"), [
+    ("https://r.example/v2/", "http://cdn.example/b", "from https to plain http (cdn.example)"),
+    ("https://r.example/v2/", "file:///etc/shadow", "only http and https"),
+    ("http://127.0.0.1/v2/", "ftp://cdn.example/b", "only http and https")])
+def test_downgrades_and_other_schemes_are_refused(source: str, target: str, words: str) -> None:
+    with pytest.raises(RegistryError, match=re.escape(words)):
+        _no_downgrade(source, target, "the redirect")

@@ -26,6 +26,8 @@ from micropod.image.model import (
     CONTAINERD_NAME_ANNOTATION,
     INDEX_TYPES,
     MANIFEST_TYPES,
+    MAX_CONFIG_SIZE,
+    MAX_MANIFEST_SIZE,
     OCI_CONFIG,
     OCI_LAYER,
     OCI_LAYER_GZIP,
@@ -138,7 +140,7 @@ def _read(src: _Source, name: str, limit: int = 64 << 20) -> bytes:
     with src.open(name) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise ImageError(f"{name} is too large to be image metadata")
+        raise ImageError(f"{name} is larger than the {limit >> 20} MiB image metadata may have")
     return data
 
 
@@ -208,7 +210,8 @@ def _pick_manifest(store: ImageStore, src: _Source, desc: Descriptor, source: Pa
             return desc
         if desc.media_type not in INDEX_TYPES:
             raise ImageError(f"{source}: index entry {desc.digest} has unsupported type {desc.media_type}")
-        children = parse_index(_ingest_bytes(store, src, desc), f"{source}: index {desc.digest}")
+        children = parse_index(_ingest_bytes(store, src, desc.check_size(MAX_MANIFEST_SIZE, "index")),
+                               f"{source}: index {desc.digest}")
         fits = [c for c in children if c.platform is None or
                 (c.platform.os == os_ and c.platform.architecture == arch)]
         if not fits:
@@ -234,8 +237,10 @@ def _ingest_bytes(store: ImageStore, src: _Source, desc: Descriptor) -> bytes:
 
 
 def _ingest_manifest(store: ImageStore, src: _Source, desc: Descriptor, source: Path) -> Manifest:
-    manifest = Manifest.from_bytes(_ingest_bytes(store, src, desc), f"{source}: manifest {desc.digest}")
-    ImageConfig.from_bytes(_ingest_bytes(store, src, manifest.config), f"config {manifest.config.digest}")
+    manifest = Manifest.from_bytes(_ingest_bytes(store, src, desc.check_size(MAX_MANIFEST_SIZE, "manifest")),
+                                   f"{source}: manifest {desc.digest}")
+    config = manifest.config.check_size(MAX_CONFIG_SIZE, "config")
+    ImageConfig.from_bytes(_ingest_bytes(store, src, config), f"config {config.digest}")
     for layer in manifest.layers:
         _ingest(store, src, layer)
     return manifest
@@ -278,7 +283,7 @@ def _load_docker(store: ImageStore, src: _Source, source: Path) -> list[tuple[st
                 not all(isinstance(n, str) for n in layer_names):
             raise ImageError(f"{source}: manifest.json entry needs Config and Layers")
         refs = _repo_tags(entry, source)
-        config_bytes = _read(src, config_name)
+        config_bytes = _read(src, config_name, MAX_CONFIG_SIZE)
         config_digest = sha256_digest(config_bytes)
         named = _HEX_FILE.search(config_name)
         if named and named.group(1) != digest_hex(config_digest):

@@ -29,6 +29,11 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
+# What is read into memory is bounded as containers/image (Podman, CRI-O, skopeo) bounds it: 4 MiB for a
+# manifest or an index, 4 MiB for a config. Layers stream and are bounded by micropod.rootfs.limits.
+MAX_MANIFEST_SIZE = 4 << 20
+MAX_CONFIG_SIZE = 4 << 20
+
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 # Non-distributable ("foreign") layers are still tar layers; micropod has them locally or not at all.
@@ -122,6 +127,13 @@ class Descriptor:
             annotations=_str_dict(obj.get("annotations"), f"{what} annotations"),
             platform=Platform.from_json(platform) if isinstance(platform, dict) else None,
         )
+
+    def check_size(self, limit: int, what: str) -> Descriptor:
+        """This descriptor, unless it declares more than `limit` bytes for JSON that is read into memory."""
+        if self.size > limit:
+            raise ImageError(f"{what} {self.digest} declares {self.size} bytes, more than the "
+                             f"{limit >> 20} MiB allowed")
+        return self
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}

@@ -24,6 +24,7 @@ from micropod.image.digest import sha256_digest
 from micropod.image.model import (
     INDEX_TYPES,
     MANIFEST_TYPES,
+    MAX_CONFIG_SIZE,
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
@@ -136,7 +137,7 @@ class Puller:
                 self.store.writing():
             digest, manifest = self._manifest(client, ref)
             counts = [0, 0]
-            self._blob(client, ref, manifest.config, counts)
+            self._blob(client, ref, manifest.config.check_size(MAX_CONFIG_SIZE, "config"), counts)
             ImageConfig.from_bytes(self.store.read_blob(manifest.config.digest, manifest.config.size),
                                    f"config {manifest.config.digest}")  # refuse a malformed config early
             workers = max(1, min(self.options.concurrency, len(manifest.layers)))

@@ -7,6 +7,8 @@
 - Auth: the /v2/ ping's WWW-Authenticate challenge decides. Basic sends the credentials; Bearer fetches
   a token from the realm for the request's scope (with the credentials, if any) and caches it per scope.
 - Redirects (blob storage) are followed by hand and never carry the registry's Authorization header.
+  A redirect, and a token realm, may keep the scheme or upgrade it to https, never downgrade https to
+  http: a network attacker could otherwise read or replace what the TLS of the registry protects.
 - 429, 5xx and connection resets are retried a bounded number of times with exponential backoff
   (Retry-After honoured up to a cap). DNS failures and refused credentials are not retried.
 
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 from micropod.errors import AuthError, NotFoundError, RegistryError
 from micropod.image.credentials import Credentials
-from micropod.image.model import INDEX_TYPES, MANIFEST_TYPES
+from micropod.image.model import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_SIZE
 from micropod.image.reference import DEFAULT_DOMAIN
 
 log = logging.getLogger("micropod")
@@ -91,6 +93,17 @@ def _cert_failure(exc: BaseException) -> bool:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
+
+
+def _no_downgrade(source: str, target: str, what: str) -> str:
+    """`target`, reached from `source`, if it keeps `source`'s security: https stays https."""
+    old, new = urllib.parse.urlsplit(source).scheme, urllib.parse.urlsplit(target).scheme
+    if new not in ("http", "https"):
+        raise RegistryError(f"refusing {what} to {target!r}: only http and https are followed")
+    if old == "https" and new == "http":
+        host = urllib.parse.urlsplit(target).netloc
+        raise RegistryError(f"refusing {what} from https to plain http ({host}): it would drop TLS")
+    return target
 
 
 def _error_detail(response: Response) -> str:
@@ -292,6 +305,7 @@ class RegistryClient:
         if "service" in challenge.params:
             params["service"] = challenge.params["service"]
         headers = {"Authorization": f"Basic {self.credentials.basic()}"} if self.credentials else {}
+        _no_downgrade(self._base or f"https://{self.host}", realm, f"{self.domain}: the token realm")
         parts = urllib.parse.urlsplit(realm)
         query = "&".join(q for q in (parts.query, urllib.parse.urlencode(params)) if q)
         url = urllib.parse.urlunsplit(parts._replace(query=query))
@@ -359,7 +373,7 @@ class RegistryClient:
             response.close()
             if not location:
                 raise RegistryError(f"{self.domain}: redirect without a Location for {what}")
-            url = urllib.parse.urljoin(url, location)
+            url = _no_downgrade(url, urllib.parse.urljoin(url, location), f"{self.domain}: the redirect of {what}")
             response = self._send("GET", url, extra)  # never the registry's credentials
         if response.status < 300:
             return response
@@ -380,9 +394,9 @@ class RegistryClient:
         what = f"manifest {repository}:{reference}" if ":" not in reference else f"manifest {repository}@{reference}"
         response = self._get(repository, f"manifests/{reference}", {"Accept": MANIFEST_ACCEPT}, what)
         with contextlib.closing(response):
-            body = response.read((4 << 20) + 1)
-        if len(body) > 4 << 20:
-            raise RegistryError(f"{self.domain}: {what} is larger than 4 MiB")
+            body = response.read(MAX_MANIFEST_SIZE + 1)
+        if len(body) > MAX_MANIFEST_SIZE:
+            raise RegistryError(f"{self.domain}: {what} is larger than {MAX_MANIFEST_SIZE >> 20} MiB")
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         return body, media_type, response.headers.get("Docker-Content-Digest")
 
