@@ -46,8 +46,11 @@ class Channel:
                 return b""
             raise
 
-    def send(self, frame: bytes, stall_timeout: float | None = 30.0) -> None:
-        """Write a whole frame; wait while the host does not read, up to ``stall_timeout`` at a time."""
+    def send(self, frame: bytes, stall_timeout: float | None = None) -> None:
+        """Write a whole frame; wait while the host does not read, up to ``stall_timeout`` at a time.
+
+        No limit by default: the monitor stops reading on purpose while a slow attached client catches
+        up (back-pressure), and a host that went away closes the channel rather than stalling it."""
         view = memoryview(frame)
         while view:
             try:
