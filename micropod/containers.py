@@ -18,6 +18,7 @@ from pathlib import Path
 from micropod import proc
 from micropod.context import Context
 from micropod.errors import ConflictError, MicropodError, NotFoundError
+from micropod.fsutil import PRIVATE_DIR, private_file
 from micropod.liveness import ProcessRef
 from micropod.monitorclient import MonitorClient, Outcome, outcome
 from micropod.names import check_name, generated_name, new_vm_id
@@ -110,7 +111,8 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
             stop_signal=parse_signal(config.stop_signal), boot_timeout=req.boot_timeout, log=req.log,
             restart=req.restart, network=network,
         )
-        vm_dir.path.mkdir(parents=True)
+        vm_dir.path.mkdir(mode=PRIVATE_DIR, parents=True)
+        os.chmod(vm_dir.path, PRIVATE_DIR)
         cfg.dump(vm_dir.config)
     except BaseException:
         shutil.rmtree(vm_dir.path, ignore_errors=True)
@@ -134,7 +136,7 @@ def start(ctx: Context, cfg: RunConfig, attach: bool, maintenance: bool = False)
         ours, theirs = socket.socketpair()
         argv[3:3] = ["--attach-fd", str(theirs.fileno())]
     try:
-        with vm_dir.monitor_log.open("ab") as log:
+        with os.fdopen(private_file(vm_dir.monitor_log), "ab") as log:
             child = proc.spawn(argv, stdout=log, stderr=log, new_session=True,
                                pass_fds=[theirs.fileno()] if theirs else [], env=_monitor_env())
     except BaseException:

@@ -40,6 +40,27 @@ def atomic_file(dest: Path, *, tmp_dir: Path | None = None, mode: int | None = 0
     fsync_dir(dest.parent)
 
 
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """A directory only its owner can enter, whatever the umask (mkdir's mode is masked by it) and whoever
+    created it first: an older state root made 0755 is closed on first use."""
+    if not path.parent.exists():
+        private_dir(path.parent)  # mkdir(parents=True) would give the parents the umask's mode
+    path.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+    os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+def private_file(path: Path, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
+    """Open (creating) a file as 0600 whatever the umask, without following a link planted in its place."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)
+    return fd
+
+
 def atomic_write(dest: Path, data: bytes, *, tmp_dir: Path | None = None, mode: int = 0o644) -> None:
     """Write `dest` so readers see the old or the new content, never a mix, even after a crash."""
     with atomic_file(dest, tmp_dir=tmp_dir, mode=mode) as f:
@@ -52,7 +73,7 @@ def flock(path: Path, *, exclusive: bool = True) -> Iterator[None]:
 
     flock locks belong to the open file, so two handles in one process exclude each other too.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -396,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("vm_id")
     args = parser.parse_args(argv)
+    # Everything the monitor and its VMM create (logs, sockets, snapshots' temporaries) is its owner's alone,
+    # whatever umask the user who ran micropod had.
+    os.umask(0o077)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     attach = socket.socket(fileno=args.attach_fd) if args.attach_fd is not None else None

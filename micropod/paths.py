@@ -117,8 +117,10 @@ class StateRoot:
         return self.path / "tmp"
 
     def ensure(self) -> StateRoot:
+        from micropod.fsutil import private_dir
+
         for d in (self.path, self.images, self.rootfs_dir, self.vms, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)
         return self
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from micropod.errors import UsageError
-from micropod.fsutil import atomic_write
+from micropod.fsutil import PRIVATE_FILE, atomic_write
 from micropod.net.ports import PortMapping
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -124,7 +124,7 @@ class RunConfig:
 
     def dump(self, path: Path) -> None:
         """Write atomically: a reader never sees half a config."""
-        atomic_write(path, json.dumps(asdict(self), indent=1).encode())
+        atomic_write(path, json.dumps(asdict(self), indent=1).encode(), mode=PRIVATE_FILE)  # -e secrets
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from micropod.errors import ConflictError, NotFoundError, StateError, UsageError
+from micropod.fsutil import private_dir, private_file
 from micropod.liveness import ProcessRef
 
 SCHEMA = """
@@ -138,7 +140,9 @@ class StateStore:
     def __init__(self, db: Path) -> None:
         self.path = db
         try:
-            db.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(db.parent)
+            # SQLite gives -wal and -shm the database's own mode, so 0600 here covers all three.
+            os.close(private_file(db, os.O_RDWR))
             self._conn = connect(db)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA synchronous = NORMAL")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from micropod.errors import ConflictError, DigestMismatchError, ImageError, NotFoundError, UsageError
-from micropod.fsutil import atomic_write, flock, fsync_dir
+from micropod.fsutil import PRIVATE_FILE, atomic_write, flock, fsync_dir, private_dir
 from micropod.image.digest import VerifyingReader, check_digest, digest_hex, sha256_digest
 from micropod.image.model import (
     INDEX_TYPES,
@@ -159,12 +159,12 @@ class ImageStore:
             return
         try:
             for d in (self._blobs, self._ingest_dir):
-                d.mkdir(parents=True, exist_ok=True)
+                private_dir(d)
             with flock(self.path / "index.json.lock"):
                 if not (self.path / "oci-layout").exists():
                     atomic_write(self.path / "oci-layout",
                                  canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}),
-                                 tmp_dir=self._ingest_dir)
+                                 tmp_dir=self._ingest_dir, mode=PRIVATE_FILE)
                 if not self._index.exists():
                     self._write_index([])
         except OSError as exc:
@@ -250,7 +250,7 @@ class ImageStore:
                 while chunk:
                     written = out.write(chunk)
                     chunk = memoryview(chunk)[written or 0:]
-            os.fchmod(out.fileno(), 0o644)
+            os.fchmod(out.fileno(), PRIVATE_FILE)
             os.fsync(out.fileno())
         if size is not None and seen != size:
             raise DigestMismatchError(f"blob {name} is truncated: {seen} of {size} bytes")
@@ -272,7 +272,8 @@ class ImageStore:
 
     def _write_index(self, entries: Sequence[Descriptor]) -> None:
         doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [e.to_json() for e in entries]}
-        atomic_write(self._index, json.dumps(doc, indent=2).encode() + b"\n", tmp_dir=self._ingest_dir)
+        atomic_write(self._index, json.dumps(doc, indent=2).encode() + b"\n", tmp_dir=self._ingest_dir,
+                     mode=PRIVATE_FILE)
 
     def _update_index(self, change: Callable[[list[Descriptor]], list[Descriptor]]) -> None:
         self.init()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from micropod import proc
 from micropod.errors import CommandError, RootfsError
-from micropod.fsutil import flock, fsync_dir
+from micropod.fsutil import PRIVATE_FILE, flock, fsync_dir, private_dir
 from micropod.image.model import Image
 from micropod.image.store import ImageStore, StoredImage
 from micropod.paths import StateRoot
@@ -83,7 +83,7 @@ def ensure_rootfs(root: StateRoot, store: ImageStore, image: StoredImage) -> Pat
     if dest.exists():
         return dest
     for d in (root.rootfs_dir, root.tmp):
-        d.mkdir(parents=True, exist_ok=True)
+        private_dir(d)
     with flock(root.rootfs_dir / f".{image.id}.lock"):
         if dest.exists():  # another process built it while we waited
             return dest
@@ -94,7 +94,7 @@ def ensure_rootfs(root: StateRoot, store: ImageStore, image: StoredImage) -> Pat
             build_squashfs(store.image(image), tmp)
             with tmp.open("rb") as f:
                 os.fsync(f.fileno())
-            tmp.chmod(0o644)
+            tmp.chmod(PRIVATE_FILE)
             os.replace(tmp, dest)
             fsync_dir(dest.parent)
         except CommandError as exc:

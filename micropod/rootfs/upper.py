@@ -20,6 +20,7 @@ from pathlib import Path
 
 from micropod import proc
 from micropod.errors import CommandError, RootfsError
+from micropod.fsutil import private_file
 
 DEFAULT_UPPER_SIZE = 10 * 1024**3
 MIN_UPPER_SIZE = 16 * 1024**2
@@ -41,7 +42,7 @@ def create_upper(path: Path, size_bytes: int = DEFAULT_UPPER_SIZE) -> None:
     if size_bytes < MIN_UPPER_SIZE:
         raise RootfsError(f"upper layer size {size_bytes} is below the minimum of {MIN_UPPER_SIZE} bytes")
     try:
-        with path.open("xb") as f:
+        with os.fdopen(private_file(path, os.O_WRONLY | os.O_EXCL), "wb") as f:
             f.truncate(size_bytes)
     except OSError as exc:
         raise RootfsError(f"cannot create {path}: {exc}") from exc
