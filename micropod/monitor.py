@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import logging.handlers
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from micropod import guestmsg
@@ -51,6 +53,7 @@ from micropod.state import StateStore
 
 log = logging.getLogger("micropod.monitor")
 
+MONITOR_LOG_MAX = 4 << 20
 EXIT_KILLED = 128 + int(signal.SIGKILL)
 
 
@@ -389,6 +392,10 @@ class Monitor:
             signal.signal(signum, lambda *_: None)
 
 
+def capped_log_handler(path: Path) -> logging.Handler:
+    return logging.handlers.RotatingFileHandler(path, maxBytes=MONITOR_LOG_MAX, backupCount=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="micropod-monitor")
     parser.add_argument("--root", required=True)
@@ -400,10 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     # Everything the monitor and its VMM create (logs, sockets, snapshots' temporaries) is its owner's alone,
     # whatever umask the user who ran micropod had.
     os.umask(0o077)
+    root = StateRoot.from_env(args.root)
+    # A guest can make the monitor log (refused messages, its errors): the file is capped and rotated once,
+    # so one VM's log never grows past MONITOR_LOG_MAX twice. Only a crash's traceback goes to stderr.
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        handlers=[capped_log_handler(root.vm(args.vm_id).monitor_log)],
                         format="%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     attach = socket.socket(fileno=args.attach_fd) if args.attach_fd is not None else None
-    root = StateRoot.from_env(args.root)
     return Monitor(root, args.vm_id, attach, maintenance=args.maintenance).run()
 
 

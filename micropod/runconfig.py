@@ -207,13 +207,21 @@ def parse_signal(name: str | None, default: int = int(signal.SIGTERM)) -> int:
     raise UsageError(f"invalid signal {name!r}")
 
 
+# docker's json-file default is unbounded; a guest that writes without end would fill the host's disk, so
+# micropod bounds every container log at 3 files of 10 MiB unless told otherwise (max-size=-1: unbounded).
+DEFAULT_LOG = LogOptions(max_size=10 << 20, max_files=3)
+
+
 def parse_log_opts(items: tuple[str, ...] | list[str]) -> LogOptions:
-    """--log-opt max-size=10m --log-opt max-file=3; the default size comes from MICROPOD_LOG_MAX_SIZE."""
+    """--log-opt max-size=10m --log-opt max-file=3; the default size comes from MICROPOD_LOG_MAX_SIZE,
+    else DEFAULT_LOG."""
     options = dict(item.partition("=")[::2] for item in items)
     unknown = set(options) - {"max-size", "max-file"}
     if unknown:
         raise UsageError(f"unknown --log-opt {sorted(unknown)[0]!r}: micropod supports max-size and max-file")
     size_text = options.get("max-size") or os.environ.get("MICROPOD_LOG_MAX_SIZE", "")
+    if not size_text and "max-file" not in options:
+        return DEFAULT_LOG
     try:
         size = _parse_size(size_text) if size_text and size_text != "-1" else 0
         files = int(options.get("max-file", "1"))

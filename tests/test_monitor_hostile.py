@@ -326,3 +326,21 @@ def test_stats_gives_up_on_a_silent_vm_and_reads_the_others() -> None:
     for sock in (answering_monitor, silent_monitor):
         sock.close()
     clients["good"].close()
+
+
+def test_the_monitor_log_is_capped_however_much_a_guest_makes_it_write(tmp_path: Path) -> None:
+    from micropod.monitor import MONITOR_LOG_MAX, capped_log_handler
+
+    handler = capped_log_handler(tmp_path / "monitor.log")
+    logger = logging.getLogger("test.capped")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for _ in range((3 * MONITOR_LOG_MAX) // 1000):
+            logger.warning("x" * 1000)
+    finally:
+        handler.close()
+        logger.removeHandler(handler)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["monitor.log", "monitor.log.1"]
+    assert all((tmp_path / name).stat().st_size <= MONITOR_LOG_MAX for name in files)

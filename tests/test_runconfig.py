@@ -70,7 +70,9 @@ def test_log_opts() -> None:
     from micropod.errors import UsageError
     from micropod.runconfig import LogOptions, parse_log_opts
 
-    assert parse_log_opts([]) == LogOptions(0, 1)
+    # A guest must not fill the host's disk: bounded by default, unbounded only when asked for.
+    assert parse_log_opts([]) == LogOptions(10 << 20, 3)
+    assert parse_log_opts(["max-size=-1"]) == LogOptions(0, 1)
     assert parse_log_opts(["max-size=10m", "max-file=3"]) == LogOptions(10 << 20, 3)
     assert parse_log_opts(["max-size=512k"]) == LogOptions(512 << 10, 1)
     for bad in (["max-size=lots"], ["max-file=0"], ["compress=true"]):
