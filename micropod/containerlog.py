@@ -15,7 +15,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,6 +140,37 @@ def iter_entries(path: Path) -> Iterator[LogEntry]:
     yield from entries
 
 
+_BLOCK = 64 << 10
+
+
+def _whole_end(f: BinaryIO) -> int:
+    """The offset just after the file's last newline (a torn last line is left for later)."""
+    pos = os.fstat(f.fileno()).st_size
+    while pos > 0:
+        step = min(_BLOCK, pos)
+        pos -= step
+        f.seek(pos)
+        newline = f.read(step).rfind(b"\n")
+        if newline >= 0:
+            return pos + newline + 1
+    return 0
+
+
+def _newest_first(f: BinaryIO, end: int) -> Iterator[LogEntry]:
+    """The entries before ``end``, newest first, reading the file backwards a block at a time."""
+    pos, carry = end, b""
+    while pos > 0:
+        step = min(_BLOCK, pos)
+        pos -= step
+        f.seek(pos)
+        lines = (f.read(step) + carry).split(b"\n")
+        carry = lines.pop(0) if pos > 0 else b""  # may be the end of a line that starts in the block before
+        for line in reversed(lines):
+            entry = parse_line(line) if line else None
+            if entry:
+                yield entry
+
+
 class LogReader:
     """Every entry so far (rotated files first), then what is appended, across rotations."""
 
@@ -159,6 +190,36 @@ class LogReader:
             self._file = self.path.open("rb")
         entries += self.more()
         return entries
+
+    def recent(self, tail: int | None, since: float | None,
+               wanted: Callable[[LogEntry], bool] = lambda _: True) -> list[LogEntry]:
+        """The last ``tail`` wanted entries, or those from ``since`` on, reading from the end of the newest
+        file back only as far as needed (a log of any size costs what is shown); then ``more`` follows."""
+        found: list[LogEntry] = []
+        files: list[BinaryIO] = []
+        with contextlib.suppress(FileNotFoundError):
+            self._file = self.path.open("rb")
+            self._offset = _whole_end(self._file)
+        try:
+            index = 1
+            while rotated(self.path, index).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    files.append(rotated(self.path, index).open("rb"))
+                index += 1
+            sources = [(self._file, self._offset)] if self._file else []
+            sources += [(f, _whole_end(f)) for f in files]
+            for f, end in sources:
+                for entry in _newest_first(f, end):
+                    if since is not None and entry.timestamp < since:
+                        return found[::-1]
+                    if wanted(entry):
+                        if tail is not None and len(found) >= tail:
+                            return found[::-1]
+                        found.append(entry)
+            return found[::-1]
+        finally:
+            for f in files:
+                f.close()
 
     def more(self) -> list[LogEntry]:
         entries: list[LogEntry] = []

@@ -1,6 +1,8 @@
+import json
+from datetime import UTC
 from pathlib import Path
 
-from micropod.containerlog import ContainerLog, read_entries
+from micropod.containerlog import ContainerLog, LogReader, read_entries, rotated
 
 
 def test_round_trip_keeps_non_utf8_bytes(tmp_path: Path) -> None:
@@ -88,3 +90,43 @@ def test_one_entry_per_line_and_partial_lines_wait(tmp_path: Path) -> None:
     log.write("stdout", b"ee\nprompt$ ")
     log.close()
     assert [e.data for e in read_entries(path)[0]] == [b"one\n", b"two\n", b"err\n", b"three\n", b"prompt$ "]
+
+
+def _entry(text: str, when: float) -> bytes:
+    from datetime import datetime
+
+    stamp = datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return json.dumps({"log": text, "stream": "stdout", "time": stamp}).encode() + b"\n"
+
+
+def test_tail_and_since_read_only_the_end_of_a_huge_log(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "container.log"
+    with path.open("wb") as f:
+        f.write(_entry("first\n", 1000.0))
+        f.truncate(1 << 30)  # 1 GiB of hole stands for a log a guest wrote for days
+        f.seek(0, 2)
+        f.write(b"\n" + b"".join(_entry(f"line {i}\n", 2000.0 + i) for i in range(10)) + b'{"torn')
+    tracemalloc.start()
+    try:
+        reader = LogReader(path)
+        tail = reader.recent(2, None)
+        since = LogReader(path).recent(None, 2007.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [e.data for e in tail] == [b"line 8\n", b"line 9\n"]
+    assert [e.data for e in since] == [b"line 7\n", b"line 8\n", b"line 9\n"]
+    assert peak < 16 << 20, f"reading the end of the log took {peak >> 20} MiB"
+    with path.open("ab") as f:  # following goes on after the last whole line
+        f.write(b'"}\n' + _entry("line 10\n", 2010.0))
+    assert [e.data for e in reader.more()] == [b"line 10\n"]
+
+
+def test_tail_reaches_back_into_rotated_files(tmp_path: Path) -> None:
+    path = tmp_path / "container.log"
+    rotated(path, 1).write_bytes(b"".join(_entry(f"old {i}\n", 100.0 + i) for i in range(3)))
+    path.write_bytes(_entry("new\n", 200.0))
+    assert [e.data for e in LogReader(path).recent(3, None)] == [b"old 1\n", b"old 2\n", b"new\n"]
+    assert [e.data for e in LogReader(path).recent(0, None)] == []

@@ -301,9 +301,10 @@ def logs(ctx: Context, follow: bool, timestamps: bool, tail: str, since: str | N
 
     reader = LogReader(path)
     try:
-        entries = [e for e in reader.backlog() if wanted(e)]
-        if tail != "all":
-            entries = entries[-int(tail):] if int(tail) else []
+        if tail == "all" and start is None:
+            entries = [e for e in reader.backlog() if wanted(e)]
+        else:
+            entries = reader.recent(None if tail == "all" else int(tail), start, wanted)
         for entry in entries:
             emit(entry)
         while follow and (end is None or time.time() < end):
