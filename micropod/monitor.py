@@ -279,7 +279,8 @@ class Monitor:
     def _on_vmm_exit(self) -> None:
         log.debug("phase: VMM exited")
         if self.exit_code is None:
-            self._set_exit(EXIT_KILLED, f"the VM exited unexpectedly; console tail:\n{console_tail(self.vm_dir)}")
+            tail = console_tail(self.vm_dir, self.vm.vmm)
+            self._set_exit(EXIT_KILLED, f"the VM exited unexpectedly; console tail:\n{tail}")
         self.done = True
 
     def _wait_vmm_gone(self) -> None:

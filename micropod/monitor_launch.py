@@ -145,7 +145,7 @@ class VmProcess:
             reply = self.link.request("restore", deadline, self.pidfd, entropy=os.urandom(64).hex(), time=time.time())
         except (AgentError, TimeoutExpired) as exc:
             raise BootError(f"the restored VM's agent did not answer ({exc}); console tail:\n"
-                            f"{console_tail(self.vm_dir)}") from None
+                            f"{console_tail(self.vm_dir, self.vmm)}") from None
         if not reply.ok:
             raise BootError(f"the restored VM's agent refused restore: {reply.message}")
         log.debug("phase: agent restored")
@@ -155,7 +155,7 @@ class VmProcess:
             while True:
                 frame = channel.next_frame(deadline, also_watch=self.pidfd)
                 if frame is None:
-                    raise BootError(f"the VM exited during boot:\n{console_tail(self.vm_dir)}")
+                    raise BootError(f"the VM exited during boot:\n{console_tail(self.vm_dir, self.vmm)}")
                 if frame[0] == protocol.CONTROL:
                     try:
                         message = guestmsg.parse(frame[2])
@@ -167,12 +167,12 @@ class VmProcess:
                         return
         except TimeoutExpired:
             raise BootError(f"the guest agent did not come up within {self.cfg.boot_timeout:.0f}s; "
-                            f"console tail:\n{console_tail(self.vm_dir)}") from None
+                            f"console tail:\n{console_tail(self.vm_dir, self.vmm)}") from None
         except AgentError:
             # The channel closes when the guest dies early; let the VMM finish so the tail is whole.
             if self.vmm is not None:
                 self.vmm.wait(2.0)
-            raise BootError(f"the guest failed to boot; console tail:\n{console_tail(self.vm_dir)}") from None
+            raise BootError(f"the guest failed to boot; console tail:\n{console_tail(self.vm_dir, self.vmm)}") from None
 
     def request(self, op: str, deadline: float, **fields: Any) -> None:
         """A request during start-up: a refusal fails the start with the agent's message and exit code."""
@@ -258,5 +258,7 @@ def remove_vm_sockets(vm_dir: VmDir) -> None:
         path.unlink(missing_ok=True)
 
 
-def console_tail(vm_dir: VmDir) -> str:
+def console_tail(vm_dir: VmDir, vmm: Vmm | None = None) -> str:
+    if vmm is not None:
+        vmm.settle_logs()
     return log_tail(vm_dir.console_log) or "(no output)"

@@ -86,6 +86,9 @@ class Vmm(Protocol):
     def kill(self) -> None:
         """End the VMM process at once (SIGKILL)."""
 
+    def settle_logs(self) -> None:
+        """Once the VMM has exited: wait, bounded, until its last output is in the console and VMM logs."""
+
     def pause(self) -> None: ...
 
     def resume(self) -> None: ...

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from micropod.errors import BootError
+from micropod.vmm.capped import CappedLog
 
 T = TypeVar("T")
+# A log to quote on failure: a file, or a pipe's capped log, whose thread may still be copying the last bytes.
+LogSource = Path | CappedLog
 
 
 TAIL_BYTES = 16384
@@ -30,12 +33,19 @@ def log_tail(path: Path, lines: int = 25) -> str:
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
-def _tails(logs: tuple[Path, ...]) -> str:
-    return "\n".join(f"--- {log.name} ---\n{log_tail(log) or '(no output)'}" for log in logs)
+def _tails(logs: tuple[LogSource, ...], exited: bool = False) -> str:
+    paths = []
+    for log in logs:
+        if isinstance(log, CappedLog):
+            if exited:
+                log.settle()
+            log = log.path
+        paths.append(log)
+    return "\n".join(f"--- {path.name} ---\n{log_tail(path) or '(no output)'}" for path in paths)
 
 
-def died_error(what: str, proc: subprocess.Popen[bytes], *logs: Path) -> BootError:
-    tails = _tails(logs)
+def died_error(what: str, proc: subprocess.Popen[bytes], *logs: LogSource) -> BootError:
+    tails = _tails(logs, exited=True)
     return BootError(f"{what} exited with code {proc.returncode} before the guest came up:\n{tails}")
 
 
@@ -45,7 +55,7 @@ def wait_until(
     proc: subprocess.Popen[bytes],
     timeout: float,
     what: str,
-    logs: tuple[Path, ...],
+    logs: tuple[LogSource, ...],
     interval: float = 0.005,
 ) -> T:
     """Poll ``probe`` until it returns a value; fail early, with log tails, if ``proc`` dies."""

@@ -24,6 +24,7 @@ from micropod.unixsock import SocketDir
 from micropod.vmm import firecracker_api as api
 from micropod.vmm.base import AGENT_VSOCK_PORT, GUEST_CID, VmSpec
 from micropod.vmm.binaries import find_firecracker, find_jailer
+from micropod.vmm.capped import CONSOLE_LOG_MAX, CappedLog, close_all
 from micropod.vmm.child import log_tail
 
 API_SOCK = "api.sock"
@@ -156,6 +157,7 @@ class FirecrackerVmm:
         self.sockets = SocketDir(self.layout.root)
         self._proc: subprocess.Popen[bytes] | None = None
         self._client: api.FirecrackerClient | None = None
+        self._console: CappedLog | None = None
 
     # Paths.
 
@@ -209,8 +211,13 @@ class FirecrackerVmm:
         if self._proc is not None:
             raise VmmError(f"VM {self.instance_id} was already started")
         self._prepare_files()
-        with self.spec.console_log.open("ab") as console:
-            self._proc = proc.spawn(self.argv(), stdout=console, stderr=console, cwd=self.layout.root)
+        # Firecracker's stdout is the guest's serial console: a pipe into a capped log, as for QEMU.
+        self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX)
+        try:
+            self._proc = proc.spawn(self.argv(), stdout=self._console.write_fd, stderr=self._console.write_fd,
+                                    cwd=self.layout.root)
+        finally:
+            close_all(self._console)
         try:
             self._wait_for_api_socket(API_SOCKET_TIMEOUT)
             self._client = api.FirecrackerClient(Path(self.sockets.address(API_SOCK)))
@@ -346,7 +353,12 @@ class FirecrackerVmm:
         if code is not None:
             raise BootError(f"firecracker exited with code {code} {when}{self._tails()}")
 
+    def settle_logs(self) -> None:
+        if self._console is not None and self._proc is not None and self._proc.poll() is not None:
+            self._console.settle()
+
     def _tails(self) -> str:
+        self.settle_logs()
         parts = []
         console = log_tail(self.spec.console_log)
         if console:

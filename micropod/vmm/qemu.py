@@ -21,7 +21,8 @@ from micropod.unixsock import SocketDir
 from micropod.vmm.accel import choose_accel
 from micropod.vmm.base import AGENT_SERIAL_NAME, VmSpec
 from micropod.vmm.binaries import find_qemu
-from micropod.vmm.child import died_error, wait_exit, wait_until
+from micropod.vmm.capped import CONSOLE_LOG_MAX, VMM_LOG_MAX, CappedLog, close_all
+from micropod.vmm.child import LogSource, died_error, wait_exit, wait_until
 from micropod.vmm.qmp import QmpClient
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -68,7 +69,8 @@ def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout) -> lis
         "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
         "-kernel", str(spec.kernel),
         "-append", spec.cmdline,
-        "-chardev", f"file,id=console,path={spec.console_log}",
+        # The console is QEMU's stdout, a pipe into a capped log (capped.py); QEMU's own file would be unbounded.
+        "-chardev", "stdio,id=console,signal=off",
         "-serial", "chardev:console",
         "-qmp", f"unix:{QMP_SOCK},server=on,wait=off",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
@@ -113,6 +115,8 @@ class QemuVmm:
         self.snapshot = snapshot
         self._proc: subprocess.Popen[bytes] | None = None
         self._listener: socket.socket | None = None
+        self._console: CappedLog | None = None
+        self._vmm_log: CappedLog | None = None
 
     @property
     def warm(self) -> bool:
@@ -131,6 +135,17 @@ class QemuVmm:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    def settle_logs(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            for log in (self._console, self._vmm_log):
+                if log is not None:
+                    log.settle()
+
+    def logs(self, console: bool = True) -> tuple[LogSource, ...]:
+        """What to quote when QEMU fails: its own output, then the guest's console."""
+        vmm: LogSource = self._vmm_log or self.layout.vmm_log
+        return (vmm, self._console or self.spec.console_log) if console else (vmm,)
+
     def start(self) -> None:
         (self.spec.run_dir / QMP_SOCK).unlink(missing_ok=True)
         self._listener = self.sockets.listen(AGENT_SOCK, backlog=1)
@@ -138,10 +153,13 @@ class QemuVmm:
         if self.snapshot is not None:
             fds.append(os.open(self.snapshot, os.O_RDONLY | os.O_CLOEXEC))
             argv += ["-incoming", f"fd:{fds[0]}"]
+        self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX)
+        self._vmm_log = CappedLog(self.layout.vmm_log, VMM_LOG_MAX)
         try:
-            with self.layout.vmm_log.open("ab") as log:
-                self._proc = proc.spawn(argv, stdout=log, stderr=log, cwd=self.spec.run_dir, pass_fds=fds)
+            self._proc = proc.spawn(argv, stdout=self._console.write_fd, stderr=self._vmm_log.write_fd,
+                                    cwd=self.spec.run_dir, pass_fds=fds)
         finally:
+            close_all(self._console, self._vmm_log)
             for fd in fds:
                 os.close(fd)
         if self.snapshot is not None:
@@ -151,7 +169,7 @@ class QemuVmm:
         """Wait for QEMU to load the snapshot, then let the (saved while paused) guest run."""
         child = self.process
         qmp = wait_until(self._try_qmp, proc=child, timeout=30, what="QEMU's control socket",
-                         logs=(self.layout.vmm_log,))
+                         logs=self.logs(console=False))
         try:
             def loaded() -> str | None:
                 reply = qmp.execute("query-status")
@@ -161,7 +179,7 @@ class QemuVmm:
                 return None if status == "inmigrate" else status
 
             status = wait_until(loaded, proc=child, timeout=60, what="QEMU to load the snapshot",
-                                logs=(self.layout.vmm_log,))
+                                logs=self.logs(console=False))
             if status != "paused":
                 raise BootError(f"QEMU restored the snapshot into state {status!r}")
             qmp.execute("cont")
@@ -193,7 +211,7 @@ class QemuVmm:
 
         try:
             conn = wait_until(accept, proc=child, timeout=timeout, what="QEMU to open the agent channel",
-                              logs=(self.layout.vmm_log, self.spec.console_log))
+                              logs=self.logs())
         finally:
             listener.close()
             self._listener = None
@@ -229,7 +247,7 @@ class QemuVmm:
     def check_alive(self) -> None:
         child, _ = self._running()
         if child.poll() is not None:
-            raise died_error("QEMU", child, self.layout.vmm_log, self.spec.console_log)
+            raise died_error("QEMU", child, *self.logs())
 
     def _qmp(self, command: str) -> None:
         client = QmpClient(self.sockets.address(QMP_SOCK))

@@ -175,7 +175,7 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
                 return status if status in ("completed", "failed", "cancelled") else None
 
             status = wait_until(finished, proc=vmm.process, timeout=SAVE_TIMEOUT, what="the snapshot to be saved",
-                                logs=(vmm.layout.vmm_log,))
+                                logs=vmm.logs(console=False))
             if status != "completed":
                 raise VmmError(f"saving the snapshot failed ({status})")
             qmp.execute("quit")

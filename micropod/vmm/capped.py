@@ -1,0 +1,78 @@
+"""A VMM's console and its own output, through a pipe, into a log that cannot grow without bound.
+
+The serial console is the guest's to write, and so, through device warnings, is much of what the VMM prints:
+a file the VMM appends to itself would let a guest fill the host's disk. So the VMM writes into a pipe, and a
+thread of ours copies the bytes into ``path``, renaming it to ``path.1`` (one backup) whenever the next write
+would pass ``max_bytes``. If we fall behind, the pipe fills and the guest's console stalls: never a buffer of
+ours that grows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+from micropod.fsutil import private_file
+
+CONSOLE_LOG_MAX = 4 << 20
+VMM_LOG_MAX = 1 << 20
+_READ = 1 << 16
+
+
+def backup(path: Path) -> Path:
+    return path.with_name(path.name + ".1")
+
+
+class CappedLog:
+    """``write_fd`` goes to the child (then ``child_started``); the thread ends at the pipe's EOF."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self._read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        self._out = private_file(path)
+        self._size = os.fstat(self._out).st_size
+        self._thread = threading.Thread(target=self._copy, name=f"log {path.name}", daemon=True)
+        self._thread.start()
+
+    def child_started(self) -> None:
+        """Close our copy of the write end, so that the child's exit is the pipe's EOF."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def settle(self, timeout: float = 2.0) -> None:
+        """Wait (bounded) until what the child wrote is in the file: before reading its tail after the exit."""
+        self._thread.join(timeout)
+
+    def _copy(self) -> None:
+        try:
+            while data := os.read(self._read_fd, _READ):
+                self._append(data)
+        except OSError:
+            pass  # a full disk or a vanished directory: stop copying, and the child then blocks on a full pipe
+        finally:
+            os.close(self._read_fd)
+            os.close(self._out)
+
+    def _append(self, data: bytes) -> None:
+        if self._size and self._size + len(data) > self.max_bytes:
+            os.replace(self.path, backup(self.path))
+            os.close(self._out)
+            self._out = private_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_TRUNC)
+            self._size = 0
+        view = memoryview(data)[: self.max_bytes]  # one read is 64 KiB; a cap below that still holds
+        while view:
+            written = os.write(self._out, view)
+            self._size += written
+            view = view[written:]
+
+
+def close_all(*logs: CappedLog | None) -> None:
+    """For a child that was never started: close the write ends so that the threads end."""
+    for log in logs:
+        if log is not None:
+            with contextlib.suppress(OSError):
+                log.child_started()
