@@ -223,7 +223,8 @@ class Monitor:
         try:
             frames = link.channel.pump()
         except AgentError as exc:
-            guestmsg.refuse(f"the agent channel broke: {exc}")  # a bad frame header: the channel is closed
+            # A bad frame header closes the channel: once per boot, so never rate-limited like refusals.
+            log.warning("the agent channel broke: %s", printable(str(exc)))
             frames = []
         for frame in frames:
             self._on_frame(frame)

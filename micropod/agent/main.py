@@ -10,7 +10,8 @@ Settings come from the environment, which the kernel fills from unknown ``KEY=va
 command line: MICROPOD_AGENT_CHANNEL (auto | serial | vsock | unix:PATH, the last being test mode),
 MICROPOD_AGENT_REBOOT (restart | poweroff | halt), MICROPOD_AGENT_GRACE (seconds to wait for
 ``shutdown`` after the last main process exits), MICROPOD_AGENT_MOUNT_BASE (where the first
-container's disks are mounted; the guest image provides /mnt/lower, /mnt/upper and /mnt/root).
+container's disks are mounted; the guest image provides /mnt/lower, /mnt/upper and /mnt/root), and, for
+tests only, MICROPOD_AGENT_HANDOVER=1 (the container's program replaces the agent: see handover.py).
 
 Standard library only, and few imports: this runs as ``python3.11 -I -S`` on every VM boot.
 """
@@ -23,7 +24,7 @@ import sys
 import time
 
 from micropod import syscalls
-from micropod.agent import boot, mounts, process, protocol, signals, stats
+from micropod.agent import boot, handover, mounts, process, protocol, signals, stats
 from micropod.agent import channel as channels
 from micropod.agent.console import console
 from micropod.agent.containers import Container, exec_spec, mount_container, valid_id
@@ -81,6 +82,7 @@ class Agent:
         self.copies = FileCopy(self)
         self.shutdown_at: float | None = None
         self.running = True
+        self.handover = handover.enabled(dict(os.environ))
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "create": self.on_create,
             "start": self.on_start,
@@ -235,6 +237,8 @@ class Agent:
             raise RequestError(f"container {container.cid} has already been started")
         sid = int(message.get("sid", container.spec.get("sid", 1)))
         self.check_sid_free(sid)
+        if self.handover:
+            handover.hand_over(self.link, container, message, sid)
         child = process.spawn(process.Launch(container.root, container.spec, is_exec=False))
         container.main = self.track(container, sid, child, is_main=True)
         return {"pid": child.pid}

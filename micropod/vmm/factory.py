@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +22,11 @@ BASE_CMDLINE = (
 )
 # Firecracker ends the VM on the i8042 reset; QEMU with -no-reboot on a triple fault.
 REBOOT_METHOD = {"qemu": "reboot=t", "firecracker": "reboot=k pci=off"}
+
+# Tests only: the container's program replaces the agent as PID 1 (micropod/agent/handover.py), so that a test
+# can run a guest that speaks the host protocol itself. Set by the host, on the command line it controls anyway.
+HOSTILE_GUEST_ENV = "MICROPOD_TEST_HOSTILE_GUEST"
+HANDOVER_WORD = "MICROPOD_AGENT_HANDOVER=1"
 
 SYSTEM_DRIVE, ROOTFS_DRIVE, UPPER_DRIVE = "system", "rootfs", "upper"
 
@@ -55,6 +61,13 @@ def check_available(backend: str) -> None:
             raise VmmUnavailableError(f"firecracker needs KVM: {verdict.reason}", hint="see 'micropod doctor'")
 
 
+def kernel_cmdline(backend: str) -> str:
+    words = [BASE_CMDLINE, REBOOT_METHOD[backend]]
+    if os.environ.get(HOSTILE_GUEST_ENV) == "1":
+        words.append(HANDOVER_WORD)
+    return " ".join(words)
+
+
 def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSpec:
     drives = (
         Drive(SYSTEM_DRIVE, Path(cfg.system), read_only=True, is_root=True),
@@ -64,7 +77,7 @@ def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSp
     return VmSpec(
         vm_id=cfg.vm_id,
         kernel=Path(cfg.kernel),
-        cmdline=f"{BASE_CMDLINE} {REBOOT_METHOD[cfg.backend]}",
+        cmdline=kernel_cmdline(cfg.backend),
         vcpus=cfg.vcpus,
         memory_mib=cfg.memory_mib,
         drives=drives,
