@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from micropod.fsutil import private_dir, private_file
-from micropod.paths import StateRoot
+from micropod.paths import CacheRoot, StateRoot
 from micropod.rootfs.upper import create_upper
 from micropod.state import StateStore
+from micropod.vmm.snapshot import snapshot_dir
 from tests.conftest import Cli
 
 
@@ -77,5 +78,8 @@ def test_a_running_containers_files_and_sockets_are_private_under_umask_000(cli:
         names = {p.name for p in vm_dir.iterdir()}
         assert {"config.json", "monitor.log", "monitor.sock"} <= names, names
         assert open_to_others(cli.root) == []
+        snapshots = snapshot_dir(CacheRoot.from_env())
+        if snapshots.exists():  # absent with MICROPOD_SNAPSHOTS=0
+            assert open_to_others(snapshots) == []
     finally:
         cli("rm", "-f", "secret", timeout=120)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from micropod import syscalls
 from micropod.agent import protocol
 from micropod.errors import BootError, MicropodError, VmmError
-from micropod.fsutil import flock
+from micropod.fsutil import flock, private_dir
 from micropod.liveness import start_time
 from micropod.paths import CacheRoot
 from micropod.unixsock import SocketDir
@@ -134,8 +134,7 @@ def template_spec(spec: VmSpec, workdir: Path, taps: list[str] | None = None) ->
 
 def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
     """Boot the template, wait for the agent's hello, pause, and save the migration stream."""
-    workdir = target.parent / f".template-{os.getpid()}"
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = private_dir(target.parent / f".template-{os.getpid()}")
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     taps = template_taps(spec)
     _delete_taps(stale_template_taps())
@@ -163,7 +162,7 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
             # QEMU writes the stream straight into our file. With `exec:cat > file`, QEMU ends the cat
             # when it closes the channel at completion (SIGTERM after a short wait), which can cut a
             # cat still writing short: a truncated snapshot that the next restore rejects.
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 qmp.execute("getfd", pass_fd=out, fdname="snapshot")
             finally:
@@ -205,9 +204,11 @@ def ensure_snapshot(vmm_factory: QemuFactory, spec: VmSpec, key: str, cache: Cac
     """The snapshot for this machine shape, building it under a lock if missing; None if that fails."""
     cache = cache or CacheRoot.from_env()
     path = snapshot_path(cache, key)
+    # Private, and closed if an older version left it open: a snapshot holds its clones' KASLR offsets and
+    # canaries (README, Security model).
+    private_dir(path.parent)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
         with flock(path.with_name(f".{path.name}.lock")):
