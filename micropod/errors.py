@@ -129,3 +129,38 @@ class RegistryError(MicropodError):
 
 class AuthError(RegistryError):
     """A registry refused the credentials (401) or the access (403)."""
+
+
+class OciRuntimeError(MicropodError):
+    """micropod-runtime's errors: runc reports every failure with exit status 1 and one line."""
+
+    exit_code = 1
+    launch_code = 125  # what docker's `run` exits with when this stops the container from starting
+
+
+class ProgramError(OciRuntimeError):
+    """The container's program cannot be run: docker's 127 (not found) or 126 (not executable, bad cwd)."""
+
+    def __init__(self, message: str, launch_code: int) -> None:
+        super().__init__(message)
+        self.launch_code = launch_code
+
+
+class SpecError(OciRuntimeError):
+    """A bad config.json: the message starts with the field's path, e.g. ``process.args: must not be empty``."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.field = field
+
+
+class ContainerStateError(OciRuntimeError):
+    """An unknown or duplicate id, or an operation the container's status does not allow."""
+
+
+class CgroupError(OciRuntimeError):
+    pass
+
+
+class SeccompError(OciRuntimeError):
+    pass

@@ -36,9 +36,20 @@ LINUX_REBOOT_CMD_HALT = 0xCDEF0123
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWTIME = 0x00000080
+MS_UNBINDABLE = 0x20000
+MS_SHARED = 0x100000
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
+SYS_PIVOT_ROOT = 155  # x86_64; glibc has no wrapper
 
 # asm-generic/ioctls.h, the same on x86_64 and arm64.
 TIOCSCTTY = 0x540E
@@ -100,9 +111,104 @@ def unshare(flags: int) -> None:
     _check(_unshare(flags), f"unshare {flags:#x}")
 
 
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.setns(fd, nstype), f"setns {nstype:#x}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    _check(_libc.syscall(SYS_PIVOT_ROOT, _bytes(new_root), _bytes(put_old)), f"pivot_root {new_root}")
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.sethostname(raw, len(raw)), "sethostname")
+
+
+def setdomainname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.setdomainname(raw, len(raw)), "setdomainname")
+
+
+def set_dumpable(dumpable: bool) -> None:
+    """Not dumpable: other processes (a container's, once we join its pid namespace) cannot open our
+    /proc/PID/exe, fds or memory; execve resets it for the program that follows."""
+    _check(_prctl(PR_SET_DUMPABLE, int(dumpable), 0, 0, 0), "prctl PR_SET_DUMPABLE")
+
+
+def set_no_new_privs() -> None:
+    _check(_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl PR_SET_NO_NEW_PRIVS")
+
+
 def set_child_subreaper() -> None:
     """Make orphaned descendants reparent to us, as they would to PID 1."""
     _check(_prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl PR_SET_CHILD_SUBREAPER")
+
+
+# Capabilities: <linux/prctl.h> and <linux/capability.h>. Sets are 64-bit masks, bit N = capability N.
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_CapDataV3 = _CapData * 2  # version 3 splits each 64-bit set into two 32-bit words, low word first
+
+_libc.capget.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+_libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+
+
+def capget(pid: int = 0) -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) of ``pid`` (0: the calling thread)."""
+    header, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, pid), _CapDataV3()
+    _check(_libc.capget(ctypes.byref(header), data), f"capget {pid}")
+    low, high = data[0], data[1]
+    return (low.effective | high.effective << 32, low.permitted | high.permitted << 32,
+            low.inheritable | high.inheritable << 32)
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    data = _CapDataV3()
+    for word in (0, 1):
+        shift = 32 * word
+        data[word].effective = effective >> shift & 0xFFFFFFFF
+        data[word].permitted = permitted >> shift & 0xFFFFFFFF
+        data[word].inheritable = inheritable >> shift & 0xFFFFFFFF
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    _check(_libc.capset(ctypes.byref(header), data),
+           f"capset effective={effective:#x} permitted={permitted:#x} inheritable={inheritable:#x}")
+
+
+def capbset_read(cap: int) -> bool:
+    result: int = _prctl(PR_CAPBSET_READ, cap, 0, 0, 0)
+    _check(result, f"prctl PR_CAPBSET_READ {cap}")
+    return result == 1
+
+
+def capbset_drop(cap: int) -> None:
+    _check(_prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl PR_CAPBSET_DROP {cap}")
+
+
+def set_keepcaps(keep: bool) -> None:
+    _check(_prctl(PR_SET_KEEPCAPS, int(keep), 0, 0, 0), "prctl PR_SET_KEEPCAPS")
+
+
+def ambient_raise(cap: int) -> None:
+    _check(_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), f"prctl PR_CAP_AMBIENT_RAISE {cap}")
+
+
+def ambient_clear_all() -> None:
+    _check(_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl PR_CAP_AMBIENT_CLEAR_ALL")
 
 
 def open_pty(ptmx: str) -> tuple[int, int]:
@@ -177,3 +283,69 @@ def create_persistent_tap(name: str) -> None:
         raise OSError(exc.errno, f"ioctl(TUNSETIFF) for {name}: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+# cgroups: statfs(2) tells a cgroup2 mount from a v1 one; bpf(2) loads cgroup v2 device filters.
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, -1)
+BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_GET_FD_BY_ID, BPF_PROG_QUERY = 5, 8, 9, 13, 16
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6  # the attach type
+BPF_F_ALLOW_MULTI = 2
+
+
+def filesystem_magic(path: str) -> int:
+    """statfs(2)'s f_type for ``path``: e.g. 0x63677270 on a cgroup2 mount."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit, f_type first
+    _check(_libc.statfs(os.fsencode(path), buf), f"statfs {path}")
+    return int(struct.unpack_from("l", buf)[0])
+
+
+def _bpf(cmd: int, attr: bytes, call: str) -> tuple[int, bytes]:
+    """bpf(2) with ``attr`` (zero-padded to 128 bytes); returns the result and the attr as the kernel left it."""
+    if _SYS_BPF < 0:
+        raise OSError(38, f"{call}: bpf(2) is not known on {os.uname().machine}")
+    buf = ctypes.create_string_buffer(attr.ljust(128, b"\0"), 128)
+    result = _libc.syscall(_SYS_BPF, cmd, buf, 128)
+    _check(result, call)
+    return result, buf.raw
+
+
+def bpf_load_device_filter(insns: bytes, license: str = "Apache") -> int:
+    """Load a BPF_PROG_TYPE_CGROUP_DEVICE program; returns its fd (close-on-exec)."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(0)
+    for level in (0, 1):  # on failure, load again with the verifier's log to say why
+        attr = struct.pack("=IIQQIIQII16sII", BPF_PROG_TYPE_CGROUP_DEVICE, len(insns) // 8, ctypes.addressof(code),
+                           ctypes.addressof(lic), level, len(log), ctypes.addressof(log), 0, 0, b"micropod_dev", 0,
+                           BPF_CGROUP_DEVICE)
+        try:
+            return _bpf(BPF_PROG_LOAD, attr, "bpf(BPF_PROG_LOAD, cgroup device filter)")[0]
+        except OSError as exc:
+            if level:
+                raise OSError(exc.errno, f"{exc.strerror}: {log.value.decode(errors='replace').strip()}") from None
+            log = ctypes.create_string_buffer(65536)
+    raise AssertionError("unreachable")
+
+
+def bpf_attach_device_filter(cgroup_fd: int, prog_fd: int) -> None:
+    attr = struct.pack("=IIII", cgroup_fd, prog_fd, BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI)
+    _bpf(BPF_PROG_ATTACH, attr, "bpf(BPF_PROG_ATTACH, BPF_CGROUP_DEVICE)")
+
+
+def bpf_detach_device_filter(cgroup_fd: int, prog_fd: int) -> None:
+    _bpf(BPF_PROG_DETACH, struct.pack("=III", cgroup_fd, prog_fd, BPF_CGROUP_DEVICE),
+         "bpf(BPF_PROG_DETACH, BPF_CGROUP_DEVICE)")
+
+
+def bpf_device_filter_ids(cgroup_fd: int) -> list[int]:
+    """The ids of the device filters attached to a cgroup (at most 64, the kernel's limit)."""
+    ids = ctypes.create_string_buffer(64 * 4)
+    attr = struct.pack("=IIIIQI", cgroup_fd, BPF_CGROUP_DEVICE, 0, 0, ctypes.addressof(ids), 64)
+    _, out = _bpf(BPF_PROG_QUERY, attr, "bpf(BPF_PROG_QUERY, BPF_CGROUP_DEVICE)")
+    count = struct.unpack_from("=I", out, 24)[0]
+    return list(struct.unpack_from(f"={count}I", ids.raw))
+
+
+def bpf_program_fd(prog_id: int) -> int:
+    return _bpf(BPF_PROG_GET_FD_BY_ID, struct.pack("=I", prog_id), f"bpf(BPF_PROG_GET_FD_BY_ID, {prog_id})")[0]

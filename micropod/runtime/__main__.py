@@ -1,0 +1,5 @@
+import sys
+
+from micropod.runtime.cli import main
+
+sys.exit(main())

@@ -1,0 +1,258 @@
+"""create, start, run, kill and delete: the runtime's side of a container's life."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from micropod import syscalls as sc
+from micropod.errors import ContainerStateError, OciRuntimeError
+from micropod.runtime import caps, cgroups, hooks, namespaces, seccomp
+from micropod.runtime.init import InitPlan, stage_one
+from micropod.runtime.namespaces import NamespacePlan
+from micropod.runtime.spec import Bundle, load_bundle
+from micropod.runtime.state import EXEC_FIFO, Container, StateDir, spec_state, start_time, status
+from micropod.runtime.sync import SyncSocket, raise_reported
+
+START_POLL = 0.1
+
+
+@dataclass
+class CreateOptions:
+    bundle: Path
+    pid_file: Path | None = None
+    console_socket: Path | None = None
+    no_pivot: bool = False
+    preserve_fds: int = 0
+    subreaper: bool = False  # `run` waits for the init, so it must become its parent
+    stdio: tuple[int, int, int] | None = None  # the container's stdio (the agent's pipes); else ours
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_signal(text: str) -> int:
+    name = text.upper()
+    if name.isdigit():
+        number = int(name)
+        if not 0 < number < 65:
+            raise OciRuntimeError(f"invalid signal: {text}")
+        return number
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise OciRuntimeError(f"invalid signal: {text}") from None
+
+
+def _console(path: Path | None) -> socket.socket | None:
+    if path is None:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise OciRuntimeError(f"--console-socket {path}: {exc.strerror}") from None
+    return sock
+
+
+def _write_pid_file(path: Path | None, pid: int) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(str(pid))
+    os.replace(tmp, path)
+
+
+def checked_config(bundle: Bundle) -> dict[str, Any]:
+    """config.json with what the other modules check checked too, and bind sources made absolute."""
+    config = dict(bundle.config)
+    process = config.get("process") or {}
+    caps.validate(process.get("capabilities"))
+    seccomp.validate((config.get("linux") or {}).get("seccomp"))
+    config["mounts"] = [{"destination": m.destination, "type": m.type, "source": m.source,
+                         "options": list(m.options)} for m in bundle.mounts]
+    return config
+
+
+class Lifecycle:
+    def __init__(self, state_dir: StateDir) -> None:
+        self.states = state_dir
+
+    def create(self, cid: str, options: CreateOptions) -> Container:
+        bundle = load_bundle(options.bundle)
+        config = checked_config(bundle)
+        linux = config.get("linux") or {}
+        directory = self.states.reserve(cid)
+        group: cgroups.Cgroup | None = None
+        init_pid = 0
+        try:
+            fifo = directory / EXEC_FIFO
+            os.mkfifo(fifo, 0o622)
+            plan = NamespacePlan.from_config(linux.get("namespaces") or [])
+            if not plan.has("mount"):
+                raise OciRuntimeError("linux.namespaces: a mount namespace is required")
+            group = cgroups.open_cgroup(linux.get("cgroupsPath"), cid)
+            group.validate(linux.get("resources") or {})
+            group.create()
+            group.apply(linux.get("resources") or {})
+            init = InitPlan(cid=cid, bundle=bundle.path, config=config, rootfs=bundle.rootfs, plan=plan,
+                            fifo=fifo, cgroup_paths=group.paths(), no_pivot=options.no_pivot,
+                            console=_console(options.console_socket), preserve_fds=options.preserve_fds,
+                            stdio=options.stdio)
+            if options.subreaper:
+                sc.set_child_subreaper()
+            parent, child = SyncSocket.pair()
+            stage = os.fork()
+            if stage == 0:
+                parent.close()
+                stage_one(child, init)
+            child.close()
+            if init.console is not None:
+                init.console.close()
+            try:
+                init_pid = self._drive(parent, stage, group, init)
+            finally:
+                parent.close()
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(stage, 0)
+            pid_start = start_time(init_pid)
+            if pid_start is None:
+                raise OciRuntimeError("the container's init exited during create")
+            container = Container(id=cid, bundle=str(bundle.path), pid=init_pid, pid_start=pid_start,
+                                  created=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                                  annotations=dict(config.get("annotations") or {}),
+                                  cgroup_paths=group.paths(), rootfs=str(bundle.rootfs),
+                                  namespaces={k: "" for k in plan.create} | dict(plan.join))
+            self.states.save(container)
+            _write_pid_file(options.pid_file, init_pid)
+            return container
+        except BaseException:
+            if init_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(init_pid, signal.SIGKILL)
+            if group is not None:
+                group.kill_all(signal.SIGKILL)
+                group.destroy()
+            self.states.remove(cid)
+            raise
+
+    def _drive(self, sync: SyncSocket, stage: int, group: cgroups.Cgroup, init: InitPlan) -> int:
+        """Answer stage one and init until init is ready; returns init's pid."""
+        group.add(stage)
+        sync.send(go=True)
+        init_pid = 0
+        while True:
+            message = sync.recv()
+            if message is None:
+                raise OciRuntimeError("the container's init exited during create")
+            if "error" in message:
+                raise_reported(message)
+            if "userns" in message:
+                namespaces.write_id_maps(int(message["userns"]), init.linux)
+                sync.send(ok=True)
+            elif "init" in message:
+                init_pid = int(message["init"])
+            elif message.get("hooks") == "createRuntime":
+                state = {"ociVersion": init.config.get("ociVersion", ""), "id": init.cid, "status": "creating",
+                         "pid": init_pid, "bundle": str(init.bundle),
+                         "annotations": init.config.get("annotations") or {}}
+                for kind in ("prestart", "createRuntime"):
+                    hooks.run_hooks(kind, init.config.get("hooks"), state)
+                sync.send(ok=True)
+            elif message.get("ready"):
+                return init_pid
+
+    def current(self, cid: str) -> tuple[Container, str]:
+        container = self.states.load(cid)
+        frozen = False
+        if container.init_alive():
+            with contextlib.suppress(OciRuntimeError):
+                frozen = cgroups.cgroup_from_paths(container.cgroup_paths).state() == "frozen"
+        return container, status(self.states, container, frozen)
+
+    def state(self, cid: str) -> dict[str, Any]:
+        container, current = self.current(cid)
+        return spec_state(container, current)
+
+    def start(self, cid: str) -> Container:
+        with self.states.locked(cid):
+            container, current = self.current(cid)
+            if current == "stopped":
+                raise ContainerStateError("cannot start a container that has stopped")
+            if current != "created":
+                raise ContainerStateError("cannot start an already running container")
+            self._release(container)
+        config = load_bundle(Path(container.bundle)).config
+        try:
+            hooks.run_hooks("poststart", config.get("hooks"), spec_state(container, "running"))
+        except OciRuntimeError:
+            self.kill(cid, signal.SIGKILL, all_processes=True)
+            raise
+        return container
+
+    def _release(self, container: Container) -> None:
+        """Open the exec fifo for reading, which lets init's open for writing return; wait for its byte."""
+        fifo = self.states.path(container.id) / EXEC_FIFO
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            while True:
+                ready, _, _ = select.select([fd], [], [], START_POLL)
+                if ready and os.read(fd, 1):
+                    break
+                if not container.init_alive():
+                    raise ContainerStateError("cannot start a container that has stopped")
+        finally:
+            os.close(fd)
+            fifo.unlink(missing_ok=True)
+
+    def wait(self, container: Container) -> int:
+        """For `run`: the init's exit status, as a shell reports it (128+N for signal N)."""
+        while True:
+            try:
+                pid, code = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return 255
+            if pid == container.pid:
+                return os.waitstatus_to_exitcode(code) if os.WIFEXITED(code) else 128 + os.WTERMSIG(code)
+
+    def kill(self, cid: str, signum: int, all_processes: bool = False) -> None:
+        container, current = self.current(cid)
+        if current == "stopped":
+            raise ContainerStateError("container not running")
+        if all_processes:
+            cgroups.cgroup_from_paths(container.cgroup_paths).kill_all(signum)
+            return
+        try:
+            os.kill(container.pid, signum)
+        except ProcessLookupError:
+            raise ContainerStateError("container not running") from None
+
+    def delete(self, cid: str, force: bool = False) -> None:
+        with self.states.locked(cid):
+            container, current = self.current(cid)
+            if current in ("running", "paused") and not force:
+                raise ContainerStateError(f"cannot delete container {cid} that is not stopped: {current}")
+            group = cgroups.cgroup_from_paths(container.cgroup_paths)
+            if current != "stopped":
+                if current == "paused":
+                    group.thaw()
+                group.kill_all(signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(container.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while container.init_alive() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            group.destroy()
+            config: dict[str, Any] = {}
+            with contextlib.suppress(OciRuntimeError, OSError):
+                config = load_bundle(Path(container.bundle)).config
+            hooks.run_hooks("poststop", config.get("hooks"), spec_state(container, "stopped"))
+            self.states.remove(cid)

@@ -1,0 +1,255 @@
+"""The container's filesystem, set up by its init in the new mount namespace, as runc's rootfs_linux.go does.
+
+The rootfs belongs to the image, so it is hostile: every destination is resolved beneath the rootfs with its
+symlinks read as if the rootfs were ``/`` (``beneath``), never followed out of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from micropod import syscalls as sc
+from micropod.errors import OciRuntimeError
+
+# Mount options: name -> (flag, clears). Propagation options are applied in their own mount(2) call.
+FLAGS: dict[str, tuple[int, bool]] = {
+    "ro": (sc.MS_RDONLY, False), "rw": (sc.MS_RDONLY, True),
+    "nosuid": (sc.MS_NOSUID, False), "suid": (sc.MS_NOSUID, True),
+    "nodev": (sc.MS_NODEV, False), "dev": (sc.MS_NODEV, True),
+    "noexec": (sc.MS_NOEXEC, False), "exec": (sc.MS_NOEXEC, True),
+    "sync": (0x10, False), "async": (0x10, True), "dirsync": (0x80, False),
+    "remount": (sc.MS_REMOUNT, False), "mand": (0x40, False), "nomand": (0x40, True),
+    "atime": (sc.MS_NOATIME, True), "noatime": (sc.MS_NOATIME, False),
+    "diratime": (0x800, True), "nodiratime": (0x800, False),
+    "relatime": (0x200000, False), "norelatime": (0x200000, True),
+    "strictatime": (sc.MS_STRICTATIME, False), "nostrictatime": (sc.MS_STRICTATIME, True),
+    "bind": (sc.MS_BIND, False), "rbind": (sc.MS_BIND | sc.MS_REC, False),
+}
+PROPAGATION: dict[str, int] = {
+    "private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE | sc.MS_REC,
+    "shared": sc.MS_SHARED, "rshared": sc.MS_SHARED | sc.MS_REC,
+    "slave": sc.MS_SLAVE, "rslave": sc.MS_SLAVE | sc.MS_REC,
+    "unbindable": sc.MS_UNBINDABLE, "runbindable": sc.MS_UNBINDABLE | sc.MS_REC,
+}
+MAX_LINKS = 255
+
+# runc's default devices, created in a /dev that is not the host's own.
+DEFAULT_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("tty", 5, 0), ("random", 1, 8),
+                   ("urandom", 1, 9))
+DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+             ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    flags: int
+    propagation: tuple[int, ...]
+    data: str
+
+
+def parse_options(options: Sequence[str]) -> MountOptions:
+    flags, propagation, data = 0, [], []
+    for option in options:
+        if option in FLAGS:
+            flag, clears = FLAGS[option]
+            flags = flags & ~flag if clears else flags | flag
+        elif option in PROPAGATION:
+            propagation.append(PROPAGATION[option])
+        elif option in ("rro", "idmap", "ridmap") or option.startswith("rr"):
+            raise OciRuntimeError(f"mount option {option!r} is not supported")
+        else:
+            data.append(option)  # filesystem-specific, passed on as runc does
+    return MountOptions(flags, tuple(propagation), ",".join(data))
+
+
+def beneath(root: Path, path: str) -> Path:
+    """``path`` inside ``root`` with every symlink resolved as if ``root`` were ``/`` (securejoin's rule)."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root.joinpath(*resolved, part)
+        try:
+            st = candidate.lstat()
+        except FileNotFoundError:
+            resolved.append(part)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_LINKS:
+                raise OciRuntimeError(f"too many symlinks resolving {path} in the rootfs")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        resolved.append(part)
+    return root.joinpath(*resolved)
+
+
+def _make_target(dest: Path, is_dir: bool) -> None:
+    if is_dir:
+        dest.mkdir(parents=True, exist_ok=True)
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o755))
+
+
+def _propagate(dest: str, opts: MountOptions) -> None:
+    for flag in opts.propagation:
+        sc.mount(None, dest, None, flag)
+
+
+@dataclass
+class RootfsSetup:
+    rootfs: Path
+    config: Mapping[str, Any]
+    new_netns: bool
+    in_userns: bool
+    cgroup_paths: Mapping[str, str]  # Cgroup.paths(): v1 controller -> the container's directory, or {"": dir}
+
+    def prepare(self) -> None:
+        """Private (or as asked) propagation, the rootfs a mount point of its own, then each mount."""
+        linux = self.config.get("linux") or {}
+        propagation = PROPAGATION.get(str(linux.get("rootfsPropagation") or ""), sc.MS_SLAVE | sc.MS_REC)
+        sc.mount(None, "/", None, propagation)
+        sc.mount(str(self.rootfs), str(self.rootfs), None, sc.MS_BIND | sc.MS_REC)
+        dev_bound = False
+        for index, mount in enumerate(self.config.get("mounts") or []):
+            dest = str(mount.get("destination", ""))
+            if dest.rstrip("/") == "/dev" and "bind" in "".join(mount.get("options") or []):
+                dev_bound = True
+            try:
+                self.mount_one(mount)
+            except OSError as exc:
+                raise OciRuntimeError(f"mounts[{index}] ({dest}): {exc.strerror or exc}") from None
+        if not dev_bound:
+            self.make_devices(linux.get("devices") or [])
+
+    def mount_one(self, mount: Mapping[str, Any]) -> None:
+        kind = str(mount.get("type") or "")
+        source = str(mount.get("source") or kind or "none")
+        opts = parse_options([str(o) for o in mount.get("options") or []])
+        dest = beneath(self.rootfs, str(mount["destination"]))
+        if opts.flags & sc.MS_BIND:
+            self._bind(source, dest, opts)
+        elif kind == "cgroup" or kind == "cgroup2":
+            self._cgroup(dest, opts)
+        else:
+            _make_target(dest, True)
+            if kind == "sysfs" and not self.new_netns:
+                self._bind("/sys", dest, MountOptions(opts.flags | sc.MS_BIND | sc.MS_REC, opts.propagation, ""))
+                return
+            sc.mount(source, str(dest), kind, opts.flags, opts.data or None)
+        _propagate(str(dest), opts)
+
+    def _bind(self, source: str, dest: Path, opts: MountOptions) -> None:
+        _make_target(dest, os.path.isdir(source))
+        flags = opts.flags & (sc.MS_BIND | sc.MS_REC)
+        sc.mount(source, str(dest), None, flags)
+        extra = opts.flags & ~(sc.MS_BIND | sc.MS_REC | sc.MS_REMOUNT)
+        if extra:
+            sc.mount(source, str(dest), None, flags | sc.MS_REMOUNT | extra)
+
+    def _cgroup(self, dest: Path, opts: MountOptions) -> None:
+        _make_target(dest, True)
+        flags = opts.flags & ~sc.MS_BIND
+        if "" in self.cgroup_paths:  # v2: the namespace's own view, or a bind of the container's cgroup
+            try:
+                sc.mount("cgroup2", str(dest), "cgroup2", flags)
+            except OSError:
+                self._bind(self.cgroup_paths[""], dest, MountOptions(flags | sc.MS_BIND, (), ""))
+            return
+        # v1: a tmpfs holding each hierarchy's container cgroup, bound read-only unless asked otherwise.
+        sc.mount("tmpfs", str(dest), "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "mode=755")
+        for controller, host in self.cgroup_paths.items():
+            sub = dest / controller
+            sub.mkdir(exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                sc.mount(host, str(sub), None, sc.MS_BIND | sc.MS_REC)
+                sc.mount(host, str(sub), None, sc.MS_BIND | sc.MS_REMOUNT | flags)
+        if flags & sc.MS_RDONLY:
+            sc.mount("tmpfs", str(dest), None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
+                     | sc.MS_NOEXEC, "mode=755")
+
+    def make_devices(self, devices: Sequence[Mapping[str, Any]]) -> None:
+        dev = beneath(self.rootfs, "/dev")
+        wanted = [{"path": f"/dev/{name}", "type": "c", "major": major, "minor": minor, "fileMode": 0o666}
+                  for name, major, minor in DEFAULT_DEVICES]
+        for device in [*wanted, *devices]:
+            self._device(device)
+        for name, target in DEV_LINKS:
+            with contextlib.suppress(FileExistsError):
+                os.symlink(target, dev / name)
+        if os.path.exists("/proc/kcore"):
+            with contextlib.suppress(FileExistsError):
+                os.symlink("/proc/kcore", dev / "core")
+
+    def _device(self, device: Mapping[str, Any]) -> None:
+        dest = beneath(self.rootfs, str(device["path"]))
+        kind = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}[str(device["type"])]
+        mode = int(device.get("fileMode", 0o666)) & 0o7777
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()
+        number = os.makedev(int(device.get("major", 0)), int(device.get("minor", 0)))
+        if not self.in_userns or kind == stat.S_IFIFO:
+            try:
+                os.mknod(dest, kind | mode, number)
+            except PermissionError:  # a user namespace or a devices cgroup above us: bind the host's, as runc
+                pass
+            else:
+                os.chmod(dest, mode)
+                os.chown(dest, int(device.get("uid", 0)), int(device.get("gid", 0)))
+                return
+        _make_target(dest, False)
+        sc.mount(str(device["path"]), str(dest), None, sc.MS_BIND)
+
+
+def pivot(rootfs: Path, no_pivot: bool) -> None:
+    """Make ``rootfs`` the root; the old root is detached (pivot_root) or left under a chroot (--no-pivot)."""
+    os.chdir(rootfs)
+    if no_pivot:
+        sc.mount(str(rootfs), "/", None, sc.MS_MOVE)
+        os.chroot(".")
+    else:
+        sc.pivot_root(".", ".")  # the old root is stacked on "/", and detached next
+        sc.mount(None, ".", None, sc.MS_SLAVE | sc.MS_REC)
+        sc.umount2(".", sc.MNT_DETACH)
+    os.chdir("/")
+
+
+def mask_and_protect(config: Mapping[str, Any]) -> None:
+    """After the pivot: masked paths hidden (/dev/null or an empty read-only tmpfs), read-only paths remounted."""
+    linux = config.get("linux") or {}
+    for path in linux.get("readonlyPaths") or []:
+        try:
+            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise OciRuntimeError(f"linux.readonlyPaths: {path}: {exc.strerror}") from None
+    for path in linux.get("maskedPaths") or []:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY)
+            else:
+                sc.mount("/dev/null", path, None, sc.MS_BIND)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise OciRuntimeError(f"linux.maskedPaths: {path}: {exc.strerror}") from None
+    if (config.get("root") or {}).get("readonly"):
+        sc.mount(None, "/", None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC)
