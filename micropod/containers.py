@@ -29,6 +29,7 @@ from micropod.runconfig import (
     LogOptions,
     RestartPolicy,
     RunConfig,
+    SecurityOptions,
     merge_command,
     merge_env,
     parse_signal,
@@ -60,6 +61,7 @@ class RunRequest:
     network: str | None = None  # "bridge" or "none"; None: MICROPOD_NETWORK, else bridge
     publish: tuple[str, ...] = ()
     dns: tuple[str, ...] = ()
+    security: SecurityOptions = field(default_factory=SecurityOptions)
 
 
 def create(ctx: Context, req: RunRequest) -> RunConfig:
@@ -103,6 +105,7 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
             tty=req.tty,
             hosts=hosts_file(hostname, network.ip or None),
             resolv_conf=plan.resolv_conf,
+            security=req.security,
         )
         cfg = RunConfig(
             vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,

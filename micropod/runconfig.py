@@ -20,6 +20,18 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)
+class SecurityOptions:
+    """docker's --privileged, --cap-add/--cap-drop and --security-opt, as the agent's bundle applies them;
+    ``seccomp`` is "default", "unconfined" or a profile's JSON."""
+
+    privileged: bool = False
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()
+    seccomp: str = "default"
+    no_new_privileges: bool = False
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """The process the agent starts; field names are the agent protocol's spec keys."""
 
@@ -32,9 +44,11 @@ class ContainerSpec:
     stdin: bool = False
     hosts: str | None = None
     resolv_conf: str | None = None
+    security: SecurityOptions = field(default_factory=SecurityOptions)
 
     def to_agent(self, rootfs: dict[str, str]) -> dict[str, Any]:
         spec = asdict(self)
+        spec.update(spec.pop("security"))  # the agent's spec keys: privileged, cap_add, cap_drop, seccomp...
         spec["args"] = list(self.args)
         spec["env"] = list(self.env)
         spec["rootfs"] = rootfs
@@ -135,7 +149,11 @@ class RunConfig:
         log = LogOptions(**raw.pop("log", {}))
         restart = RestartPolicy(**raw.pop("restart", {}))
         network = NetworkSettings.from_json(raw.pop("network", {}))
-        return cls(container=ContainerSpec(**container), log=log, restart=restart, network=network, **raw)
+        saved: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in (container.pop("security", None) or {}).items()}
+        security = SecurityOptions(**saved)
+        return cls(container=ContainerSpec(security=security, **container), log=log, restart=restart,
+                   network=network, **raw)
 
     @classmethod
     def load_if_readable(cls, path: Path) -> RunConfig | None:

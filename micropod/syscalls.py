@@ -349,3 +349,19 @@ def bpf_device_filter_ids(cgroup_fd: int) -> list[int]:
 
 def bpf_program_fd(prog_id: int) -> int:
     return _bpf(BPF_PROG_GET_FD_BY_ID, struct.pack("=I", prog_id), f"bpf(BPF_PROG_GET_FD_BY_ID, {prog_id})")[0]
+
+
+SYS_SECCOMP = 317  # x86_64
+SECCOMP_SET_MODE_FILTER = 1
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_set_filter(program: bytes, flags: int = 0) -> None:
+    """seccomp(SECCOMP_SET_MODE_FILTER): ``program`` is struct sock_filter[] (8 bytes each), as libseccomp
+    exports it; needs no_new_privs or CAP_SYS_ADMIN."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    _check(_libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog)), "seccomp")

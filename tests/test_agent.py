@@ -319,8 +319,17 @@ def test_container_sees_its_own_dev_and_proc(agent: Session, rootfs: Path) -> No
 def test_signal_reaches_the_main_process(agent: Session, rootfs: Path) -> None:
     agent.create(rootfs, args=["sleep", "600"])
     agent.ok("start", id="main")
+    agent.ok("signal", id="main", signal=9)  # PID 1 of its namespace: TERM without a handler is ignored, as in docker
+    assert agent.events(1)[-1] == ("exit", 137)
+
+
+def test_a_handled_signal_reaches_the_main_process(agent: Session, rootfs: Path) -> None:
+    agent.create(rootfs, args=["sh", "-c", "trap 'exit 42' TERM; echo ready; while :; do sleep 1; done"])
+    agent.ok("start", id="main")
+    while b"ready" not in agent.recv()[2]:  # bounded by recv's timeout; then the trap is set
+        pass
     agent.ok("signal", id="main", signal=15)
-    assert agent.events(1)[-1] == ("exit", 143)
+    assert agent.events(1)[-1] == ("exit", 42)
 
 
 def test_signals_to_the_agent_are_forwarded(agent: Session, rootfs: Path) -> None:
@@ -331,7 +340,29 @@ def test_signals_to_the_agent_are_forwarded(agent: Session, rootfs: Path) -> Non
     assert agent.events(1)[-1] == ("exit", 3)
 
 
-def test_orphans_are_reaped_and_not_reported(agent: Session, rootfs: Path) -> None:
+def test_orphans_are_reaped_and_not_reported(tmp_path: Path, rootfs: Path) -> None:
+    """Without the runtime (a container in its own pid namespace reparents to its own init), orphans of the
+    container come to the agent, which reaps them; the runtime's own children rely on that too."""
+    agent = Session(tmp_path, env={"MICROPOD_AGENT_RUNTIME": "0"})
+    try:
+        _orphans_are_reaped(agent, rootfs)
+    finally:
+        agent.close()
+
+
+def test_a_container_sees_only_its_own_processes(agent: Session, rootfs: Path) -> None:
+    agent.create(rootfs, args=["sleep", "600"])
+    agent.ok("start", id="main")
+    agent.ok("exec", id="main", sid=2, spec={"args": ["sh", "-c", "ls /proc | grep -c '^[0-9]'; echo $$"]})
+    out, _, code = agent.outcome(2)
+    assert code == 0
+    count, pid = out.split()
+    assert int(pid) < 10 and int(count) <= 4, out  # sleep (1), sh, ls, grep: not the agent nor the host
+    agent.ok("signal", id="main", signal="SIGKILL")
+    assert agent.events(1)[-1] == ("exit", 137)
+
+
+def _orphans_are_reaped(agent: Session, rootfs: Path) -> None:
     agent.create(rootfs, args=["sleep", "600"])
     agent.ok("start", id="main")
     agent.ok("exec", id="main", sid=2, spec={"args": ["sh", "-c", "sleep 1 & echo $!"]})
@@ -496,8 +527,10 @@ def test_overlay_from_disks_and_a_clean_upper_after_shutdown(tmp_path: Path, roo
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
 def test_as_pid_one(tmp_path: Path, rootfs: Path) -> None:
-    """In its own PID namespace the agent is init, as in the VM: orphans come to it, kill(-1) is safe."""
-    session = Session(tmp_path, wrapper=("unshare", "--pid", "--fork", "--mount-proc", "--kill-child"))
+    """In its own PID namespace the agent is init, as in the VM: orphans come to it, kill(-1) is safe. (Chroot
+    mode: through the runtime, a container's orphans stay in its own pid namespace.)"""
+    session = Session(tmp_path, env={"MICROPOD_AGENT_RUNTIME": "0"},
+                      wrapper=("unshare", "--pid", "--fork", "--mount-proc", "--kill-child"))
     try:
         session.create(rootfs, args=["sleep", "600"])
         assert session.ok("start", id="main")["pid"] == 2

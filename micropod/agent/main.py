@@ -83,6 +83,13 @@ class Agent:
         self.shutdown_at: float | None = None
         self.running = True
         self.handover = handover.enabled(dict(os.environ))
+        # Containers run through micropod-runtime; MICROPOD_AGENT_RUNTIME=0 (tests of the agent on a host
+        # without root, and the hostile-guest harness) keeps the plain chroot.
+        self.use_runtime = os.environ.get("MICROPOD_AGENT_RUNTIME", "1") != "0"
+        if self.use_runtime:
+            from micropod.agent import runtime
+
+            runtime.warm_up()
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "create": self.on_create,
             "start": self.on_start,
@@ -239,7 +246,8 @@ class Agent:
         self.check_sid_free(sid)
         if self.handover:
             handover.hand_over(self.link, container, message, sid)
-        child = process.spawn(process.Launch(container.root, container.spec, is_exec=False))
+        child = process.spawn(process.Launch(container.root, container.spec, is_exec=False),
+                              (container.cid, container.spec) if self.use_runtime else None)
         container.main = self.track(container, sid, child, is_main=True)
         return {"pid": child.pid}
 
@@ -250,7 +258,8 @@ class Agent:
         sid = int(message["sid"])
         self.check_sid_free(sid)
         spec = exec_spec(container.spec, message.get("spec") or {})
-        child = process.spawn(process.Launch(container.root, spec, is_exec=True))
+        child = process.spawn(process.Launch(container.root, spec, is_exec=True),
+                              (container.cid, container.spec) if self.use_runtime else None)
         self.track(container, sid, child, is_main=False)
         return {"pid": child.pid}
 
@@ -331,6 +340,10 @@ class Agent:
         self.send_control({"op": "exit", "id": container.cid, "sid": proc.sid, "code": code})
         if proc.is_main:
             container.main_done = True
+            if self.use_runtime:
+                from micropod.agent import runtime
+
+                runtime.forget(container.cid)
             # Like the end of a PID namespace: the container's other processes go with its main one.
             for other in self.procs.values():
                 if other.container is container:

@@ -43,11 +43,12 @@ class LaunchError(Exception):
 class Launch:
     """What the container process needs to be: built by the agent from the create/exec spec."""
 
-    __slots__ = ("args", "cwd", "env", "etc_files", "hostname", "make_cwd", "root", "stdin", "tty",
+    __slots__ = ("args", "cwd", "env", "etc_files", "hostname", "is_exec", "make_cwd", "root", "stdin", "tty",
                  "user", "user_error_code", "window")
 
     def __init__(self, root: str, spec: dict[str, Any], *, is_exec: bool) -> None:
         self.root = root
+        self.is_exec = is_exec
         self.args: list[str] = list(spec.get("args") or [])
         self.env: list[str] = list(spec.get("env") or [])
         self.cwd: str = spec.get("cwd") or "/"
@@ -133,8 +134,9 @@ class Child:
         self.master = master
 
 
-def spawn(launch: Launch) -> Child:
-    """Fork and exec the process; raise LaunchError if it could not be exec'd."""
+def spawn(launch: Launch, container: tuple[str, dict[str, Any]] | None = None) -> Child:
+    """Start the process; raise LaunchError if it could not be exec'd. With ``container`` (its id and spec)
+    it goes through micropod-runtime (micropod/agent/runtime.py); without, it is forked and chrooted here."""
     if not launch.args:
         raise LaunchError(125, "no command specified")
     parent_fds: list[int] = []
@@ -161,6 +163,14 @@ def spawn(launch: Launch) -> Child:
             child_fds += [out_w, err_w]
             stdio = (stdin_r if stdin_r is not None else -1, out_w, err_w)
             child_ends = (stdin_w, out_r, err_r)
+        if container is not None:
+            pid = _through_runtime(launch, container, stdio)
+            for fd in child_fds:
+                os.close(fd)
+            for fd in parent_fds:
+                os.set_blocking(fd, False)
+            stdin_end, stdout_end, stderr_end = child_ends
+            return Child(pid, stdin_end, stdout_end, stderr_end, master=stdout_end if launch.tty else None)
         status_r, status_w = os.pipe()
         parent_fds.append(status_r)
         child_fds.append(status_w)
@@ -188,6 +198,21 @@ def spawn(launch: Launch) -> Child:
             os.set_blocking(fd, False)
     stdin_end, stdout_end, stderr_end = child_ends
     return Child(pid, stdin_end, stdout_end, stderr_end, master=stdout_end if launch.tty else None)
+
+
+def _through_runtime(launch: Launch, container: tuple[str, dict[str, Any]], stdio: tuple[int, int, int]) -> int:
+    from micropod.agent import runtime
+
+    if stdio[0] < 0:
+        stdio = (os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), stdio[1], stdio[2])
+    cid, spec = container
+    try:
+        if launch.is_exec:
+            return runtime.start_exec(cid, launch, stdio)
+        return runtime.start_main(cid, launch, spec, stdio)
+    finally:
+        if stdio[0] not in stdio[1:] and not launch.stdin and not launch.tty:
+            os.close(stdio[0])
 
 
 def _read_failure(status_r: int, pid: int) -> LaunchError | None:

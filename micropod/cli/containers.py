@@ -13,9 +13,11 @@ from typing import Any
 import click
 
 from micropod import containers
+from micropod.cli.security import security_options
 from micropod.context import Context
 from micropod.errors import MicropodError, NotFoundError, UsageError
 from micropod.net.lifecycle import reconcile
+from micropod.runconfig import SecurityOptions
 from micropod.state import VmRecord
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -47,8 +49,10 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--boot-timeout", default=60.0, show_default=True, help="Seconds to wait for the guest agent.")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@security_options
 @pass_ctx
-def run(ctx: Context, detach: bool, interactive: bool, tty: bool, auto_remove: bool, name: str | None,
+def run(ctx: Context, security: SecurityOptions, detach: bool, interactive: bool, tty: bool, auto_remove: bool,
+        name: str | None,
         env: tuple[str, ...], env_file: tuple[Path, ...], workdir: str | None, user: str | None, entrypoint: str | None,
         hostname: str | None, cpus: str, memory: str, vmm: str, publish: tuple[str, ...],
         network: str | None, dns: tuple[str, ...], restart_policy: str, log_opts: tuple[str, ...],
@@ -68,7 +72,7 @@ def run(ctx: Context, detach: bool, interactive: bool, tty: bool, auto_remove: b
         user=user, entrypoint=entrypoint, hostname=hostname, vcpus=parse_cpus(cpus),
         memory_mib=parse_memory_mib(memory), backend=vmm, boot_timeout=boot_timeout,
         stdin=interactive, tty=tty, log=parse_log_opts(log_opts), restart=policy,
-        network=network, publish=publish, dns=dns,
+        network=network, publish=publish, dns=dns, security=security,
     )
     cfg = containers.create(ctx, request)
     client = containers.start(ctx, cfg, attach=True)

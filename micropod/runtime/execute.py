@@ -78,11 +78,23 @@ def build_process(config: dict[str, Any], options: ExecOptions) -> dict[str, Any
 
 
 def exec_process(life: Lifecycle, cid: str, options: ExecOptions) -> int:
+    """runc exec: start the process, then wait for it unless detached; its exit status."""
+    container, pid = spawn_exec(life, cid, options)
+    _write_pid_file(options.pid_file, pid)
+    if options.detach:
+        return 0
+    return _wait(container, pid)
+
+
+def spawn_exec(life: Lifecycle, cid: str, options: ExecOptions,
+               process: dict[str, Any] | None = None) -> tuple[Container, int]:
+    """The process started in the container (``process`` as given, or built from ``options``); its pid."""
     container, current = life.current(cid)
     if current in ("stopped", "paused"):
         raise ContainerStateError(f"cannot exec in a {current} container")
     config = load_bundle(Path(container.bundle)).config
-    process = build_process(config, options)
+    if process is None:
+        process = build_process(config, options)
     program = Program(process, (config.get("linux") or {}).get("seccomp"), options.preserve_fds)
     kinds = [str(ns["type"]) for ns in (config.get("linux") or {}).get("namespaces") or []]
     joined = namespaces.of_process(container.pid, kinds)
@@ -108,10 +120,7 @@ def exec_process(life: Lifecycle, cid: str, options: ExecOptions) -> int:
         parent.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(stage, 0)
-    _write_pid_file(options.pid_file, pid)
-    if options.detach:
-        return 0
-    return _wait(container, pid)
+    return container, pid
 
 
 def _wait(container: Container, pid: int) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 from micropod import syscalls as sc
 from micropod.errors import ContainerStateError, OciRuntimeError
 from micropod.runtime import caps, cgroups, hooks, namespaces, seccomp
+from micropod.runtime.cgroups_devices import container_device_rules
 from micropod.runtime.init import InitPlan, stage_one
 from micropod.runtime.namespaces import NamespacePlan
 from micropod.runtime.spec import Bundle, load_bundle
@@ -100,9 +101,12 @@ class Lifecycle:
             if not plan.has("mount"):
                 raise OciRuntimeError("linux.namespaces: a mount namespace is required")
             group = cgroups.open_cgroup(linux.get("cgroupsPath"), cid)
-            group.validate(linux.get("resources") or {})
+            resources = dict(linux.get("resources") or {})
+            # Always the device rules, as runc: without them the container inherits the host's allow-all.
+            resources["devices"] = container_device_rules(resources.get("devices"), linux.get("devices") or [])
+            group.validate(resources)
             group.create()
-            group.apply(linux.get("resources") or {})
+            group.apply(resources)
             init = InitPlan(cid=cid, bundle=bundle.path, config=config, rootfs=bundle.rootfs, plan=plan,
                             fifo=fifo, cgroup_paths=group.paths(), no_pivot=options.no_pivot,
                             console=_console(options.console_socket), preserve_fds=options.preserve_fds,

@@ -38,7 +38,10 @@ from micropod.runtime.spec_linux import (
 )
 from micropod.runtime.spec_mounts import MS_BIND, MountOptions, parse_mount_options
 
-__all__ = ["OCI_VERSION", "Bundle", "Process", "SpecError", "default_spec", "features", "load_bundle", "validate_id"]
+__all__ = [
+    "MAX_CONFIG_BYTES", "OCI_VERSION", "Bundle", "Capabilities", "Hook", "Hooks", "Mount", "Process", "Rlimit", "User",
+    "default_spec", "features", "load_bundle", "parse_process", "read_config", "validate_id",
+]  # fmt: skip
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 CAPABILITY_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
@@ -170,6 +173,7 @@ def load_bundle(bundle: Path | str) -> Bundle:
     root = want_obj(config.get("root"), "root")
     rootfs = _rootfs(path, root.get("path"))
     readonly = root.get("readonly")
+    process = parse_process(config.get("process"), warnings)
     linux = parse_linux(config.get("linux"), warnings)
     return Bundle(
         path=path,
@@ -177,7 +181,7 @@ def load_bundle(bundle: Path | str) -> Bundle:
         oci_version=version,
         rootfs=rootfs,
         root_readonly=False if readonly is None else want_bool(readonly, "root.readonly"),
-        process=parse_process(config.get("process"), warnings),
+        process=process,
         hostname=_uts_name(config.get("hostname"), "hostname", linux),
         domainname=_uts_name(config.get("domainname"), "domainname", linux),
         mounts=_mounts(config.get("mounts"), path, warnings),
@@ -203,8 +207,12 @@ def read_config(path: Path) -> dict[str, Any]:
         raw = file.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:
         raise SpecError(path.name, f"is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB")
+
+    def no_constant(name: str) -> object:
+        raise SpecError(path.name, f"is not valid JSON: {name} is not a JSON number")
+
     try:
-        config = json.loads(raw.decode(), parse_constant=_no_constant)
+        config = json.loads(raw.decode(), parse_constant=no_constant)
     except UnicodeDecodeError as exc:
         raise SpecError(path.name, f"is not UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
@@ -214,10 +222,6 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise SpecError(path.name, "must hold a JSON object")
     return config
-
-
-def _no_constant(name: str) -> object:
-    raise SpecError("config.json", f"is not valid JSON: {name} is not a JSON number")
 
 
 def _rootfs(bundle: Path, value: object) -> Path:

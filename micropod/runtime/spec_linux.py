@@ -7,8 +7,10 @@ the init resolves them beneath the rootfs. Paths in the runtime's namespace (a n
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,7 @@ RLIMITS: dict[str, int] = {f"RLIMIT_{name}": number for number, name in enumerat
 DEVICE_TYPES = {"c", "b", "u", "p"}
 DEVICE_OPTIONALS = ("fileMode", "uid", "gid")
 TIME_CLOCKS = {"monotonic", "boottime"}
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), <linux/nsfs.h>
 MAX_ID_MAPPINGS = 340  # the kernel's limit per map since 4.15
 # runc's list of sysctls that live in a namespace (validator.go): anything else would change the host.
 IPC_SYSCTLS = {
@@ -263,8 +266,33 @@ def _namespaces(value: object) -> tuple[Namespace, ...]:
         seen[kind] = i
         path = entry.get("path")
         joined = Path(want_abs(path, f"{where}.path")) if path not in (None, "") else None
+        if joined is not None:
+            _check_namespace_file(joined, kind, f"{where}.path")
         namespaces.append(Namespace(kind, joined))
     return tuple(namespaces)
+
+
+def _check_namespace_file(path: Path, kind: str, field: str) -> None:
+    """The spec's "MUST generate an error if path is not associated with a namespace of type type"; runc 1.1
+    only fails later, in setns, with a bare EINVAL."""
+    try:
+        # stat first: opening what is not a regular file (a FIFO, /dev/watchdog) could block or act.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise SpecError(field, f"{path} is not a namespace file")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise SpecError(field, f"{path} does not exist") from None
+    except OSError as exc:
+        raise SpecError(field, f"{path}: {exc.strerror}") from exc
+    try:
+        found = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        raise SpecError(field, f"{path} is not a namespace file") from None
+    finally:
+        os.close(fd)
+    if found != NAMESPACE_TYPES[kind].clone_flag:
+        other = next((name for name, t in NAMESPACE_TYPES.items() if t.clone_flag == found), hex(found))
+        raise SpecError(field, f"{path} is a {other} namespace, not a {kind} one")
 
 
 def _mappings(value: object, field: str) -> tuple[IdMapping, ...]:
@@ -333,15 +361,11 @@ def _sysctl(value: object, types: dict[str, Namespace]) -> dict[str, str]:
         if not _SYSCTL_NAME.fullmatch(key):
             raise SpecError(where, "is not a sysctl name")
         if key in IPC_SYSCTLS or key.startswith("fs.mqueue."):
-            if "ipc" not in types:
-                raise SpecError(where, "needs an ipc namespace (it would change the host's)")
+            _own_namespace(types, "ipc", where)
         elif key.startswith("net."):
-            net = types.get("network")
-            if net is None or (net.path is not None and _is_host_netns(net.path)):
-                raise SpecError(where, "needs a network namespace other than the host's")
+            _own_namespace(types, "network", where)
         elif key == "kernel.domainname":
-            if "uts" not in types:
-                raise SpecError(where, "needs a uts namespace (it would change the host's)")
+            _own_namespace(types, "uts", where)
         elif key == "kernel.hostname":
             raise SpecError(where, "conflicts with the hostname field; set that instead")
         else:
@@ -349,12 +373,16 @@ def _sysctl(value: object, types: dict[str, Namespace]) -> dict[str, str]:
     return sysctl
 
 
-def _is_host_netns(path: Path) -> bool:
-    try:
-        joined, ours = os.stat(path), os.stat("/proc/self/ns/net")
-    except OSError:
-        return False  # joining it will fail, and say why
-    return (joined.st_dev, joined.st_ino) == (ours.st_dev, ours.st_ino)
+def _own_namespace(types: dict[str, Namespace], kind: str, where: str) -> None:
+    """A namespaced sysctl needs the container's own namespace: a new one, or a joined one that is not the
+    runtime's (runc checks that for the network namespace only)."""
+    ns = types.get(kind)
+    if ns is not None and ns.path is not None:
+        joined, ours = os.stat(ns.path), os.stat(f"/proc/self/ns/{NAMESPACE_TYPES[kind].proc_name}")
+        if (joined.st_dev, joined.st_ino) == (ours.st_dev, ours.st_ino):
+            ns = None
+    if ns is None:
+        raise SpecError(where, f"needs the container's own {kind} namespace (else it changes the host's)")
 
 
 def _time_offsets(value: object, types: dict[str, Namespace]) -> dict[str, TimeOffset]:

@@ -27,6 +27,9 @@ REBOOT_METHOD = {"qemu": "reboot=t", "firecracker": "reboot=k pci=off"}
 # can run a guest that speaks the host protocol itself. Set by the host, on the command line it controls anyway.
 HOSTILE_GUEST_ENV = "MICROPOD_TEST_HOSTILE_GUEST"
 HANDOVER_WORD = "MICROPOD_AGENT_HANDOVER=1"
+# Benchmarks only: the agent's plain chroot instead of micropod-runtime, the baseline `make bench` compares with.
+CHROOT_AGENT_ENV = "MICROPOD_BENCH_CHROOT_AGENT"
+CHROOT_WORD = "MICROPOD_AGENT_RUNTIME=0"
 
 SYSTEM_DRIVE, ROOTFS_DRIVE, UPPER_DRIVE = "system", "rootfs", "upper"
 
@@ -65,6 +68,8 @@ def kernel_cmdline(backend: str) -> str:
     words = [BASE_CMDLINE, REBOOT_METHOD[backend]]
     if os.environ.get(HOSTILE_GUEST_ENV) == "1":
         words.append(HANDOVER_WORD)
+    if os.environ.get(CHROOT_AGENT_ENV) == "1":
+        words.append(CHROOT_WORD)
     return " ".join(words)
 
 

@@ -1,0 +1,133 @@
+"""The OCI bundle the agent generates for each container, run through micropod-runtime (micropod/runtime).
+
+What docker's default spec gives a container, inside our VM: its own pid, ipc, uts, mount and cgroup
+namespaces (the network is the VM's, which is the container's or its pod's), docker's default capabilities and
+seccomp profile, masked and read-only /proc paths, a cgroup of its own under /micropod. The agent has already
+mounted the root with its /dev (the devices docker gives, no device of the host channel), /dev/pts, /dev/shm
+and a read-only /sys; the runtime's recursive bind of the root carries them into the container's namespace,
+and it mounts the container's own /proc, /dev/mqueue and /sys/fs/cgroup on top.
+
+``--privileged`` lifts the capability, seccomp and path restrictions, as docker's does. The VM stays the
+boundary that protects the host; inside it, a privileged container can take over the agent.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+from micropod.runtime import caps, seccomp
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+BUNDLE_BASE = "/run/micropod/bundles"
+CGROUP_PARENT = "/micropod"
+
+MASKED_PATHS = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+                "/sys/devices/virtual/powercap")
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+
+class SecurityError(ValueError):
+    """A bad --cap-add, --cap-drop or --security-opt: docker's 125."""
+
+
+def capability_set(spec: dict[str, Any]) -> list[str]:
+    """docker's rule: the default set, then --cap-add (ALL for every one), then --cap-drop (ALL for none)."""
+    if spec.get("privileged"):
+        return list(caps.available())
+    chosen = list(caps.DOCKER_DEFAULT_CAPS)
+    for raw in spec.get("cap_add") or []:
+        name = _cap_name(str(raw))
+        if name == "CAP_ALL":
+            chosen = list(caps.available())
+        elif name not in chosen:
+            chosen.append(name)
+    for raw in spec.get("cap_drop") or []:
+        name = _cap_name(str(raw))
+        chosen = [] if name == "CAP_ALL" else [c for c in chosen if c != name]
+    return chosen
+
+
+def _cap_name(raw: str) -> str:
+    name = raw.upper()
+    name = name if name.startswith("CAP_") else f"CAP_{name}"
+    if name != "CAP_ALL" and caps.number(name) is None:
+        raise SecurityError(f"unknown capability: {raw!r}")
+    return name
+
+
+def seccomp_profile(spec: dict[str, Any], capabilities: list[str]) -> dict[str, Any] | None:
+    if spec.get("privileged"):
+        return None
+    chosen = spec.get("seccomp") or "default"
+    if chosen == "unconfined":
+        return None
+    if chosen == "default":
+        return _docker_default(tuple(sorted(capabilities)))
+    try:
+        profile = json.loads(chosen)
+    except ValueError as exc:
+        raise SecurityError(f"--security-opt seccomp: not a JSON profile: {exc}") from None
+    if not isinstance(profile, dict):
+        raise SecurityError("--security-opt seccomp: the profile must be a JSON object")
+    return seccomp.from_docker_profile(profile, capabilities) if "defaultAction" in profile else profile
+
+
+@functools.lru_cache(maxsize=8)
+def _docker_default(capabilities: tuple[str, ...]) -> dict[str, Any]:
+    return seccomp.docker_default(capabilities)
+
+
+def warm_up() -> None:
+    """docker's profile for the default capabilities, made once at boot (so, in a boot snapshot, never again)."""
+    seccomp.precompile(_docker_default(tuple(sorted(caps.DOCKER_DEFAULT_CAPS))))
+
+
+def config(cid: str, root: str, process: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """config.json for the container ``cid`` rooted at ``root``; ``process`` is resolved by the agent."""
+    privileged = bool(spec.get("privileged"))
+    capabilities = capability_set(spec)
+    sets = {name: list(capabilities) for name in ("bounding", "effective", "permitted")}
+    linux: dict[str, Any] = {
+        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+        "cgroupsPath": f"{CGROUP_PARENT}/{cid}",
+        "resources": {},
+    }
+    if not privileged:
+        linux["maskedPaths"] = list(MASKED_PATHS)
+        linux["readonlyPaths"] = list(READONLY_PATHS)
+    profile = seccomp_profile(spec, capabilities)
+    if profile is not None:
+        linux["seccomp"] = profile
+    cgroup_options = ["nosuid", "noexec", "nodev", "relatime"] + ([] if privileged else ["ro"])
+    return {
+        "ociVersion": "1.2.0",
+        "root": {"path": root, "readonly": False},
+        "hostname": spec.get("hostname") or "",
+        "process": {**process, "capabilities": sets,
+                    "noNewPrivileges": bool(spec.get("no_new_privileges"))},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": cgroup_options},
+        ],
+        "linux": linux,
+    }
+
+
+def write(cid: str, document: dict[str, Any]) -> str:
+    """The bundle directory, its config.json written afresh (private: the env may hold secrets)."""
+    directory = f"{BUNDLE_BASE}/{cid}"
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = f"{directory}/config.json"
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(document, f)
+    os.replace(path + ".tmp", path)
+    return directory

@@ -1,0 +1,116 @@
+"""Every container process goes through micropod-runtime: the agent prepares what docker's engine would (the
+user looked up in the image, /etc/hosts, the working directory, the environment), writes the bundle and calls
+the runtime in-process (no second interpreter to start), so the container gets its own namespaces, cgroup,
+capabilities and seccomp filter, and cannot see or signal the agent.
+
+The runtime's forked children leave, so the container's init ends up a child of the agent (PID 1), which
+reaps it and reports its exit as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from micropod.agent import bundle, users
+from micropod.agent.process import Launch, LaunchError, _write_etc_file, build_env
+from micropod.errors import OciRuntimeError
+from micropod.runtime.execute import ExecOptions, spawn_exec
+from micropod.runtime.lifecycle import CreateOptions, Lifecycle
+from micropod.runtime.rootfs import beneath
+from micropod.runtime.state import StateDir
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+STATE_ROOT = Path("/run/micropod-runtime")
+
+
+def _life() -> Lifecycle:
+    return Lifecycle(StateDir(STATE_ROOT))
+
+
+def _inside(root: str, path: str) -> Path:
+    """A path of the image, its links resolved inside the root: the image cannot point us at the agent's files."""
+    return beneath(Path(root), path)
+
+
+def _process(launch: Launch) -> dict[str, Any]:
+    """docker's process for the launch: user and groups from the image's files, env, cwd, terminal."""
+    try:
+        user = users.resolve(launch.user, passwd=str(_inside(launch.root, "/etc/passwd")),
+                             group=str(_inside(launch.root, "/etc/group")))
+    except users.UserError as exc:
+        raise LaunchError(launch.user_error_code, str(exc)) from exc
+    for path, text in launch.etc_files.items():
+        _write_etc_file(str(_inside(launch.root, path)), text)
+    if launch.make_cwd:
+        try:
+            os.makedirs(_inside(launch.root, launch.cwd), mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise LaunchError(126, f"cannot create working directory {launch.cwd}: {exc.strerror}") from exc
+    env = build_env(launch, user.home)
+    process: dict[str, Any] = {
+        "args": list(launch.args), "env": [f"{k}={v}" for k, v in env.items()], "cwd": launch.cwd,
+        "user": {"uid": user.uid, "gid": user.gid, "additionalGids": list(user.groups), "umask": 0o022},
+        "terminal": launch.tty,
+    }
+    return process
+
+
+def start_main(cid: str, launch: Launch, spec: dict[str, Any], stdio: tuple[int, int, int]) -> int:
+    """Create and start the container; its init's pid. LaunchError with docker's code if it cannot run."""
+    process = _process(launch)
+    try:
+        document = bundle.config(cid, launch.root, process, spec)
+    except bundle.SecurityError as exc:
+        raise LaunchError(125, str(exc)) from exc
+    directory = bundle.write(cid, document)
+    life = _life()
+    forget(cid)  # a restarted container's leftovers
+    try:
+        container = life.create(cid, CreateOptions(bundle=Path(directory), stdio=stdio))
+        life.start(cid)
+    except OciRuntimeError as exc:
+        forget(cid)
+        raise LaunchError(exc.launch_code, exc.message) from exc
+    return container.pid
+
+
+def start_exec(cid: str, launch: Launch, stdio: tuple[int, int, int]) -> int:
+    """Another process in the running container; its pid."""
+    process = _process(launch)
+    try:
+        base = _container_process(cid)
+        process["capabilities"] = base.get("capabilities")
+        process["noNewPrivileges"] = bool(base.get("noNewPrivileges"))
+        _, pid = spawn_exec(_life(), cid, ExecOptions(detach=True, stdio=stdio), process=process)
+    except OciRuntimeError as exc:
+        raise LaunchError(exc.launch_code, exc.message) from exc
+    return pid
+
+
+def _container_process(cid: str) -> dict[str, Any]:
+    """The main process's capabilities and no_new_privs are every exec's, as with docker exec."""
+    with open(f"{bundle.BUNDLE_BASE}/{cid}/config.json", "rb") as f:
+        document = json.load(f)
+    return dict(document.get("process") or {})
+
+
+def forget(cid: str) -> None:
+    """The runtime's record and cgroup of an ended container (its processes killed first)."""
+    with contextlib.suppress(OciRuntimeError, OSError):
+        _life().delete(cid, force=True)
+
+
+def warm_up() -> None:
+    """What a container start needs, loaded at boot: a VM resumed from its boot snapshot has it all already
+    (imports and libseccomp cost seconds under emulation, every time, if left to the first container)."""
+    from micropod.runtime import cgroups_devices, cgroups_spec, cgroups_v1, cgroups_v2, init, seccomp
+
+    del cgroups_devices, cgroups_spec, cgroups_v1, cgroups_v2, init
+    seccomp.preload()
+    bundle.warm_up()

@@ -1,0 +1,56 @@
+"""Inside a real VM, every container runs through micropod-runtime: its own namespaces, docker's capabilities
+and seccomp profile, a device cgroup that keeps the host channel out of reach; --privileged lifts it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Cli
+
+pytestmark = pytest.mark.e2e
+
+WAIT = 300
+
+# What the container sees, one line each; the host channel's device (the virtio-serial port) is looked up in
+# sysfs, made with mknod (docker's default set has CAP_MKNOD) and opened.
+PROBE = r"""
+echo "pids $(ls /proc | grep -c '^[0-9]')"
+echo "agent $(cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\0' ' ' | grep -c 'micropod[.]agent')"
+grep -E '^(CapEff|Seccomp):' /proc/self/status | tr '\t' ' '
+unshare -U true 2>/dev/null; echo "unshare $?"
+chown 1:1 /tmp 2>/dev/null; echo "chown $?"
+echo "vport-nodes $(ls /dev | grep -c vport)"
+dev=$(cat /sys/class/virtio-ports/*/dev 2>/dev/null | head -n 1)
+mknod /tmp/port c ${dev%%:*} ${dev##*:} 2>/dev/null && ( : < /tmp/port ) 2>/dev/null; echo "open-port $?"
+"""
+
+
+def probe(cli: Cli, *options: str) -> dict[str, str]:
+    out = cli("run", "--rm", "--network", "none", *options, "hello", "sh", "-c", PROBE, timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    return dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+
+
+def test_a_container_is_confined_by_default_and_privileged_lifts_it(cli: Cli) -> None:
+    seen = probe(cli)
+    assert int(seen["pids"]) <= 8 and seen["agent"] == "0", seen  # its own pid namespace: no agent in sight
+    assert seen["CapEff:"] == "00000000a80425fb", seen  # docker's 14 default capabilities
+    assert seen["Seccomp:"] == "2", seen
+    assert seen["unshare"] != "0", seen  # docker's profile refuses CLONE_NEWUSER without CAP_SYS_ADMIN
+    assert seen["chown"] == "0", seen
+    assert seen["vport-nodes"] == "0" and seen["open-port"] != "0", seen  # the device cgroup denies it
+
+    dropped = probe(cli, "--cap-drop", "ALL")
+    assert dropped["chown"] != "0" and dropped["CapEff:"] == "0000000000000000", dropped
+
+    privileged = probe(cli, "--privileged")
+    assert privileged["Seccomp:"] == "0" and privileged["unshare"] == "0" and privileged["chown"] == "0", privileged
+    assert int(privileged["CapEff:"], 16) & (1 << 21), privileged  # CAP_SYS_ADMIN
+
+
+def test_bad_security_options_are_one_line_before_any_vm_boots(cli: Cli) -> None:
+    for options, message in ((("--cap-add", "FOO"), "unknown capability: 'FOO'"),
+                             (("--security-opt", "apparmor=x"), "invalid --security-opt")):
+        out = cli("run", "--rm", "--network", "none", *options, "hello", "true")
+        assert out.returncode == 125 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert cli("ps", "-aq").stdout == ""
