@@ -12,6 +12,7 @@ packages=(
   docker-registry skopeo umoci  # test oracles and a real registry for tests
   squashfs-tools openssl        # mksquashfs (unpack benchmark baseline); a throwaway CA for TLS tests
   nftables iproute2
+  runc crun containerd libseccomp2  # OCI runtime references (crun: benchmark only) and a real client
   python3-venv
 )
 
@@ -31,5 +32,7 @@ echo "setup: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# docker-registry starts a system service on install; tests run their own registries.
-if command -v systemctl >/dev/null 2>&1; then systemctl disable --now docker-registry >/dev/null 2>&1 || true; fi
+# docker-registry and containerd start system services on install; tests run their own daemons.
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl disable --now docker-registry containerd >/dev/null 2>&1 || true
+fi

@@ -94,9 +94,11 @@ def test_own_cgroups_reads_every_line() -> None:
 
 def test_v1_absolute_path_is_taken_from_each_hierarchy_root() -> None:
     paths = cgroups.v1_paths(ROOT, "/a/b", MOUNTINFO, None)
-    # name=systemd, the cgroup2 mount and mounts elsewhere are left alone; co-mounted ones share a path.
+    # Mounts elsewhere are left alone; co-mounted ones share a path; name=systemd and a hybrid host's cgroup2
+    # hierarchy ("") are joined, as runc joins them.
     assert paths == {"cpu": ROOT / "cpu,cpuacct/a/b", "cpuacct": ROOT / "cpu,cpuacct/a/b",
-                     "memory": ROOT / "memory/a/b", "devices": ROOT / "devices/a/b"}
+                     "memory": ROOT / "memory/a/b", "devices": ROOT / "devices/a/b",
+                     "name=systemd": ROOT / "systemd/a/b", "": ROOT / "unified/a/b"}
 
 
 def test_v1_relative_path_is_below_our_own_cgroup() -> None:

@@ -148,8 +148,8 @@ def _unescape(text: str) -> str:
 
 
 def v1_paths(root: Path, inner: str, mountinfo: str, own: Mapping[str, str] | None) -> dict[str, Path]:
-    """Each controller's directory (co-mounted ones share one). Only mounts directly under ``root`` count.
-    Unlike runc, a hybrid host's cgroup2 hierarchy is not joined: it holds no limits."""
+    """Each controller's directory (co-mounted ones share one), and each named hierarchy's (``name=systemd``).
+    Only mounts directly under ``root`` count."""
     paths: dict[str, Path] = {}
     for line in mountinfo.splitlines():
         fields = line.split()
@@ -157,9 +157,14 @@ def v1_paths(root: Path, inner: str, mountinfo: str, own: Mapping[str, str] | No
             continue
         after = line.split(" - ", 1)[1].split()
         mountpoint, mount_root = Path(_unescape(fields[4])), _unescape(fields[3])
-        if mountpoint.parent != root or not after or after[0] != "cgroup":
+        if mountpoint.parent != root or not after or after[0] not in ("cgroup", "cgroup2"):
             continue
-        for name in sorted(V1_CONTROLLERS & set(after[-1].split(","))):
+        options = set(after[-1].split(","))
+        # Named hierarchies (systemd's) and a hybrid host's cgroup2 one ("") are joined too, as runc joins
+        # them: they hold no limits, but /proc/PID/cgroup shows the container's place in each.
+        names = [""] if after[0] == "cgroup2" else (
+            sorted(V1_CONTROLLERS & options) + sorted(o for o in options if o.startswith("name=")))
+        for name in names:
             if inner.startswith("/"):
                 paths[name] = mountpoint / inner.lstrip("/")
                 continue

@@ -212,4 +212,8 @@ def cmd_exec(states: StateDir, args: argparse.Namespace) -> int:
                           cwd=args.cwd, env=list(args.env), user=args.user, caps=list(args.cap),
                           no_new_privs=args.no_new_privs, preserve_fds=args.preserve_fds,
                           additional_gids=[int(g) for g in args.additional_gids])
-    return exec_process(Lifecycle(states), args.id, options)
+    try:
+        return exec_process(Lifecycle(states), args.id, options)
+    except OciRuntimeError as exc:
+        exc.exit_code = 255  # runc exec's status for every failure of its own
+        raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -24,6 +25,7 @@ from micropod.runtime.state import EXEC_FIFO, Container, StateDir, spec_state, s
 from micropod.runtime.sync import SyncSocket, raise_reported
 
 START_POLL = 0.1
+log = logging.getLogger("micropod.runtime")
 
 
 @dataclass
@@ -76,7 +78,11 @@ def checked_config(bundle: Bundle) -> dict[str, Any]:
     """config.json with what the other modules check checked too, and bind sources made absolute."""
     config = dict(bundle.config)
     process = config.get("process") or {}
-    caps.validate(process.get("capabilities"))
+    for warning in bundle.warnings:
+        log.warning("%s", warning)
+    ignored = caps.parse(process.get("capabilities")).ignored
+    if ignored:
+        log.warning("ignoring unknown or unavailable capabilities: [%s]", " ".join(ignored))
     seccomp.validate((config.get("linux") or {}).get("seccomp"))
     config["mounts"] = [{"destination": m.destination, "type": m.type, "source": m.source,
                          "options": list(m.options)} for m in bundle.mounts]

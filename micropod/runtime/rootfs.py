@@ -151,7 +151,9 @@ class RootfsSetup:
         else:
             _make_target(dest, True)
             if kind == "sysfs" and not self.new_netns:
-                self._bind("/sys", dest, MountOptions(opts.flags | sc.MS_BIND | sc.MS_REC, opts.propagation, ""))
+                # sysfs can only be mounted in a network namespace of one's own: bind the host's, without its
+                # submounts (its cgroup mounts), as runc does.
+                self._bind("/sys", dest, MountOptions(opts.flags | sc.MS_BIND, opts.propagation, ""))
                 return
             sc.mount(source, str(dest), kind, opts.flags, opts.data or None)
         _propagate(str(dest), opts)
@@ -167,7 +169,7 @@ class RootfsSetup:
     def _cgroup(self, dest: Path, opts: MountOptions) -> None:
         _make_target(dest, True)
         flags = opts.flags & ~sc.MS_BIND
-        if "" in self.cgroup_paths:  # v2: the namespace's own view, or a bind of the container's cgroup
+        if set(self.cgroup_paths) == {""}:  # v2: the namespace's own view, or a bind of the container's cgroup
             try:
                 sc.mount("cgroup2", str(dest), "cgroup2", flags)
             except OSError:
@@ -176,7 +178,9 @@ class RootfsSetup:
         # v1: a tmpfs holding each hierarchy's container cgroup, bound read-only unless asked otherwise.
         sc.mount("tmpfs", str(dest), "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "mode=755")
         for controller, host in self.cgroup_paths.items():
-            sub = dest / controller
+            if not controller:
+                continue  # a hybrid host's cgroup2 hierarchy: joined, but runc shows the container none of it
+            sub = dest / controller.removeprefix("name=")
             sub.mkdir(exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 sc.mount(host, str(sub), None, sc.MS_BIND | sc.MS_REC)
