@@ -75,6 +75,7 @@ class Monitor:
         self.exit_code: int | None = None
         self.error: str | None = None
         self.kill_deadline: float | None = None
+        self.stop_escalated = False  # the stop timeout's SIGKILL has gone to the container
         self.done = False
         self.user_stopped = False
         self.container_log = ContainerLog(self.vm_dir.container_log, self.cfg.log.max_size, self.cfg.log.max_files)
@@ -145,6 +146,7 @@ class Monitor:
         self.exit_code = None
         self.error = None
         self.kill_deadline = None
+        self.stop_escalated = False
         self.done = False
         self.vm = VmProcess(self.cfg, self.vm_dir, self.store, self._on_frame)
         self.sessions.clear()
@@ -170,7 +172,7 @@ class Monitor:
             self._update_watch()
             events = self.watch.ready(timeout)
             if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
-                self._kill_vm("stop timeout expired")
+                self._stop_timeout_expired()
             for what, mask in events:
                 self._dispatch(what, mask)
 
@@ -331,6 +333,20 @@ class Monitor:
             self.signal_main(signum)
         except ChannelFull:
             log.warning("stop: the agent is not reading its channel; the VM is killed after the timeout")
+
+    def _stop_timeout_expired(self) -> None:
+        """docker's SIGKILL after the timeout, to the container first: its PID 1 ignores a TERM it has no
+        handler for, and killing the VM outright would lose what the guest has not written to its disk yet.
+        The agent then reports the exit and powers off cleanly; if it does not, within the grace, the VM dies."""
+        if self.stop_escalated or not self.running():
+            self._kill_vm("stop timeout expired")
+            return
+        self.stop_escalated = True
+        self.kill_deadline = time.monotonic() + SHUTDOWN_GRACE
+        try:
+            self.signal_main(int(signal.SIGKILL))
+        except ChannelFull:
+            self._kill_vm("stop timeout expired and the agent is not reading its channel")
 
     def kill(self) -> None:
         self.user_stopped = True

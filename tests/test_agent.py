@@ -567,3 +567,22 @@ def test_stats_reports_the_counters(agent: Session) -> None:
     assert reply["mem_total"] > reply["mem_used"] > 0
     assert reply["block_read"] >= 0 and reply["block_write"] >= 0 and reply["pids"] >= 0
     assert reply["net_rx"] >= 0 and reply["net_tx"] >= 0
+
+
+def test_a_fifo_as_the_images_passwd_cannot_block_the_agent(agent: Session, rootfs: Path) -> None:
+    """The agent (PID 1) reads the image's /etc/passwd: a fifo there would block it on open."""
+    (rootfs / "etc" / "passwd").unlink()
+    os.mkfifo(rootfs / "etc" / "passwd")
+    agent.create(rootfs, args=["true"], user="alice")
+    reply = agent.request("start", id="main")  # bounded by the session's timeout: a blocked agent fails here
+    assert reply["op"] == "error" and "alice" in reply["message"], reply
+
+
+def test_the_images_etc_hosts_cannot_lead_the_agent_onto_its_own_mounts(agent: Session, rootfs: Path) -> None:
+    """/etc/hosts as a link to /dev/full: resolved inside the root, that is the agent's own /dev there."""
+    (rootfs / "etc" / "hosts").symlink_to("/dev/full")
+    agent.create(rootfs, args=["cat", "/etc/hosts"])
+    agent.ok("start", id="main")
+    out, _, code = agent.outcome(1)
+    assert code == 0 and b"localhost" in out
+    assert (rootfs / "etc" / "hosts").is_file() and not (rootfs / "etc" / "hosts").is_symlink()

@@ -106,7 +106,7 @@ def test_detached_lifecycle_like_docker(cli: Cli) -> None:
     stopped = cli("stop", "-t", "5", "web")
     assert stopped.returncode == 0 and stopped.stdout.strip() == "web", stopped.stderr
     [row] = ps(cli)
-    assert row["State"] == "exited" and row["ExitCode"] == 143
+    assert row["State"] == "exited" and row["ExitCode"] == 137  # PID 1 without a TERM handler: killed, as in docker
     assert cli("ps").stdout.count("\n") == 1  # only the header: not running
     assert cli("logs", "web").stdout == "started\n"
     assert cli("rm", "web").returncode == 0

@@ -290,9 +290,12 @@ def _write_etc_file(path: str, text: str) -> None:
     # Already chrooted, so a symlink here cannot lead out of the container; replace it rather than
     # write through it, as docker's bind mount would hide it.
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    if os.path.islink(path):
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # a link, a device or a fifo planted by the image
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     try:
         os.write(fd, text.encode())
     finally:

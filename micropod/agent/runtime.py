@@ -33,23 +33,37 @@ def _life() -> Lifecycle:
     return Lifecycle(StateDir(STATE_ROOT))
 
 
-def _inside(root: str, path: str) -> Path:
-    """A path of the image, its links resolved inside the root: the image cannot point us at the agent's files."""
-    return beneath(Path(root), path)
+def _inside(root: str, path: str) -> Path | None:
+    """A path of the image: its directory's links resolved inside the root, its last component left as it is
+    (the readers and writers open it without following a link), and the directory on the image's own
+    filesystem, not on the agent's /proc, /sys or /dev mounted beneath the root."""
+    directory = beneath(Path(root), os.path.dirname(path) or "/")
+    with contextlib.suppress(OSError):
+        if os.stat(directory).st_dev != os.stat(root).st_dev:
+            return None
+    return directory / os.path.basename(path)
+
+
+def _image_file(root: str, path: str) -> str:
+    """Where to read one of the image's files; a path that does not exist if it is not the image's."""
+    found = _inside(root, path)
+    return str(found) if found is not None else "/nonexistent/refused"
 
 
 def _process(launch: Launch) -> dict[str, Any]:
     """docker's process for the launch: user and groups from the image's files, env, cwd, terminal."""
     try:
-        user = users.resolve(launch.user, passwd=str(_inside(launch.root, "/etc/passwd")),
-                             group=str(_inside(launch.root, "/etc/group")))
+        user = users.resolve(launch.user, passwd=_image_file(launch.root, "/etc/passwd"),
+                             group=_image_file(launch.root, "/etc/group"))
     except users.UserError as exc:
         raise LaunchError(launch.user_error_code, str(exc)) from exc
     for path, text in launch.etc_files.items():
-        _write_etc_file(str(_inside(launch.root, path)), text)
+        target = _inside(launch.root, path)
+        if target is not None:  # an /etc that leads onto the agent's mounts gets none of these
+            _write_etc_file(str(target), text)
     if launch.make_cwd:
         try:
-            os.makedirs(_inside(launch.root, launch.cwd), mode=0o755, exist_ok=True)
+            os.makedirs(beneath(Path(launch.root), launch.cwd), mode=0o755, exist_ok=True)
         except OSError as exc:
             raise LaunchError(126, f"cannot create working directory {launch.cwd}: {exc.strerror}") from exc
     env = build_env(launch, user.home)

@@ -8,6 +8,9 @@ Called in the container process after chroot, so the paths are the container's.
 
 from __future__ import annotations
 
+import os
+import stat
+
 _MAX_ID = 2**31 - 1
 
 
@@ -33,11 +36,25 @@ class ExecUser:
         return f"ExecUser(uid={self.uid}, gid={self.gid}, groups={self.groups}, home={self.home!r})"
 
 
+MAX_FILE = 4 << 20
+
+
+def _read_regular(path: str) -> str:
+    """The image's file, read as the agent (PID 1) may: never through a final symlink, never a device or a
+    fifo that would block or stream without end (ENOENT for those, as if absent), at most MAX_FILE bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FileNotFoundError(path)
+        return os.read(fd, MAX_FILE).decode("utf-8", errors="surrogateescape")
+    finally:
+        os.close(fd)
+
+
 def _entries(path: str, min_fields: int) -> list[list[str]]:
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as file:
-            lines = file.read().splitlines()
-    except FileNotFoundError:
+        lines = _read_regular(path).splitlines()
+    except (FileNotFoundError, OSError):
         return []
     entries = []
     for line in lines:

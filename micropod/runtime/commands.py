@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 
 from micropod.errors import ContainerStateError, OciRuntimeError
-from micropod.runtime import cgroups, spec_defaults
+from micropod.runtime import cgroups
 from micropod.runtime.cli import print_json
-from micropod.runtime.execute import ExecOptions, exec_process
 from micropod.runtime.lifecycle import CreateOptions, Lifecycle, parse_signal
-from micropod.runtime.spec import validate_id
-from micropod.runtime.state import StateDir
+from micropod.runtime.state import StateDir, validate_id
 
 COMMANDS = ("create", "run", "start", "state", "kill", "delete", "ps", "pause", "resume", "events", "update",
             "list", "spec", "features", "exec")
@@ -194,6 +192,8 @@ def cmd_list(states: StateDir, args: argparse.Namespace) -> int:
 
 
 def cmd_spec(states: StateDir, args: argparse.Namespace) -> int:
+    from micropod.runtime import spec_defaults
+
     target = args.bundle / "config.json"
     if target.exists():
         raise OciRuntimeError(f"File {target} exists. Remove it first")
@@ -202,11 +202,15 @@ def cmd_spec(states: StateDir, args: argparse.Namespace) -> int:
 
 
 def cmd_features(states: StateDir, args: argparse.Namespace) -> int:
+    from micropod.runtime import spec_defaults
+
     print_json(spec_defaults.features())
     return 0
 
 
 def cmd_exec(states: StateDir, args: argparse.Namespace) -> int:
+    from micropod.runtime.execute import ExecOptions, exec_process
+
     options = ExecOptions(process_file=args.process, args=list(args.command_args), detach=args.detach,
                           tty=args.tty, console_socket=args.console_socket, pid_file=args.pid_file,
                           cwd=args.cwd, env=list(args.env), user=args.user, caps=list(args.cap),

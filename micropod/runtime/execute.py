@@ -20,7 +20,18 @@ from micropod.errors import ContainerStateError, MicropodError, OciRuntimeError,
 from micropod.runtime import cgroups, namespaces
 from micropod.runtime.init import attach_terminal, take_stdio
 from micropod.runtime.lifecycle import Lifecycle, _console, _write_pid_file
-from micropod.runtime.process import Program, enter_cwd, execute, find_executable, preload, seal_imports
+from micropod.runtime.process import (
+    Program,
+    apply_limits,
+    detach_from_parent,
+    enter_cwd,
+    execute,
+    find_executable,
+    own_executable,
+    preload,
+    refuse_our_interpreter,
+    seal_imports,
+)
 from micropod.runtime.spec import load_bundle
 from micropod.runtime.state import Container
 from micropod.runtime.sync import SyncSocket, fail_child, raise_reported
@@ -146,14 +157,19 @@ def _stage_one(sync: SyncSocket, joined: list[tuple[str, str]], program: Program
         sc.set_dumpable(False)
         if stdio is not None:
             take_stdio(stdio)
+        keep = {sync.fileno(), *range(3, 3 + program.preserve_fds)}
+        if console is not None:
+            keep.add(console.fileno())
+        detach_from_parent(keep)
         sync.expect("go")
         plan = namespaces.NamespacePlan(create=(), join=tuple(joined))
         preload(program, has_hooks=False)
+        ours = own_executable()
         namespaces.join(plan.open_joined())
         seal_imports()
         child = os.fork()
         if child == 0:
-            _become(sync, program, console, stdio is not None)
+            _become(sync, program, console, stdio is not None, ours)
         sync.send(pid=child)
     except MicropodError as exc:
         fail_child(sync, exc.message, getattr(exc, "launch_code", 125))
@@ -162,9 +178,10 @@ def _stage_one(sync: SyncSocket, joined: list[tuple[str, str]], program: Program
     os._exit(0)
 
 
-def _become(sync: SyncSocket, program: Program, console: Any, own_stdio: bool) -> NoReturn:
+def _become(sync: SyncSocket, program: Program, console: Any, own_stdio: bool, ours: tuple[int, int]) -> NoReturn:
     try:
         os.setsid()
+        apply_limits(program.process)
         if program.process.get("terminal"):
             if own_stdio:
                 sc.set_controlling_tty(0)
@@ -172,6 +189,7 @@ def _become(sync: SyncSocket, program: Program, console: Any, own_stdio: bool) -
                 attach_terminal(console, program.process)
         enter_cwd(str(program.process.get("cwd") or "/"))
         path = find_executable(program)
+        refuse_our_interpreter(path, ours)
         execute(program, path)
     except MicropodError as exc:
         fail_child(sync, exc.message, getattr(exc, "launch_code", 125))

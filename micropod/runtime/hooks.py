@@ -7,13 +7,11 @@ fails the operation (and the container is killed); a failing poststop hook is on
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from micropod.errors import OciRuntimeError
-
-log = logging.getLogger("micropod.runtime")
+from micropod.runtime import log
 
 HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
 
@@ -24,7 +22,7 @@ def run_hooks(kind: str, hooks: Mapping[str, Sequence[Mapping[str, Any]]] | None
             _run(hook, state)
         except OciRuntimeError as exc:
             if kind == "poststop":
-                log.warning("hooks.poststop[%d]: %s", index, exc)
+                log.warning(f"hooks.poststop[{index}]: {exc}")
                 continue
             raise OciRuntimeError(f"error running {kind} hook #{index}: {exc}") from None
 

@@ -21,10 +21,13 @@ from micropod.runtime.namespaces import NamespacePlan
 from micropod.runtime.process import (
     Program,
     apply_limits,
+    detach_from_parent,
     enter_cwd,
     execute,
     find_executable,
+    own_executable,
     preload,
+    refuse_our_interpreter,
     seal_imports,
 )
 from micropod.runtime.sync import SyncSocket, fail_child
@@ -61,6 +64,10 @@ def stage_one(sync: SyncSocket, init: InitPlan) -> NoReturn:
         sc.set_dumpable(False)  # the container must never open our /proc/PID/exe or fds
         if init.stdio is not None:
             take_stdio(init.stdio)
+        keep = {sync.fileno(), *range(3, 3 + init.preserve_fds)}
+        if init.console is not None:
+            keep.add(init.console.fileno())
+        detach_from_parent(keep)
         sync.expect("go")  # the runtime has put us in the cgroup: a new cgroup namespace is rooted there
         opened = init.plan.open_joined()
         joined_user = [item for item in opened if item[0] == "user"]
@@ -104,22 +111,24 @@ def _setup(sync: SyncSocket, init: InitPlan) -> NoReturn:
     fifo = os.open(init.fifo, os.O_PATH | os.O_CLOEXEC)  # reopened for writing after the pivot, by fd
     setup = rootfs.RootfsSetup(init.rootfs, config, new_netns=init.plan.has("network") and
                                "network" in init.plan.create, in_userns=init.plan.has("user"),
+                               new_cgroupns="cgroup" in init.plan.create,
                                cgroup_paths=init.cgroup_paths)
     preload(init.program, bool((config.get("hooks") or {}).get("startContainer")))
     setup.prepare()
     sync.send(hooks="createRuntime")  # prestart and createRuntime run in the runtime's namespaces
     sync.expect("ok")
     hooks.run_hooks("createContainer", config.get("hooks"), _state(config, init, os.getpid()))
+    ours = own_executable()
     rootfs.pivot(init.rootfs, init.no_pivot)
     seal_imports()
-    rootfs.mask_and_protect(config)
     if "uts" in init.plan.create or init.plan.has("uts"):
         if config.get("hostname"):
             sc.sethostname(str(config["hostname"]))
         if config.get("domainname"):
             sc.setdomainname(str(config["domainname"]))
-    for key, value in (linux.get("sysctl") or {}).items():
+    for key, value in (linux.get("sysctl") or {}).items():  # before /proc/sys turns read-only
         Path("/proc/sys", *str(key).split(".")).write_text(str(value))
+    rootfs.mask_and_protect(config)
     process = init.program.process
     apply_limits(process)
     if process.get("terminal"):
@@ -129,6 +138,7 @@ def _setup(sync: SyncSocket, init: InitPlan) -> NoReturn:
             attach_terminal(init.console, process)
     enter_cwd(str(process.get("cwd") or "/"))
     path = find_executable(init.program)
+    refuse_our_interpreter(path, ours)
     sync.send(ready=True)
     sync.close()
     writer = os.open(f"/proc/self/fd/{fifo}", os.O_WRONLY | os.O_CLOEXEC)  # blocks until `start`

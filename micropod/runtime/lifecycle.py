@@ -3,41 +3,34 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import signal
-import socket
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from micropod import syscalls as sc
 from micropod.errors import ContainerStateError, OciRuntimeError
-from micropod.runtime import caps, cgroups, hooks, namespaces, seccomp
-from micropod.runtime.cgroups_devices import container_device_rules
-from micropod.runtime.init import InitPlan, stage_one
-from micropod.runtime.namespaces import NamespacePlan
-from micropod.runtime.spec import Bundle, load_bundle
+from micropod.runtime import cgroups, hooks, log
 from micropod.runtime.state import EXEC_FIFO, Container, StateDir, spec_state, start_time, status
-from micropod.runtime.sync import SyncSocket, raise_reported
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
 
 START_POLL = 0.1
-log = logging.getLogger("micropod.runtime")
 
 
-@dataclass
 class CreateOptions:
-    bundle: Path
-    pid_file: Path | None = None
-    console_socket: Path | None = None
-    no_pivot: bool = False
-    preserve_fds: int = 0
-    subreaper: bool = False  # `run` waits for the init, so it must become its parent
-    stdio: tuple[int, int, int] | None = None  # the container's stdio (the agent's pipes); else ours
-    extra: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, bundle: Path, pid_file: Path | None = None, console_socket: Path | None = None,
+                 no_pivot: bool = False, preserve_fds: int = 0, subreaper: bool = False,
+                 stdio: tuple[int, int, int] | None = None) -> None:
+        self.bundle, self.pid_file, self.console_socket = bundle, pid_file, console_socket
+        self.no_pivot, self.preserve_fds = no_pivot, preserve_fds
+        self.subreaper = subreaper  # `run` waits for the init, so it must become its parent
+        self.stdio = stdio  # the container's stdio (the agent's pipes); else ours
 
 
 def parse_signal(text: str) -> int:
@@ -57,6 +50,8 @@ def parse_signal(text: str) -> int:
 def _console(path: Path | None) -> socket.socket | None:
     if path is None:
         return None
+    import socket
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
@@ -74,15 +69,17 @@ def _write_pid_file(path: Path | None, pid: int) -> None:
     os.replace(tmp, path)
 
 
-def checked_config(bundle: Bundle) -> dict[str, Any]:
+def checked_config(bundle: Any) -> dict[str, Any]:
     """config.json with what the other modules check checked too, and bind sources made absolute."""
+    from micropod.runtime import caps, seccomp
+
     config = dict(bundle.config)
     process = config.get("process") or {}
     for warning in bundle.warnings:
-        log.warning("%s", warning)
+        log.warning(warning)
     ignored = caps.parse(process.get("capabilities")).ignored
     if ignored:
-        log.warning("ignoring unknown or unavailable capabilities: [%s]", " ".join(ignored))
+        log.warning(f"ignoring unknown or unavailable capabilities: [{' '.join(ignored)}]")
     seccomp.validate((config.get("linux") or {}).get("seccomp"))
     config["mounts"] = [{"destination": m.destination, "type": m.type, "source": m.source,
                          "options": list(m.options)} for m in bundle.mounts]
@@ -94,6 +91,13 @@ class Lifecycle:
         self.states = state_dir
 
     def create(self, cid: str, options: CreateOptions) -> Container:
+        # Only create pays for these imports: state, start, kill and delete are separate runs of the runtime.
+        from micropod.runtime.cgroups_devices import container_device_rules
+        from micropod.runtime.init import InitPlan, stage_one
+        from micropod.runtime.namespaces import NamespacePlan
+        from micropod.runtime.spec import load_bundle
+        from micropod.runtime.sync import SyncSocket
+
         bundle = load_bundle(options.bundle)
         config = checked_config(bundle)
         linux = config.get("linux") or {}
@@ -140,7 +144,8 @@ class Lifecycle:
                                   created=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
                                   annotations=dict(config.get("annotations") or {}),
                                   cgroup_paths=group.paths(), rootfs=str(bundle.rootfs),
-                                  namespaces={k: "" for k in plan.create} | dict(plan.join))
+                                  namespaces={k: "" for k in plan.create} | dict(plan.join),
+                                  hooks=dict(config.get("hooks") or {}))
             self.states.save(container)
             _write_pid_file(options.pid_file, init_pid)
             return container
@@ -154,7 +159,7 @@ class Lifecycle:
             self.states.remove(cid)
             raise
 
-    def _drive(self, sync: SyncSocket, stage: int, group: cgroups.Cgroup, init: InitPlan) -> int:
+    def _drive(self, sync: Any, stage: int, group: cgroups.Cgroup, init: Any) -> int:
         """Answer stage one and init until init is ready; returns init's pid."""
         group.add(stage)
         sync.send(go=True)
@@ -164,8 +169,12 @@ class Lifecycle:
             if message is None:
                 raise OciRuntimeError("the container's init exited during create")
             if "error" in message:
+                from micropod.runtime.sync import raise_reported
+
                 raise_reported(message)
             if "userns" in message:
+                from micropod.runtime import namespaces
+
                 namespaces.write_id_maps(int(message["userns"]), init.linux)
                 sync.send(ok=True)
             elif "init" in message:
@@ -200,9 +209,8 @@ class Lifecycle:
             if current != "created":
                 raise ContainerStateError("cannot start an already running container")
             self._release(container)
-        config = load_bundle(Path(container.bundle)).config
         try:
-            hooks.run_hooks("poststart", config.get("hooks"), spec_state(container, "running"))
+            hooks.run_hooks("poststart", container.hooks, spec_state(container, "running"))
         except OciRuntimeError:
             self.kill(cid, signal.SIGKILL, all_processes=True)
             raise
@@ -251,18 +259,15 @@ class Lifecycle:
             if current in ("running", "paused") and not force:
                 raise ContainerStateError(f"cannot delete container {cid} that is not stopped: {current}")
             group = cgroups.cgroup_from_paths(container.cgroup_paths)
+            if current == "paused":
+                group.thaw()
+            group.kill_all(signal.SIGKILL)  # also when init has gone: without a pid namespace, others may not have
             if current != "stopped":
-                if current == "paused":
-                    group.thaw()
-                group.kill_all(signal.SIGKILL)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(container.pid, signal.SIGKILL)
                 deadline = time.monotonic() + 10
                 while container.init_alive() and time.monotonic() < deadline:
                     time.sleep(0.005)
             group.destroy()
-            config: dict[str, Any] = {}
-            with contextlib.suppress(OciRuntimeError, OSError):
-                config = load_bundle(Path(container.bundle)).config
-            hooks.run_hooks("poststop", config.get("hooks"), spec_state(container, "stopped"))
+            hooks.run_hooks("poststop", container.hooks, spec_state(container, "stopped"))
             self.states.remove(cid)

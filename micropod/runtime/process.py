@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,9 +78,12 @@ def preload(program: Program, has_hooks: bool) -> None:
 def enter_cwd(cwd: str) -> None:
     try:
         os.chdir(cwd)
+        where = os.getcwd()  # glibc refuses (ENOENT) a directory that is not beneath our root
     except OSError as exc:
         raise ProgramError(f"chdir to cwd ({cwd!r}) set in config.json failed: {(exc.strerror or '').lower()}",
                            126) from None
+    if not where.startswith("/"):  # "(unreachable)/...": a directory outside our root (runc's CVE-2024-21626)
+        raise ProgramError(f"cwd ({cwd!r}) is outside the container's root", 126)
 
 
 def apply_limits(process: Mapping[str, Any]) -> None:
@@ -123,6 +127,50 @@ def _setgroups_allowed() -> bool:
         return True
 
 
+# Signals Python or the agent handle or ignore; an exec keeps ignored ones ignored, so each is reset.
+_RESET_SIGNALS = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH",
+                  "SIGPIPE", "SIGXFSZ")
+
+
+def detach_from_parent(keep: set[int]) -> None:
+    """First thing in a forked child: no signal handler or wakeup fd of the parent's (a signal from the
+    container must not reach the agent's loop), and no fd of the parent's but ``keep`` and stdio (the agent's
+    channel, its uploads' directory fds: nothing the container could reach through /proc/self/fd)."""
+    signal.set_wakeup_fd(-1)
+    for name in _RESET_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def own_executable() -> tuple[int, int]:
+    """(st_dev, st_ino) of the interpreter running us, taken before the pivot."""
+    st = os.stat("/proc/self/exe")
+    return st.st_dev, st.st_ino
+
+
+def refuse_our_interpreter(path: str, ours: tuple[int, int]) -> None:
+    """The program may not be the runtime's own interpreter, directly (``/proc/self/exe``) or as a script's
+    ``#!``: running it in the container would hand the container a process whose /proc/PID/exe is our binary,
+    to reopen for writing once we exit (runc's CVE-2019-5736)."""
+    candidates = [path]
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            head = f.read(256)
+        if head.startswith(b"#!"):
+            interpreter = head[2:].split(b"\n", 1)[0].strip().split(b" ", 1)[0]
+            candidates.append(os.fsdecode(interpreter))
+    for candidate in candidates:
+        with contextlib.suppress(OSError):
+            st = os.stat(candidate)
+            if (st.st_dev, st.st_ino) == ours:
+                raise ProgramError(f'exec: "{path}": refusing to run the runtime\'s own interpreter', 126)
+
+
 def close_runtime_fds(keep: int) -> None:
     """Every fd above stdio and the preserved ones closes on exec: nothing of ours reaches the program
     (runc's CVE-2024-21626 leaked a directory fd of the host)."""
@@ -148,6 +196,8 @@ def execute(program: Program, path: str) -> NoReturn:
     cwd = str(process.get("cwd") or "/")
     enter_cwd(cwd)
     close_runtime_fds(program.preserve_fds)
+    for name in _RESET_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
     if program.seccomp and no_new_privs:
         seccomp.load(program.seccomp)  # as late as possible: the fewer of our syscalls it must allow
     os.execve(path, program.args, program.env)

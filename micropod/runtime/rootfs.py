@@ -119,6 +119,7 @@ class RootfsSetup:
     config: Mapping[str, Any]
     new_netns: bool
     in_userns: bool
+    new_cgroupns: bool
     cgroup_paths: Mapping[str, str]  # Cgroup.paths(): v1 controller -> the container's directory, or {"": dir}
 
     def prepare(self) -> None:
@@ -169,10 +170,12 @@ class RootfsSetup:
     def _cgroup(self, dest: Path, opts: MountOptions) -> None:
         _make_target(dest, True)
         flags = opts.flags & ~sc.MS_BIND
-        if set(self.cgroup_paths) == {""}:  # v2: the namespace's own view, or a bind of the container's cgroup
-            try:
+        if set(self.cgroup_paths) == {""}:
+            # v2: in a cgroup namespace of its own, cgroup2 shows the container its own subtree; without one
+            # it would show (and, writable, hand over) the whole hierarchy, so bind its own cgroup, as runc.
+            if self.new_cgroupns:
                 sc.mount("cgroup2", str(dest), "cgroup2", flags)
-            except OSError:
+            else:
                 self._bind(self.cgroup_paths[""], dest, MountOptions(flags | sc.MS_BIND, (), ""))
             return
         # v1: a tmpfs holding each hierarchy's container cgroup, bound read-only unless asked otherwise.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from micropod.errors import OciRuntimeError, SpecError
+from micropod.errors import SpecError
 from micropod.runtime.spec_defaults import HOOK_NAMES, OCI_VERSION, default_spec, features
 from micropod.runtime.spec_linux import (
     RLIMITS,
@@ -37,6 +37,7 @@ from micropod.runtime.spec_linux import (
     want_str_map,
 )
 from micropod.runtime.spec_mounts import MS_BIND, MountOptions, parse_mount_options
+from micropod.runtime.state import validate_id
 
 __all__ = [
     "MAX_CONFIG_BYTES", "OCI_VERSION", "Bundle", "Capabilities", "Hook", "Hooks", "Mount", "Process", "Rlimit", "User",
@@ -49,7 +50,6 @@ HOST_NAME_MAX = 64
 NGROUPS_MAX = 65536
 _SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?", re.ASCII)
 # runc's ^[\w+-\.]+$: in Go, "+-\." is the range from '+' to '.', so ',' is allowed too.
-_CONTAINER_ID = re.compile(r"[\w+,.-]+", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -144,16 +144,6 @@ class Bundle:
     annotations: dict[str, str] = field(default_factory=dict)
     linux: Linux = field(default_factory=Linux)
     warnings: tuple[str, ...] = ()  # for the log, one line each
-
-
-def validate_id(cid: str) -> None:
-    """Refuse a container id as runc does, before it is joined to any path."""
-    if not cid:
-        raise OciRuntimeError("container id cannot be empty")
-    if cid in (".", "..") or not _CONTAINER_ID.fullmatch(cid):
-        raise OciRuntimeError("invalid container ID format")
-    if len(cid) > 255:
-        raise OciRuntimeError("invalid container ID format: longer than 255 characters")
 
 
 def load_bundle(bundle: Path | str) -> Bundle:

@@ -14,6 +14,9 @@ from typing import Any
 from micropod.errors import OciRuntimeError, ProgramError
 
 MAX_LINE = 1 << 16
+# The runtime never waits longer for a child: one stopped by the container (SIGSTOP during an exec) must not
+# hang the caller, which in the guest is the agent.
+SYNC_TIMEOUT = 60.0
 
 
 class SyncSocket:
@@ -24,6 +27,7 @@ class SyncSocket:
     @classmethod
     def pair(cls) -> tuple[SyncSocket, SyncSocket]:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent.settimeout(SYNC_TIMEOUT)
         return cls(parent), cls(child)
 
     def send(self, **message: Any) -> None:
@@ -34,7 +38,10 @@ class SyncSocket:
         while b"\n" not in self._buffer:
             if len(self._buffer) > MAX_LINE:
                 raise OciRuntimeError("the container's init sent an oversized message")
-            data = self.sock.recv(MAX_LINE)
+            try:
+                data = self.sock.recv(MAX_LINE)
+            except TimeoutError:
+                raise OciRuntimeError(f"the container's init did not answer within {SYNC_TIMEOUT:.0f}s") from None
             if not data:
                 return None
             self._buffer += data
