@@ -6,9 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import select
-import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ import pytest
 from micropod import syscalls
 from micropod.errors import OciRuntimeError, SpecError
 from micropod.runtime import caps
+from tests import forked
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="changes capabilities and uids as root")
 
@@ -25,38 +23,8 @@ N = caps.NUMBERS
 
 
 def in_child(body: Callable[[], Any], timeout: float = 30.0) -> tuple[int, bytes]:
-    """Run ``body`` in a forked child with its stdout on a pipe; its wait status and what it wrote.
-
-    ``body`` either execs or returns something JSON, which is written for it."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            os.dup2(write_end, 1)
-            try:
-                reply: dict[str, Any] = {"result": body()}
-            except BaseException as exc:
-                reply = {"error": f"{type(exc).__name__}: {exc}"}
-            os.write(1, json.dumps(reply).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    data, deadline = b"", time.monotonic() + timeout
-    try:
-        while True:
-            ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                os.kill(pid, signal.SIGKILL)
-                pytest.fail(f"the child did not finish within {timeout}s")
-            chunk = os.read(read_end, 65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(read_end)
-        _, status = os.waitpid(pid, 0)
-    return status, data
+    """``body`` in a forked child with its stdout on the pipe (it may exec); its wait status and output."""
+    return forked.in_child(body, timeout, on_stdout=True)
 
 
 def reply_of(body: Callable[[], Any]) -> dict[str, Any]:

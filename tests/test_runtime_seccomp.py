@@ -12,7 +12,6 @@ import select
 import signal
 import socket
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 
 from micropod.errors import SeccompError, SpecError
 from micropod.runtime import caps, seccomp
+from tests import forked
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loads filters and changes capabilities as root")
 
@@ -45,33 +45,7 @@ def raw(number: int, *args: int) -> int:
 
 def in_child(body: Callable[[], Any], timeout: float = 30.0) -> tuple[int, dict[str, Any] | None]:
     """Run ``body`` in a forked child: its wait status, and {"result": ...} or {"error": ...} if it reported."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            try:
-                reply: dict[str, Any] = {"result": body()}
-            except BaseException as exc:
-                reply = {"error": f"{type(exc).__name__}: {exc}"}
-            os.write(write_end, json.dumps(reply).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    data, deadline = b"", time.monotonic() + timeout
-    try:
-        while True:
-            ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                os.kill(pid, signal.SIGKILL)
-                pytest.fail(f"the child did not report within {timeout}s")
-            chunk = os.read(read_end, 65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(read_end)
-        _, status = os.waitpid(pid, 0)
+    status, data = forked.in_child(body, timeout)
     return status, json.loads(data) if data else None
 
 

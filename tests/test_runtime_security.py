@@ -4,12 +4,14 @@ user can write to."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import forked
 from tests.runtime_bundle import Runtime, cgroup_subtree_fixture, make_bundle, runtime_named  # noqa: F401
 
 pytestmark = pytest.mark.runtime
@@ -83,21 +85,9 @@ def test_a_state_root_others_can_write_to_is_refused(tmp_path: Path, cgroup_subt
 
 def _in_child(body: Callable[[int], str]) -> str:
     """``body`` in a forked child, given the fd it reports through; what it returns (or the error it raised)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        try:
-            result = body(write_end)
-        except BaseException as exc:
-            result = f"{type(exc).__name__}: {exc}"
-        os.write(write_end, result.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        text = f.read().decode()
-    os.waitpid(pid, 0)
-    return text
+    _, data = forked.in_child(body, given_fd=True)
+    reply = json.loads(data)
+    return str(reply.get("result", reply.get("error")))
 
 
 def test_a_forked_child_keeps_no_fd_of_its_parent_but_those_asked_for(tmp_path: Path) -> None:
