@@ -86,7 +86,7 @@ def start_main(cid: str, launch: Launch, spec: dict[str, Any], stdio: tuple[int,
     life = _life()
     forget(cid)  # a restarted container's leftovers
     try:
-        container = life.create(cid, CreateOptions(bundle=Path(directory), stdio=stdio))
+        container = life.create(cid, CreateOptions(bundle=Path(directory), stdio=stdio, trusted_config=document))
         life.start(cid)
     except OciRuntimeError as exc:
         forget(cid)
@@ -125,6 +125,7 @@ def warm_up() -> None:
     (imports and libseccomp cost seconds under emulation, every time, if left to the first container)."""
     from micropod.runtime import cgroups_devices, cgroups_spec, cgroups_v1, cgroups_v2, init, seccomp
 
-    del cgroups_devices, cgroups_spec, cgroups_v1, cgroups_v2, init
+    del cgroups_devices, cgroups_spec, cgroups_v1, init
     seccomp.preload()
     bundle.warm_up()
+    cgroups_v2.warm_up()

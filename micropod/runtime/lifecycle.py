@@ -26,11 +26,12 @@ START_POLL = 0.1
 class CreateOptions:
     def __init__(self, bundle: Path, pid_file: Path | None = None, console_socket: Path | None = None,
                  no_pivot: bool = False, preserve_fds: int = 0, subreaper: bool = False,
-                 stdio: tuple[int, int, int] | None = None) -> None:
+                 stdio: tuple[int, int, int] | None = None, trusted_config: dict[str, Any] | None = None) -> None:
         self.bundle, self.pid_file, self.console_socket = bundle, pid_file, console_socket
         self.no_pivot, self.preserve_fds = no_pivot, preserve_fds
         self.subreaper = subreaper  # `run` waits for the init, so it must become its parent
         self.stdio = stdio  # the container's stdio (the agent's pipes); else ours
+        self.trusted_config = trusted_config  # config.json as its in-process writer made it; else read and checked
 
 
 def parse_signal(text: str) -> int:
@@ -98,8 +99,15 @@ class Lifecycle:
         from micropod.runtime.spec import load_bundle
         from micropod.runtime.sync import SyncSocket
 
-        bundle = load_bundle(options.bundle)
-        config = checked_config(bundle)
+        if options.trusted_config is not None:
+            # The agent's own bundle, handed over in memory: it wrote it, so reading it back and checking
+            # it again would only cost time (a tenth of a container's start under emulation).
+            config = options.trusted_config
+            bundle_path, rootfs = options.bundle, Path(str(config["root"]["path"]))
+        else:
+            bundle = load_bundle(options.bundle)
+            config = checked_config(bundle)
+            bundle_path, rootfs = bundle.path, bundle.rootfs
         linux = config.get("linux") or {}
         directory = self.states.reserve(cid)
         group: cgroups.Cgroup | None = None
@@ -117,7 +125,7 @@ class Lifecycle:
             group.validate(resources)
             group.create()
             group.apply(resources)
-            init = InitPlan(cid=cid, bundle=bundle.path, config=config, rootfs=bundle.rootfs, plan=plan,
+            init = InitPlan(cid=cid, bundle=bundle_path, config=config, rootfs=rootfs, plan=plan,
                             fifo=fifo, cgroup_paths=group.paths(), no_pivot=options.no_pivot,
                             console=_console(options.console_socket), preserve_fds=options.preserve_fds,
                             stdio=options.stdio)
@@ -140,10 +148,10 @@ class Lifecycle:
             pid_start = start_time(init_pid)
             if pid_start is None:
                 raise OciRuntimeError("the container's init exited during create")
-            container = Container(id=cid, bundle=str(bundle.path), pid=init_pid, pid_start=pid_start,
+            container = Container(id=cid, bundle=str(bundle_path), pid=init_pid, pid_start=pid_start,
                                   created=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
                                   annotations=dict(config.get("annotations") or {}),
-                                  cgroup_paths=group.paths(), rootfs=str(bundle.rootfs),
+                                  cgroup_paths=group.paths(), rootfs=str(rootfs),
                                   namespaces={k: "" for k in plan.create} | dict(plan.join),
                                   hooks=dict(config.get("hooks") or {}))
             self.states.save(container)
