@@ -50,6 +50,8 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 SYS_PIVOT_ROOT = 155  # x86_64; glibc has no wrapper
+SYS_MOUNT_SETATTR = 442  # the same on every architecture (asm-generic); glibc 2.36 has no wrapper either
+AT_RECURSIVE = 0x8000
 
 # asm-generic/ioctls.h, the same on x86_64 and arm64.
 TIOCSCTTY = 0x540E
@@ -113,6 +115,20 @@ def unshare(flags: int) -> None:
 
 def setns(fd: int, nstype: int = 0) -> None:
     _check(_libc.setns(fd, nstype), f"setns {nstype:#x}")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(target: str, attr_set: int, attr_clr: int, recursive: bool = True) -> None:
+    """mount_setattr(2) on ``target`` (and, recursively, every mount below it): MOUNT_ATTR_* bits."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    flags = AT_RECURSIVE if recursive else 0
+    result = _libc.syscall(SYS_MOUNT_SETATTR, -100, _bytes(target), flags, ctypes.byref(attr),
+                           ctypes.sizeof(attr))  # -100: AT_FDCWD
+    _check(result, f"mount_setattr {target} (set {attr_set:#x}, clear {attr_clr:#x})")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:

@@ -98,7 +98,9 @@ def test_system_key_follows_packages_busybox_and_agent_sources(tmp_path: Path) -
 def test_agent_sources_include_the_package_and_agent_modules() -> None:
     names = {p.relative_to(artefacts.SOURCE_ROOT).as_posix() for p in artefacts.agent_sources()}
     assert {"micropod/__init__.py", "micropod/agent/__init__.py"} <= names
-    assert all(name.startswith("micropod/") and name.endswith(".py") for name in names)
+    assert all(name.startswith("micropod/") for name in names)
+    assert all(name.endswith(".py") or name.startswith("micropod/runtime/") for name in names)
+    assert "micropod/runtime/seccomp_default.json" in names
 
 
 def test_keys_are_cheap_to_compute() -> None:

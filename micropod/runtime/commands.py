@@ -177,7 +177,7 @@ def cmd_update(states: StateDir, args: argparse.Namespace) -> int:
 
 def cmd_list(states: StateDir, args: argparse.Namespace) -> int:
     life = Lifecycle(states)
-    rows = [life.state(cid) for cid in states.ids()]
+    rows = [life.state(cid) | {"owner": _owner(states.path(cid))} for cid in states.ids()]
     if args.quiet:
         for row in rows:
             print(row["id"])
@@ -189,6 +189,17 @@ def cmd_list(states: StateDir, args: argparse.Namespace) -> int:
             print(f"{row['id']:<12} {row['pid']:<8} {row['status']:<10} {row['bundle']:<20} "
                   f"{row['created']:<30} {row['owner']}")
     return 0
+
+
+def _owner(path: Path) -> str:
+    """Who owns the state directory, by name ("#UID" without one), as runc's list shows it."""
+    import pwd
+
+    uid = path.stat().st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"#{uid}"
 
 
 def cmd_spec(states: StateDir, args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from micropod.runtime.process import (
     refuse_our_interpreter,
     seal_imports,
 )
+from micropod.runtime.state import OCI_VERSION
 from micropod.runtime.sync import SyncSocket, fail_child
 
 
@@ -69,6 +70,8 @@ def stage_one(sync: SyncSocket, init: InitPlan) -> NoReturn:
             keep.add(init.console.fileno())
         detach_from_parent(keep)
         sync.expect("go")  # the runtime has put us in the cgroup: a new cgroup namespace is rooted there
+        # Before any user namespace: the state directory is 0700, out of a mapped root's reach.
+        fifo = os.open(init.fifo, os.O_PATH | os.O_CLOEXEC)  # reopened for writing after the pivot, by fd
         opened = init.plan.open_joined()
         joined_user = [item for item in opened if item[0] == "user"]
         namespaces.join(joined_user)
@@ -84,7 +87,7 @@ def stage_one(sync: SyncSocket, init: InitPlan) -> NoReturn:
             namespaces.write_time_offsets(init.linux["timeOffsets"])
         child = os.fork()
         if child == 0:
-            container_init(sync, init)
+            container_init(sync, init, fifo)
         sync.send(init=child)
     except MicropodError as exc:
         fail_child(sync, exc.message, getattr(exc, "launch_code", 125))
@@ -93,9 +96,9 @@ def stage_one(sync: SyncSocket, init: InitPlan) -> NoReturn:
     os._exit(0)
 
 
-def container_init(sync: SyncSocket, init: InitPlan) -> NoReturn:
+def container_init(sync: SyncSocket, init: InitPlan, fifo: int) -> NoReturn:
     try:
-        _setup(sync, init)
+        _setup(sync, init, fifo)
     except MicropodError as exc:
         fail_child(sync, exc.message, getattr(exc, "launch_code", 125))
     except OSError as exc:
@@ -105,12 +108,11 @@ def container_init(sync: SyncSocket, init: InitPlan) -> NoReturn:
     raise AssertionError("unreachable")
 
 
-def _setup(sync: SyncSocket, init: InitPlan) -> NoReturn:
+def _setup(sync: SyncSocket, init: InitPlan, fifo: int) -> NoReturn:
     config, linux = init.config, init.linux
     os.setsid()
-    fifo = os.open(init.fifo, os.O_PATH | os.O_CLOEXEC)  # reopened for writing after the pivot, by fd
-    setup = rootfs.RootfsSetup(init.rootfs, config, new_netns=init.plan.has("network") and
-                               "network" in init.plan.create, in_userns=init.plan.has("user"),
+    setup = rootfs.RootfsSetup(init.rootfs, config, new_netns=init.plan.has("network"),
+                               in_userns=init.plan.has("user"),
                                new_cgroupns="cgroup" in init.plan.create,
                                cgroup_paths=init.cgroup_paths)
     preload(init.program, bool((config.get("hooks") or {}).get("startContainer")))
@@ -142,8 +144,7 @@ def _setup(sync: SyncSocket, init: InitPlan) -> NoReturn:
     sync.send(ready=True)
     sync.close()
     writer = os.open(f"/proc/self/fd/{fifo}", os.O_WRONLY | os.O_CLOEXEC)  # blocks until `start`
-    os.write(writer, b"0")
-    os.close(writer)
+    os.write(writer, b"0")  # the writer stays open until execve closes it: `start` waits for that EOF
     os.close(fifo)
     hooks.run_hooks("startContainer", config.get("hooks"), _state(config, init, 1, "created"))
     execute(init.program, path)
@@ -184,5 +185,5 @@ def attach_terminal(console: socket.socket | None, process: Mapping[str, Any]) -
 
 
 def _state(config: dict[str, Any], init: InitPlan, pid: int, status: str = "creating") -> dict[str, Any]:
-    return {"ociVersion": config.get("ociVersion", ""), "id": init.cid, "status": status, "pid": pid,
+    return {"ociVersion": OCI_VERSION, "id": init.cid, "status": status, "pid": pid,
             "bundle": str(init.bundle), "annotations": config.get("annotations") or {}}

@@ -14,7 +14,7 @@ from typing import Any
 from micropod import syscalls as sc
 from micropod.errors import ContainerStateError, OciRuntimeError
 from micropod.runtime import cgroups, hooks, log
-from micropod.runtime.state import EXEC_FIFO, Container, StateDir, spec_state, start_time, status
+from micropod.runtime.state import EXEC_FIFO, OCI_VERSION, Container, StateDir, spec_state, start_time, status
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -70,6 +70,13 @@ def _write_pid_file(path: Path | None, pid: int) -> None:
     os.replace(tmp, path)
 
 
+def _host_root(linux: dict[str, Any]) -> tuple[int, int]:
+    """The host uid and gid of the container's root: itself without a user namespace."""
+    def mapped(key: str) -> int:
+        return next((int(m["hostID"]) for m in linux.get(key) or [] if int(m["containerID"]) == 0), 0)
+    return mapped("uidMappings"), mapped("gidMappings")
+
+
 def checked_config(bundle: Any) -> dict[str, Any]:
     """config.json with what the other modules check checked too, and bind sources made absolute."""
     from micropod.runtime import caps, seccomp
@@ -115,6 +122,7 @@ class Lifecycle:
         try:
             fifo = directory / EXEC_FIFO
             os.mkfifo(fifo, 0o622)
+            os.chown(fifo, *_host_root(linux))  # init reopens it as the container's root, as runc has it
             plan = NamespacePlan.from_config(linux.get("namespaces") or [])
             if not plan.has("mount"):
                 raise OciRuntimeError("linux.namespaces: a mount namespace is required")
@@ -188,7 +196,7 @@ class Lifecycle:
             elif "init" in message:
                 init_pid = int(message["init"])
             elif message.get("hooks") == "createRuntime":
-                state = {"ociVersion": init.config.get("ociVersion", ""), "id": init.cid, "status": "creating",
+                state = {"ociVersion": OCI_VERSION, "id": init.cid, "status": "creating",
                          "pid": init_pid, "bundle": str(init.bundle),
                          "annotations": init.config.get("annotations") or {}}
                 for kind in ("prestart", "createRuntime"):
@@ -235,6 +243,10 @@ class Lifecycle:
                     break
                 if not container.init_alive():
                     raise ContainerStateError("cannot start a container that has stopped")
+            # Then EOF: init's writer closes at the program's execve (or its exit), after startContainer hooks.
+            while not (select.select([fd], [], [], START_POLL)[0] and not os.read(fd, 1)):
+                if not container.init_alive():
+                    break
         finally:
             os.close(fd)
             fifo.unlink(missing_ok=True)
@@ -251,11 +263,11 @@ class Lifecycle:
 
     def kill(self, cid: str, signum: int, all_processes: bool = False) -> None:
         container, current = self.current(cid)
-        if current == "stopped":
-            raise ContainerStateError("container not running")
-        if all_processes:
+        if all_processes:  # as runc: whatever the cgroup still holds, and no error once it is empty
             cgroups.cgroup_from_paths(container.cgroup_paths).kill_all(signum)
             return
+        if current == "stopped":
+            raise ContainerStateError("container not running")
         try:
             os.kill(container.pid, signum)
         except ProcessLookupError:

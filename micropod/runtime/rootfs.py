@@ -11,33 +11,14 @@ import errno
 import os
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from micropod import syscalls as sc
 from micropod.errors import OciRuntimeError
+from micropod.runtime.spec_mounts import MOUNT_OPTIONS, MountOptions, parse_mount_options
 
-# Mount options: name -> (flag, clears). Propagation options are applied in their own mount(2) call.
-FLAGS: dict[str, tuple[int, bool]] = {
-    "ro": (sc.MS_RDONLY, False), "rw": (sc.MS_RDONLY, True),
-    "nosuid": (sc.MS_NOSUID, False), "suid": (sc.MS_NOSUID, True),
-    "nodev": (sc.MS_NODEV, False), "dev": (sc.MS_NODEV, True),
-    "noexec": (sc.MS_NOEXEC, False), "exec": (sc.MS_NOEXEC, True),
-    "sync": (0x10, False), "async": (0x10, True), "dirsync": (0x80, False),
-    "remount": (sc.MS_REMOUNT, False), "mand": (0x40, False), "nomand": (0x40, True),
-    "atime": (sc.MS_NOATIME, True), "noatime": (sc.MS_NOATIME, False),
-    "diratime": (0x800, True), "nodiratime": (0x800, False),
-    "relatime": (0x200000, False), "norelatime": (0x200000, True),
-    "strictatime": (sc.MS_STRICTATIME, False), "nostrictatime": (sc.MS_STRICTATIME, True),
-    "bind": (sc.MS_BIND, False), "rbind": (sc.MS_BIND | sc.MS_REC, False),
-}
-PROPAGATION: dict[str, int] = {
-    "private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE | sc.MS_REC,
-    "shared": sc.MS_SHARED, "rshared": sc.MS_SHARED | sc.MS_REC,
-    "slave": sc.MS_SLAVE, "rslave": sc.MS_SLAVE | sc.MS_REC,
-    "unbindable": sc.MS_UNBINDABLE, "runbindable": sc.MS_UNBINDABLE | sc.MS_REC,
-}
 MAX_LINKS = 255
 
 # runc's default devices, created in a /dev that is not the host's own.
@@ -45,28 +26,6 @@ DEFAULT_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("tty", 5, 0)
                    ("urandom", 1, 9))
 DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
              ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
-
-
-@dataclass(frozen=True)
-class MountOptions:
-    flags: int
-    propagation: tuple[int, ...]
-    data: str
-
-
-def parse_options(options: Sequence[str]) -> MountOptions:
-    flags, propagation, data = 0, [], []
-    for option in options:
-        if option in FLAGS:
-            flag, clears = FLAGS[option]
-            flags = flags & ~flag if clears else flags | flag
-        elif option in PROPAGATION:
-            propagation.append(PROPAGATION[option])
-        elif option in ("rro", "idmap", "ridmap") or option.startswith("rr"):
-            raise OciRuntimeError(f"mount option {option!r} is not supported")
-        else:
-            data.append(option)  # filesystem-specific, passed on as runc does
-    return MountOptions(flags, tuple(propagation), ",".join(data))
 
 
 def beneath(root: Path, path: str) -> Path:
@@ -125,8 +84,10 @@ class RootfsSetup:
     def prepare(self) -> None:
         """Private (or as asked) propagation, the rootfs a mount point of its own, then each mount."""
         linux = self.config.get("linux") or {}
-        propagation = PROPAGATION.get(str(linux.get("rootfsPropagation") or ""), sc.MS_SLAVE | sc.MS_REC)
+        chosen = MOUNT_OPTIONS.get(str(linux.get("rootfsPropagation") or ""))
+        propagation = chosen.value if chosen and chosen.kind == "propagation" else sc.MS_SLAVE | sc.MS_REC
         sc.mount(None, "/", None, propagation)
+        _make_parent_private(self.rootfs)
         sc.mount(str(self.rootfs), str(self.rootfs), None, sc.MS_BIND | sc.MS_REC)
         dev_bound = False
         for index, mount in enumerate(self.config.get("mounts") or []):
@@ -143,7 +104,7 @@ class RootfsSetup:
     def mount_one(self, mount: Mapping[str, Any]) -> None:
         kind = str(mount.get("type") or "")
         source = str(mount.get("source") or kind or "none")
-        opts = parse_options([str(o) for o in mount.get("options") or []])
+        opts = parse_mount_options([str(o) for o in mount.get("options") or []])
         dest = beneath(self.rootfs, str(mount["destination"]))
         if opts.flags & sc.MS_BIND:
             self._bind(source, dest, opts)
@@ -154,10 +115,15 @@ class RootfsSetup:
             if kind == "sysfs" and not self.new_netns:
                 # sysfs can only be mounted in a network namespace of one's own: bind the host's, without its
                 # submounts (its cgroup mounts), as runc does.
-                self._bind("/sys", dest, MountOptions(opts.flags | sc.MS_BIND, opts.propagation, ""))
+                self._bind("/sys", dest, replace(opts, flags=opts.flags | sc.MS_BIND, data=""))
                 return
-            sc.mount(source, str(dest), kind, opts.flags, opts.data or None)
+            if opts.copy_up and kind == "tmpfs":
+                _mount_copied_up(source, dest, opts)
+            else:
+                sc.mount(source, str(dest), kind, opts.flags, opts.data or None)
         _propagate(str(dest), opts)
+        if opts.rec_set or opts.rec_clear:
+            sc.mount_setattr(str(dest), opts.rec_set, opts.rec_clear)
 
     def _bind(self, source: str, dest: Path, opts: MountOptions) -> None:
         _make_target(dest, os.path.isdir(source))
@@ -176,7 +142,7 @@ class RootfsSetup:
             if self.new_cgroupns:
                 sc.mount("cgroup2", str(dest), "cgroup2", flags)
             else:
-                self._bind(self.cgroup_paths[""], dest, MountOptions(flags | sc.MS_BIND, (), ""))
+                self._bind(self.cgroup_paths[""], dest, MountOptions(flags=flags | sc.MS_BIND))
             return
         # v1: a tmpfs holding each hierarchy's container cgroup, bound read-only unless asked otherwise.
         sc.mount("tmpfs", str(dest), "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "mode=755")
@@ -226,14 +192,116 @@ class RootfsSetup:
         sc.mount(str(device["path"]), str(dest), None, sc.MS_BIND)
 
 
+def _mount_copied_up(source: str, dest: Path, opts: MountOptions) -> None:
+    """runc's tmpcopyup: the tmpfs starts with what the image had at ``dest``. The directory is opened before
+    the tmpfs covers it, and its tree copied from that fd, never by a path the image could redirect."""
+    lower = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        sc.mount(source, str(dest), "tmpfs", opts.flags, opts.data or None)
+        upper = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _copy_tree(lower, upper)
+            st = os.fstat(lower)
+            os.fchown(upper, st.st_uid, st.st_gid)
+            os.fchmod(upper, stat.S_IMODE(st.st_mode))
+        finally:
+            os.close(upper)
+    finally:
+        os.close(lower)
+
+
+def _copy_tree(src: int, dst: int) -> None:
+    """Copy the directory ``src`` into ``dst`` (both fds): files, directories, symlinks, fifos and devices,
+    with their owners and modes, every name opened relative to its parent's fd without following."""
+    for name in os.listdir(src):
+        st = os.stat(name, dir_fd=src, follow_symlinks=False)
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(name, 0o700, dir_fd=dst)
+            inner_src = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src)
+            inner_dst = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dst)
+            try:
+                _copy_tree(inner_src, inner_dst)
+            finally:
+                os.close(inner_src)
+                os.close(inner_dst)
+        elif stat.S_ISREG(st.st_mode):
+            _copy_file(name, src, dst)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
+        else:
+            os.mknod(name, stat.S_IFMT(st.st_mode) | mode, st.st_rdev, dir_fd=dst)
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(name, mode, dir_fd=dst)
+
+
+def _copy_file(name: str, src: int, dst: int) -> None:
+    source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src)
+    try:
+        target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dst)
+        try:
+            while os.sendfile(target, source, None, 1 << 20):
+                pass
+        finally:
+            os.close(target)
+    finally:
+        os.close(source)
+
+
+def _mountinfo() -> list[tuple[str, str, str, list[str]]]:
+    """/proc/self/mountinfo as (root, mount point, fs type, optional fields), in mount order."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" ")
+        sep = fields.index("-")
+        found.append((fields[3], fields[4], fields[sep + 1], fields[6:sep]))
+    return found
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _make_parent_private(rootfs: Path) -> None:
+    """pivot_root(2) fails (EINVAL) when the new root's parent mount is shared: with rootfsPropagation [r]shared
+    the mount holding the rootfs turns private first, as runc's rootfsParentMountPrivate does."""
+    holders = [(point, optional) for _, point, _, optional in _mountinfo() if _under(str(rootfs), point)]
+    point, optional = max(holders, key=lambda holder: len(holder[0]))
+    if any(field.startswith("shared:") for field in optional):
+        sc.mount(None, point, None, sc.MS_PRIVATE)
+
+
+def _detach_host_proc_and_sys(rootfs: Path) -> None:
+    """Without pivot_root the old root stays in the mount namespace, and a whole procfs or sysfs left in it lets
+    the kernel allow the container a fresh, unmasked one: they go first, as in runc's msMoveRoot."""
+    for root, point, fstype, _ in reversed(_mountinfo()):
+        if root != "/" or fstype not in ("proc", "sysfs") or _under(point, str(rootfs)):
+            continue
+        sc.mount(None, point, None, sc.MS_SLAVE | sc.MS_REC)  # the detach must not propagate to the host
+        try:
+            sc.umount2(point, sc.MNT_DETACH)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EPERM):
+                raise
+            sc.mount("tmpfs", point, "tmpfs", 0)
+
+
 def pivot(rootfs: Path, no_pivot: bool) -> None:
     """Make ``rootfs`` the root; the old root is detached (pivot_root) or left under a chroot (--no-pivot)."""
     os.chdir(rootfs)
     if no_pivot:
+        _detach_host_proc_and_sys(rootfs)
         sc.mount(str(rootfs), "/", None, sc.MS_MOVE)
         os.chroot(".")
     else:
+        old_root = os.open("/", os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
         sc.pivot_root(".", ".")  # the old root is stacked on "/", and detached next
+        # Only the old root's tree turns slave, so that its detach cannot reach the host: "." is the new root
+        # here, and MS_REC on it would make the container's own mounts slaves too (runc fchdirs the same way).
+        os.fchdir(old_root)
+        os.close(old_root)
         sc.mount(None, ".", None, sc.MS_SLAVE | sc.MS_REC)
         sc.umount2(".", sc.MNT_DETACH)
     os.chdir("/")
