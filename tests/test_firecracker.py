@@ -18,14 +18,8 @@ from micropod.agent import protocol
 from micropod.errors import BootError, FirecrackerApiError, VmmError
 from micropod.vmm import firecracker_api as api
 from micropod.vmm.base import AGENT_VSOCK_PORT, GUEST_CID, Drive, NetInterface, VmSpec
-from micropod.vmm.firecracker import (
-    FirecrackerVmm,
-    JailerConfig,
-    VmmLayout,
-    build_config,
-    find_firecracker,
-    find_jailer,
-)
+from micropod.vmm.firecracker import FirecrackerVmm, JailerConfig, find_firecracker, find_jailer
+from micropod.vmm.firecracker_config import VmmLayout, build_config
 from tests import fake_firecracker as fake
 
 VM_ID = "0123456789ab" + "c" * 52

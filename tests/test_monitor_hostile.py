@@ -19,8 +19,8 @@ from micropod import guestmsg
 from micropod.agent import protocol
 from micropod.channel import OUT_LIMIT, AgentLink, FramedSocket
 from micropod.errors import ContainerCommandError, printable
-from micropod.monitor import Monitor
 from micropod.monitor_connections import HIGH_WATER
+from micropod.monitor_loop import Monitor
 from micropod.monitorclient import MonitorClient
 from micropod.paths import StateRoot
 from micropod.runconfig import ContainerSpec, RunConfig

@@ -1,18 +1,17 @@
-"""Container commands: run, ps, stop, kill, rm, logs, inspect, wait."""
+"""Container commands that act on containers: run, start, restart, stop, kill, rm, wait."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
 import sys
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
 from micropod import containers
+from micropod.cli.container_views import logs, ps
 from micropod.cli.security import security_options
 from micropod.context import Context
 from micropod.errors import MicropodError, NotFoundError, UsageError
@@ -126,81 +125,6 @@ def _fail_from_exit(message: dict[str, Any]) -> int:
     sys.exit(code)
 
 
-def _status_text(record: VmRecord, now: float) -> str:
-    from micropod.units import human_duration
-
-    if record.status == "running":
-        alive = record.monitor is not None and record.monitor.alive()
-        since = human_duration(now - (record.started or record.created))
-        return f"Up {since}" + ("" if alive else " (monitor lost)")
-    if record.status == "exited":
-        ago = human_duration(now - (record.finished or now))
-        return f"Exited ({record.exit_code}) {ago} ago"
-    if record.status == "restarting":
-        ago = human_duration(now - (record.finished or now))
-        return f"Restarting ({record.exit_code}) {ago} ago"
-    if record.status == "dead":
-        return "Dead"
-    return "Created"
-
-
-def _iso(ts: float | None) -> str:
-    if ts is None:
-        return "0001-01-01T00:00:00Z"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _command_text(record: VmRecord) -> str:
-    import shlex
-
-    return shlex.join(record.argv)
-
-
-@click.command(name="ps")
-@click.option("-a", "--all", "show_all", is_flag=True, help="Show all containers, not only running ones.")
-@click.option("-q", "--quiet", is_flag=True, help="Only show ids.")
-@click.option("--no-trunc", is_flag=True, help="Do not truncate output.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-@pass_ctx
-def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> None:
-    """List containers."""
-    from micropod.cli.output import json_lines, table, truncate
-    from micropod.units import human_duration
-
-    now = time.time()
-    records = [r for r in reconcile(ctx) if show_all or r.status == "running"]
-    if quiet:
-        for record in records:
-            click.echo(record.id if no_trunc else record.short_id)
-        return
-    if fmt == "json":
-        json_lines([{
-            "ID": record.id if no_trunc else record.short_id, "Image": record.image,
-            "Command": _command_text(record), "CreatedAt": _iso(record.created),
-            "State": record.status, "Status": _status_text(record, now), "Names": record.name,
-            "ExitCode": record.exit_code, "Backend": record.backend,
-            "Ports": _ports(ctx, record),
-            "RestartCount": record.restart_count,
-        } for record in records])
-        return
-    rows = [[
-        record.id if no_trunc else record.short_id,
-        record.image,
-        f'"{_command_text(record) if no_trunc else truncate(_command_text(record), 20)}"',
-        f"{human_duration(now - record.created)} ago",
-        _status_text(record, now),
-        _ports(ctx, record),
-        record.name,
-    ] for record in records]
-    table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"], rows)
-
-
-def _ports(ctx: Context, record: VmRecord) -> str:
-    """Like docker, only a running container shows its published ports."""
-    from micropod.cli.network import load_settings, ports_column
-
-    return ports_column(load_settings(ctx, record.id)) if record.status == "running" else ""
-
 
 def _each(ctx: Context, idents: tuple[str, ...], action: Any, ignore_missing: bool = False) -> None:
     """Apply ``action`` to every container named; report each failure, fail at the end like docker."""
@@ -270,59 +194,6 @@ def rm(ctx: Context, force: bool, containers_: tuple[str, ...]) -> None:
     _each(ctx, containers_, action, ignore_missing=force)
 
 
-@click.command()
-@click.option("-f", "--follow", is_flag=True, help="Follow the log output.")
-@click.option("-t", "--timestamps", is_flag=True, help="Show timestamps.")
-@click.option("-n", "--tail", default="all", help="Number of lines to show from the end.")
-@click.option("--since", help="Show logs since a time (RFC3339, Unix timestamp, or relative like 10m).")
-@click.option("--until", help="Show logs before a time (RFC3339, Unix timestamp, or relative like 10m).")
-@click.argument("container")
-@pass_ctx
-def logs(ctx: Context, follow: bool, timestamps: bool, tail: str, since: str | None, until: str | None,
-         container: str) -> None:
-    """Show a container's output (stdout to stdout, stderr to stderr), across rotated log files."""
-    from micropod.containerlog import LogEntry, LogReader, parse_since
-
-    record = ctx.state.find(container)
-    path = ctx.root.vm(record.id).container_log
-    if tail != "all" and not tail.isdigit():
-        raise UsageError(f"invalid --tail {tail!r}: a number or 'all'")
-    start = parse_since(since) if since else None
-    end = parse_since(until) if until else None
-
-    def wanted(entry: LogEntry) -> bool:
-        if start is None and end is None:
-            return True
-        ts = entry.timestamp
-        return (start is None or ts >= start) and (end is None or ts < end)
-
-    def emit(entry: LogEntry) -> None:
-        target = sys.stdout.buffer if entry.stream == "stdout" else sys.stderr.buffer
-        if timestamps:
-            target.write(entry.time.encode() + b" ")
-        target.write(entry.data)
-        target.flush()
-
-    reader = LogReader(path)
-    try:
-        if tail == "all" and start is None:
-            entries = [e for e in reader.backlog() if wanted(e)]
-        else:
-            entries = reader.recent(None if tail == "all" else int(tail), start, wanted)
-        for entry in entries:
-            emit(entry)
-        while follow and (end is None or time.time() < end):
-            fresh = ctx.state.get(record.id)
-            more = [e for e in reader.more() if wanted(e)]
-            for entry in more:
-                emit(entry)
-            if fresh is None or fresh.status not in ("created", "running"):
-                break
-            if not more:
-                time.sleep(0.1)
-    finally:
-        reader.close()
-
 
 @click.command()
 @click.argument("containers_", metavar="CONTAINER...", nargs=-1, required=True)
@@ -342,67 +213,6 @@ def wait(ctx: Context, containers_: tuple[str, ...]) -> None:
         final = reconcile(ctx) and ctx.state.get(record.id)
         click.echo(final.exit_code if final and final.exit_code is not None else -1)
 
-
-def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
-    from micropod.cli.network import network_inspect
-    from micropod.runconfig import NetworkSettings, RunConfig
-
-    vm_dir = ctx.root.vm(record.id)
-    cfg = RunConfig.load_if_readable(vm_dir.config)
-    vmm = record.vmm
-    network = network_inspect(cfg.network if cfg else NetworkSettings())
-    return {
-        "Id": record.id,
-        "Created": _iso(record.created),
-        "Path": record.argv[0] if record.argv else "",
-        "Args": record.argv[1:],
-        "State": {
-            "Status": record.status,
-            "Running": record.status == "running",
-            "Dead": record.status == "dead",
-            "Pid": vmm.pid if vmm and vmm.alive() else 0,
-            "ExitCode": record.exit_code if record.exit_code is not None else 0,
-            "Error": record.error or "",
-            "StartedAt": _iso(record.started),
-            "FinishedAt": _iso(record.finished),
-            "MonitorAlive": bool(record.monitor and record.monitor.alive()),
-        },
-        "Image": f"sha256:{record.image_id}",
-        "Name": f"/{record.name}",
-        "RestartCount": record.restart_count,
-        "Config": {
-            "Hostname": cfg.container.hostname if cfg else "",
-            "User": cfg.container.user if cfg else "",
-            "Env": list(cfg.container.env) if cfg else [],
-            "Cmd": record.argv,
-            "Image": record.image,
-            "WorkingDir": cfg.container.cwd if cfg else "",
-        },
-        "HostConfig": {
-            "AutoRemove": bool(record.auto_remove),
-            "RestartPolicy": {"Name": cfg.restart.name if cfg else "no",
-                              "MaximumRetryCount": cfg.restart.max_retries if cfg else 0},
-            "LogConfig": {"Type": "json-file", "Config": {
-                "max-size": str(cfg.log.max_size) if cfg and cfg.log.max_size else "",
-                "max-file": str(cfg.log.max_files) if cfg else "1"}},
-            "Memory": (cfg.memory_mib << 20) if cfg else 0,
-            "NanoCpus": (cfg.vcpus * 10**9) if cfg else 0,
-            "NetworkMode": cfg.network.mode if cfg else "none",
-            "PortBindings": network["Ports"],
-        },
-        "NetworkSettings": network,
-        "VM": {
-            "Backend": record.backend,
-            "Vcpus": cfg.vcpus if cfg else 0,
-            "MemoryMiB": cfg.memory_mib if cfg else 0,
-            "Kernel": cfg.kernel if cfg else "",
-            "SystemImage": cfg.system if cfg else "",
-            "Rootfs": cfg.rootfs if cfg else "",
-            "Dir": str(vm_dir.path),
-            "ConsoleLog": str(vm_dir.console_log),
-        },
-        "LogPath": str(vm_dir.container_log),
-    }
 
 
 @click.command()
@@ -459,4 +269,5 @@ def restart(ctx: Context, timeout: int, containers_: tuple[str, ...]) -> None:
     _each(ctx, containers_, action)
 
 
+# ps and logs (container_views) are listed here too, so that --help keeps its order of commands.
 COMMANDS = [run, start, restart, ps, stop, kill, rm, logs, wait]

@@ -21,7 +21,7 @@ pass_ctx = click.make_pass_decorator(Context)
 @pass_ctx
 def inspect(ctx: Context, kind: str | None, fmt: str, names: tuple[str, ...]) -> None:
     """Show low-level information on containers or images, as JSON."""
-    from micropod.cli.containers import container_inspect
+    from micropod.cli.container_views import container_inspect
     from micropod.cli.images import image_inspect
     from micropod.cli.output import json_document
 

@@ -1,7 +1,7 @@
 """The Firecracker backend: one firecracker process (optionally under the jailer) per VM.
 
 start() launches the process, waits for its API socket, sends the configuration built by
-build_config() in one place (apply_config), then InstanceStart. The guest serial console is the
+firecracker_config.build_config() in one place (apply_config), then InstanceStart. The guest serial console is the
 process's stdout. The agent channel is Firecracker's hybrid vsock: connect to the vsock device's Unix
 socket, say ``CONNECT <port>``, read ``OK <hostport>``, and the socket is the guest's port from then on.
 """
@@ -22,21 +22,24 @@ from micropod import proc
 from micropod.errors import BootError, VmmError
 from micropod.unixsock import SocketDir
 from micropod.vmm import firecracker_api as api
-from micropod.vmm.base import AGENT_VSOCK_PORT, GUEST_CID, VmSpec
+from micropod.vmm.base import AGENT_VSOCK_PORT, VmSpec
 from micropod.vmm.binaries import find_firecracker, find_jailer
 from micropod.vmm.capped import CONSOLE_LOG_MAX, CappedLog, close_all
 from micropod.vmm.child import log_tail
-
-API_SOCK = "api.sock"
-VSOCK_SOCK = "vsock.sock"
-VMM_LOG = "vmm.log"
-METRICS_FILE = "metrics.json"
-KERNEL_IN_JAIL = "vmlinux"
+from micropod.vmm.firecracker_config import (
+    API_SOCK,
+    KERNEL_IN_JAIL,
+    METRICS_FILE,
+    VMM_LOG,
+    VSOCK_SOCK,
+    VmmLayout,
+    apply_config,
+    build_config,
+    drive_file_in_jail,
+)
 
 API_SOCKET_TIMEOUT = 10.0
 KILL_TIMEOUT = 10.0
-
-
 
 
 @dataclass(frozen=True)
@@ -49,89 +52,6 @@ class JailerConfig:
     chroot_base: Path = Path("/srv/jailer")
     netns: Path | None = None
     cgroup_version: int | None = None
-
-
-@dataclass(frozen=True)
-class VmmLayout:
-    """Where the VMM's files are on the host, and the names Firecracker itself uses for them.
-
-    Unjailed, Firecracker runs in ``root`` and is given bare names for the files there, which keeps
-    its sockets within sun_path's 107 bytes. Jailed, it sees only its chroot, so every file it opens
-    is placed in the chroot first and handed over by its in-jail absolute name.
-    """
-
-    root: Path
-    jailed: bool
-
-    def host(self, name: str) -> Path:
-        return self.root / name
-
-    def visible(self, name: str) -> str:
-        return f"/{name}" if self.jailed else name
-
-    def resource(self, host_path: Path, name_in_jail: str) -> str:
-        """The path Firecracker is given for a host file (kernel, disk image)."""
-        return f"/{name_in_jail}" if self.jailed else str(host_path)
-
-
-def drive_file_in_jail(drive_id: str) -> str:
-    return f"drive-{drive_id}"
-
-
-@dataclass(frozen=True)
-class FirecrackerConfig:
-    """Every pre-boot request, in the order apply_config sends them."""
-
-    logger: api.Logger
-    metrics: api.Metrics
-    boot_source: api.BootSource
-    machine: api.MachineConfiguration
-    drives: tuple[api.Drive, ...]
-    nets: tuple[api.NetworkInterface, ...]
-    vsock: api.Vsock
-    entropy: api.EntropyDevice
-
-
-def build_config(spec: VmSpec, layout: VmmLayout) -> FirecrackerConfig:
-    return FirecrackerConfig(
-        logger=api.Logger(log_path=layout.visible(VMM_LOG), level="Info", show_level=True),
-        metrics=api.Metrics(metrics_path=layout.visible(METRICS_FILE)),
-        boot_source=api.BootSource(
-            kernel_image_path=layout.resource(spec.kernel, KERNEL_IN_JAIL), boot_args=spec.cmdline
-        ),
-        machine=api.MachineConfiguration(vcpu_count=spec.vcpus, mem_size_mib=spec.memory_mib, smt=False),
-        # spec.drives order is the guest's vda, vdb, ... order; Firecracker attaches in request order.
-        drives=tuple(
-            api.Drive(
-                drive_id=drive.drive_id,
-                is_root_device=drive.is_root,
-                path_on_host=layout.resource(drive.path, drive_file_in_jail(drive.drive_id)),
-                is_read_only=drive.read_only,
-            )
-            for drive in spec.drives
-        ),
-        nets=tuple(
-            api.NetworkInterface(iface_id=net.iface_id, host_dev_name=net.tap, guest_mac=net.mac)
-            for net in spec.nets
-        ),
-        vsock=api.Vsock(guest_cid=GUEST_CID, uds_path=layout.visible(VSOCK_SOCK)),
-        entropy=api.EntropyDevice(),
-    )
-
-
-def apply_config(client: api.FirecrackerClient, config: FirecrackerConfig) -> None:
-    # Logger and metrics first so that Firecracker's complaints about the rest land in vmm.log.
-    client.put_logger(config.logger)
-    client.put_metrics(config.metrics)
-    client.put_boot_source(config.boot_source)
-    client.put_machine_config(config.machine)
-    for drive in config.drives:
-        client.put_drive(drive)
-    for net in config.nets:
-        client.put_network_interface(net)
-    client.put_vsock(config.vsock)
-    client.put_entropy(config.entropy)
-
 
 
 def _backoff(first: float = 0.005, limit: float = 0.2) -> Iterator[float]:
@@ -423,12 +343,8 @@ def _read_line(sock: socket.socket, limit: int) -> bytes:
 
 
 __all__ = [
-    "FirecrackerConfig",
     "FirecrackerVmm",
     "JailerConfig",
-    "VmmLayout",
-    "apply_config",
-    "build_config",
     "find_firecracker",
     "find_jailer",
 ]
