@@ -78,13 +78,30 @@ def seccomp_profile(spec: dict[str, Any], capabilities: list[str]) -> dict[str, 
     return seccomp.from_docker_profile(profile, capabilities) if "defaultAction" in profile else profile
 
 
+# id -> (profile, its filter); the entry keeps the profile alive, so that its id is never another's.
+_parsed_defaults: dict[int, tuple[dict[str, Any], seccomp.Filter | None]] = {}
+
+
 @functools.lru_cache(maxsize=8)
 def _docker_default(capabilities: tuple[str, ...]) -> dict[str, Any]:
-    return seccomp.docker_default(capabilities)
+    profile = seccomp.docker_default(capabilities)
+    _parsed_defaults[id(profile)] = (profile, seccomp.parse(profile))
+    return profile
+
+
+def seccomp_filter(document: dict[str, Any]) -> seccomp.Filter | None:
+    """The document's seccomp profile parsed, for the runtime: docker's default for a capability set is
+    parsed once, when it is made (tens of milliseconds under emulation, per container otherwise)."""
+    profile = (document.get("linux") or {}).get("seccomp")
+    found = _parsed_defaults.get(id(profile))
+    if found is not None and found[0] is profile:
+        return found[1]
+    return seccomp.parse(profile)
 
 
 def warm_up() -> None:
-    """docker's profile for the default capabilities, made once at boot (so, in a boot snapshot, never again)."""
+    """docker's profile for the default capabilities, made, parsed and compiled once at boot (so, in a boot
+    snapshot, never again)."""
     seccomp.precompile(_docker_default(tuple(sorted(caps.DOCKER_DEFAULT_CAPS))))
 
 
@@ -127,7 +144,8 @@ def write(cid: str, document: dict[str, Any]) -> str:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     path = f"{directory}/config.json"
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(document, f)
+    with os.fdopen(fd, "wb") as f:
+        # dumps, not dump: only dumps uses the C encoder, several times faster on a seccomp profile.
+        f.write(json.dumps(document).encode())
     os.replace(path + ".tmp", path)
     return directory

@@ -86,7 +86,9 @@ def start_main(cid: str, launch: Launch, spec: dict[str, Any], stdio: tuple[int,
     life = _life()
     forget(cid)  # a restarted container's leftovers
     try:
-        container = life.create(cid, CreateOptions(bundle=Path(directory), stdio=stdio, trusted_config=document))
+        options = CreateOptions(bundle=Path(directory), stdio=stdio, trusted_config=document,
+                                seccomp_filter=bundle.seccomp_filter(document))
+        container = life.create(cid, options)
         life.start(cid)
     except OciRuntimeError as exc:
         forget(cid)
@@ -128,4 +130,4 @@ def warm_up() -> None:
     del cgroups_devices, cgroups_spec, cgroups_v1, init
     seccomp.preload()
     bundle.warm_up()
-    cgroups_v2.warm_up()
+    cgroups_v2.warm_up(bundle.CGROUP_PARENT)

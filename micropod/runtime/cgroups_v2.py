@@ -27,6 +27,7 @@ from typing import Any
 from micropod import syscalls
 from micropod.errors import CgroupError, SpecError
 from micropod.runtime.cgroups import (
+    CGROUP_ROOT,
     FREEZE_TIMEOUT,
     UNLIMITED,
     FreezerState,
@@ -34,6 +35,7 @@ from micropod.runtime.cgroups import (
     cgroup_pids,
     cpu_weight_from_shares,
     io_weight_from_blkio,
+    is_cgroup2,
     make_cgroup_dir,
     omit_zero,
     read_key_values,
@@ -183,11 +185,7 @@ class V2Cgroup:
             raise CgroupError(f"cannot open {self.path}: {exc.strerror}") from exc
         try:
             old = syscalls.bpf_device_filter_ids(directory)
-            prog = syscalls.bpf_load_device_filter(program)
-            try:
-                syscalls.bpf_attach_device_filter(directory, prog)
-            finally:
-                os.close(prog)
+            syscalls.bpf_attach_device_filter(directory, _loaded_program(program))
             for prog_id in old:
                 old_fd = syscalls.bpf_program_fd(prog_id)
                 try:
@@ -325,8 +323,27 @@ def _device_program(entries_json: str) -> bytes:
     return device_filter_program(DevicePolicy.from_rules(parse_device_rules(json.loads(entries_json))))
 
 
-def warm_up() -> None:
-    """The default rules' program, built at the agent's boot (so, in a boot snapshot, never again)."""
+_loaded: dict[bytes, int] = {}
+
+
+def _loaded_program(program: bytes) -> int:
+    """The program loaded into the kernel once per process, its fd kept (close-on-exec, and closed in the
+    runtime's forked children): the verifier's pass costs tens of milliseconds per container under emulation,
+    and a long-lived caller (the guest agent) starts many containers with the same rules."""
+    fd = _loaded.get(program)
+    if fd is None:
+        fd = _loaded[program] = syscalls.bpf_load_device_filter(program)
+    return fd
+
+
+def warm_up(parent: str | None = None) -> None:
+    """At the agent's boot (so, in a boot snapshot, never again): the default rules' program built and loaded,
+    and the containers' ``parent`` cgroup made with every controller enabled for its children, as each
+    container's create would otherwise do (a write to the root's cgroup.subtree_control is slow)."""
     from micropod.runtime.cgroups_devices import container_device_rules
 
-    _device_program(json.dumps(container_device_rules(None, []), sort_keys=True))
+    _loaded_program(_device_program(json.dumps(container_device_rules(None, []), sort_keys=True)))
+    if parent is not None and is_cgroup2(CGROUP_ROOT):
+        with contextlib.suppress(OSError, CgroupError):  # if it fails, each container's create says why
+            V2Cgroup(CGROUP_ROOT, CGROUP_ROOT / parent.strip("/") / "warm-up").create()
+            remove_cgroup_dir(CGROUP_ROOT / parent.strip("/") / "warm-up")

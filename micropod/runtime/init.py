@@ -49,6 +49,7 @@ class InitPlan:
     console: socket.socket | None = None
     preserve_fds: int = 0
     stdio: tuple[int, int, int] | None = None  # the container's stdin, stdout, stderr; else the runtime's
+    seccomp: Any = None  # linux.seccomp already parsed (a seccomp.Filter), by a caller that keeps it parsed
 
     @property
     def linux(self) -> dict[str, Any]:
@@ -56,7 +57,8 @@ class InitPlan:
 
     @property
     def program(self) -> Program:
-        return Program(self.config.get("process") or {}, self.linux.get("seccomp"), self.preserve_fds)
+        seccomp = self.seccomp if self.seccomp is not None else self.linux.get("seccomp")
+        return Program(self.config.get("process") or {}, seccomp, self.preserve_fds)
 
 
 def stage_one(sync: SyncSocket, init: InitPlan) -> NoReturn:

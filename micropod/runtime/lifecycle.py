@@ -26,12 +26,14 @@ START_POLL = 0.1
 class CreateOptions:
     def __init__(self, bundle: Path, pid_file: Path | None = None, console_socket: Path | None = None,
                  no_pivot: bool = False, preserve_fds: int = 0, subreaper: bool = False,
-                 stdio: tuple[int, int, int] | None = None, trusted_config: dict[str, Any] | None = None) -> None:
+                 stdio: tuple[int, int, int] | None = None, trusted_config: dict[str, Any] | None = None,
+                 seccomp_filter: Any = None) -> None:
         self.bundle, self.pid_file, self.console_socket = bundle, pid_file, console_socket
         self.no_pivot, self.preserve_fds = no_pivot, preserve_fds
         self.subreaper = subreaper  # `run` waits for the init, so it must become its parent
         self.stdio = stdio  # the container's stdio (the agent's pipes); else ours
         self.trusted_config = trusted_config  # config.json as its in-process writer made it; else read and checked
+        self.seccomp_filter = seccomp_filter  # trusted_config's linux.seccomp as a seccomp.Filter, parsed by it
 
 
 def parse_signal(text: str) -> int:
@@ -136,7 +138,7 @@ class Lifecycle:
             init = InitPlan(cid=cid, bundle=bundle_path, config=config, rootfs=rootfs, plan=plan,
                             fifo=fifo, cgroup_paths=group.paths(), no_pivot=options.no_pivot,
                             console=_console(options.console_socket), preserve_fds=options.preserve_fds,
-                            stdio=options.stdio)
+                            stdio=options.stdio, seccomp=options.seccomp_filter)
             if options.subreaper:
                 sc.set_child_subreaper()
             parent, child = SyncSocket.pair()

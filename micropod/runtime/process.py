@@ -23,10 +23,11 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 @dataclass(frozen=True)
 class Program:
-    """``process`` from config.json (or exec's process.json), with the container's seccomp."""
+    """``process`` from config.json (or exec's process.json), with the container's seccomp (as in the config,
+    or parsed already)."""
 
     process: Mapping[str, Any]
-    seccomp: Mapping[str, Any] | None
+    seccomp: Mapping[str, Any] | seccomp.Filter | None
     preserve_fds: int = 0
 
     @property

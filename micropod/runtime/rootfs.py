@@ -87,7 +87,8 @@ class RootfsSetup:
         chosen = MOUNT_OPTIONS.get(str(linux.get("rootfsPropagation") or ""))
         propagation = chosen.value if chosen and chosen.kind == "propagation" else sc.MS_SLAVE | sc.MS_REC
         sc.mount(None, "/", None, propagation)
-        _make_parent_private(self.rootfs)
+        if propagation not in (sc.MS_SLAVE | sc.MS_REC, sc.MS_PRIVATE | sc.MS_REC):
+            _make_parent_private(self.rootfs)  # after rslave or rprivate no mount is shared: no need to look
         sc.mount(str(self.rootfs), str(self.rootfs), None, sc.MS_BIND | sc.MS_REC)
         dev_bound = False
         for index, mount in enumerate(self.config.get("mounts") or []):

@@ -126,8 +126,8 @@ class StateDir:
         path = self.path(container.id)
         tmp = path / f".{STATE_FILE}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(container.to_json(), f)
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(container.to_json()).encode())  # dumps has the C encoder; dump does not
         os.replace(tmp, path / STATE_FILE)
 
     def load(self, cid: str) -> Container:
