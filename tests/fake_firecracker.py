@@ -48,6 +48,12 @@ from typing import Any
 import jsonschema
 import yaml
 
+
+def write_output(fd: int, text: str) -> None:
+    """A line for the log or metrics: dropped when the reader has fallen behind, as Firecracker does."""
+    with contextlib.suppress(BlockingIOError):
+        os.write(fd, text.encode())
+
 SPEC_NAME = "firecracker-api-v1.16.1.yaml"
 VERSION = "1.16.1"
 HTTP_METHODS = ("get", "put", "patch", "post", "delete")
@@ -240,6 +246,8 @@ class Instance:
     vsock_listener: socket.socket | None = None
     logger: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
+    log_fd: int | None = None
+    metrics_fd: int | None = None
     entropy: dict[str, Any] | None = None
     mmds_config: dict[str, Any] | None = None
     mmds: Any = None
@@ -382,13 +390,23 @@ class FakeFirecracker:
         }
         return {key: value for key, value in config.items() if value is not None}
 
+    def _open_output(self, path: str, what: str) -> int:
+        """As Firecracker's open_file_nonblock: a file or a named pipe, opened once and kept; a pipe with no
+        reader is refused (ENXIO), and a full one drops what is written rather than blocking the VMM."""
+        self._must_exist(path, what)
+        try:
+            return os.open(self.instance.host_path(path), os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Fault(f"{what}: {exc.strerror} (os error {exc.errno}): {path}") from None
+
     def _put_logger(self, body: dict[str, Any]) -> None:
         if "log_path" in body:
-            self._must_exist(body["log_path"], "Logger error: Failed to open target file")
+            self.instance.log_fd = self._open_output(body["log_path"], "Logger error: Failed to open target file")
+            write_output(self.instance.log_fd, f"[{self.instance.instance_id}:main] Running Firecracker v{VERSION}\n")
         self.instance.logger = body
 
     def _put_metrics(self, body: dict[str, Any]) -> None:
-        self._must_exist(body["metrics_path"], "Metrics error: Failed to open target file")
+        self.instance.metrics_fd = self._open_output(body["metrics_path"], "Metrics error: Failed to open target file")
         self.instance.metrics = body
 
     def _put_boot_source(self, body: dict[str, Any]) -> None:
@@ -475,8 +493,8 @@ class FakeFirecracker:
         elif action == "FlushMetrics":
             if self.instance.metrics is None:
                 raise Fault("Internal Vmm error: Metrics error: The metrics system was not initialized.")
-            with self.instance.host_path(self.instance.metrics["metrics_path"]).open("a") as f:
-                f.write(json.dumps({"utc_timestamp_ms": 0, "api_server": {}}) + "\n")
+            assert self.instance.metrics_fd is not None
+            write_output(self.instance.metrics_fd, json.dumps({"utc_timestamp_ms": 0, "api_server": {}}) + "\n")
         elif action == "SendCtrlAltDel":
             console(b"reboot: Power down\n")
             self.shutdown_requested.set()

@@ -59,3 +59,20 @@ def test_qemu_writes_the_console_to_its_stdout_never_to_a_file_of_its_own(tmp_pa
     chardevs = [argv[i + 1] for i, word in enumerate(argv) if word == "-chardev"]
     assert "stdio,id=console,signal=off" in chardevs
     assert not [c for c in chardevs if c.startswith("file,")]
+
+
+def test_a_fifo_opened_by_name_is_capped_and_ends_at_the_writers_exit(tmp_path: Path) -> None:
+    """Firecracker opens its logger and metrics by path: a named pipe there, copied under the cap."""
+    path, fifo, cap, blocks = tmp_path / "vmm.log", tmp_path / "vmm.log.fifo", 64 << 10, 1000
+    log = CappedLog(path, cap, fifo=fifo)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and stat.S_IMODE(fifo.lstat().st_mode) == 0o600
+    writer = f"import sys\nsys.stdout = open({str(fifo)!r}, 'wb')\n" + WRITER.replace("sys.stdout.buffer", "sys.stdout")
+    child = proc.spawn([sys.executable, "-c", writer.format(blocks=blocks)])
+    try:
+        assert child.wait(60) == 0
+    finally:
+        log.child_started()  # the VMM has it open by now: ours goes, and the writer's exit is the EOF
+    log.settle(10)
+    older, newer = backup(path).read_bytes(), path.read_bytes()
+    assert 0 < len(newer) <= cap and len(older) <= cap
+    assert b"".join(b"%07d" % i + b"." * 1017 for i in range(blocks)).endswith(older + newer)

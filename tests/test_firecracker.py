@@ -7,6 +7,7 @@ import dataclasses
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -321,6 +322,26 @@ def test_pause_and_resume(vmm: FirecrackerVmm) -> None:
         assert client.get_instance_info().state == "Running"
     sent = [r["body"] for r in fake.read_requests(vmm.api_socket) if r["path"] == "/vm"]
     assert sent == [{"state": "Paused"}, {"state": "Resumed"}]
+
+
+def test_firecrackers_own_log_and_metrics_are_named_pipes_copied_into_capped_files(
+        vmm: FirecrackerVmm, spec: VmSpec) -> None:
+    """A file Firecracker appends to itself, for as long as the guest keeps it logging, would have no cap."""
+    vmm.start()
+    bodies = {r["path"]: r["body"] for r in fake.read_requests(vmm.api_socket)}
+    assert bodies["/logger"]["log_path"] == "vmm.log.fifo"
+    assert bodies["/metrics"]["metrics_path"] == "metrics.fifo"
+    with api.FirecrackerClient(vmm.api_socket) as client:
+        client.flush_metrics()
+    vmm.stop()
+    assert vmm.wait(10) == 0
+    vmm.settle_logs()
+    root = spec.run_dir
+    assert all(stat.S_ISFIFO((root / name).lstat().st_mode) for name in ("vmm.log.fifo", "metrics.fifo"))
+    assert "Running Firecracker" in vmm.vmm_log.read_text()
+    assert "utc_timestamp_ms" in (root / "metrics.json").read_text()
+    for name in ("vmm.log", "metrics.json"):
+        assert stat.S_IMODE((root / name).lstat().st_mode) == 0o600
 
 
 def test_stop_sends_ctrl_alt_del_and_the_process_exits(vmm: FirecrackerVmm) -> None:

@@ -18,6 +18,7 @@ from micropod.fsutil import private_file
 
 CONSOLE_LOG_MAX = 4 << 20
 VMM_LOG_MAX = 1 << 20
+METRICS_LOG_MAX = 1 << 20
 _READ = 1 << 16
 
 
@@ -26,12 +27,23 @@ def backup(path: Path) -> Path:
 
 
 class CappedLog:
-    """``write_fd`` goes to the child (then ``child_started``); the thread ends at the pipe's EOF."""
+    """``write_fd`` goes to the child (then ``child_started``); the thread ends at the pipe's EOF.
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    With ``fifo``, the pipe is a named one at that path, for a VMM that opens its log by name (Firecracker's
+    logger and metrics): ``write_fd`` is then our own writer, held until the VMM has opened the fifo, so that
+    the copy does not see an EOF before the VMM's first write."""
+
+    def __init__(self, path: Path, max_bytes: int, fifo: Path | None = None) -> None:
         self.path = path
         self.max_bytes = max_bytes
-        self._read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        if fifo is None:
+            self._read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        else:
+            fifo.unlink(missing_ok=True)
+            os.mkfifo(fifo, 0o600)
+            self._read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.write_fd = os.open(fifo, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.set_blocking(self._read_fd, True)
         self._out = private_file(path)
         self._size = os.fstat(self._out).st_size
         self._thread = threading.Thread(target=self._copy, name=f"log {path.name}", daemon=True)

@@ -24,13 +24,15 @@ from micropod.unixsock import SocketDir
 from micropod.vmm import firecracker_api as api
 from micropod.vmm.base import AGENT_VSOCK_PORT, VmSpec
 from micropod.vmm.binaries import find_firecracker, find_jailer
-from micropod.vmm.capped import CONSOLE_LOG_MAX, CappedLog, close_all
+from micropod.vmm.capped import CONSOLE_LOG_MAX, METRICS_LOG_MAX, VMM_LOG_MAX, CappedLog, close_all
 from micropod.vmm.child import log_tail
 from micropod.vmm.firecracker_config import (
     API_SOCK,
     KERNEL_IN_JAIL,
+    METRICS_FIFO,
     METRICS_FILE,
     VMM_LOG,
+    VMM_LOG_FIFO,
     VSOCK_SOCK,
     VmmLayout,
     apply_config,
@@ -78,6 +80,7 @@ class FirecrackerVmm:
         self._proc: subprocess.Popen[bytes] | None = None
         self._client: api.FirecrackerClient | None = None
         self._console: CappedLog | None = None
+        self._outputs: list[CappedLog] = []  # Firecracker's own log and metrics
 
     # Paths.
 
@@ -134,18 +137,34 @@ class FirecrackerVmm:
         # Firecracker's stdout is the guest's serial console: a pipe into a capped log, as for QEMU.
         self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX)
         try:
+            self._outputs = self._capped_outputs()
             self._proc = proc.spawn(self.argv(), stdout=self._console.write_fd, stderr=self._console.write_fd,
                                     cwd=self.layout.root)
+        except BaseException:
+            close_all(*self._outputs)
+            raise
         finally:
             close_all(self._console)
         try:
             self._wait_for_api_socket(API_SOCKET_TIMEOUT)
             self._client = api.FirecrackerClient(Path(self.sockets.address(API_SOCK)))
             apply_config(self._client, self.config)
+            close_all(*self._outputs)  # Firecracker holds both fifos open now: its exit will be their EOF
             self._client.instance_start()
         except BaseException:
+            close_all(*self._outputs)
             self.kill()
             raise
+
+    def _capped_outputs(self) -> list[CappedLog]:
+        """Firecracker appends to its logger and metrics files itself, for as long as it runs, and the guest
+        drives what it logs: so it gets named pipes, copied into capped files by us, as the console is."""
+        outputs = [CappedLog(self.vmm_log, VMM_LOG_MAX, fifo=self.layout.host(VMM_LOG_FIFO)),
+                   CappedLog(self.layout.host(METRICS_FILE), METRICS_LOG_MAX, fifo=self.layout.host(METRICS_FIFO))]
+        if self.jailer is not None:
+            for fifo in (VMM_LOG_FIFO, METRICS_FIFO):
+                self._chown_for_jail(self.layout.host(fifo))
+        return outputs
 
     def connect_agent(self, timeout: float) -> socket.socket:
         deadline = time.monotonic() + timeout
@@ -224,11 +243,6 @@ class FirecrackerVmm:
         # Firecracker refuses to bind a socket path that exists; a previous run's sockets are stale.
         for stale in (self.api_socket, self.vsock_socket):
             stale.unlink(missing_ok=True)
-        # Firecracker opens the log and metrics files without creating them.
-        for name in (VMM_LOG, METRICS_FILE):
-            self.layout.host(name).touch()
-            if self.jailer is not None:
-                self._chown_for_jail(self.layout.host(name))
         if self.jailer is not None:
             self._place_in_jail(self.spec.kernel, KERNEL_IN_JAIL, writable=False)
             for drive in self.spec.drives:
@@ -275,7 +289,8 @@ class FirecrackerVmm:
 
     def settle_logs(self) -> None:
         if self._console is not None and self._proc is not None and self._proc.poll() is not None:
-            self._console.settle()
+            for log in (self._console, *self._outputs):
+                log.settle()
 
     def _tails(self) -> str:
         self.settle_logs()

@@ -12,6 +12,9 @@ from micropod.vmm.base import GUEST_CID, VmSpec
 API_SOCK = "api.sock"
 VSOCK_SOCK = "vsock.sock"
 VMM_LOG = "vmm.log"
+# Firecracker writes its log and metrics into these fifos; micropod copies them into capped files.
+VMM_LOG_FIFO = "vmm.log.fifo"
+METRICS_FIFO = "metrics.fifo"
 METRICS_FILE = "metrics.json"
 KERNEL_IN_JAIL = "vmlinux"
 
@@ -59,8 +62,8 @@ class FirecrackerConfig:
 
 def build_config(spec: VmSpec, layout: VmmLayout) -> FirecrackerConfig:
     return FirecrackerConfig(
-        logger=api.Logger(log_path=layout.visible(VMM_LOG), level="Info", show_level=True),
-        metrics=api.Metrics(metrics_path=layout.visible(METRICS_FILE)),
+        logger=api.Logger(log_path=layout.visible(VMM_LOG_FIFO), level="Info", show_level=True),
+        metrics=api.Metrics(metrics_path=layout.visible(METRICS_FIFO)),
         boot_source=api.BootSource(
             kernel_image_path=layout.resource(spec.kernel, KERNEL_IN_JAIL), boot_args=spec.cmdline
         ),
