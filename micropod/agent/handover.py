@@ -3,7 +3,9 @@
 Set by the host alone, with ``MICROPOD_AGENT_HANDOVER=1`` on the kernel command line (the host adds it when
 its own environment has MICROPOD_TEST_HOSTILE_GUEST=1, see micropod/vmm/factory.py). The end-to-end tests use
 it to run a real VM whose guest speaks the host protocol itself, as a container that took the guest over
-would. It grants a guest nothing: the container runs as root beside the agent and can do the same today.
+would. It grants a guest nothing it could not take: a container that escapes micropod-runtime's confinement
+(or a ``--privileged`` one, which can load modules and reach every device) owns the guest, channel included,
+and the host must hold against exactly that.
 
 At ``start`` the agent answers ok, then execs ``python3.11 -I -S <container root>/<args[0]> <args[1:]>``,
 keeping the channel's fd open across the exec and naming it in MICROPOD_HANDOVER_FD; the container's id and
