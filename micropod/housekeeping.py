@@ -43,7 +43,7 @@ def allocated(path: Path) -> int:
 def rootfs_in_use(ctx: Context) -> set[Path]:
     used = set()
     for record in ctx.state.all():
-        cfg = RunConfig.load_if_readable(ctx.root.vm(record.id).config)
+        cfg = RunConfig.load_if_present(ctx.root.vm(record.id).config)
         if cfg is not None:
             used.add(Path(cfg.rootfs).resolve())
     return used

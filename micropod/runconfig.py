@@ -5,16 +5,19 @@ The CLI writes it to the VM's config.json; the monitor reads it back and acts on
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from micropod.errors import UsageError
+from micropod.errors import StateError, UsageError
 from micropod.fsutil import PRIVATE_FILE, atomic_write
 from micropod.net.ports import PortMapping
+from micropod.state import records
+
+# config.json of a VM. Version 1 is the first with a version; version 0 (before) has the same fields.
+RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,))
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -138,11 +141,29 @@ class RunConfig:
 
     def dump(self, path: Path) -> None:
         """Write atomically: a reader never sees half a config."""
-        atomic_write(path, json.dumps(asdict(self), indent=1).encode(), mode=PRIVATE_FILE)  # -e secrets
+        atomic_write(path, records.encode(RUN_CONFIG, asdict(self)), mode=PRIVATE_FILE)  # -e secrets
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
-        raw = json.loads(path.read_text())
+        found = cls.load_if_present(path)
+        if found is None:
+            raise StateError(f"{path}: the {RUN_CONFIG.name} is gone")
+        return found
+
+    @classmethod
+    def load_if_present(cls, path: Path) -> RunConfig | None:
+        """The config, or None for a VM whose directory is gone; StateError, naming the file, for one that is
+        there but does not fit (never None: a caller would take the VM for one without a config)."""
+        raw = records.decode(RUN_CONFIG, path)
+        if raw is None:
+            return None
+        try:
+            return cls._from_json(raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise records.not_understood(RUN_CONFIG, path, exc) from None
+
+    @classmethod
+    def _from_json(cls, raw: dict[str, Any]) -> RunConfig:
         container = raw.pop("container")
         container["args"] = tuple(container["args"])
         container["env"] = tuple(container["env"])
@@ -155,13 +176,6 @@ class RunConfig:
         return cls(container=ContainerSpec(security=security, **container), log=log, restart=restart,
                    network=network, **raw)
 
-    @classmethod
-    def load_if_readable(cls, path: Path) -> RunConfig | None:
-        """The config, or None for a VM whose directory is gone or half-written by a crash."""
-        try:
-            return cls.load(path)
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
 
 
 def merge_command(

@@ -152,7 +152,7 @@ def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
     from micropod.runconfig import NetworkSettings, RunConfig
 
     vm_dir = ctx.root.vm(record.id)
-    cfg = RunConfig.load_if_readable(vm_dir.config)
+    cfg = RunConfig.load_if_present(vm_dir.config)
     vmm = record.vmm
     network = network_inspect(cfg.network if cfg else NetworkSettings())
     return {

@@ -14,7 +14,7 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 def load_settings(ctx: Context, vm_id: str) -> NetworkSettings:
-    cfg = RunConfig.load_if_readable(ctx.root.vm(vm_id).config)
+    cfg = RunConfig.load_if_present(ctx.root.vm(vm_id).config)
     return cfg.network if cfg else NetworkSettings()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
@@ -21,35 +20,15 @@ from micropod.net.config import NetworkConfig
 from micropod.net.nft import VmNetwork
 from micropod.net.ports import PortMapping, check_host_port_free, check_unique
 from micropod.paths import StateRoot
-from micropod.state import connect
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS attachments (
-    vm_id  TEXT PRIMARY KEY,
-    tap    TEXT NOT NULL,
-    mac    TEXT NOT NULL,
-    ip     TEXT NOT NULL,
-    ports  TEXT NOT NULL,
-    bridge TEXT NOT NULL DEFAULT '',
-    subnet TEXT NOT NULL DEFAULT '',
-    icc    INTEGER NOT NULL DEFAULT 1
-)
-"""
-# Columns added after the table first shipped; an older table gains them on open.
-MIGRATIONS = (("bridge", "TEXT NOT NULL DEFAULT ''"), ("subnet", "TEXT NOT NULL DEFAULT ''"),
-              ("icc", "INTEGER NOT NULL DEFAULT 1"))
+from micropod.state.db import open_tables
+from micropod.state.tables import ATTACHMENTS
 
 
 class HostNetwork:
     def __init__(self, root: StateRoot) -> None:
         self.root = root
         self.owner = owner.Owner.of(root.path)
-        self._conn = connect(root.db, SCHEMA)
-        present = {row[1] for row in self._conn.execute("PRAGMA table_info(attachments)")}
-        for column, definition in MIGRATIONS:
-            if column not in present:
-                with contextlib.suppress(sqlite3.OperationalError):  # another process added it meanwhile
-                    self._conn.execute(f"ALTER TABLE attachments ADD COLUMN {column} {definition}")
+        self._conn = open_tables(root.db, ATTACHMENTS)
 
     def close(self) -> None:
         self._conn.close()

@@ -14,22 +14,14 @@ from pathlib import Path
 
 from micropod.errors import ConflictError
 from micropod.net.config import NetworkConfig
-from micropod.state import connect
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS leases (
-    ip      TEXT PRIMARY KEY,
-    vm_id   TEXT NOT NULL UNIQUE,
-    subnet  TEXT NOT NULL,
-    created REAL NOT NULL
-)
-"""
+from micropod.state.db import open_tables
+from micropod.state.tables import LEASES
 
 
 class Ipam:
     def __init__(self, db: Path, network: NetworkConfig) -> None:
         self.network = network
-        self._conn = connect(db, SCHEMA)
+        self._conn = open_tables(db, LEASES)
 
     def close(self) -> None:
         self._conn.close()

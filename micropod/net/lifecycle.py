@@ -175,7 +175,7 @@ def _ids(ctx: Context, *tables: str) -> list[set[str]]:
     """The VM ids in each table; a table not made yet (nothing ever attached or leased) has none."""
     import sqlite3
 
-    from micropod.state import connect
+    from micropod.state.db import connect
 
     conn = connect(ctx.root.db)
     try:

@@ -1,4 +1,4 @@
-"""The state store: SQLite with WAL, a busy timeout, and BEGIN IMMEDIATE for every writer.
+"""The VMs' table: SQLite with WAL, a busy timeout, and BEGIN IMMEDIATE for every writer.
 
 Any number of CLI processes and monitors use it at once. Rows describe VMs; the files of a VM live in
 its VmDir. Reconciliation notices monitors and VMMs that died without recording it.
@@ -19,31 +19,8 @@ from typing import Any
 from micropod.errors import ConflictError, NotFoundError, StateError, UsageError
 from micropod.fsutil import private_dir, private_file
 from micropod.liveness import ProcessRef
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS vms (
-    id           TEXT PRIMARY KEY,
-    name         TEXT NOT NULL UNIQUE,
-    image        TEXT NOT NULL,
-    image_id     TEXT NOT NULL,
-    command      TEXT NOT NULL,
-    created      REAL NOT NULL,
-    started      REAL,
-    finished     REAL,
-    status       TEXT NOT NULL,
-    exit_code    INTEGER,
-    error        TEXT,
-    monitor_pid  INTEGER,
-    monitor_start INTEGER,
-    vmm_pid      INTEGER,
-    vmm_start    INTEGER,
-    auto_remove  INTEGER NOT NULL DEFAULT 0,
-    backend      TEXT NOT NULL DEFAULT '',
-    restart_count INTEGER NOT NULL DEFAULT 0
-);
-"""
-# Columns added after the first release: (name, definition) for ALTER TABLE on older databases.
-MIGRATIONS = (("restart_count", "INTEGER NOT NULL DEFAULT 0"),)
+from micropod.state.db import open_tables
+from micropod.state.tables import VMS
 
 # created: recorded, monitor not yet running the container; running: container process started;
 # restarting: ended, its monitor waits out the restart policy's backoff before booting it again;
@@ -98,42 +75,6 @@ class VmRecord:
 _COLUMNS = tuple(f.name for f in fields(VmRecord))
 
 
-BUSY_TIMEOUT = 30.0
-
-
-def connect(db: Path, schema: str | None = None) -> sqlite3.Connection:
-    """A connection to state.db as every user of it needs one: autocommit, waiting out other writers.
-
-    Setting up a connection can meet a lock that SQLite's busy handler does not wait for (a fresh
-    connection asking for WAL while others open the file), so that part is retried, within bounds.
-    """
-    deadline = time.monotonic() + BUSY_TIMEOUT
-    while True:
-        try:
-            return _open(db, schema)
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise StateError(f"state store {db}: {exc}") from exc
-            time.sleep(0.01)
-        except sqlite3.Error as exc:
-            raise StateError(f"state store {db}: {exc}") from exc
-
-
-def _open(db: Path, schema: str | None) -> sqlite3.Connection:
-    conn = sqlite3.connect(db, timeout=BUSY_TIMEOUT, isolation_level=None)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-        # WAL is a property of the file: ask for it only while the file is not in WAL yet.
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
-        if schema:
-            conn.execute(schema)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
 class StateStore:
     """One connection to state.db; cheap to create, one per process."""
 
@@ -143,15 +84,9 @@ class StateStore:
             private_dir(db.parent)
             # SQLite gives -wal and -shm the database's own mode, so 0600 here covers all three.
             os.close(private_file(db, os.O_RDWR))
-            self._conn = connect(db)
+            self._conn = open_tables(db, VMS)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA synchronous = NORMAL")
-            with self.write():
-                self._conn.execute(SCHEMA)
-                present = {row["name"] for row in self._conn.execute("PRAGMA table_info(vms)")}
-                for column, definition in MIGRATIONS:
-                    if column not in present:
-                        self._conn.execute(f"ALTER TABLE vms ADD COLUMN {column} {definition}")
         except sqlite3.Error as exc:
             raise StateError(f"state store {db}: {exc}") from exc
 

@@ -1,0 +1,59 @@
+"""Every table of state.db, declared once, as the steps that build it (micropod/state/db.py applies them).
+
+A change to a table is a new step at the end, never an edit of a shipped one: the step count is the
+version that every existing database records.
+"""
+
+from __future__ import annotations
+
+from micropod.state.db import AddColumn, Statement, Table
+
+VMS = Table("vms", (
+    Statement("""CREATE TABLE IF NOT EXISTS vms (
+        id            TEXT PRIMARY KEY,
+        name          TEXT NOT NULL UNIQUE,
+        image         TEXT NOT NULL,
+        image_id      TEXT NOT NULL,
+        command       TEXT NOT NULL,
+        created       REAL NOT NULL,
+        started       REAL,
+        finished      REAL,
+        status        TEXT NOT NULL,
+        exit_code     INTEGER,
+        error         TEXT,
+        monitor_pid   INTEGER,
+        monitor_start INTEGER,
+        vmm_pid       INTEGER,
+        vmm_start     INTEGER,
+        auto_remove   INTEGER NOT NULL DEFAULT 0,
+        backend       TEXT NOT NULL DEFAULT ''
+    )"""),
+    AddColumn("restart_count", "INTEGER NOT NULL DEFAULT 0"),
+))
+
+# IP leases: one address per VM id, so that concurrent runs never share one (micropod/net/ipam.py).
+LEASES = Table("leases", (
+    Statement("""CREATE TABLE IF NOT EXISTS leases (
+        ip      TEXT PRIMARY KEY,
+        vm_id   TEXT NOT NULL UNIQUE,
+        subnet  TEXT NOT NULL,
+        created REAL NOT NULL
+    )"""),
+))
+
+# A VM's host networking: its TAP, address and ports, from which the root's rules are rebuilt
+# (micropod/net/host.py).
+ATTACHMENTS = Table("attachments", (
+    Statement("""CREATE TABLE IF NOT EXISTS attachments (
+        vm_id  TEXT PRIMARY KEY,
+        tap    TEXT NOT NULL,
+        mac    TEXT NOT NULL,
+        ip     TEXT NOT NULL,
+        ports  TEXT NOT NULL
+    )"""),
+    AddColumn("bridge", "TEXT NOT NULL DEFAULT ''"),
+    AddColumn("subnet", "TEXT NOT NULL DEFAULT ''"),
+    AddColumn("icc", "INTEGER NOT NULL DEFAULT 1"),
+))
+
+ALL = (VMS, LEASES, ATTACHMENTS)
