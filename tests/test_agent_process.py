@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from micropod.agent import process
-from micropod.agent.process import Launch, LaunchError, build_env, etc_files, look_path
+from micropod.agent.launch import DEFAULT_PATH, Launch, LaunchError, build_env, etc_files
+from micropod.agent.process import look_path
 
 
 def test_look_path(tmp_path: Path) -> None:
@@ -39,7 +40,7 @@ def test_env_defaults_and_overrides() -> None:
     assert build_env(launch, "/root") == {"PATH": "/opt/bin", "HOSTNAME": "box", "TERM": "xterm",
                                           "A": "1=2", "HOME": "/h"}
     plain = Launch("/r", {"args": ["x"]}, is_exec=True)
-    assert build_env(plain, "/home/u") == {"PATH": process.DEFAULT_PATH, "HOME": "/home/u"}
+    assert build_env(plain, "/home/u") == {"PATH": DEFAULT_PATH, "HOME": "/home/u"}
 
 
 def test_etc_files() -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import _socket
 
-from micropod.agent import mounts
+from micropod.agent import mounts, protocol
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from micropod.agent.main import Proc
+    from micropod.agent.process import Child
 
 
 class Container:
@@ -54,3 +54,23 @@ def exec_spec(base: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
         "cwd": spec.get("cwd") or base.get("cwd") or "/",
         "hostname": base.get("hostname") or "",
     }
+
+
+class Proc:
+    """A process the host started, from fork until its exit has been reported."""
+
+    __slots__ = ("container", "is_main", "master", "outputs", "pid", "sid", "stdin", "stdin_eof",
+                 "stdin_pending")
+
+    def __init__(self, container: Container, sid: int, child: Child, is_main: bool) -> None:
+        self.container = container
+        self.sid = sid
+        self.pid = child.pid
+        self.is_main = is_main
+        self.master = child.master
+        self.stdin = child.stdin
+        self.stdin_pending = bytearray()
+        self.stdin_eof = False
+        self.outputs = {child.stdout: protocol.stream_id(sid, protocol.STDOUT)}
+        if child.stderr is not None:
+            self.outputs[child.stderr] = protocol.stream_id(sid, protocol.STDERR)

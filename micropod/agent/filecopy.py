@@ -14,15 +14,22 @@ from micropod.agent.errors import RequestError, describe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Protocol
 
     from micropod.agent.beneath import Untar
     from micropod.agent.containers import Container
-    from micropod.agent.main import Agent
+
+    class CopyOwner(Protocol):
+        """What file copies need of the agent (micropod/agent/main.py), which imports this module."""
+
+        def container(self, message: dict[str, Any]) -> Container: ...
+        def check_sid_free(self, sid: int) -> None: ...
+        def send(self, frame: bytes) -> None: ...
+        def send_control(self, message: dict[str, Any]) -> None: ...
 
 
 class FileCopy:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: CopyOwner) -> None:
         self.agent = agent
         self.uploads: dict[int, tuple[Container, Untar]] = {}
 

@@ -12,13 +12,21 @@ from micropod.agent.console import console
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from micropod.agent.main import Agent
+    from typing import Any, Protocol
+
+    class LinkOwner(Protocol):
+        """What the link needs of the agent (micropod/agent/main.py), which imports this module."""
+
+        def watch(self, fd: int, events: int) -> None: ...
+        def log(self, message: str) -> None: ...
+        def on_request(self, message: dict[str, Any]) -> None: ...
+        def on_stdin(self, kind: int, stream: int, payload: bytes) -> None: ...
 
 _REATTACH_DELAY = 1.0
 
 
 class HostLink:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: LinkOwner) -> None:
         self.agent = agent
         self.channel: channels.Channel | None = None
         self.listener: channels.VsockListener | None = None

@@ -24,10 +24,10 @@ import sys
 import time
 
 from micropod import syscalls
-from micropod.agent import boot, handover, mounts, process, protocol, signals, stats
+from micropod.agent import boot, handover, launch, mounts, process, protocol, signals, stats
 from micropod.agent import channel as channels
 from micropod.agent.console import console
-from micropod.agent.containers import Container, exec_spec, mount_container, valid_id
+from micropod.agent.containers import Container, Proc, exec_spec, mount_container, valid_id
 from micropod.agent.errors import RequestError, describe
 from micropod.agent.filecopy import FileCopy
 from micropod.agent.hostlink import HostLink
@@ -47,26 +47,6 @@ AGENT_SERIAL_NAME = "micropod.agent"
 AGENT_VSOCK_PORT = 1024
 
 _KILL_WAIT = 5.0
-
-
-class Proc:
-    """A process the host started, from fork until its exit has been reported."""
-
-    __slots__ = ("container", "is_main", "master", "outputs", "pid", "sid", "stdin", "stdin_eof",
-                 "stdin_pending")
-
-    def __init__(self, container: Container, sid: int, child: process.Child, is_main: bool) -> None:
-        self.container = container
-        self.sid = sid
-        self.pid = child.pid
-        self.is_main = is_main
-        self.master = child.master
-        self.stdin = child.stdin
-        self.stdin_pending = bytearray()
-        self.stdin_eof = False
-        self.outputs = {child.stdout: protocol.stream_id(sid, protocol.STDOUT)}
-        if child.stderr is not None:
-            self.outputs[child.stderr] = protocol.stream_id(sid, protocol.STDERR)
 
 
 class Agent:
@@ -201,7 +181,7 @@ class Agent:
                 raise RequestError(f"unknown op {op!r}")
             result = handler(message)
             power_off = op == "shutdown"
-        except (RequestError, process.LaunchError) as exc:
+        except (RequestError, launch.LaunchError) as exc:
             self.reply_error(req, op, str(exc), exc.code)
         except Exception as exc:  # the host must get an answer whatever went wrong
             self.reply_error(req, op, describe(exc), 125)
@@ -246,7 +226,7 @@ class Agent:
         self.check_sid_free(sid)
         if self.handover:
             handover.hand_over(self.link, container, message, sid)
-        child = process.spawn(process.Launch(container.root, container.spec, is_exec=False),
+        child = process.spawn(launch.Launch(container.root, container.spec, is_exec=False),
                               (container.cid, container.spec) if self.use_runtime else None)
         container.main = self.track(container, sid, child, is_main=True)
         return {"pid": child.pid}
@@ -258,7 +238,7 @@ class Agent:
         sid = int(message["sid"])
         self.check_sid_free(sid)
         spec = exec_spec(container.spec, message.get("spec") or {})
-        child = process.spawn(process.Launch(container.root, spec, is_exec=True),
+        child = process.spawn(launch.Launch(container.root, spec, is_exec=True),
                               (container.cid, container.spec) if self.use_runtime else None)
         self.track(container, sid, child, is_main=False)
         return {"pid": child.pid}

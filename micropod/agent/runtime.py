@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from micropod.agent import bundle, users
-from micropod.agent.process import Launch, LaunchError, _write_etc_file, build_env
+from micropod.agent.launch import Launch, LaunchError, build_env, write_etc_file
 from micropod.errors import OciRuntimeError
 from micropod.runtime.execute import ExecOptions, spawn_exec
 from micropod.runtime.lifecycle import CreateOptions, Lifecycle
@@ -60,7 +60,7 @@ def _process(launch: Launch) -> dict[str, Any]:
     for path, text in launch.etc_files.items():
         target = _inside(launch.root, path)
         if target is not None:  # an /etc that leads onto the agent's mounts gets none of these
-            _write_etc_file(str(target), text)
+            write_etc_file(str(target), text)
     if launch.make_cwd:
         try:
             os.makedirs(beneath(Path(launch.root), launch.cwd), mode=0o755, exist_ok=True)

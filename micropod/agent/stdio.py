@@ -12,14 +12,25 @@ from micropod.agent.console import write_quietly
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from micropod.agent.main import Agent, Proc
+    from typing import Protocol
+
+    from micropod.agent.containers import Proc
+
+    class StdioOwner(Protocol):
+        """What stdio needs of the agent (micropod/agent/main.py), which imports this module."""
+
+        interest: dict[int, int]
+
+        def watch(self, fd: int, events: int) -> None: ...
+        def log(self, message: str) -> None: ...
+        def send(self, frame: bytes) -> None: ...
 
 _READ_SIZE = 1 << 16
 _DRAIN_LIMIT = 16 << 20  # a grandchild still writing must not keep an exit report back forever
 
 
 class Stdio:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: StdioOwner) -> None:
         self.agent = agent
         self.fd_procs: dict[int, Proc] = {}
 

@@ -8,15 +8,23 @@ import select
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Protocol
+
     from micropod.agent.containers import Container
-    from micropod.agent.main import Agent
+
+    class SyslogOwner(Protocol):
+        """What syslog needs of the agent (micropod/agent/main.py), which imports this module."""
+
+        def watch(self, fd: int, events: int) -> None: ...
+        def log(self, message: str) -> None: ...
+        def send_control(self, message: dict[str, Any]) -> None: ...
 
 _MAX_DATAGRAM = 1 << 16
 _BATCH = 64  # datagrams per wakeup; the rest waits for the next one
 
 
 class Syslog:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: SyslogOwner) -> None:
         self.agent = agent
         self.sockets: dict[int, tuple[Container, _socket.socket]] = {}
 
