@@ -178,12 +178,17 @@ class Lifecycle:
             raise
 
     def _drive(self, sync: Any, stage: int, group: cgroups.Cgroup, init: Any) -> int:
-        """Answer stage one and init until init is ready; returns init's pid."""
+        """Answer stage one and init until init is ready; returns init's pid.
+
+        Stage one and init share the socket, so init's messages can overtake stage one's report of its pid
+        (stage one is descheduled after its fork): they wait until the pid is known, which the hooks' state
+        and the caller need."""
         group.add(stage)
         sync.send(go=True)
         init_pid = 0
+        deferred: list[dict[str, Any]] = []
         while True:
-            message = sync.recv()
+            message = deferred.pop(0) if init_pid and deferred else sync.recv()
             if message is None:
                 raise OciRuntimeError("the container's init exited during create")
             if "error" in message:
@@ -197,6 +202,8 @@ class Lifecycle:
                 sync.send(ok=True)
             elif "init" in message:
                 init_pid = int(message["init"])
+            elif not init_pid:
+                deferred.append(message)
             elif message.get("hooks") == "createRuntime":
                 state = {"ociVersion": OCI_VERSION, "id": init.cid, "status": "creating",
                          "pid": init_pid, "bundle": str(init.bundle),
