@@ -233,7 +233,9 @@ class Lifecycle:
                 raise ContainerStateError("cannot start a container that has stopped")
             if current != "created":
                 raise ContainerStateError("cannot start an already running container")
-            self._release(container)
+            # poststart runs once the program is executed, so only then is the EOF awaited (as runc, start
+            # returns at the byte otherwise: the program's own start is no business of ours).
+            self._release(container, wait_for_exec=bool((container.hooks or {}).get("poststart")))
         try:
             hooks.run_hooks("poststart", container.hooks, spec_state(container, "running"))
         except OciRuntimeError:
@@ -241,8 +243,9 @@ class Lifecycle:
             raise
         return container
 
-    def _release(self, container: Container) -> None:
-        """Open the exec fifo for reading, which lets init's open for writing return; wait for its byte."""
+    def _release(self, container: Container, wait_for_exec: bool) -> None:
+        """Open the exec fifo for reading, which lets init's open for writing return; wait for its byte, and
+        with ``wait_for_exec`` for the EOF of the program's execve too."""
         fifo = self.states.path(container.id) / EXEC_FIFO
         fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -253,7 +256,7 @@ class Lifecycle:
                 if not container.init_alive():
                     raise ContainerStateError("cannot start a container that has stopped")
             # Then EOF: init's writer closes at the program's execve (or its exit), after startContainer hooks.
-            while not (select.select([fd], [], [], START_POLL)[0] and not os.read(fd, 1)):
+            while wait_for_exec and not (select.select([fd], [], [], START_POLL)[0] and not os.read(fd, 1)):
                 if not container.init_alive():
                     break
         finally:
