@@ -10,6 +10,7 @@ from micropod.state import StateStore
 
 if TYPE_CHECKING:
     from micropod.image.store import ImageStore
+    from micropod.volumes import VolumeStore
 
 
 class Context:
@@ -21,6 +22,13 @@ class Context:
     def state(self) -> StateStore:
         self.root.ensure()
         return StateStore(self.root.db)
+
+    @cached_property
+    def volumes(self) -> VolumeStore:
+        from micropod.volumes import VolumeStore
+
+        self.root.ensure()
+        return VolumeStore(self.root.volumes, self.root.db)
 
     @cached_property
     def images(self) -> ImageStore:

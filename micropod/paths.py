@@ -116,6 +116,10 @@ class StateRoot:
     def tmp(self) -> Path:
         return self.path / "tmp"
 
+    @property
+    def volumes(self) -> Path:
+        return self.path / "volumes"
+
     def ensure(self) -> StateRoot:
         from micropod.fsutil import private_dir
 

@@ -56,4 +56,23 @@ ATTACHMENTS = Table("attachments", (
     AddColumn("icc", "INTEGER NOT NULL DEFAULT 1"),
 ))
 
-ALL = (VMS, LEASES, ATTACHMENTS)
+# Named volumes (micropod/volumes.py): each an ext4 image under <root>/volumes/<name>/. ``holder`` is the one
+# VM it is attached to at a time; ``volume_users`` the containers that name it, running or not, which keep
+# it from being removed, as docker's do.
+VOLUMES = Table("volumes", (
+    Statement("""CREATE TABLE IF NOT EXISTS volumes (
+        name      TEXT PRIMARY KEY,
+        created   REAL NOT NULL,
+        size      INTEGER NOT NULL,
+        labels    TEXT NOT NULL DEFAULT '{}',
+        anonymous INTEGER NOT NULL DEFAULT 0,
+        holder    TEXT
+    )"""),
+    Statement("""CREATE TABLE IF NOT EXISTS volume_users (
+        volume TEXT NOT NULL,
+        vm_id  TEXT NOT NULL,
+        PRIMARY KEY (volume, vm_id)
+    )"""),
+))
+
+ALL = (VMS, LEASES, ATTACHMENTS, VOLUMES)

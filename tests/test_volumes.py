@@ -1,0 +1,96 @@
+"""Named volumes (micropod/volumes.py, micropod/cli/volumes.py): real ext4 images, docker's rules."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from micropod.errors import ConflictError, NotFoundError, UsageError
+from micropod.volumes import VolumeStore
+
+VM_A, VM_B = "a" * 64, "b" * 64
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> VolumeStore:
+    return VolumeStore(tmp_path / "volumes", tmp_path / "state.db")
+
+
+def test_a_volume_is_a_private_sparse_ext4_and_create_is_idempotent(store: VolumeStore, tmp_path: Path) -> None:
+    made = store.create("data", size=64 << 20, labels={"team": "db"})
+    again = store.create("data")
+    assert again == made and made.labels == {"team": "db"}
+    probe = subprocess.run(["blkid", "-o", "value", "-s", "TYPE", str(made.path)], capture_output=True, text=True)
+    assert probe.stdout.strip() == "ext4"
+    assert made.path.stat().st_size == 64 << 20 and made.path.stat().st_blocks * 512 < 8 << 20
+    assert stat.S_IMODE(made.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(made.path.parent.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("name", ["a", "-x", "a/b", "..", "a b", "é"])
+def test_invalid_names_are_refused(store: VolumeStore, name: str) -> None:
+    with pytest.raises(UsageError, match="invalid volume name"):
+        store.create(name)
+
+
+def test_a_volume_named_by_a_container_cannot_be_removed(store: VolumeStore) -> None:
+    store.create("data", size=16 << 20)
+    store.use("data", VM_A)
+    with pytest.raises(ConflictError, match=r"remove data: volume is in use - \[aaaaaaaaaaaa\]"):
+        store.remove("data")
+    store.release_all(VM_A)
+    assert store.remove("data")
+    assert not (store.root / "data").exists()
+    with pytest.raises(NotFoundError, match="no such volume: data"):
+        store.remove("data")
+    assert store.remove("data", force=True) is False
+
+
+def test_a_volume_is_attached_to_one_vm_at_a_time(store: VolumeStore) -> None:
+    store.create("data", size=16 << 20)
+    assert store.attach("data", VM_A).holder == VM_A
+    assert store.attach("data", VM_A).holder == VM_A  # again by the same VM: a restart
+    with pytest.raises(ConflictError, match="volume data is attached to container aaaaaaaaaaaa: a volume is "
+                                            "attached to one running VM at a time"):
+        store.attach("data", VM_B)
+    with pytest.raises(ConflictError):
+        store.remove("data")
+    store.detach("data", VM_A)
+    assert store.attach("data", VM_B).holder == VM_B
+
+
+def test_prune_takes_unused_anonymous_volumes_and_named_ones_only_when_asked(store: VolumeStore) -> None:
+    anonymous = store.create(size=16 << 20)
+    store.create("named", size=16 << 20)
+    store.create("used", size=16 << 20)
+    store.use("used", VM_A)
+    assert len(anonymous.name) == 64
+    assert store.prune() == [anonymous.name]
+    assert store.prune(include_named=True) == ["named"]
+    assert [v.name for v in store.all()] == ["used"]
+
+
+def test_a_directory_left_by_a_crashed_create_is_reclaimed(store: VolumeStore) -> None:
+    (store.root / "data").mkdir(parents=True)
+    (store.root / "data" / "volume.ext4").write_bytes(b"half")
+    assert store.create("data", size=16 << 20).path.stat().st_size == 16 << 20
+
+
+def test_the_cli_gives_one_line_for_bad_input(tmp_path: Path) -> None:
+    def micropod(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "micropod", "--root", str(tmp_path / "root"), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    assert micropod("volume", "create", "-o", "size=32m", "data").stdout == "data\n"
+    assert micropod("volume", "ls", "-q").stdout == "data\n"
+    for args, message in ((("volume", "create", "bad/name"), 'invalid volume name "bad/name"'),
+                          (("volume", "create", "-o", "type=nfs", "x1"), "unknown volume option 'type'"),
+                          (("volume", "rm", "nosuch"), "no such volume: nosuch"),
+                          (("volume", "inspect", "nosuch"), "no such volume: nosuch")):
+        done = micropod(*args)
+        assert done.returncode != 0 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert micropod("volume", "rm", "data").stdout == "data\n"
