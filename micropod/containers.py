@@ -20,7 +20,8 @@ from micropod.context import Context
 from micropod.errors import ConflictError, MicropodError, NotFoundError
 from micropod.fsutil import PRIVATE_DIR, private_file
 from micropod.liveness import ProcessRef
-from micropod.monitorclient import MonitorClient, Outcome, outcome
+from micropod.monitor.api import Op
+from micropod.monitor.client import MonitorClient, Outcome, outcome
 from micropod.names import check_name, generated_name, new_vm_id
 from micropod.net import lifecycle as networking
 from micropod.net.dns import hosts_file
@@ -171,16 +172,16 @@ def stop(ctx: Context, record: VmRecord, timeout: float, signal_name: str | None
     fields: dict[str, object] = {"timeout": timeout}
     if signal_name:
         fields["signal"] = parse_signal(signal_name)
-    return _ask_monitor(ctx, record, "stop", fields, timeout + STOP_GRACE)
+    return _ask_monitor(ctx, record, Op.STOP, fields, timeout + STOP_GRACE)
 
 
 def kill(ctx: Context, record: VmRecord, signal_name: str | None = None) -> None:
     if not is_active(record):
         raise ConflictError(f"container {record.name} is not running")
     if signal_name is None or parse_signal(signal_name) == 9:
-        _ask_monitor(ctx, record, "kill", {}, STOP_GRACE)
+        _ask_monitor(ctx, record, Op.KILL, {}, STOP_GRACE)
     else:
-        _ask_monitor(ctx, record, "signal", {"signal": parse_signal(signal_name)}, None)
+        _ask_monitor(ctx, record, Op.SIGNAL, {"signal": parse_signal(signal_name)}, None)
 
 
 def _ask_monitor(
@@ -237,7 +238,7 @@ def remove(ctx: Context, record: VmRecord, force: bool) -> None:
 
 
 def kill_and_wait(ctx: Context, record: VmRecord) -> None:
-    _ask_monitor(ctx, record, "kill", {}, STOP_GRACE)
+    _ask_monitor(ctx, record, Op.KILL, {}, STOP_GRACE)
     monitor = record.monitor
     deadline = time.monotonic() + STOP_GRACE
     while monitor is not None and monitor.alive() and time.monotonic() < deadline:

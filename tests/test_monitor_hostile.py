@@ -19,9 +19,9 @@ from micropod import guestmsg
 from micropod.agent import protocol
 from micropod.channel import OUT_LIMIT, AgentLink, FramedSocket
 from micropod.errors import ContainerCommandError, printable
-from micropod.monitor_connections import HIGH_WATER
-from micropod.monitor_loop import Monitor
-from micropod.monitorclient import MonitorClient
+from micropod.monitor.client import MonitorClient
+from micropod.monitor.clients import HIGH_WATER
+from micropod.monitor.supervisor import Monitor
 from micropod.paths import StateRoot
 from micropod.runconfig import ContainerSpec, RunConfig
 
@@ -330,7 +330,7 @@ def test_stats_gives_up_on_a_silent_vm_and_reads_the_others() -> None:
 
 
 def test_the_monitor_log_is_capped_however_much_a_guest_makes_it_write(tmp_path: Path) -> None:
-    from micropod.monitor import MONITOR_LOG_MAX, capped_log_handler
+    from micropod.monitor.main import MONITOR_LOG_MAX, capped_log_handler
 
     handler = capped_log_handler(tmp_path / "monitor.log")
     logger = logging.getLogger("test.capped")

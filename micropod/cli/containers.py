@@ -15,6 +15,7 @@ from micropod.cli.container_views import logs, ps
 from micropod.cli.security import security_options
 from micropod.context import Context
 from micropod.errors import MicropodError, NotFoundError, UsageError
+from micropod.monitor.api import Op
 from micropod.net.lifecycle import reconcile
 from micropod.runconfig import SecurityOptions
 from micropod.state import VmRecord
@@ -77,9 +78,9 @@ def run(ctx: Context, security: SecurityOptions, detach: bool, interactive: bool
     client = containers.start(ctx, cfg, attach=True)
     assert client is not None
     if detach:
-        message = client.follow(until="started", timeout=boot_timeout + 60)
+        message = client.follow(until=Op.STARTED, timeout=boot_timeout + 60)
         client.close()
-        if message["op"] == "exit":
+        if message["op"] == Op.EXIT:
             _fail_from_exit(message)
         click.echo(cfg.vm_id)
         return
@@ -102,7 +103,7 @@ def _attach_foreground(client: Any) -> int:
     """Stream the container's output; forward SIGINT/SIGTERM to it as docker's --sig-proxy does."""
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(MicropodError):
-            client.request("signal", signal=signum)
+            client.request(Op.SIGNAL, signal=signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, forward)
@@ -200,14 +201,14 @@ def rm(ctx: Context, force: bool, containers_: tuple[str, ...]) -> None:
 @pass_ctx
 def wait(ctx: Context, containers_: tuple[str, ...]) -> None:
     """Block until containers stop, then print their exit codes."""
-    from micropod.monitorclient import MonitorClient
+    from micropod.monitor.client import MonitorClient
 
     for ident in containers_:
         record = ctx.state.find(ident)
         if containers.is_active(record):
             with contextlib.suppress(MicropodError):
                 client = MonitorClient.connect(ctx.root.vm(record.id))
-                client.request("wait")
+                client.request(Op.WAIT)
                 client.follow()
                 client.close()
         final = reconcile(ctx) and ctx.state.get(record.id)
@@ -229,9 +230,9 @@ def start(ctx: Context, attach_output: bool, containers_: tuple[str, ...]) -> No
         client = containers.start_existing(ctx, record)
         if attach_output:
             sys.exit(_attach_foreground(client))
-        message = client.follow(until="started", timeout=record_timeout(ctx, record))
+        message = client.follow(until=Op.STARTED, timeout=record_timeout(ctx, record))
         client.close()
-        if message["op"] == "exit":
+        if message["op"] == Op.EXIT:
             raise MicropodError(message.get("error") or f"container {ident} exited at once "
                                 f"with code {message.get('code')}")
         click.echo(ident)
@@ -260,9 +261,9 @@ def restart(ctx: Context, timeout: int, containers_: tuple[str, ...]) -> None:
         fresh = reconcile(ctx) and ctx.state.find(record.id)
         assert fresh
         client = containers.start_existing(ctx, fresh)
-        message = client.follow(until="started", timeout=record_timeout(ctx, record))
+        message = client.follow(until=Op.STARTED, timeout=record_timeout(ctx, record))
         client.close()
-        if message["op"] == "exit":
+        if message["op"] == Op.EXIT:
             raise MicropodError(message.get("error") or f"container {ident} exited at once")
         click.echo(ident)
 

@@ -31,7 +31,8 @@ from micropod.agent import protocol
 from micropod.agent.beneath import TarError, Untar
 from micropod.context import Context
 from micropod.errors import ConflictError, MicropodError, NotFoundError, UsageError, printable
-from micropod.monitorclient import MonitorClient
+from micropod.monitor.api import Op
+from micropod.monitor.client import MonitorClient
 from micropod.net.lifecycle import reconcile
 from micropod.state import VmRecord
 
@@ -81,15 +82,15 @@ def maintenance(ctx: Context, record: VmRecord) -> Iterator[MonitorClient]:
     try:
         client = containers.start(ctx, cfg, attach=True, maintenance=True)
         assert client is not None
-        message = client.follow(until="started", timeout=cfg.boot_timeout + 60)
-        if message["op"] != "started":
+        message = client.follow(until=Op.STARTED, timeout=cfg.boot_timeout + 60)
+        if message["op"] != Op.STARTED:
             raise MicropodError(message.get("error") or "the stopped container's VM did not boot for the copy")
         try:
             yield client
         finally:
             # Also after a failed copy: the VM booted for it must not stay up.
             with contextlib.suppress(MicropodError, OSError):
-                client.request("shutdown")
+                client.request(Op.SHUTDOWN)
                 client.follow(timeout=containers.STOP_GRACE)
     finally:
         if client is not None:
@@ -99,7 +100,7 @@ def maintenance(ctx: Context, record: VmRecord) -> Iterator[MonitorClient]:
 
 
 def _finish(message: dict[str, Any]) -> None:
-    if message["op"] == "exit":
+    if message["op"] == Op.EXIT:
         raise ConflictError("the container stopped during the copy")
     if message.get("error") or int(message.get("code", 1)) != 0:
         raise MicropodError(str(message.get("error") or "the copy failed"))
@@ -126,8 +127,8 @@ def copy_out(ctx: Context, ident: str, path: str, dest: Path, archive: bool = Fa
                 untar.feed(data)
 
         with connected(ctx, ident) as client:
-            client.request("cp-get", path=path)
-            message = client.interact(sink, until=("exec-exit",))
+            client.request(Op.CP_GET, path=path)
+            message = client.interact(sink, until=(Op.EXEC_EXIT,))
         if untar.error is None:
             _finish(message)
         try:
@@ -164,15 +165,15 @@ def copy_in(ctx: Context, src: Path, ident: str, path: str, archive: bool = Fals
         return info
 
     with connected(ctx, ident) as client:
-        client.request("cp-put", path=path)
-        message = client.interact(lambda *_: None, until=("exec-started", "exec-exit"))
-        if message["op"] == "exec-started":
+        client.request(Op.CP_PUT, path=path)
+        message = client.interact(lambda *_: None, until=(Op.EXEC_STARTED, Op.EXEC_EXIT))
+        if message["op"] == Op.EXEC_STARTED:
             writer = _StdinWriter(client)
             with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 name = src.name if src.name not in ("", ".", "..") else src.resolve().name
                 tar.add(src, arcname=name, filter=only_copyable)
             client.channel.send_eof(0)
-            message = client.interact(lambda *_: None, until=("exec-exit",))
+            message = client.interact(lambda *_: None, until=(Op.EXEC_EXIT,))
     _finish(message)
     _warn_skipped(skipped)
 

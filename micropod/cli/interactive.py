@@ -18,7 +18,8 @@ import click
 
 from micropod.context import Context
 from micropod.errors import ConflictError, MicropodError, UsageError, printable
-from micropod.monitorclient import MonitorClient
+from micropod.monitor.api import Op
+from micropod.monitor.client import MonitorClient
 
 pass_ctx = click.make_pass_decorator(Context)
 
@@ -84,7 +85,7 @@ def session(client: MonitorClient, *, tty: bool, stdin: bool, until: tuple[str, 
         size = window_size(in_fd if in_fd is not None else sys.stdout.fileno())
         if size is not None:
             with contextlib.suppress(MicropodError):
-                client.request("resize", rows=size[0], cols=size[1])
+                client.request(Op.RESIZE, rows=size[0], cols=size[1])
 
     def on_wakeup(data: bytes) -> None:
         for signum in set(data):
@@ -92,7 +93,7 @@ def session(client: MonitorClient, *, tty: bool, stdin: bool, until: tuple[str, 
                 resize()
             elif not tty and proxy:
                 with contextlib.suppress(MicropodError):
-                    client.request("signal", signal=signum)
+                    client.request(Op.SIGNAL, signal=signum)
 
     signums = (signal.SIGWINCH,) if tty else PROXIED
     with signal_wakeup(signums) as wakeup, raw_terminal(in_fd if tty else None):
@@ -147,10 +148,10 @@ def exec_(ctx: Context, interactive: bool, tty: bool, detach: bool, env: tuple[s
     except MicropodError:
         raise ConflictError(f"container {record.id} is not running") from None
     try:
-        client.request("exec", spec=spec, detach=detach)
-        message = client.interact(lambda *_: None, until=("exec-started", "exec-exit"))
-        if message["op"] == "exec-started" and not detach:
-            message = session(client, tty=tty, stdin=interactive, until=("exec-exit",), send_size=False)
+        client.request(Op.EXEC, spec=spec, detach=detach)
+        message = client.interact(lambda *_: None, until=(Op.EXEC_STARTED, Op.EXEC_EXIT))
+        if message["op"] == Op.EXEC_STARTED and not detach:
+            message = session(client, tty=tty, stdin=interactive, until=(Op.EXEC_EXIT,), send_size=False)
     finally:
         client.close()
     sys.exit(_exit_code(message, record.id))
@@ -158,9 +159,9 @@ def exec_(ctx: Context, interactive: bool, tty: bool, detach: bool, env: tuple[s
 
 def _exit_code(message: dict[str, Any], vm_id: str) -> int:
     op = message["op"]
-    if op == "exec-started" or op == "detached":
+    if op in (Op.EXEC_STARTED, Op.DETACHED):
         return 0
-    if op == "exit":  # the VM ended under the exec
+    if op == Op.EXIT:  # the VM ended under the exec
         if message.get("error") is None and int(message.get("code", 0)) == 0:
             return 137
         click.echo(f"micropod: error: container {vm_id} stopped", err=True)
@@ -190,12 +191,12 @@ def attach(ctx: Context, no_stdin: bool, sig_proxy: bool, container: str) -> Non
     stdin = cfg.container.stdin and not no_stdin
     check_tty_input(stdin, cfg.container.tty)
     try:
-        client.request("attach")
+        client.request(Op.ATTACH)
         message = session(client, tty=cfg.container.tty, stdin=stdin, until=(),
                           detach_keys=DETACH_KEYS, proxy=sig_proxy)
     finally:
         client.close()
-    if message["op"] == "detached":
+    if message["op"] == Op.DETACHED:
         return
     sys.exit(int(message.get("code", 125)))
 

@@ -18,7 +18,8 @@ from micropod.agent import protocol
 from micropod.channel import decode
 from micropod.context import Context
 from micropod.errors import MicropodError
-from micropod.monitorclient import MonitorClient
+from micropod.monitor.api import Op
+from micropod.monitor.client import MonitorClient
 from micropod.net.lifecycle import reconcile
 from micropod.state import VmRecord
 
@@ -43,7 +44,7 @@ class Sample:
     @classmethod
     def of(cls, reply: dict[str, Any]) -> Sample | None:
         """The counters of a monitor's stats-reply (which checked them); None if it carries an error."""
-        if reply.get("op") != "stats-reply" or "error" in reply or "message" in reply:
+        if reply.get("op") != Op.STATS_REPLY or "error" in reply or "message" in reply:
             return None
         values = {name: reply.get(name, 0) for name in cls.__dataclass_fields__}
         if not all(type(v) is int and v >= 0 for v in values.values()):
@@ -64,7 +65,7 @@ def sample_all(clients: dict[str, MonitorClient], timeout: float = TIMEOUT) -> d
     waiting: dict[int, str] = {}
     for vm_id, client in clients.items():
         try:
-            client.request("stats")
+            client.request(Op.STATS)
             waiting[client.channel.fileno()] = vm_id
         except MicropodError:
             pass
@@ -91,7 +92,7 @@ def _stats_reply(client: MonitorClient) -> dict[str, Any] | None:
         for kind, _, payload in client.channel.pump():
             if kind == protocol.CONTROL:
                 message = decode(payload)
-                if message["op"] in ("stats-reply", "exit", "error"):
+                if message["op"] in (Op.STATS_REPLY, Op.EXIT, Op.ERROR):
                     return message
     except MicropodError:
         return {}

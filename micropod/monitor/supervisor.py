@@ -1,5 +1,5 @@
-"""Each boot's event loop and the ending: the Monitor that micropod.monitor runs and the other monitor_* modules
-serve (micropod.monitor describes the whole)."""
+"""Each boot's event loop and the ending: the Monitor that main runs and the package's other modules serve
+(micropod.monitor describes the whole)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from micropod import guestmsg
 from micropod.channel import Frame
 from micropod.containerlog import ContainerLog
 from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError, printable
-from micropod.monitor_connections import READ, WRITE, Connections, Watchlist
-from micropod.monitor_guest import GuestFrames
-from micropod.monitor_launch import (
+from micropod.monitor import api
+from micropod.monitor.clients import READ, WRITE, Connections, Watchlist
+from micropod.monitor.guest import GuestFrames
+from micropod.monitor.launch import (
     MAIN,
     SHUTDOWN_GRACE,
     NetworkAttachment,
@@ -27,9 +28,9 @@ from micropod.monitor_launch import (
     console_tail,
     remove_vm_sockets,
 )
-from micropod.monitor_requests import ClientRequests
-from micropod.monitor_restart import run_with_restarts
-from micropod.monitor_sessions import ExecSessions
+from micropod.monitor.requests import ClientRequests
+from micropod.monitor.restart import run_with_restarts
+from micropod.monitor.sessions import ExecSessions
 from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
 from micropod.runconfig import RunConfig
@@ -67,7 +68,7 @@ class Monitor:
         if attach is not None:
             self.clients.add(attach, attached=True)
 
-    # -- boots (monitor_restart.Boots) ------------------------------------------------------------
+    # -- boots (restart.Boots) --------------------------------------------------------------------
 
     def run(self) -> int:
         self._install_signals()
@@ -101,8 +102,7 @@ class Monitor:
         log.info("restarting the VM (restart %d) after exit code %d", restarts, code)
         self.store.update(self.cfg.vm_id, status="restarting", exit_code=code, error=self.error,
                           finished=time.time(), restart_count=restarts)
-        self.clients.broadcast({"op": "exit", "code": code, "error": self.error, "restarting": True},
-                               only_attached=False)
+        self.clients.broadcast(api.exit_message(code, self.error, restarting=True), only_attached=False)
         self.clients.drop_all()
 
     def wait(self, delay: float) -> bool:
@@ -142,7 +142,7 @@ class Monitor:
         self.vm.boot(self.network, self.maintenance)
         if not self.maintenance:
             self.store.update(self.cfg.vm_id, status="running", started=time.time())
-        self.clients.broadcast({"op": "started", "id": self.cfg.vm_id})
+        self.clients.broadcast(api.started_message(self.cfg.vm_id))
 
     def _loop(self) -> None:
         assert self.vm.link is not None
@@ -222,7 +222,7 @@ class Monitor:
     def _on_frame(self, frame: Frame) -> None:
         self.frames.on_frame(frame)
 
-    # -- guest events (monitor_guest.GuestEvents) --------------------------------------------------
+    # -- guest events (guest.GuestEvents) ----------------------------------------------------------
 
     def deliver_reply(self, reply: guestmsg.Reply) -> None:
         self.vm.deliver_reply(reply)
@@ -254,7 +254,7 @@ class Monitor:
         self.vm.kill()
         self.done = True
 
-    # -- what clients ask of the container (monitor_requests.Container) ----------------------------
+    # -- what clients ask of the container (requests.Container) ------------------------------------
 
     def running(self) -> bool:
         return self.exit_code is None and self.vm.link is not None
@@ -315,7 +315,7 @@ class Monitor:
         if self.exit_code is None:
             self.main_exited(0)
 
-    # -- client events (monitor_connections.ClientEvents) ------------------------------------------
+    # -- client events (clients.ClientEvents) ------------------------------------------------------
 
     def client_gone(self, fd: int) -> None:
         self.sessions.hang_up(fd)
@@ -357,7 +357,7 @@ class Monitor:
         else:
             self.store.update(self.cfg.vm_id, status="exited", exit_code=code, error=self.error,
                               finished=time.time())
-        self.clients.broadcast({"op": "exit", "code": code, "error": self.error}, only_attached=False)
+        self.clients.broadcast(api.exit_message(code, self.error), only_attached=False)
         self.clients.drop_all()
 
     def _install_signals(self) -> None:

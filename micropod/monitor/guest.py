@@ -16,9 +16,9 @@ from micropod.agent import protocol
 from micropod.channel import Frame
 from micropod.containerlog import ContainerLog
 from micropod.errors import printable
-from micropod.monitor_connections import Connections
-from micropod.monitor_launch import MAIN_SID
-from micropod.monitor_sessions import ExecSessions
+from micropod.monitor.clients import Connections
+from micropod.monitor.launch import MAIN_SID
+from micropod.monitor.sessions import ExecSessions
 
 log = logging.getLogger("micropod.monitor")
 

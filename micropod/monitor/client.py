@@ -14,6 +14,8 @@ from typing import Any
 from micropod.agent import protocol
 from micropod.channel import FramedSocket, decode
 from micropod.errors import AgentError, NotFoundError, TimeoutExpired
+from micropod.monitor import api
+from micropod.monitor.api import Op
 from micropod.paths import VmDir
 from micropod.unixsock import SocketDir
 
@@ -44,12 +46,12 @@ class MonitorClient:
         return cls(sock)
 
     def request(self, op: str, **fields: Any) -> None:
-        self.channel.send_control({"op": op, **fields})
+        self.channel.send_control(api.request(op, **fields))
 
     def follow(
         self,
         on_data: Callable[[int, bytes], None] | None = None,
-        until: str = "exit",
+        until: str = Op.EXIT,
         timeout: float | None = None,
     ) -> dict[str, Any]:
         """Read frames, passing output to ``on_data``, until a control message ``until`` or exit."""
@@ -69,7 +71,7 @@ class MonitorClient:
                     on_data(stream, payload)
                 elif kind == protocol.CONTROL:
                     message = decode(payload)
-                    if message["op"] in (until, "exit"):
+                    if message["op"] in (until, Op.EXIT):
                         return message
             if self.channel.closed:
                 raise AgentError("the monitor went away without reporting an exit")
@@ -85,8 +87,8 @@ class MonitorClient:
     ) -> dict[str, Any]:
         """Like follow, and also forward ``stdin`` (EOF included) as stream 0 until a control message in ``until``
         or ``exit``. Bytes read from ``wakeup`` (a signal wakeup fd) go to ``on_wakeup``. Typing ``detach_keys``
-        returns ``{"op": "detached"}``, as docker's Ctrl-P Ctrl-Q does."""
-        ops = set(until) | {"exit"}
+        returns a detached message (Op.DETACHED), as docker's Ctrl-P Ctrl-Q does."""
+        ops = set(until) | {Op.EXIT}
         typed = b""
         while True:
             ended = self._deliver(on_data, ops)
@@ -108,7 +110,7 @@ class MonitorClient:
                 if detach_keys:
                     typed = (typed + data)[-len(detach_keys):]
                     if typed == detach_keys:
-                        return {"op": "detached"}
+                        return api.detached_message()
                 if data:
                     self._send_reading(protocol.encode(protocol.DATA, protocol.STDIN, data), on_data, ops)
                 else:

@@ -12,8 +12,9 @@ from typing import Any, Protocol
 from micropod import guestmsg
 from micropod.channel import FramedSocket
 from micropod.errors import AgentError, printable
-from micropod.monitor_connections import Connections
-from micropod.monitor_launch import MAIN, OnReply
+from micropod.monitor import api
+from micropod.monitor.clients import Connections
+from micropod.monitor.launch import MAIN, OnReply
 
 FIRST_EXEC_SID = 2
 
@@ -62,12 +63,12 @@ class ExecSessions:
                 session.started = True
                 if session.sid not in self.by_sid:
                     return  # it has already ended (a cp-get streams everything before its reply)
-                self._send(session, lambda c: c.send_control({"op": "exec-started", "sid": session.sid}), also=fd)
+                self._send(session, lambda c: c.send_control(api.exec_started_message(session.sid)), also=fd)
                 return
             self.by_sid.pop(session.sid, None)
             self.sid_of_client.pop(fd, None)
-            self._send(session, lambda c: c.send_control(
-                {"op": "exec-exit", "code": reply.code or 125, "error": printable(reply.message)}), also=fd)
+            failure = api.exec_exit_message(reply.code or 125, printable(reply.message))
+            self._send(session, lambda c: c.send_control(failure), also=fd)
 
         self.call_agent(agent_op, started, id=MAIN, sid=session.sid, **fields)
 
@@ -85,9 +86,7 @@ class ExecSessions:
             return False
         if session.client is not None:
             self.sid_of_client.pop(session.client, None)
-        report: dict[str, Any] = {"op": "exec-exit", "code": code}
-        if error:
-            report["error"] = printable(error)
+        report = api.exec_exit_message(code, printable(error) if error else None)
         self._send(session, lambda c: c.send_control(report))
         return True
 

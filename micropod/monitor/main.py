@@ -1,13 +1,4 @@
-"""One supervisor per VM, detached from the CLI (like conmon or a containerd shim).
-
-It owns the VMM child and is the only client of the agent channel. It writes the container log
-(docker json-file lines), records the exit status in the state store, and cleans up when the VM ends.
-The CLI talks to it over its control socket, or over an inherited socket for `run`'s own attach.
-
-This module is the process: its arguments, umask and log. Its parts: monitor_loop runs each boot's event loop and
-the ending, monitor_launch starts the VM, monitor_restart applies the restart policy, monitor_connections keeps the
-clients, monitor_requests answers them, monitor_sessions routes exec sessions and monitor_guest routes what the
-guest agent sends.
+"""The monitor process: its arguments, umask and log (the package's docstring describes the whole).
 
 Run as ``python -m micropod.monitor --root ROOT VM_ID [--attach-fd N]``.
 """
@@ -19,10 +10,9 @@ import logging
 import logging.handlers
 import os
 import socket
-import sys
 from pathlib import Path
 
-from micropod.monitor_loop import Monitor
+from micropod.monitor.supervisor import Monitor
 from micropod.paths import StateRoot
 
 MONITOR_LOG_MAX = 4 << 20
@@ -51,7 +41,3 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     attach = socket.socket(fileno=args.attach_fd) if args.attach_fd is not None else None
     return Monitor(root, args.vm_id, attach, maintenance=args.maintenance).run()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,9 +10,11 @@ from micropod import guestmsg
 from micropod.agent import protocol
 from micropod.channel import decode
 from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError
-from micropod.monitor_connections import Connections
-from micropod.monitor_launch import MAIN_SID, OnReply
-from micropod.monitor_sessions import ExecSessions
+from micropod.monitor import api
+from micropod.monitor.api import Op
+from micropod.monitor.clients import Connections
+from micropod.monitor.launch import MAIN_SID, OnReply
+from micropod.monitor.sessions import ExecSessions
 from micropod.runconfig import RunConfig
 
 log = logging.getLogger("micropod.monitor")
@@ -75,35 +77,35 @@ class ClientRequests:
             self.clients.drop(fd)
 
     def _refuse(self, fd: int, error: str) -> None:
-        self.clients.send_to(fd, lambda c: c.send_control({"op": "error", "message": error}))
+        self.clients.send_to(fd, lambda c: c.send_control(api.error_message(error)))
 
     def _on_request(self, fd: int, message: dict[str, Any]) -> None:
         op = message["op"]
-        if op == "attach":
+        if op == Op.ATTACH:
             self.clients.attached.add(fd)
-        elif op == "exec":
+        elif op == Op.EXEC:
             self._start_exec(fd, message, "exec", {"spec": message.get("spec") or {}})
-        elif op in ("cp-get", "cp-put"):
-            self._start_exec(fd, message, "archive-get" if op == "cp-get" else "archive-put",
+        elif op in (Op.CP_GET, Op.CP_PUT):
+            self._start_exec(fd, message, "archive-get" if op == Op.CP_GET else "archive-put",
                              {"path": str(message["path"])})
-        elif op == "resize":
+        elif op == Op.RESIZE:
             sid = self.sessions.sid_of_client.get(fd, MAIN_SID if fd in self.clients.attached else None)
             if sid is not None and self.container.running():
                 self.container.call_agent("resize", sid=sid, rows=int(message["rows"]), cols=int(message["cols"]))
-        elif op == "signal" and fd in self.sessions.sid_of_client:
+        elif op == Op.SIGNAL and fd in self.sessions.sid_of_client:
             self.sessions.send_signal(fd, int(message["signal"]))
-        elif op == "signal":
+        elif op == Op.SIGNAL:
             self.container.signal_main(int(message["signal"]))
-        elif op == "stop":
+        elif op == Op.STOP:
             timeout = float(message.get("timeout", 10))
             self.container.stop(int(message.get("signal") or self.cfg.stop_signal), timeout)
-        elif op == "kill":
+        elif op == Op.KILL:
             self.container.kill()
-        elif op == "wait":
+        elif op == Op.WAIT:
             pass  # every client hears the exit
-        elif op == "shutdown" and self.container.maintenance:
+        elif op == Op.SHUTDOWN and self.container.maintenance:
             self.container.end_maintenance()
-        elif op == "stats":
+        elif op == Op.STATS:
             self._stats(fd)
         else:
             raise AgentError(f"unknown monitor request {op!r}")
@@ -121,14 +123,14 @@ class ClientRequests:
     def _stats(self, fd: int) -> None:
         def answer(reply: guestmsg.Reply) -> None:
             if not reply.ok:
-                fields: dict[str, Any] = {"message": reply.message}
+                message = api.stats_failure_message(reply.message)
             else:
                 try:
-                    fields = dict(guestmsg.stats(reply))
+                    message = api.stats_reply_message(guestmsg.stats(reply))
                 except guestmsg.BadGuestMessage as exc:
                     guestmsg.refuse(str(exc))
-                    fields = {"message": "the guest sent malformed stats"}
-            self.clients.send_to(fd, lambda c: c.send_control({"op": "stats-reply", **fields}))
+                    message = api.stats_failure_message("the guest sent malformed stats")
+            self.clients.send_to(fd, lambda c: c.send_control(message))
 
         if not self.container.running():
             answer(guestmsg.Reply.failure("the container is not running"))
