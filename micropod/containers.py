@@ -31,11 +31,13 @@ from micropod.runconfig import (
     RestartPolicy,
     RunConfig,
     SecurityOptions,
+    VolumeMount,
     merge_command,
     merge_env,
     parse_signal,
 )
 from micropod.state import ACTIVE, VmRecord, name_in_use
+from micropod.volumes import VolumeRequest
 
 STOP_GRACE = 30.0
 
@@ -63,6 +65,7 @@ class RunRequest:
     publish: tuple[str, ...] = ()
     dns: tuple[str, ...] = ()
     security: SecurityOptions = field(default_factory=SecurityOptions)
+    volumes: tuple[VolumeRequest, ...] = ()
 
 
 def create(ctx: Context, req: RunRequest) -> RunConfig:
@@ -96,6 +99,7 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
     vm_dir = ctx.root.vm(vm_id)
     try:
         network = networking.lease(ctx, plan, vm_id)
+        volumes = _use_volumes(ctx, vm_id, req.volumes)
         spec = ContainerSpec(
             args=command,
             env=merge_env(config.env, req.env, hostname),
@@ -107,6 +111,7 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
             hosts=hosts_file(hostname, network.ip or None),
             resolv_conf=plan.resolv_conf,
             security=req.security,
+            volumes=volumes,
         )
         cfg = RunConfig(
             vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,
@@ -121,9 +126,21 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
     except BaseException:
         shutil.rmtree(vm_dir.path, ignore_errors=True)
         networking.release_lease(ctx.root, vm_id)
+        if req.volumes:
+            ctx.volumes.release_all(vm_id)
         ctx.state.delete(vm_id)
         raise
     return cfg
+
+
+def _use_volumes(ctx: Context, vm_id: str, wanted: tuple[VolumeRequest, ...]) -> tuple[VolumeMount, ...]:
+    """Each named volume, made if it does not exist yet (as docker does), recorded as this container's."""
+    mounts = []
+    for request in wanted:
+        ctx.volumes.create(request.name)
+        volume = ctx.volumes.use(request.name, vm_id)
+        mounts.append(VolumeMount(volume.name, request.target, str(volume.path), request.read_only))
+    return tuple(mounts)
 
 
 def start(ctx: Context, cfg: RunConfig, attach: bool, maintenance: bool = False) -> MonitorClient | None:
@@ -232,6 +249,7 @@ def remove(ctx: Context, record: VmRecord, force: bool) -> None:
     vm_dir = ctx.root.vm(record.id)
     networking.detach(ctx.root, record.id)
     networking.release_lease(ctx.root, record.id)
+    ctx.volumes.release_all(record.id)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(vm_dir.path)
     ctx.state.delete(record.id)

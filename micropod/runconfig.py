@@ -35,6 +35,16 @@ class SecurityOptions:
 
 
 @dataclass(frozen=True)
+class VolumeMount:
+    """A named volume (micropod/volumes.py) at ``target`` in the container; ``path`` is its disk image."""
+
+    name: str
+    target: str
+    path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """The process the agent starts; field names are the agent protocol's spec keys."""
 
@@ -48,10 +58,14 @@ class ContainerSpec:
     hosts: str | None = None
     resolv_conf: str | None = None
     security: SecurityOptions = field(default_factory=SecurityOptions)
+    volumes: tuple[VolumeMount, ...] = ()
 
-    def to_agent(self, rootfs: dict[str, str]) -> dict[str, Any]:
+    def to_agent(self, rootfs: dict[str, str], volume_disks: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The agent's spec; ``volume_disks`` are the guest's devices of the volumes, in order."""
         spec = asdict(self)
         spec.update(spec.pop("security"))  # the agent's spec keys: privileged, cap_add, cap_drop, seccomp...
+        spec["volumes"] = [{"device": disk, "target": volume.target, "read_only": volume.read_only}
+                           for volume, disk in zip(self.volumes, volume_disks, strict=True)]
         spec["args"] = list(self.args)
         spec["env"] = list(self.env)
         spec["rootfs"] = rootfs
@@ -167,6 +181,7 @@ class RunConfig:
         container = raw.pop("container")
         container["args"] = tuple(container["args"])
         container["env"] = tuple(container["env"])
+        container["volumes"] = tuple(VolumeMount(**volume) for volume in container.get("volumes") or ())
         log = LogOptions(**raw.pop("log", {}))
         restart = RestartPolicy(**raw.pop("restart", {}))
         network = NetworkSettings.from_json(raw.pop("network", {}))

@@ -41,6 +41,15 @@ def check_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class VolumeRequest:
+    """-v NAME:/path[:ro] or --mount type=volume,...: the volume ``name`` at ``target`` in the container."""
+
+    name: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class Volume:
     name: str
     created: float
@@ -176,6 +185,11 @@ class VolumeStore:
                 raise ConflictError(f"volume {name} is attached to container {row['holder'][:12]}: a volume is "
                                     "attached to one running VM at a time")
         return self.get(name)
+
+    def detach_all(self, vm_id: str) -> None:
+        """The VM has ended: it holds none of its volumes (its container still names them)."""
+        with self._write() as conn:
+            conn.execute("UPDATE volumes SET holder = NULL WHERE holder = ?", (vm_id,))
 
     def detach(self, name: str, vm_id: str) -> None:
         with self._write() as conn:

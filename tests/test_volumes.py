@@ -94,3 +94,41 @@ def test_the_cli_gives_one_line_for_bad_input(tmp_path: Path) -> None:
         done = micropod(*args)
         assert done.returncode != 0 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
     assert micropod("volume", "rm", "data").stdout == "data\n"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("data:/data", ("data", "/data", False)),
+    ("data:/srv/x/../d/:ro", ("data", "/srv/d", True)),
+    ("data:/data:rw", ("data", "/data", False)),
+])
+def test_dash_v_names_a_volume_a_path_and_a_mode(text: str, expected: tuple[str, str, bool]) -> None:
+    from micropod.cli.mounts import parse_volume
+
+    parsed = parse_volume(text)
+    assert (parsed.name, parsed.target, parsed.read_only) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("type=volume,source=data,target=/data", ("data", "/data", False)),
+    ("src=data,dst=/data,readonly", ("data", "/data", True)),
+    ("type=volume,source=data,destination=/d,readonly=false", ("data", "/d", False)),
+])
+def test_mount_takes_dockers_keys(text: str, expected: tuple[str, str, bool]) -> None:
+    from micropod.cli.mounts import parse_mount
+
+    parsed = parse_mount(text)
+    assert (parsed.name, parsed.target, parsed.read_only) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("type=bind,source=/etc,target=/x", "bind mounts of host paths are not supported yet"),
+    ("type=tmpfs,target=/x", "type 'tmpfs' is not supported"),
+    ("source=data", "it needs source=NAME and target=/path"),
+    ("source=data,target=/x,colour=red", "unknown field 'colour'"),
+    ("source=data,target=/", "cannot be mounted over the container's root"),
+])
+def test_bad_mounts_are_refused(text: str, message: str) -> None:
+    from micropod.cli.mounts import parse_mount
+
+    with pytest.raises(UsageError, match=message):
+        parse_mount(text)

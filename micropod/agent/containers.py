@@ -37,6 +37,10 @@ def mount_container(cid: str, spec: dict[str, Any], mount_base: str) -> Containe
     mounted: list[str] = []
     try:
         mounts.apply(plan, mounted)
+        if spec.get("volumes"):
+            from micropod.agent.volumes import mount_volumes
+
+            mount_volumes(cid, root, spec["volumes"], mounted)
         if spec.get("hostname"):
             _socket.sethostname(spec["hostname"])
     except BaseException:

@@ -12,6 +12,7 @@ import click
 
 from micropod import containers
 from micropod.cli.container_views import logs, ps
+from micropod.cli.mounts import requested_volumes, volume_options
 from micropod.cli.security import security_options
 from micropod.context import Context
 from micropod.errors import MicropodError, NotFoundError, UsageError
@@ -50,6 +51,7 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @security_options
+@volume_options
 @pass_ctx
 def run(ctx: Context, security: SecurityOptions, detach: bool, interactive: bool, tty: bool, auto_remove: bool,
         name: str | None,
@@ -72,7 +74,7 @@ def run(ctx: Context, security: SecurityOptions, detach: bool, interactive: bool
         user=user, entrypoint=entrypoint, hostname=hostname, vcpus=parse_cpus(cpus),
         memory_mib=parse_memory_mib(memory), backend=vmm, boot_timeout=boot_timeout,
         stdin=interactive, tty=tty, log=parse_log_opts(log_opts), restart=policy,
-        network=network, publish=publish, dns=dns, security=security,
+        network=network, publish=publish, dns=dns, security=security, volumes=requested_volumes(),
     )
     cfg = containers.create(ctx, request)
     client = containers.start(ctx, cfg, attach=True)

@@ -100,6 +100,8 @@ def maintenance(ctx: Context, record: VmRecord) -> Iterator[MonitorClient]:
 
 
 def _finish(message: dict[str, Any]) -> None:
+    if message["op"] == Op.ERROR:  # the monitor refused the copy
+        raise MicropodError(printable(str(message.get("message"))))
     if message["op"] == Op.EXIT:
         raise ConflictError("the container stopped during the copy")
     if message.get("error") or int(message.get("code", 1)) != 0:
@@ -128,7 +130,7 @@ def copy_out(ctx: Context, ident: str, path: str, dest: Path, archive: bool = Fa
 
         with connected(ctx, ident) as client:
             client.request(Op.CP_GET, path=path)
-            message = client.interact(sink, until=(Op.EXEC_EXIT,))
+            message = client.interact(sink, until=(Op.EXEC_EXIT, Op.ERROR))
         if untar.error is None:
             _finish(message)
         try:
@@ -166,7 +168,7 @@ def copy_in(ctx: Context, src: Path, ident: str, path: str, archive: bool = Fals
 
     with connected(ctx, ident) as client:
         client.request(Op.CP_PUT, path=path)
-        message = client.interact(lambda *_: None, until=(Op.EXEC_STARTED, Op.EXEC_EXIT))
+        message = client.interact(lambda *_: None, until=(Op.EXEC_STARTED, Op.EXEC_EXIT, Op.ERROR))
         if message["op"] == Op.EXEC_STARTED:
             writer = _StdinWriter(client)
             with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]

@@ -149,7 +149,8 @@ def exec_(ctx: Context, interactive: bool, tty: bool, detach: bool, env: tuple[s
         raise ConflictError(f"container {record.id} is not running") from None
     try:
         client.request(Op.EXEC, spec=spec, detach=detach)
-        message = client.interact(lambda *_: None, until=(Op.EXEC_STARTED, Op.EXEC_EXIT))
+        # ERROR: the monitor refused the exec (it is stopping the VM, say); waiting on would wait for the VM.
+        message = client.interact(lambda *_: None, until=(Op.EXEC_STARTED, Op.EXEC_EXIT, Op.ERROR))
         if message["op"] == Op.EXEC_STARTED and not detach:
             message = session(client, tty=tty, stdin=interactive, until=(Op.EXEC_EXIT,), send_size=False)
     finally:
@@ -161,6 +162,9 @@ def _exit_code(message: dict[str, Any], vm_id: str) -> int:
     op = message["op"]
     if op in (Op.EXEC_STARTED, Op.DETACHED):
         return 0
+    if op == Op.ERROR:
+        click.echo(f"micropod: error: {printable(str(message.get('message')))}", err=True)
+        return 125
     if op == Op.EXIT:  # the VM ended under the exec
         if message.get("error") is None and int(message.get("code", 0)) == 0:
             return 137

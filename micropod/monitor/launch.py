@@ -26,7 +26,7 @@ from micropod.state import StateStore
 from micropod.vmm import snapshot
 from micropod.vmm.base import Vmm, VmSpec
 from micropod.vmm.child import log_tail
-from micropod.vmm.factory import ROOTFS_DRIVE, UPPER_DRIVE, build_spec, create_vmm
+from micropod.vmm.factory import ROOTFS_DRIVE, UPPER_DRIVE, build_spec, create_vmm, volume_drive
 
 log = logging.getLogger("micropod.monitor")  # one logger for all of the monitor: its log names no module
 
@@ -100,7 +100,8 @@ class VmProcess:
         if network.attached:
             self.request("network", deadline, **lifecycle.agent_request(self.cfg.network))
         rootfs = {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)}
-        self.request("create", deadline, id=MAIN, spec=self.cfg.container.to_agent(rootfs))
+        volumes = tuple(spec.guest_disk(volume_drive(i)) for i in range(len(self.cfg.container.volumes)))
+        self.request("create", deadline, id=MAIN, spec=self.cfg.container.to_agent(rootfs, volumes))
         if maintenance:
             log.debug("phase: container mounted for maintenance")
             return

@@ -9,8 +9,8 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from micropod import guestmsg
 from micropod.channel import Frame
@@ -35,6 +35,9 @@ from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
 from micropod.runconfig import RunConfig
 from micropod.state import StateStore
+
+if TYPE_CHECKING:
+    from micropod.volumes import VolumeStore
 
 log = logging.getLogger("micropod.monitor")
 
@@ -139,6 +142,7 @@ class Monitor:
     # -- one boot --------------------------------------------------------------------------------
 
     def _boot_and_start(self) -> None:
+        self._claim_volumes()
         self.vm.boot(self.network, self.maintenance)
         if not self.maintenance:
             self.store.update(self.cfg.vm_id, status="running", started=time.time())
@@ -347,6 +351,7 @@ class Monitor:
         network_error = self.network.detach()
         if network_error:
             self._set_exit(125, network_error)
+        self._release_volumes(forget=self.cfg.auto_remove and not self.maintenance)
         if self.maintenance:
             pass
         elif self.cfg.auto_remove:
@@ -359,6 +364,34 @@ class Monitor:
                               finished=time.time())
         self.clients.broadcast(api.exit_message(code, self.error), only_attached=False)
         self.clients.drop_all()
+
+    def _claim_volumes(self) -> None:
+        """Each of the container's volumes is attached to this VM, and to one running VM at a time."""
+        if not self.cfg.container.volumes:
+            return
+        with self._volumes() as volumes:
+            for volume in self.cfg.container.volumes:
+                volumes.attach(volume.name, self.cfg.vm_id)
+
+    def _release_volumes(self, forget: bool) -> None:
+        """The VM holds its volumes no longer; a removed container names them no longer either."""
+        if not self.cfg.container.volumes:
+            return
+        with self._volumes() as volumes:
+            if forget:
+                volumes.release_all(self.cfg.vm_id)
+            else:
+                volumes.detach_all(self.cfg.vm_id)
+
+    @contextlib.contextmanager
+    def _volumes(self) -> Iterator[VolumeStore]:
+        from micropod.volumes import VolumeStore
+
+        volumes = VolumeStore(self.root.volumes, self.store.path)
+        try:
+            yield volumes
+        finally:
+            volumes.close()
 
     def _install_signals(self) -> None:
         self._wake_w.setblocking(False)

@@ -201,7 +201,7 @@ def _mount_copied_up(source: str, dest: Path, opts: MountOptions) -> None:
         sc.mount(source, str(dest), "tmpfs", opts.flags, opts.data or None)
         upper = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            _copy_tree(lower, upper)
+            copy_tree(lower, upper)
             st = os.fstat(lower)
             os.fchown(upper, st.st_uid, st.st_gid)
             os.fchmod(upper, stat.S_IMODE(st.st_mode))
@@ -211,7 +211,7 @@ def _mount_copied_up(source: str, dest: Path, opts: MountOptions) -> None:
         os.close(lower)
 
 
-def _copy_tree(src: int, dst: int) -> None:
+def copy_tree(src: int, dst: int) -> None:
     """Copy the directory ``src`` into ``dst`` (both fds): files, directories, symlinks, fifos and devices,
     with their owners and modes, every name opened relative to its parent's fd without following."""
     for name in os.listdir(src):
@@ -222,7 +222,7 @@ def _copy_tree(src: int, dst: int) -> None:
             inner_src = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src)
             inner_dst = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dst)
             try:
-                _copy_tree(inner_src, inner_dst)
+                copy_tree(inner_src, inner_dst)
             finally:
                 os.close(inner_src)
                 os.close(inner_dst)

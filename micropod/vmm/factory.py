@@ -34,6 +34,11 @@ CHROOT_WORD = "MICROPOD_AGENT_RUNTIME=0"
 SYSTEM_DRIVE, ROOTFS_DRIVE, UPPER_DRIVE = "system", "rootfs", "upper"
 
 
+def volume_drive(index: int) -> str:
+    """The drive id of the container's ``index``-th named volume, after the three disks every VM has."""
+    return f"vol{index}"
+
+
 def resolve_backend(requested: str) -> str:
     if requested not in BACKENDS:
         raise UsageError(f"invalid --vmm {requested!r}: choose one of {', '.join(BACKENDS)}")
@@ -78,6 +83,7 @@ def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSp
         Drive(SYSTEM_DRIVE, Path(cfg.system), read_only=True, is_root=True),
         Drive(ROOTFS_DRIVE, Path(cfg.rootfs), read_only=True),
         Drive(UPPER_DRIVE, vm_dir.upper, read_only=False),
+        *(Drive(volume_drive(i), Path(v.path), read_only=v.read_only) for i, v in enumerate(cfg.container.volumes)),
     )
     return VmSpec(
         vm_id=cfg.vm_id,

@@ -1,0 +1,61 @@
+"""Named volumes in real VMs: an ext4 disk per volume, attached at boot, bound into the container by the
+agent (micropod/volumes.py, micropod/agent/volumes.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Cli
+
+pytestmark = pytest.mark.e2e
+
+WAIT = 300
+
+
+def test_data_in_a_named_volume_outlives_its_container_and_ro_refuses_writes(cli: Cli) -> None:
+    first = cli("run", "--name", "writer", "-v", "data:/data", "hello", "sh", "-c",
+                "ls -A /data; echo kept > /data/file; grep ' /data ' /proc/mounts", timeout=WAIT)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("/dev/vd") and " ext4 rw," in first.stdout, first.stdout  # and empty
+    assert cli("rm", "writer").returncode == 0
+    second = cli("run", "--rm", "--mount", "type=volume,source=data,target=/srv/d", "hello", "cat", "/srv/d/file",
+                 timeout=WAIT)
+    assert (second.returncode, second.stdout) == (0, "kept\n"), second.stderr
+    read_only = cli("run", "--rm", "-v", "data:/data:ro", "hello", "sh", "-c",
+                    "cat /data/file; echo no > /data/file", timeout=WAIT)
+    assert read_only.returncode != 0 and read_only.stdout == "kept\n", read_only.stdout
+    assert "Read-only file system" in read_only.stderr, read_only.stderr
+
+
+def test_a_new_volume_is_filled_from_the_image_at_its_path(cli: Cli) -> None:
+    seen = cli("run", "--rm", "-v", "etc-copy:/etc", "hello", "sh", "-c", "ls /etc; grep -c root /etc/passwd",
+               timeout=WAIT)
+    assert seen.returncode == 0, seen.stderr
+    assert {"passwd", "group"} <= set(seen.stdout.split()) and "lost+found" not in seen.stdout, seen.stdout
+
+
+def test_a_volume_in_use_is_neither_removed_nor_attached_twice(cli: Cli) -> None:
+    held = cli("run", "-d", "--name", "holder", "-v", "shared:/data", "hello", "sleep", "300", timeout=WAIT)
+    assert held.returncode == 0, held.stderr
+    refused = cli("volume", "rm", "shared")
+    assert refused.returncode != 0 and "volume is in use" in refused.stderr, refused.stderr
+    second = cli("run", "--rm", "-v", "shared:/data", "hello", "true", timeout=WAIT)
+    assert second.returncode == 125, second.stderr
+    assert second.stderr.strip().splitlines()[-1].endswith("a volume is attached to one running VM at a time")
+    assert cli("rm", "-f", "holder", timeout=120).returncode == 0
+    removed = cli("volume", "rm", "shared")
+    assert (removed.returncode, removed.stdout) == (0, "shared\n"), removed.stderr
+    assert not (cli.root / "volumes" / "shared").exists()
+    assert cli("volume", "ls", "-q").stdout == ""
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("/etc:/x", "bind mounts of host paths are not supported yet"),
+    ("data:relative", "the container path 'relative' must be absolute"),
+    ("bad/name:/x", "invalid volume name \"bad/name\""),
+    ("data:/x:rx", "the mode 'rx' is not ro or rw"),
+])
+def test_bad_volume_options_are_one_line_before_any_vm_boots(cli: Cli, option: str, message: str) -> None:
+    done = cli("run", "--rm", "-v", option, "hello", "true")
+    assert done.returncode == 125 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert cli("ps", "-aq").stdout == "" and cli("volume", "ls", "-q").stdout == ""
