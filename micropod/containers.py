@@ -31,6 +31,7 @@ from micropod.runconfig import (
     RestartPolicy,
     RunConfig,
     SecurityOptions,
+    TmpfsMount,
     VolumeMount,
     merge_command,
     merge_env,
@@ -66,6 +67,8 @@ class RunRequest:
     dns: tuple[str, ...] = ()
     security: SecurityOptions = field(default_factory=SecurityOptions)
     volumes: tuple[VolumeRequest, ...] = ()
+    tmpfs: tuple[TmpfsMount, ...] = ()
+    read_only: bool = False
 
 
 def create(ctx: Context, req: RunRequest) -> RunConfig:
@@ -112,6 +115,8 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
             resolv_conf=plan.resolv_conf,
             security=req.security,
             volumes=volumes,
+            tmpfs=req.tmpfs,
+            read_only=req.read_only,
         )
         cfg = RunConfig(
             vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,

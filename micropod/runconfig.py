@@ -45,6 +45,14 @@ class VolumeMount:
 
 
 @dataclass(frozen=True)
+class TmpfsMount:
+    """--tmpfs PATH[:OPTIONS]: a tmpfs at ``target``, with docker's defaults and then ``options``."""
+
+    target: str
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """The process the agent starts; field names are the agent protocol's spec keys."""
 
@@ -59,6 +67,8 @@ class ContainerSpec:
     resolv_conf: str | None = None
     security: SecurityOptions = field(default_factory=SecurityOptions)
     volumes: tuple[VolumeMount, ...] = ()
+    tmpfs: tuple[TmpfsMount, ...] = ()
+    read_only: bool = False  # --read-only: the container's root
 
     def to_agent(self, rootfs: dict[str, str], volume_disks: tuple[str, ...] = ()) -> dict[str, Any]:
         """The agent's spec; ``volume_disks`` are the guest's devices of the volumes, in order."""
@@ -182,6 +192,7 @@ class RunConfig:
         container["args"] = tuple(container["args"])
         container["env"] = tuple(container["env"])
         container["volumes"] = tuple(VolumeMount(**volume) for volume in container.get("volumes") or ())
+        container["tmpfs"] = tuple(TmpfsMount(m["target"], tuple(m["options"])) for m in container.get("tmpfs") or ())
         log = LogOptions(**raw.pop("log", {}))
         restart = RestartPolicy(**raw.pop("restart", {}))
         network = NetworkSettings.from_json(raw.pop("network", {}))

@@ -59,3 +59,14 @@ def test_bad_volume_options_are_one_line_before_any_vm_boots(cli: Cli, option: s
     done = cli("run", "--rm", "-v", option, "hello", "true")
     assert done.returncode == 125 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert cli("ps", "-aq").stdout == "" and cli("volume", "ls", "-q").stdout == ""
+
+
+def test_read_only_root_with_a_tmpfs_and_a_volume_as_docker(cli: Cli) -> None:
+    script = ("touch /x 2>/dev/null; echo root $?; touch /tmp/t 2>/dev/null; echo tmp $?; "
+              "touch /scratch/f && echo scratch 0; echo v > /data/v && echo volume 0; grep ' /scratch ' /proc/mounts")
+    seen = cli("run", "--rm", "--read-only", "--tmpfs", "/scratch:size=8m", "-v", "rw-data:/data", "hello",
+               "sh", "-c", script, timeout=WAIT)
+    assert seen.returncode == 0, seen.stderr
+    lines = seen.stdout.splitlines()
+    assert lines[:4] == ["root 1", "tmp 1", "scratch 0", "volume 0"], lines
+    assert "rw,nosuid,nodev,noexec" in lines[4] and "size=8192k" in lines[4], lines  # docker's defaults, then ours

@@ -132,3 +132,17 @@ def test_bad_mounts_are_refused(text: str, message: str) -> None:
 
     with pytest.raises(UsageError, match=message):
         parse_mount(text)
+
+
+def test_tmpfs_options_are_checked_and_come_after_dockers_defaults() -> None:
+    from micropod.agent.bundle import tmpfs_mounts
+    from micropod.cli.mounts import parse_tmpfs
+
+    parsed = parse_tmpfs("/run/x/../cache:size=64m,exec,mode=1777")
+    assert (parsed.target, parsed.options) == ("/run/cache", ("size=64m", "exec", "mode=1777"))
+    mount = tmpfs_mounts([{"target": parsed.target, "options": list(parsed.options)}])[0]
+    assert mount["options"] == ["rw", "noexec", "nosuid", "nodev", "size=64m", "exec", "mode=1777"]
+    for bad, message in (("/x:size=1m;rm", "is not a tmpfs mount option"), ("x", "must be absolute"),
+                         ("/", "over the container's root")):
+        with pytest.raises(UsageError, match=message):
+            parse_tmpfs(bad)

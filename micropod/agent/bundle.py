@@ -105,6 +105,24 @@ def warm_up() -> None:
     seccomp.precompile(_docker_default(tuple(sorted(caps.DOCKER_DEFAULT_CAPS))))
 
 
+# docker's options for --tmpfs before the user's own, which come later and so win.
+TMPFS_DEFAULTS = ("rw", "noexec", "nosuid", "nodev")
+
+
+def tmpfs_mounts(requested: list[Any]) -> list[dict[str, Any]]:
+    mounts = []
+    for index, entry in enumerate(requested):
+        target = entry.get("target") if isinstance(entry, dict) else None
+        options = entry.get("options") if isinstance(entry, dict) else None
+        if not isinstance(target, str) or not target.startswith("/"):
+            raise SecurityError(f"tmpfs[{index}].target: {target!r} is not an absolute path")
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise SecurityError(f"tmpfs[{index}].options: not a list of strings")
+        mounts.append({"destination": target, "type": "tmpfs", "source": "tmpfs",
+                       "options": [*TMPFS_DEFAULTS, *options]})
+    return mounts
+
+
 def config(cid: str, root: str, process: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """config.json for the container ``cid`` rooted at ``root``; ``process`` is resolved by the agent."""
     privileged = bool(spec.get("privileged"))
@@ -124,7 +142,7 @@ def config(cid: str, root: str, process: dict[str, Any], spec: dict[str, Any]) -
     cgroup_options = ["nosuid", "noexec", "nodev", "relatime"] + ([] if privileged else ["ro"])
     return {
         "ociVersion": "1.2.0",
-        "root": {"path": root, "readonly": False},
+        "root": {"path": root, "readonly": bool(spec.get("read_only"))},
         "hostname": spec.get("hostname") or "",
         "process": {**process, "capabilities": sets,
                     "noNewPrivileges": bool(spec.get("no_new_privileges"))},
@@ -133,6 +151,7 @@ def config(cid: str, root: str, process: dict[str, Any], spec: dict[str, Any]) -
             {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
              "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": cgroup_options},
+            *tmpfs_mounts(spec.get("tmpfs") or []),
         ],
         "linux": linux,
     }

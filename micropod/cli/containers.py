@@ -12,7 +12,7 @@ import click
 
 from micropod import containers
 from micropod.cli.container_views import logs, ps
-from micropod.cli.mounts import requested_volumes, volume_options
+from micropod.cli.mounts import mount_options, requested_mounts
 from micropod.cli.security import security_options
 from micropod.context import Context
 from micropod.errors import MicropodError, NotFoundError, UsageError
@@ -51,7 +51,7 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @security_options
-@volume_options
+@mount_options
 @pass_ctx
 def run(ctx: Context, security: SecurityOptions, detach: bool, interactive: bool, tty: bool, auto_remove: bool,
         name: str | None,
@@ -68,13 +68,15 @@ def run(ctx: Context, security: SecurityOptions, detach: bool, interactive: bool
     policy = RestartPolicy.parse(restart_policy)
     if auto_remove and policy.name != "no":
         raise UsageError("conflicting options: --restart and --rm")
+    mounts = requested_mounts()
     variables = [item for path in env_file for item in parse_env_file(path)] + list(env)
     request = containers.RunRequest(
         image=image, args=command, name=name, auto_remove=auto_remove, env=variables, workdir=workdir,
         user=user, entrypoint=entrypoint, hostname=hostname, vcpus=parse_cpus(cpus),
         memory_mib=parse_memory_mib(memory), backend=vmm, boot_timeout=boot_timeout,
         stdin=interactive, tty=tty, log=parse_log_opts(log_opts), restart=policy,
-        network=network, publish=publish, dns=dns, security=security, volumes=requested_volumes(),
+        network=network, publish=publish, dns=dns, security=security, volumes=tuple(mounts.volumes),
+        tmpfs=tuple(mounts.tmpfs), read_only=mounts.read_only,
     )
     cfg = containers.create(ctx, request)
     client = containers.start(ctx, cfg, attach=True)

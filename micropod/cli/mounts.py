@@ -1,18 +1,24 @@
-"""docker's -v/--volume and --mount for named volumes: parsing only; micropod/volumes.py keeps them."""
+"""docker's -v/--volume and --mount (named volumes), --tmpfs and --read-only: parsing only; micropod/volumes.py
+keeps the volumes."""
 
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import click
 
 from micropod.errors import UsageError
+from micropod.runconfig import TmpfsMount
 from micropod.volumes import VolumeRequest, check_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_META = "micropod_mounts"
+_TMPFS_OPTION = re.compile(r"^[a-z_]+(=[0-9A-Za-z.%_:+-]+)?$")
 BIND_HINT = ("bind mounts of host paths are not supported yet; use a named volume "
              "(micropod volume create NAME, then -v NAME:/path)")
 
@@ -62,24 +68,58 @@ def parse_mount(text: str) -> VolumeRequest:
     return VolumeRequest(check_name(source), _target(target, "--mount"), readonly in ("true", "1"))
 
 
-def volume_options(command: F) -> F:
-    """-v/--volume and --mount, given to the command as ``volumes``: a tuple of VolumeRequest."""
-    def gather(ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
-        parser = parse_volume if _param.name == "volume" else parse_mount
-        ctx.meta.setdefault("micropod_volumes", []).extend(parser(v) for v in values)
-        return values
-
-    command = click.option("--mount", "mount", multiple=True, expose_value=False, callback=gather,
-                           help="type=volume,source=NAME,target=/path[,readonly]")(command)
-    return click.option("-v", "--volume", "volume", multiple=True, expose_value=False, callback=gather,
-                        help="NAME:/path[:ro] (a named volume; made if it does not exist)")(command)
+def parse_tmpfs(text: str) -> TmpfsMount:
+    """PATH[:OPTIONS], as docker's --tmpfs (OPTIONS as mount(8)'s, e.g. size=64m,mode=1777)."""
+    path, _, options = text.partition(":")
+    words = tuple(word for word in options.split(",") if word)
+    bad = next((w for w in words if not _TMPFS_OPTION.match(w)), None)
+    if bad is not None:
+        raise UsageError(f"invalid --tmpfs {text!r}: the option {bad!r} is not a tmpfs mount option")
+    return TmpfsMount(_target(path, "--tmpfs"), words)
 
 
-def requested_volumes() -> tuple[VolumeRequest, ...]:
-    """What volume_options gathered for the running command; one target at most once."""
-    found: list[VolumeRequest] = click.get_current_context().meta.get("micropod_volumes", [])
-    targets = [v.target for v in found]
-    duplicate = next((t for t in targets if targets.count(t) > 1), None)
-    if duplicate is not None:
-        raise UsageError(f"duplicate mount point: {duplicate}")
-    return tuple(found)
+@dataclass
+class MountRequests:
+    """What -v, --mount, --tmpfs and --read-only asked for, gathered as click parses them."""
+
+    volumes: list[VolumeRequest] = field(default_factory=list)
+    tmpfs: list[TmpfsMount] = field(default_factory=list)
+    read_only: bool = False
+
+    def check(self) -> MountRequests:
+        targets = [v.target for v in self.volumes] + [t.target for t in self.tmpfs]
+        duplicate = next((t for t in targets if targets.count(t) > 1), None)
+        if duplicate is not None:
+            raise UsageError(f"duplicate mount point: {duplicate}")
+        return self
+
+
+def mount_options(command: F) -> F:
+    """-v/--volume, --mount, --tmpfs and --read-only; the command reads them with ``requested_mounts()``."""
+    def gather(ctx: click.Context, param: click.Parameter, values: Any) -> None:
+        found: MountRequests = ctx.meta.setdefault(_META, MountRequests())
+        if param.name == "read_only":
+            found.read_only = bool(values)
+        elif param.name == "tmpfs":
+            found.tmpfs.extend(parse_tmpfs(v) for v in values)
+        else:
+            found.volumes.extend((parse_volume if param.name == "volume" else parse_mount)(v) for v in values)
+
+    options = [
+        click.option("-v", "--volume", "volume", multiple=True, expose_value=False, callback=gather,
+                     help="NAME:/path[:ro] (a named volume; made if it does not exist)"),
+        click.option("--mount", "mount", multiple=True, expose_value=False, callback=gather,
+                     help="type=volume,source=NAME,target=/path[,readonly]"),
+        click.option("--tmpfs", "tmpfs", multiple=True, expose_value=False, callback=gather,
+                     help="PATH[:OPTIONS] (a tmpfs, rw,noexec,nosuid,nodev unless the options say otherwise)"),
+        click.option("--read-only", "read_only", is_flag=True, expose_value=False, callback=gather,
+                     help="Mount the container's root read-only."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def requested_mounts() -> MountRequests:
+    found: MountRequests = click.get_current_context().meta.get(_META) or MountRequests()
+    return found.check()
