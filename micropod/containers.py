@@ -12,12 +12,12 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from micropod import proc
 from micropod.context import Context
-from micropod.errors import ConflictError, MicropodError, NotFoundError
+from micropod.errors import ConflictError, MicropodError, NotFoundError, UsageError
 from micropod.fsutil import PRIVATE_DIR, private_file
 from micropod.liveness import ProcessRef
 from micropod.monitor.api import Op
@@ -26,6 +26,7 @@ from micropod.names import check_name, generated_name, new_vm_id
 from micropod.net import lifecycle as networking
 from micropod.net.dns import hosts_file
 from micropod.runconfig import (
+    BindMount,
     ContainerSpec,
     LogOptions,
     RestartPolicy,
@@ -69,6 +70,7 @@ class RunRequest:
     volumes: tuple[VolumeRequest, ...] = ()
     tmpfs: tuple[TmpfsMount, ...] = ()
     read_only: bool = False
+    binds: tuple[BindMount, ...] = ()
 
 
 def create(ctx: Context, req: RunRequest) -> RunConfig:
@@ -91,6 +93,7 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
     command = merge_command(config.entrypoint, config.cmd, req.entrypoint, req.args)
     backend = resolve_backend(req.backend)
     check_available(backend)
+    binds = _resolved_binds(req.binds, backend)
     guest = locate()
     vm_id = new_vm_id()
     hostname = req.hostname or vm_id[:12]
@@ -117,6 +120,7 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
             volumes=volumes,
             tmpfs=req.tmpfs,
             read_only=req.read_only,
+            binds=binds,
         )
         cfg = RunConfig(
             vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,
@@ -136,6 +140,21 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
         ctx.state.delete(vm_id)
         raise
     return cfg
+
+
+def _resolved_binds(binds: tuple[BindMount, ...], backend: str) -> tuple[BindMount, ...]:
+    """Each host directory resolved now, by the user's own path; Firecracker has no way to share one."""
+    if binds and backend != "qemu":
+        raise UsageError(f"bind mounts of host directories need QEMU: {backend} has no shared filesystem; "
+                         "use a named volume (-v NAME:/path) instead")
+    resolved = []
+    for bind in binds:
+        path = Path(bind.source)
+        if not path.is_dir():
+            raise UsageError(f"invalid mount config for type \"bind\": bind source path does not exist or is "
+                             f"not a directory: {bind.source}")
+        resolved.append(replace(bind, source=str(path.resolve())))
+    return tuple(resolved)
 
 
 def _use_volumes(ctx: Context, vm_id: str, wanted: tuple[VolumeRequest, ...]) -> tuple[VolumeMount, ...]:

@@ -44,6 +44,21 @@ class VolumeMount:
     read_only: bool = False
 
 
+def bind_tag(index: int) -> str:
+    """The virtio-9p mount tag of a container's ``index``-th bind mount."""
+    return f"bind{index}"
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """-v /host/dir:/path[:ro]: the host directory ``source`` (resolved when the container is made) at
+    ``target``, shared with the guest over virtio-9p by the tag ``bind<index>``."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+
 @dataclass(frozen=True)
 class TmpfsMount:
     """--tmpfs PATH[:OPTIONS]: a tmpfs at ``target``, with docker's defaults and then ``options``."""
@@ -69,6 +84,7 @@ class ContainerSpec:
     volumes: tuple[VolumeMount, ...] = ()
     tmpfs: tuple[TmpfsMount, ...] = ()
     read_only: bool = False  # --read-only: the container's root
+    binds: tuple[BindMount, ...] = ()
 
     def to_agent(self, rootfs: dict[str, str], volume_disks: tuple[str, ...] = ()) -> dict[str, Any]:
         """The agent's spec; ``volume_disks`` are the guest's devices of the volumes, in order."""
@@ -76,6 +92,8 @@ class ContainerSpec:
         spec.update(spec.pop("security"))  # the agent's spec keys: privileged, cap_add, cap_drop, seccomp...
         spec["volumes"] = [{"device": disk, "target": volume.target, "read_only": volume.read_only}
                            for volume, disk in zip(self.volumes, volume_disks, strict=True)]
+        spec["binds"] = [{"tag": bind_tag(i), "target": bind.target, "read_only": bind.read_only}
+                         for i, bind in enumerate(self.binds)]
         spec["args"] = list(self.args)
         spec["env"] = list(self.env)
         spec["rootfs"] = rootfs
@@ -192,6 +210,7 @@ class RunConfig:
         container["args"] = tuple(container["args"])
         container["env"] = tuple(container["env"])
         container["volumes"] = tuple(VolumeMount(**volume) for volume in container.get("volumes") or ())
+        container["binds"] = tuple(BindMount(**bind) for bind in container.get("binds") or ())
         container["tmpfs"] = tuple(TmpfsMount(m["target"], tuple(m["options"])) for m in container.get("tmpfs") or ())
         log = LogOptions(**raw.pop("log", {}))
         restart = RestartPolicy(**raw.pop("restart", {}))

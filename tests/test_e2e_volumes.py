@@ -3,6 +3,9 @@ agent (micropod/volumes.py, micropod/agent/volumes.py)."""
 
 from __future__ import annotations
 
+import stat
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import Cli
@@ -50,7 +53,7 @@ def test_a_volume_in_use_is_neither_removed_nor_attached_twice(cli: Cli) -> None
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    ("/etc:/x", "bind mounts of host paths are not supported yet"),
+    ("./dir:/x", "a host directory must be given as an absolute path"),
     ("data:relative", "the container path 'relative' must be absolute"),
     ("bad/name:/x", "invalid volume name \"bad/name\""),
     ("data:/x:rx", "the mode 'rx' is not ro or rw"),
@@ -70,3 +73,24 @@ def test_read_only_root_with_a_tmpfs_and_a_volume_as_docker(cli: Cli) -> None:
     lines = seen.stdout.splitlines()
     assert lines[:4] == ["root 1", "tmp 1", "scratch 0", "volume 0"], lines
     assert "rw,nosuid,nodev,noexec" in lines[4] and "size=8192k" in lines[4], lines  # docker's defaults, then ours
+
+
+def test_a_bind_mount_shares_a_host_directory_and_the_host_never_gets_a_guests_link_device_or_setuid(
+        cli: Cli, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "from-host").write_text("host\n")
+    script = ("cat /h/from-host; echo guest > /h/from-guest; chmod 4755 /h/from-guest; "
+              "ln -s /etc/shadow /h/link; mknod /h/null c 1 3; ls -l /h/link | cut -c1")
+    seen = cli("run", "--rm", "-v", f"{shared}:/h", "hello", "sh", "-c", script, timeout=WAIT)
+    assert (seen.returncode, seen.stdout) == (0, "host\nl\n"), seen.stderr  # the guest sees its own link
+    assert (shared / "from-guest").read_text() == "guest\n"
+    for name in ("from-guest", "link", "null"):  # mapped-xattr: plain private files on the host
+        st = (shared / name).lstat()
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, (name, oct(st.st_mode))
+    read_only = cli("run", "--rm", "--mount", f"type=bind,source={shared},target=/h,readonly", "hello",
+                    "sh", "-c", "cat /h/from-host; touch /h/new", timeout=WAIT)
+    assert read_only.returncode != 0 and read_only.stdout == "host\n" and not (shared / "new").exists()
+    missing = cli("run", "--rm", "-v", f"{tmp_path / 'missing'}:/h", "hello", "true")
+    assert missing.returncode == 125 and "bind source path does not exist" in missing.stderr, missing.stderr
+    assert missing.stderr.count("\n") == 1 and cli("ps", "-aq").stdout == ""

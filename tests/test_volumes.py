@@ -121,8 +121,8 @@ def test_mount_takes_dockers_keys(text: str, expected: tuple[str, str, bool]) ->
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("type=bind,source=/etc,target=/x", "bind mounts of host paths are not supported yet"),
-    ("type=tmpfs,target=/x", "type 'tmpfs' is not supported"),
+    ("type=bind,source=etc,target=/x", "a bind's source must be an absolute host path"),
+    ("type=tmpfs,target=/x", "type 'tmpfs' is not supported \\(volume and bind are\\)"),
     ("source=data", "it needs source=NAME and target=/path"),
     ("source=data,target=/x,colour=red", "unknown field 'colour'"),
     ("source=data,target=/", "cannot be mounted over the container's root"),
@@ -146,3 +146,24 @@ def test_tmpfs_options_are_checked_and_come_after_dockers_defaults() -> None:
                          ("/", "over the container's root")):
         with pytest.raises(UsageError, match=message):
             parse_tmpfs(bad)
+
+
+def test_binds_are_qemu_shares_with_mapped_xattr_and_firecracker_refuses_them(tmp_path: Path) -> None:
+    from micropod.cli.mounts import parse_mount, parse_volume
+    from micropod.containers import _resolved_binds
+    from micropod.runconfig import BindMount
+    from micropod.vmm.base import Share
+    from micropod.vmm.qemu import QemuLayout, qemu_argv
+    from tests.test_qemu import spec as make_spec
+
+    assert parse_volume("/srv/a,b:/x:ro") == BindMount("/srv/a,b", "/x", True)
+    assert parse_mount("type=bind,src=/srv,dst=/x") == BindMount("/srv", "/x", False)
+    spec = make_spec(tmp_path)
+    spec = type(spec)(**{**spec.__dict__, "shares": (Share("bind0", Path("/srv/a,b"), True),)})
+    argv = qemu_argv(spec, Path("/usr/bin/qemu-system-x86_64"), "tcg", QemuLayout(tmp_path))
+    assert "local,id=bind0,path=/srv/a,,b,security_model=mapped-xattr,readonly=on" in argv
+    assert "virtio-9p-device,fsdev=bind0,mount_tag=bind0" in argv
+    with pytest.raises(UsageError, match="bind mounts of host directories need QEMU: firecracker"):
+        _resolved_binds((BindMount(str(tmp_path), "/x"),), "firecracker")
+    with pytest.raises(UsageError, match="bind source path does not exist"):
+        _resolved_binds((BindMount(str(tmp_path / "missing"), "/x"),), "qemu")

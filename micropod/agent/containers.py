@@ -37,10 +37,11 @@ def mount_container(cid: str, spec: dict[str, Any], mount_base: str) -> Containe
     mounted: list[str] = []
     try:
         mounts.apply(plan, mounted)
-        if spec.get("volumes"):
-            from micropod.agent.volumes import mount_volumes
+        if spec.get("volumes") or spec.get("binds"):
+            from micropod.agent.volumes import mount_binds, mount_volumes
 
-            mount_volumes(cid, root, spec["volumes"], mounted)
+            mount_volumes(cid, root, spec.get("volumes") or [], mounted)
+            mount_binds(cid, root, spec.get("binds") or [], mounted)
         if spec.get("hostname"):
             _socket.sethostname(spec["hostname"])
     except BaseException:

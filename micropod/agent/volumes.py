@@ -1,6 +1,7 @@
-"""Named volumes in the guest: each is an ext4 disk the host attached, mounted under
-/run/micropod-volumes/<container>/<n> and bound onto its path in the container's root before the container
-starts, so that the runtime's recursive bind of the root carries it into the container's mount namespace.
+"""Named volumes and bind mounts in the guest. A volume is an ext4 disk the host attached, a bind a host
+directory shared over virtio-9p; each is mounted under /run/micropod-{volumes,binds}/<container>/<n> and
+bound onto its path in the container's root before the container starts, so that the runtime's recursive
+bind of the root carries it into the container's mount namespace.
 
 A volume's first use fills it from the image's content at that path, as docker's do; an ext4's own
 lost+found goes, so the container sees an empty directory as it would under docker.
@@ -20,6 +21,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 VOLUME_BASE = "/run/micropod-volumes"
+BIND_BASE = "/run/micropod-binds"
+# 9p2000.L with the largest message QEMU's virtio transport takes, and no guest page cache: the host's
+# directory may change under the guest at any time.
+NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=none"
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -38,6 +43,34 @@ def _checked(volume: Any, index: int) -> tuple[str, str, bool]:
     if not isinstance(read_only, bool):
         raise VolumeError(f"volumes[{index}].read_only: not a boolean")
     return device, target, read_only
+
+
+def mount_binds(cid: str, root: str, binds: list[Any], mounted: list[str]) -> None:
+    """Mount each host directory share and bind it at its target beneath ``root``."""
+    for index, bind in enumerate(binds):
+        tag, target, read_only = _checked_bind(bind, index)
+        where = f"{BIND_BASE}/{cid}/{index}"
+        os.makedirs(where, 0o700, exist_ok=True)
+        flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | (syscalls.MS_RDONLY if read_only else 0)
+        syscalls.mount(tag, where, "9p", flags, NINEP_OPTIONS)
+        mounted.append(where)
+        inside = beneath(Path(root), target)
+        _make_directory(inside)
+        syscalls.mount(where, str(inside), None, syscalls.MS_BIND)
+        mounted.append(str(inside))
+
+
+def _checked_bind(bind: Any, index: int) -> tuple[str, str, bool]:
+    if not isinstance(bind, dict):
+        raise VolumeError(f"binds[{index}]: not an object")
+    tag, target, read_only = bind.get("tag"), bind.get("target"), bind.get("read_only", False)
+    if not isinstance(tag, str) or not tag.isascii() or not tag.isalnum() or len(tag) > 31:
+        raise VolumeError(f"binds[{index}].tag: {tag!r} is not a mount tag")
+    if not isinstance(target, str) or not target.startswith("/") or target.rstrip("/") == "":
+        raise VolumeError(f"binds[{index}].target: {target!r} is not an absolute path below /")
+    if not isinstance(read_only, bool):
+        raise VolumeError(f"binds[{index}].read_only: not a boolean")
+    return tag, target, read_only
 
 
 def mount_volumes(cid: str, root: str, volumes: list[Any], mounted: list[str]) -> None:

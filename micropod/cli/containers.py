@@ -76,7 +76,7 @@ def run(ctx: Context, security: SecurityOptions, detach: bool, interactive: bool
         memory_mib=parse_memory_mib(memory), backend=vmm, boot_timeout=boot_timeout,
         stdin=interactive, tty=tty, log=parse_log_opts(log_opts), restart=policy,
         network=network, publish=publish, dns=dns, security=security, volumes=tuple(mounts.volumes),
-        tmpfs=tuple(mounts.tmpfs), read_only=mounts.read_only,
+        tmpfs=tuple(mounts.tmpfs), read_only=mounts.read_only, binds=tuple(mounts.binds),
     )
     cfg = containers.create(ctx, request)
     client = containers.start(ctx, cfg, attach=True)

@@ -12,15 +12,13 @@ from typing import Any, TypeVar
 import click
 
 from micropod.errors import UsageError
-from micropod.runconfig import TmpfsMount
+from micropod.runconfig import BindMount, TmpfsMount
 from micropod.volumes import VolumeRequest, check_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _META = "micropod_mounts"
 _TMPFS_OPTION = re.compile(r"^[a-z_]+(=[0-9A-Za-z.%_:+-]+)?$")
-BIND_HINT = ("bind mounts of host paths are not supported yet; use a named volume "
-             "(micropod volume create NAME, then -v NAME:/path)")
 
 
 def _target(path: str, flag: str) -> str:
@@ -32,30 +30,30 @@ def _target(path: str, flag: str) -> str:
     return normal
 
 
-def parse_volume(text: str) -> VolumeRequest:
-    """NAME:/path[:ro|rw], as docker's -v."""
+def parse_volume(text: str) -> VolumeRequest | BindMount:
+    """NAME:/path[:ro|rw] or /host/dir:/path[:ro|rw], as docker's -v."""
     parts = text.split(":")
     if len(parts) not in (2, 3) or not all(parts[:2]):
         raise UsageError(f"invalid -v {text!r}: use NAME:/path[:ro]")
-    if parts[0].startswith(("/", ".", "~")):
-        raise UsageError(f"invalid -v {text!r}: {BIND_HINT}")
+    if parts[0].startswith((".", "~")):
+        raise UsageError(f"invalid -v {text!r}: a host directory must be given as an absolute path")
     mode = parts[2] if len(parts) == 3 else "rw"
     if mode not in ("ro", "rw"):
         raise UsageError(f"invalid -v {text!r}: the mode {mode!r} is not ro or rw")
+    if parts[0].startswith("/"):
+        return BindMount(parts[0], _target(parts[1], "-v"), mode == "ro")
     return VolumeRequest(check_name(parts[0]), _target(parts[1], "-v"), mode == "ro")
 
 
-def parse_mount(text: str) -> VolumeRequest:
-    """type=volume,source=NAME,target=/path[,readonly], as docker's --mount."""
+def parse_mount(text: str) -> VolumeRequest | BindMount:
+    """type=volume|bind,source=NAME|/host/dir,target=/path[,readonly], as docker's --mount."""
     fields: dict[str, str] = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
         fields[key.strip()] = value if sep else "true"
     kind = fields.pop("type", "volume")
-    if kind == "bind":
-        raise UsageError(f"invalid --mount {text!r}: {BIND_HINT}")
-    if kind != "volume":
-        raise UsageError(f"invalid --mount {text!r}: type {kind!r} is not supported (volume is)")
+    if kind not in ("volume", "bind"):
+        raise UsageError(f"invalid --mount {text!r}: type {kind!r} is not supported (volume and bind are)")
     source = fields.pop("source", None) or fields.pop("src", None)
     target = fields.pop("target", None) or fields.pop("destination", None) or fields.pop("dst", None)
     readonly = fields.pop("readonly", None) or fields.pop("ro", None) or "false"
@@ -65,6 +63,10 @@ def parse_mount(text: str) -> VolumeRequest:
         raise UsageError(f"invalid --mount {text!r}: readonly={readonly!r} is not true or false")
     if fields:
         raise UsageError(f"invalid --mount {text!r}: unknown field {sorted(fields)[0]!r}")
+    if kind == "bind":
+        if not source.startswith("/"):
+            raise UsageError(f"invalid --mount {text!r}: a bind's source must be an absolute host path")
+        return BindMount(source, _target(target, "--mount"), readonly in ("true", "1"))
     return VolumeRequest(check_name(source), _target(target, "--mount"), readonly in ("true", "1"))
 
 
@@ -83,11 +85,12 @@ class MountRequests:
     """What -v, --mount, --tmpfs and --read-only asked for, gathered as click parses them."""
 
     volumes: list[VolumeRequest] = field(default_factory=list)
+    binds: list[BindMount] = field(default_factory=list)
     tmpfs: list[TmpfsMount] = field(default_factory=list)
     read_only: bool = False
 
     def check(self) -> MountRequests:
-        targets = [v.target for v in self.volumes] + [t.target for t in self.tmpfs]
+        targets = [v.target for v in self.volumes] + [b.target for b in self.binds] + [t.target for t in self.tmpfs]
         duplicate = next((t for t in targets if targets.count(t) > 1), None)
         if duplicate is not None:
             raise UsageError(f"duplicate mount point: {duplicate}")
@@ -103,13 +106,18 @@ def mount_options(command: F) -> F:
         elif param.name == "tmpfs":
             found.tmpfs.extend(parse_tmpfs(v) for v in values)
         else:
-            found.volumes.extend((parse_volume if param.name == "volume" else parse_mount)(v) for v in values)
+            for value in values:
+                parsed = (parse_volume if param.name == "volume" else parse_mount)(value)
+                if isinstance(parsed, BindMount):
+                    found.binds.append(parsed)
+                else:
+                    found.volumes.append(parsed)
 
     options = [
         click.option("-v", "--volume", "volume", multiple=True, expose_value=False, callback=gather,
-                     help="NAME:/path[:ro] (a named volume; made if it does not exist)"),
+                     help="NAME:/path[:ro] (a named volume, made if new) or /host/dir:/path[:ro] (QEMU only)"),
         click.option("--mount", "mount", multiple=True, expose_value=False, callback=gather,
-                     help="type=volume,source=NAME,target=/path[,readonly]"),
+                     help="type=volume|bind,source=NAME|/host/dir,target=/path[,readonly]"),
         click.option("--tmpfs", "tmpfs", multiple=True, expose_value=False, callback=gather,
                      help="PATH[:OPTIONS] (a tmpfs, rw,noexec,nosuid,nodev unless the options say otherwise)"),
         click.option("--read-only", "read_only", is_flag=True, expose_value=False, callback=gather,

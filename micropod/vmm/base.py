@@ -29,6 +29,15 @@ class Drive:
 
 
 @dataclass(frozen=True)
+class Share:
+    """A host directory the guest mounts by ``tag`` (virtio-9p; QEMU only)."""
+
+    tag: str
+    path: Path
+    read_only: bool
+
+
+@dataclass(frozen=True)
 class NetInterface:
     iface_id: str
     tap: str
@@ -48,6 +57,7 @@ class VmSpec:
     run_dir: Path
     console_log: Path
     nets: tuple[NetInterface, ...] = ()
+    shares: tuple[Share, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
     def guest_disk(self, drive_id: str) -> str:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from micropod.errors import UsageError, VmmUnavailableError
 from micropod.paths import VmDir
-from micropod.runconfig import RunConfig
+from micropod.runconfig import RunConfig, bind_tag
 from micropod.vmm import snapshot
 from micropod.vmm.accel import kvm_verdict
-from micropod.vmm.base import Drive, NetInterface, Vmm, VmSpec
+from micropod.vmm.base import Drive, NetInterface, Share, Vmm, VmSpec
 
 BACKENDS = ("auto", "qemu", "firecracker")
 
@@ -96,6 +96,7 @@ def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSp
         console_log=vm_dir.console_log,
         nets=(NetInterface("net0", cfg.network.tap, cfg.network.mac),)
         if with_network and cfg.network.enabled else (),
+        shares=tuple(Share(bind_tag(i), Path(b.source), b.read_only) for i, b in enumerate(cfg.container.binds)),
     )
 
 

@@ -133,6 +133,9 @@ class FirecrackerVmm:
     def start(self) -> None:
         if self._proc is not None:
             raise VmmError(f"VM {self.instance_id} was already started")
+        if self.spec.shares:
+            raise VmmError("Firecracker has no shared filesystem for bind mounts of host directories: "
+                           "use a named volume (-v NAME:/path) instead")
         self._prepare_files()
         # Firecracker's stdout is the guest's serial console: a pipe into a capped log, as for QEMU.
         self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX)

@@ -91,6 +91,16 @@ def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout) -> lis
             "-netdev", f"tap,id={net.iface_id},ifname={net.tap},script=no,downscript=no",
             "-device", f"virtio-net-device,netdev={net.iface_id},mac={net.mac}",
         ]
+    for share in spec.shares:
+        # mapped-xattr: what the guest sets (owner, mode, setuid bits, device nodes, symlinks) is kept in
+        # xattrs of plain files that QEMU creates 0600/0700 as itself, so no file a guest writes is ever a
+        # setuid binary, a device or a symlink on the host. A comma in an option value is written twice.
+        readonly = ",readonly=on" if share.read_only else ""
+        path = str(share.path).replace(",", ",,")
+        argv += [
+            "-fsdev", f"local,id={share.tag},path={path},security_model=mapped-xattr{readonly}",
+            "-device", f"virtio-9p-device,fsdev={share.tag},mount_tag={share.tag}",
+        ]
     return argv
 
 

@@ -88,6 +88,7 @@ def snapshot_path(cache: CacheRoot, key: str) -> Path:
 def machine_shape(spec: VmSpec) -> VmSpec:
     """``spec`` without what differs between VMs of one shape (disk files, TAPs, MACs, paths)."""
     return replace(spec, drives=tuple(replace(d, path=Path(d.drive_id)) for d in spec.drives),
+                   shares=tuple(replace(s, path=Path(s.tag)) for s in spec.shares),
                    nets=tuple(template_nic(n, "tap") for n in spec.nets),
                    run_dir=Path("."), console_log=Path("console.log"))
 
@@ -129,7 +130,12 @@ def template_spec(spec: VmSpec, workdir: Path, taps: list[str] | None = None) ->
             f.truncate(size)
         drives.append(Drive(drive.drive_id, placeholder, drive.read_only, drive.is_root))
     nets = tuple(template_nic(nic, tap) for nic, tap in zip(spec.nets, taps or [], strict=True))
-    return replace(spec, drives=tuple(drives), nets=nets, run_dir=workdir, console_log=workdir / "console.log")
+    shares = []
+    for share in spec.shares:  # an empty directory: the template never mounts it
+        placeholder = private_dir(workdir / f"{share.tag}.placeholder")
+        shares.append(replace(share, path=placeholder))
+    return replace(spec, drives=tuple(drives), nets=nets, shares=tuple(shares), run_dir=workdir,
+                   console_log=workdir / "console.log")
 
 
 def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
@@ -188,7 +194,10 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
         vmm.kill()
         tmp.unlink(missing_ok=True)
         for leftover in workdir.iterdir():
-            leftover.unlink()
+            if leftover.is_dir() and not leftover.is_symlink():
+                leftover.rmdir()  # a share's placeholder, empty: the template never mounts it
+            else:
+                leftover.unlink()
         workdir.rmdir()
         _delete_taps(taps)
 
