@@ -15,8 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from micropod import guestmsg
-from micropod.agent import protocol
+from micropod import guestmsg, wire
 from micropod.errors import AgentError, ChannelFull, ProtocolError, TimeoutExpired
 
 Frame = tuple[int, int, bytes]
@@ -27,7 +26,7 @@ class FramedSocket:
     def __init__(self, sock: socket.socket, limit: int = OUT_LIMIT) -> None:
         self.sock = sock
         self.limit = limit
-        self._reader = protocol.FrameReader()
+        self._reader = wire.FrameReader()
         self._ready: list[Frame] = []
         self._out = bytearray()
         self.closed = False
@@ -41,14 +40,14 @@ class FramedSocket:
         return self.sock.fileno()
 
     def send_control(self, message: dict[str, Any]) -> None:
-        self._send(protocol.encode_control(message))
+        self._send(wire.encode_control(message))
 
     def send_data(self, stream: int, data: bytes) -> None:
-        for start in range(0, len(data), protocol.MAX_PAYLOAD):
-            self._send(protocol.encode(protocol.DATA, stream, data[start:start + protocol.MAX_PAYLOAD]))
+        for start in range(0, len(data), wire.MAX_PAYLOAD):
+            self._send(wire.encode(wire.DATA, stream, data[start:start + wire.MAX_PAYLOAD]))
 
     def send_eof(self, stream: int) -> None:
-        self._send(protocol.encode(protocol.EOF, stream))
+        self._send(wire.encode(wire.EOF, stream))
 
     def _send(self, data: bytes) -> None:
         if self.closed:
@@ -92,7 +91,7 @@ class FramedSocket:
             return []
         try:
             return self._reader.feed(data)
-        except protocol.FrameError as exc:
+        except wire.FrameError as exc:
             self.closed = True  # nothing after a bad header can be framed again
             raise ProtocolError(str(exc)) from exc
 
@@ -121,8 +120,8 @@ class FramedSocket:
 
 def decode(payload: bytes) -> dict[str, Any]:
     try:
-        return protocol.decode_control(payload)
-    except protocol.FrameError as exc:
+        return wire.decode_control(payload)
+    except wire.FrameError as exc:
         raise ProtocolError(str(exc)) from exc
 
 
@@ -147,7 +146,7 @@ class AgentLink:
             if frame is None:
                 raise AgentError(f"the VM ended while waiting for the agent to answer {op!r}")
             kind, _, payload = frame
-            if kind == protocol.CONTROL:
+            if kind == wire.CONTROL:
                 try:
                     message = guestmsg.parse(payload)
                 except guestmsg.BadGuestMessage:

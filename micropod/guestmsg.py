@@ -12,13 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from micropod.agent import protocol
+from micropod import wire
 from micropod.errors import ProtocolError, printable
+from micropod.wire import GuestOp
 
 log = logging.getLogger("micropod.monitor")
 
 # The ops an agent sends (host -> agent ops are the monitor's to name).
-HELLO, EXIT, LOG, SYSLOG, OK, ERROR = "hello", "exit", "log", "syslog", "ok", "error"
+HELLO, EXIT, LOG, SYSLOG, OK, ERROR = (GuestOp.HELLO, GuestOp.EXIT, GuestOp.LOG, GuestOp.SYSLOG, GuestOp.OK,
+                                      GuestOp.ERROR)
 
 MAX_CONTROL = 256 << 10  # a control message from the guest; output goes in DATA frames
 MAX_TEXT = 64 << 10  # a log line, a syslog datagram (the agent reads 64 KiB), an error message
@@ -83,8 +85,8 @@ def parse(payload: bytes) -> GuestMessage:
     if len(payload) > MAX_CONTROL:
         raise BadGuestMessage(f"control message of {len(payload)} bytes (at most {MAX_CONTROL})")
     try:
-        message = protocol.decode_control(payload)
-    except (protocol.FrameError, RecursionError) as exc:
+        message = wire.decode_control(payload)
+    except (wire.FrameError, RecursionError) as exc:
         raise BadGuestMessage(str(exc)) from None
     op = message["op"]
     parser = _PARSERS.get(op)
@@ -95,7 +97,7 @@ def parse(payload: bytes) -> GuestMessage:
 
 def stats(reply: Reply) -> dict[str, int]:
     """A stats reply's counters: every one an integer in range, the optional ones 0 when absent."""
-    fields = {**reply.fields, "op": "stats"}
+    fields = {**reply.fields, "op": GuestOp.STATS}
     counters = {name: _int(fields, name, 0, MAX_COUNTER) for name in STATS_FIELDS}
     for name in STATS_OPTIONAL:
         counters[name] = _int(fields, name, 0, MAX_COUNTER, default=0)

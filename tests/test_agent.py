@@ -1,7 +1,7 @@
 """The guest agent end to end, in test mode: a real agent process, a busybox container root, no VM.
 
 The agent runs as it does in the guest (``python3.11 -I -S``) and connects to a unix socket this
-test listens on; the test side speaks protocol.py, so these tests also check that the agent's own
+test listens on; the test side speaks wire.py, so these tests also check that the agent's own
 codec matches the contract. Needs root (chroot, mounts) and a static busybox.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from micropod.agent import protocol
+from micropod import wire
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_LIKE_PYTHON = "/usr/bin/python3.11"
@@ -103,13 +103,13 @@ class Session:
         if self.backlog:
             return self.backlog.pop(0)
         try:
-            return protocol.recv_frame(self.conn)
-        except (TimeoutError, protocol.FrameError) as exc:
+            return wire.recv_frame(self.conn)
+        except (TimeoutError, wire.FrameError) as exc:
             self.fail(f"no frame from the agent ({exc})")
             raise
 
     def send_control(self, message: dict[str, Any]) -> None:
-        self.conn.sendall(protocol.encode_control(message))
+        self.conn.sendall(wire.encode_control(message))
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and return its reply; other frames wait in the backlog, in order."""
@@ -119,8 +119,8 @@ class Session:
         skipped: list[tuple[int, int, bytes]] = []
         while True:
             kind, stream, payload = self.recv()
-            if kind == protocol.CONTROL:
-                message = protocol.decode_control(payload)
+            if kind == wire.CONTROL:
+                message = wire.decode_control(payload)
                 if message.get("req") == req and message["op"] in ("ok", "error"):
                     self.backlog = skipped + self.backlog
                     return message
@@ -136,19 +136,19 @@ class Session:
         self.ok("create", id=cid, spec={"rootfs": {"path": str(rootfs)}, **spec})
 
     def send_stdin(self, sid: int, data: bytes) -> None:
-        self.conn.sendall(protocol.encode(protocol.DATA, protocol.stream_id(sid, protocol.STDIN), data))
+        self.conn.sendall(wire.encode(wire.DATA, wire.stream_id(sid, wire.STDIN), data))
 
     def close_stdin(self, sid: int) -> None:
-        self.conn.sendall(protocol.encode(protocol.EOF, protocol.stream_id(sid, protocol.STDIN)))
+        self.conn.sendall(wire.encode(wire.EOF, wire.stream_id(sid, wire.STDIN)))
 
     def next_data(self, sid: int) -> tuple[int, bytes]:
         """The next output of a session; frames of others stay in the backlog."""
         others: list[tuple[int, int, bytes]] = []
         while True:
             kind, stream, payload = self.recv()
-            if kind == protocol.DATA and protocol.split_stream(stream)[0] == sid:
+            if kind == wire.DATA and wire.split_stream(stream)[0] == sid:
                 self.backlog = others + self.backlog
-                return protocol.split_stream(stream)[1], payload
+                return wire.split_stream(stream)[1], payload
             others.append((kind, stream, payload))
 
     def events(self, sid: int) -> list[tuple[Any, ...]]:
@@ -157,26 +157,26 @@ class Session:
         others: list[tuple[int, int, bytes]] = []
         while True:
             kind, stream, payload = self.recv()
-            if kind == protocol.CONTROL:
-                message = protocol.decode_control(payload)
+            if kind == wire.CONTROL:
+                message = wire.decode_control(payload)
                 if message["op"] == "exit" and message["sid"] == sid:
                     events.append(("exit", message["code"]))
                     self.backlog = others + self.backlog
                     return events
                 others.append((kind, stream, payload))
                 continue
-            frame_sid, fd = protocol.split_stream(stream)
+            frame_sid, fd = wire.split_stream(stream)
             if frame_sid != sid:
                 others.append((kind, stream, payload))
-            elif kind == protocol.DATA:
+            elif kind == wire.DATA:
                 events.append(("data", fd, payload))
             else:
                 events.append(("eof", fd))
 
     def outcome(self, sid: int) -> tuple[bytes, bytes, int]:
         events = self.events(sid)
-        out = b"".join(e[2] for e in events if e[0] == "data" and e[1] == protocol.STDOUT)
-        err = b"".join(e[2] for e in events if e[0] == "data" and e[1] == protocol.STDERR)
+        out = b"".join(e[2] for e in events if e[0] == "data" and e[1] == wire.STDOUT)
+        err = b"".join(e[2] for e in events if e[0] == "data" and e[1] == wire.STDERR)
         return out, err, events[-1][1]
 
     def run(self, rootfs: Path, *args: str, **spec: Any) -> tuple[bytes, bytes, int]:
@@ -205,9 +205,9 @@ def agent(tmp_path: Path) -> Iterator[Session]:
 
 def test_hello_comes_first(agent: Session) -> None:
     kind, stream, payload = agent.recv()
-    assert (kind, stream) == (protocol.CONTROL, 0)
-    hello = protocol.decode_control(payload)
-    assert (hello["op"], hello["version"]) == ("hello", protocol.VERSION)
+    assert (kind, stream) == (wire.CONTROL, 0)
+    hello = wire.decode_control(payload)
+    assert (hello["op"], hello["version"]) == ("hello", wire.VERSION)
     assert hello["uptime"] > 0
 
 
@@ -216,11 +216,11 @@ def test_output_then_eof_then_exit(agent: Session, rootfs: Path) -> None:
     reply = agent.ok("start", id="main")
     assert reply["pid"] > 0
     events = agent.events(1)
-    assert ("data", protocol.STDOUT, b"hi\n") in events
+    assert ("data", wire.STDOUT, b"hi\n") in events
     assert events[-1] == ("exit", 0)
-    assert {("eof", protocol.STDOUT), ("eof", protocol.STDERR)} <= set(events)
-    stdout_eof = events.index(("eof", protocol.STDOUT))
-    assert events.index(("data", protocol.STDOUT, b"hi\n")) < stdout_eof < len(events) - 1
+    assert {("eof", wire.STDOUT), ("eof", wire.STDERR)} <= set(events)
+    stdout_eof = events.index(("eof", wire.STDOUT))
+    assert events.index(("data", wire.STDOUT, b"hi\n")) < stdout_eof < len(events) - 1
 
 
 def test_exit_status(agent: Session, rootfs: Path) -> None:
@@ -335,7 +335,7 @@ def test_a_handled_signal_reaches_the_main_process(agent: Session, rootfs: Path)
 def test_signals_to_the_agent_are_forwarded(agent: Session, rootfs: Path) -> None:
     agent.create(rootfs, args=["sh", "-c", 'trap "exit 3" HUP; echo ready; while true; do sleep 0.05; done'])
     agent.ok("start", id="main")
-    assert agent.next_data(1) == (protocol.STDOUT, b"ready\n")
+    assert agent.next_data(1) == (wire.STDOUT, b"ready\n")
     agent.proc.send_signal(signal.SIGHUP)
     assert agent.events(1)[-1] == ("exit", 3)
 
@@ -429,7 +429,7 @@ def test_tty_exec_gets_a_terminal(agent: Session, rootfs: Path) -> None:
     events = agent.events(2)
     assert events[-1] == ("exit", 0)
     out = b"".join(e[2] for e in events if e[0] == "data").decode()
-    assert all(e[1] == protocol.STDOUT for e in events if e[0] in ("data", "eof"))
+    assert all(e[1] == wire.STDOUT for e in events if e[0] in ("data", "eof"))
     assert out.splitlines() == ["/dev/pts/0", "isatty", "xterm"]
 
 
@@ -481,7 +481,7 @@ def test_agent_imports_only_what_it_needs() -> None:
     heavy = {"json", "re", "enum", "typing", "socket", "signal", "selectors", "subprocess", "asyncio", "logging",
              "dataclasses", "inspect", "contextlib", "pathlib"}
     assert not modules & heavy
-    guest_modules = ("micropod.agent", "micropod.sys", "micropod.netlink")
+    guest_modules = ("micropod.agent", "micropod.sys", "micropod.netlink", "micropod.wire")
     assert not {m for m in modules if m.startswith("micropod") and not m.startswith(guest_modules)} - {"micropod"}
 
 
@@ -552,8 +552,8 @@ def test_dev_log_messages_go_to_the_host(agent: Session, rootfs: Path) -> None:
     messages: list[dict[str, Any]] = []
     while not messages:  # before or after the exit report, depending on which the agent saw first
         kind, _, payload = agent.recv()
-        if kind == protocol.CONTROL:
-            message = protocol.decode_control(payload)
+        if kind == wire.CONTROL:
+            message = wire.decode_control(payload)
             if message["op"] == "syslog":
                 messages.append(message)
     assert messages[0]["id"] == "main"

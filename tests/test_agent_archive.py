@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from micropod.agent import protocol
+from micropod import wire
 from micropod.agent.archive import ArchiveError, FrameWriter, extract_tar, resolve, write_tar
 from micropod.agent.filecopy import FileCopy
 
@@ -131,11 +131,11 @@ def test_an_upload_is_unpacked_as_it_streams_and_reported_at_eof(root: Path) -> 
     size = 4 << 20
     tar = _tar(("big", tarfile.REGTYPE, b"b" * size, "", 0o644))
     half = len(tar) // 2
-    copies.on_upload(7, protocol.DATA, tar[:half])
+    copies.on_upload(7, wire.DATA, tar[:half])
     written = list((root / "srv" / "deep").iterdir())
     assert len(written) == 1 and written[0].name.startswith(".micropod-cp-") and written[0].stat().st_size > 0
-    copies.on_upload(7, protocol.DATA, tar[half:])
-    copies.on_upload(7, protocol.EOF, b"")
+    copies.on_upload(7, wire.DATA, tar[half:])
+    copies.on_upload(7, wire.EOF, b"")
     assert (root / "srv" / "deep" / "big").stat().st_size == size
     assert agent.sent == [{"op": "exit", "id": "main", "sid": 7, "code": 0}]
     assert 7 not in copies.uploads
@@ -146,9 +146,9 @@ def test_an_upload_that_fails_reports_one_message_and_leaves_no_partial_file(roo
     copies = FileCopy(agent)  # type: ignore[arg-type]
     copies.on_archive_put({"sid": 3, "path": "/srv/deep"})
     tar = _tar(("ok", tarfile.REGTYPE, b"fine", "", 0o644), ("../evil", tarfile.REGTYPE, b"x", "", 0o644))
-    copies.on_upload(3, protocol.DATA, tar[:1000])
-    copies.on_upload(3, protocol.DATA, tar[1000:])
-    copies.on_upload(3, protocol.EOF, b"")
+    copies.on_upload(3, wire.DATA, tar[:1000])
+    copies.on_upload(3, wire.DATA, tar[1000:])
+    copies.on_upload(3, wire.EOF, b"")
     [report] = agent.sent
     assert report["code"] == 1 and "refusing the archive member '../evil'" in str(report["message"])
     assert sorted(p.name for p in (root / "srv" / "deep").iterdir()) == ["ok"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from micropod import syscalls
-from micropod.agent import boot, protocol
+from micropod import syscalls, wire
+from micropod.agent import boot
 from micropod.agent import channel as channels
 
 
@@ -47,7 +47,7 @@ def test_read_write_and_loss() -> None:
     assert channel.read() is None
     theirs.sendall(b"abc")
     assert channel.read() == b"abc"
-    frame = protocol.encode_control({"op": "hello", "version": 1})
+    frame = wire.encode_control({"op": "hello", "version": 1})
     channel.send(frame)
     assert theirs.recv(100) == frame
     theirs.close()

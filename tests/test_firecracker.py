@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from micropod.agent import protocol
+from micropod import wire
 from micropod.errors import BootError, FirecrackerApiError, VmmError
 from micropod.vmm import firecracker_api as api
 from micropod.vmm.base import AGENT_VSOCK_PORT, GUEST_CID, Drive, NetInterface, VmSpec
@@ -93,7 +93,7 @@ class Guest:
         conn, _ = self.listener.accept()
         # The host may hang up after the hello; that is its right, not the guest's failure.
         with conn, contextlib.suppress(OSError):
-            conn.sendall(protocol.encode_control({"op": "hello", "version": protocol.VERSION}))
+            conn.sendall(wire.encode_control({"op": "hello", "version": wire.VERSION}))
             conn.settimeout(10)
             self.received = conn.recv(1024)
             if self.received:
@@ -104,7 +104,7 @@ class Guest:
 
 
 def read_frame(sock: socket.socket) -> tuple[int, int, bytes]:
-    reader = protocol.FrameReader()
+    reader = wire.FrameReader()
     sock.settimeout(10)
     while True:
         data = sock.recv(4096)
@@ -260,8 +260,8 @@ def test_connect_agent_through_hybrid_vsock(vmm: FirecrackerVmm, guest_dir: Path
     vmm.start()
     with vmm.connect_agent(timeout=10) as channel:
         kind, stream, payload = read_frame(channel)
-        assert (kind, stream) == (protocol.CONTROL, 0)
-        assert protocol.decode_control(payload) == {"op": "hello", "version": protocol.VERSION}
+        assert (kind, stream) == (wire.CONTROL, 0)
+        assert wire.decode_control(payload) == {"op": "hello", "version": wire.VERSION}
         channel.sendall(b"ping")
         assert recv_exactly(channel, 9) == b"echo:ping"
     guest.close()
@@ -286,7 +286,7 @@ def test_connect_agent_retries_until_the_guest_listens(
 
     monkeypatch.setattr(vmm, "_vsock_connect", attempt)
     with vmm.connect_agent(timeout=10) as channel:
-        assert protocol.decode_control(read_frame(channel)[2])["op"] == "hello"
+        assert wire.decode_control(read_frame(channel)[2])["op"] == "hello"
     assert len(attempts) == 2
     assert all("refused" in a for a in attempts)
     guests[0].close()
@@ -402,7 +402,7 @@ def test_boots_through_the_jailer(spec: VmSpec, launcher: Path, short_tmp: Path,
         assert all(r["accepted"] for r in records)
         assert records[2]["body"]["kernel_image_path"] == "/vmlinux"
         with machine.connect_agent(timeout=10) as channel:
-            assert protocol.decode_control(read_frame(channel)[2])["op"] == "hello"
+            assert wire.decode_control(read_frame(channel)[2])["op"] == "hello"
     finally:
         machine.kill()
         guest.close()

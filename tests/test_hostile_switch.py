@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from micropod import guestmsg
-from micropod.agent import protocol
+from micropod import guestmsg, wire
 from micropod.paths import VmDir
 from micropod.runconfig import ContainerSpec, RunConfig
 from micropod.vmm import factory, snapshot
@@ -49,10 +48,10 @@ def test_the_agent_hands_its_channel_to_the_script(tmp_path: Path, rootfs: Path)
     session = Session(tmp_path, env={"MICROPOD_AGENT_HANDOVER": "1"})
     try:
         kind, _, payload = session.recv()
-        assert kind == protocol.CONTROL and protocol.decode_control(payload)["op"] == "hello"
+        assert kind == wire.CONTROL and wire.decode_control(payload)["op"] == "hello"
         session.create(rootfs, args=["/hostile.py", "idle"])
         assert session.ok("start", id="main")["pid"] == session.proc.pid  # the agent itself, about to exec
-        assert session.recv() == (protocol.DATA, protocol.stream_id(1, protocol.STDOUT), b"ready\n")
+        assert session.recv() == (wire.DATA, wire.stream_id(1, wire.STDOUT), b"ready\n")
         # From here the script answers: it proves it owns the fd the agent had.
         assert session.ok("stats")["cpus"] == 1
         assert session.ok("shutdown")["op"] == "ok"

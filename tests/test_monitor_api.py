@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from micropod.agent import protocol
+from micropod import wire
 from micropod.monitor import api
 from micropod.monitor.api import Op
 
@@ -28,7 +28,7 @@ WIRE: list[tuple[api.Message, bytes]] = [
 
 @pytest.mark.parametrize(("message", "payload"), WIRE)
 def test_the_bytes_on_the_socket_are_unchanged(message: api.Message, payload: bytes) -> None:
-    assert protocol.encode_control(message) == protocol.HEADER.pack(protocol.CONTROL, 0, len(payload)) + payload
+    assert wire.encode_control(message) == wire.HEADER.pack(wire.CONTROL, 0, len(payload)) + payload
 
 
 def test_no_two_ops_share_a_value() -> None:

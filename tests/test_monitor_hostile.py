@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from micropod import guestmsg
-from micropod.agent import protocol
+from micropod import guestmsg, wire
 from micropod.channel import OUT_LIMIT, AgentLink, FramedSocket
 from micropod.errors import ContainerCommandError, printable
 from micropod.monitor.client import MonitorClient
@@ -49,7 +48,7 @@ class Rig:
 
     def send_guest(self, message: bytes) -> None:
         """A control frame from the guest, sent from a thread: it may be bigger than the socket's buffer."""
-        frame = protocol.HEADER.pack(protocol.CONTROL, 0, len(message)) + message
+        frame = wire.HEADER.pack(wire.CONTROL, 0, len(message)) + message
         threading.Thread(target=self.guest.sendall, args=(frame,), daemon=True).start()
 
     def close(self) -> None:
@@ -121,9 +120,9 @@ def test_a_bad_guest_message_is_refused_with_one_line(tmp_path: Path, payload: b
 
 
 BAD_STREAMS = {
-    "stdin from the guest": protocol.stream_id(1, protocol.STDIN),
-    "fd 3": protocol.stream_id(1, 3),
-    "a session that does not exist": protocol.stream_id(9, protocol.STDOUT),
+    "stdin from the guest": wire.stream_id(1, wire.STDIN),
+    "fd 3": wire.stream_id(1, 3),
+    "a session that does not exist": wire.stream_id(9, wire.STDOUT),
 }
 
 
@@ -131,9 +130,9 @@ BAD_STREAMS = {
 def test_data_on_a_stream_that_does_not_exist_is_refused(tmp_path: Path, stream: int) -> None:
     rig = make_rig(tmp_path)
     guestmsg.refusals.count = 0
-    rig.guest.sendall(protocol.encode(protocol.DATA, stream, b"\x1b[2Jboo"))
+    rig.guest.sendall(wire.encode(wire.DATA, stream, b"\x1b[2Jboo"))
     rig.run_until(lambda: guestmsg.refusals.count == 1)
-    rig.guest.sendall(protocol.encode(protocol.DATA, protocol.stream_id(1, protocol.STDOUT), b"ok\n"))
+    rig.guest.sendall(wire.encode(wire.DATA, wire.stream_id(1, wire.STDOUT), b"ok\n"))
     log = rig.monitor.vm_dir.container_log
     rig.run_until(lambda: log.exists() and log.stat().st_size > 0)
     assert b"boo" not in log.read_bytes()
@@ -144,7 +143,7 @@ def test_an_oversized_frame_closes_the_channel_and_the_monitor_lives(tmp_path: P
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     rig = make_rig(tmp_path)
     guestmsg.refusals.count = 20  # past the first lines: a broken channel is logged however many came before
-    rig.guest.sendall(protocol.HEADER.pack(protocol.DATA, 5, protocol.MAX_PAYLOAD + 1))
+    rig.guest.sendall(wire.HEADER.pack(wire.DATA, 5, wire.MAX_PAYLOAD + 1))
     rig.run_until(lambda: rig.monitor.vm.link is not None and rig.monitor.vm.link.channel.closed)
     assert "the agent channel broke" in caplog.text
     assert rig.monitor.kill_deadline is not None  # the VM gets its grace, then the kill
@@ -165,7 +164,7 @@ def test_stats_with_infinite_or_missing_counters_are_refused(tmp_path: Path) -> 
     rig = make_rig(tmp_path)
     client = connect(rig)
     guestmsg.refusals.count = 0
-    client.sendall(protocol.encode_control({"op": "stats"}))
+    client.sendall(wire.encode_control({"op": "stats"}))
     rig.run_until(lambda: rig.monitor.vm.pending)
     rig.send_guest(b'{"op":"ok","req":1,"cpu_total":1e400}')  # not even its req can be trusted: no answer
     rig.run_until(lambda: guestmsg.refusals.count == 1)
@@ -173,7 +172,7 @@ def test_stats_with_infinite_or_missing_counters_are_refused(tmp_path: Path) -> 
     for reply in (b'{"op":"ok","req":2,"cpu_total":1}',
                   b'{"op":"ok","req":3,' + json.dumps({**good, "cpu_total": -1}).encode()[1:],
                   b'{"op":"ok","req":4,' + json.dumps(good).encode()[1:]):
-        client.sendall(protocol.encode_control({"op": "stats"}))
+        client.sendall(wire.encode_control({"op": "stats"}))
         rig.run_until(lambda r=reply: int(r.split(b'"req":')[1].split(b",")[0]) in rig.monitor.vm.pending)
         rig.send_guest(reply)
         answer = _control(client, rig)
@@ -190,15 +189,15 @@ def test_stats_with_infinite_or_missing_counters_are_refused(tmp_path: Path) -> 
 def _control(sock: socket.socket, rig: Rig) -> dict[str, Any]:
     """The next control message the monitor sends ``sock``, turning the monitor's loop meanwhile."""
     sock.setblocking(False)
-    reader = protocol.FrameReader()
+    reader = wire.FrameReader()
     frames: list[tuple[int, int, bytes]] = []
     for _ in range(1000):
         rig.step(0.05)
         with contextlib.suppress(BlockingIOError):
             frames += reader.feed(sock.recv(1 << 16))
-        controls = [f for f in frames if f[0] == protocol.CONTROL]
+        controls = [f for f in frames if f[0] == wire.CONTROL]
         if controls:
-            return protocol.decode_control(controls[0][2])
+            return wire.decode_control(controls[0][2])
     raise AssertionError("no answer")
 
 
@@ -223,18 +222,18 @@ def test_a_guest_flood_waits_for_a_slow_attached_client(tmp_path: Path) -> None:
     rig = make_rig(tmp_path)
     total, chunk = 2 * OUT_LIMIT, 60_000
     data = bytes(random.Random(1).getrandbits(8) for _ in range(1 << 16)) * (total >> 16)
-    stream = protocol.stream_id(1, protocol.STDOUT)
+    stream = wire.stream_id(1, wire.STDOUT)
 
     def guest() -> None:
         with contextlib.suppress(OSError):
             for start in range(0, total, chunk):
-                rig.guest.sendall(protocol.encode(protocol.DATA, stream, data[start:start + chunk]))
+                rig.guest.sendall(wire.encode(wire.DATA, stream, data[start:start + chunk]))
 
     writer = threading.Thread(target=guest, daemon=True)
     writer.start()
     (held,) = rig.monitor.clients.attached
     rig.attached.setblocking(False)
-    reader = protocol.FrameReader()
+    reader = wire.FrameReader()
     got = bytearray()
     link = rig.monitor.vm.link
     assert link is not None
@@ -247,13 +246,13 @@ def test_a_guest_flood_waits_for_a_slow_attached_client(tmp_path: Path) -> None:
         most_pending = max(most_pending, link.channel._reader.pending)
         with contextlib.suppress(BlockingIOError):
             for kind, _, payload in reader.feed(rig.attached.recv(32 << 10)):
-                assert kind == protocol.DATA
+                assert kind == wire.DATA
                 got += payload
     writer.join(timeout=30)
     assert bytes(got) == data
     assert len(rig.monitor.clients.attached) == 1
-    assert most_queued <= HIGH_WATER + protocol.MAX_PAYLOAD + (64 << 10) + (64 << 10)
-    assert most_pending <= protocol.MAX_PAYLOAD + protocol.HEADER.size
+    assert most_queued <= HIGH_WATER + wire.MAX_PAYLOAD + (64 << 10) + (64 << 10)
+    assert most_pending <= wire.MAX_PAYLOAD + wire.HEADER.size
     rig.close()
 
 
@@ -266,7 +265,7 @@ def test_a_guest_that_never_reads_does_not_freeze_kill(tmp_path: Path) -> None:
     assert link is not None
     rig.attached.setblocking(False)
     sent = 0
-    block = protocol.encode(protocol.DATA, protocol.STDIN, b"y" * 60_000)
+    block = wire.encode(wire.DATA, wire.STDIN, b"y" * 60_000)
     most_queued = 0
     for _ in range(2000):  # far more than any bound: the monitor must push back
         with contextlib.suppress(BlockingIOError):
@@ -283,10 +282,10 @@ def test_a_guest_that_never_reads_does_not_freeze_kill(tmp_path: Path) -> None:
     assert most_queued <= OUT_LIMIT
     assert rig.monitor.exit_code is None  # a busy guest is not a dead one
     stopper = connect(rig)
-    stopper.sendall(protocol.encode_control({"op": "stop", "timeout": 30}))
+    stopper.sendall(wire.encode_control({"op": "stop", "timeout": 30}))
     rig.run_until(lambda: rig.monitor.kill_deadline is not None)
     killer = connect(rig)
-    killer.sendall(protocol.encode_control({"op": "kill"}))
+    killer.sendall(wire.encode_control({"op": "kill"}))
     rig.run_until(lambda: rig.monitor.done)
     assert rig.monitor.exit_code == 137
     for sock in (stopper, killer):
@@ -319,7 +318,7 @@ def test_stats_gives_up_on_a_silent_vm_and_reads_the_others() -> None:
     silent, silent_monitor = socket.socketpair()
     clients = {"good": MonitorClient(answering), "silent": MonitorClient(silent)}
     counters = {name: 2 for name in guestmsg.STATS_FIELDS}
-    answering_monitor.sendall(protocol.encode_control({"op": "stats-reply", **counters}))
+    answering_monitor.sendall(wire.encode_control({"op": "stats-reply", **counters}))
     taken = sample_all(clients, timeout=0.5)
     assert taken["silent"] is None
     assert taken["good"] is not None and taken["good"].cpus == 2

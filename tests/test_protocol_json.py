@@ -1,4 +1,4 @@
-"""The light codec in protocol.py must produce and accept exactly the bytes the json module does."""
+"""The light codec in wire.py must produce and accept exactly the bytes the json module does."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from micropod import wire
 from micropod.agent import main as agent_main
-from micropod.agent import protocol
 from micropod.vmm import base
 
 MESSAGES: list[dict[str, Any]] = [
@@ -29,40 +29,40 @@ def test_agent_uses_the_host_constants() -> None:
 @pytest.mark.parametrize("message", MESSAGES)
 def test_same_bytes_both_ways(message: dict[str, Any]) -> None:
     payload = json.dumps(message, separators=(",", ":")).encode()
-    assert protocol.encode_control(message) == protocol.HEADER.pack(protocol.CONTROL, 0, len(payload)) + payload
-    assert protocol.decode_control(payload) == message
-    assert protocol.decode_control(b"  \n" + payload + b"\n ") == message
+    assert wire.encode_control(message) == wire.HEADER.pack(wire.CONTROL, 0, len(payload)) + payload
+    assert wire.decode_control(payload) == message
+    assert wire.decode_control(b"  \n" + payload + b"\n ") == message
 
 
 @pytest.mark.parametrize("payload", [b"", b"not json", b"{", b"[1]", b'{"no_op": 1}', b'{"op": 2}',
                                      b'{"op": "x"} trailing', b"\xff\xfe"])
 def test_bad_control_is_a_frame_error(payload: bytes) -> None:
-    with pytest.raises(protocol.FrameError):
-        protocol.decode_control(payload)
+    with pytest.raises(wire.FrameError):
+        wire.decode_control(payload)
 
 
 def test_unserialisable_values_are_refused() -> None:
     with pytest.raises(TypeError):
-        protocol.encode_control({"op": "x", "value": object()})
+        wire.encode_control({"op": "x", "value": object()})
 
 
 def test_reader_reassembles_any_split() -> None:
     stream = b"".join([
-        protocol.encode_control({"op": "hello", "version": 1}),
-        protocol.encode(protocol.DATA, protocol.stream_id(1, 1), b"x" * 5000),
-        protocol.encode(protocol.EOF, protocol.stream_id(1, 1)),
+        wire.encode_control({"op": "hello", "version": 1}),
+        wire.encode(wire.DATA, wire.stream_id(1, 1), b"x" * 5000),
+        wire.encode(wire.EOF, wire.stream_id(1, 1)),
     ])
     for size in (1, 7, 4096):
-        reader = protocol.FrameReader()
+        reader = wire.FrameReader()
         got = []
         for i in range(0, len(stream), size):
             got += reader.feed(stream[i:i + size])
-        assert [f[0] for f in got] == [protocol.CONTROL, protocol.DATA, protocol.EOF]
+        assert [f[0] for f in got] == [wire.CONTROL, wire.DATA, wire.EOF]
         assert got[1][2] == b"x" * 5000
 
 
 def test_reader_rejects_bad_headers() -> None:
-    with pytest.raises(protocol.FrameError):
-        protocol.FrameReader().feed(protocol.HEADER.pack(9, 0, 0))
-    with pytest.raises(protocol.FrameError):
-        protocol.FrameReader().feed(protocol.HEADER.pack(protocol.DATA, 0, protocol.MAX_PAYLOAD + 1))
+    with pytest.raises(wire.FrameError):
+        wire.FrameReader().feed(wire.HEADER.pack(9, 0, 0))
+    with pytest.raises(wire.FrameError):
+        wire.FrameReader().feed(wire.HEADER.pack(wire.DATA, 0, wire.MAX_PAYLOAD + 1))

@@ -15,7 +15,7 @@ import os
 import select
 import time
 
-from micropod.agent import protocol
+from micropod import wire
 
 SERIAL_PORTS = "/sys/class/virtio-ports"
 VIRTIO_DEVICES = "/sys/bus/virtio/devices"
@@ -32,7 +32,7 @@ class Channel:
         self.fd = fd
         self.kind = kind
         self._owner = owner  # the socket object, kept alive so it does not close the fd
-        self.reader = protocol.FrameReader()
+        self.reader = wire.FrameReader()
         os.set_blocking(fd, False)
 
     def read(self) -> bytes | None:

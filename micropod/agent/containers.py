@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import _socket
 
-from micropod.agent import mounts, protocol
+from micropod import wire
+from micropod.agent import mounts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -76,6 +77,6 @@ class Proc:
         self.stdin = child.stdin
         self.stdin_pending = bytearray()
         self.stdin_eof = False
-        self.outputs = {child.stdout: protocol.stream_id(sid, protocol.STDOUT)}
+        self.outputs = {child.stdout: wire.stream_id(sid, wire.STDOUT)}
         if child.stderr is not None:
-            self.outputs[child.stderr] = protocol.stream_id(sid, protocol.STDERR)
+            self.outputs[child.stderr] = wire.stream_id(sid, wire.STDERR)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from micropod.agent import archive, protocol
+from micropod import wire
+from micropod.agent import archive
 from micropod.agent.errors import RequestError, describe
 
 TYPE_CHECKING = False
@@ -37,14 +38,14 @@ class FileCopy:
         container = self.agent.container(message)
         sid = int(message["sid"])
         self.agent.check_sid_free(sid)
-        stream = protocol.stream_id(sid, protocol.STDOUT)
-        out = archive.FrameWriter(lambda data: self.agent.send(protocol.encode(protocol.DATA, stream, data)))
+        stream = wire.stream_id(sid, wire.STDOUT)
+        out = archive.FrameWriter(lambda data: self.agent.send(wire.encode(wire.DATA, stream, data)))
         try:
             archive.write_tar(container.root, str(message["path"]), out)
         except (archive.ArchiveError, OSError) as exc:
             raise RequestError(str(exc), 1) from None
-        self.agent.send(protocol.encode(protocol.EOF, stream))
-        self.agent.send_control({"op": "exit", "id": container.cid, "sid": sid, "code": 0})
+        self.agent.send(wire.encode(wire.EOF, stream))
+        self.agent.send_control({"op": wire.GuestOp.EXIT, "id": container.cid, "sid": sid, "code": 0})
         return {"size": out.written}
 
     def on_archive_put(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +74,7 @@ class FileCopy:
 
     def on_upload(self, sid: int, kind: int, payload: bytes) -> None:
         container, untar = self.uploads[sid]
-        if kind != protocol.EOF:
+        if kind != wire.EOF:
             untar.feed(payload)
             return
         del self.uploads[sid]
@@ -82,7 +83,7 @@ class FileCopy:
             archive.finish(untar)
         except Exception as exc:  # OSError too: the user hears what went wrong
             code, error = 1, describe(exc)
-        report: dict[str, Any] = {"op": "exit", "id": container.cid, "sid": sid, "code": code}
+        report: dict[str, Any] = {"op": wire.GuestOp.EXIT, "id": container.cid, "sid": sid, "code": code}
         if error:
             report["message"] = error
         self.agent.send_control(report)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from micropod.agent import protocol
+from micropod import wire
 from micropod.agent.console import console
 from micropod.agent.errors import RequestError
 
@@ -60,7 +60,7 @@ def hand_over(link: HostLink, container: Container, message: dict[str, Any], sid
         "MICROPOD_HANDOVER_SID": str(sid),
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
     }
-    channel.send(protocol.encode_control({"op": "ok", "req": message.get("req"), "pid": os.getpid()}))
+    channel.send(wire.encode_control({"op": wire.GuestOp.OK, "req": message.get("req"), "pid": os.getpid()}))
     try:
         os.execve(args[0], args, env)
     except OSError as exc:

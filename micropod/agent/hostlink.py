@@ -6,8 +6,8 @@ from __future__ import annotations
 import select
 import time
 
+from micropod import wire
 from micropod.agent import channel as channels
-from micropod.agent import protocol
 from micropod.agent.console import console
 
 TYPE_CHECKING = False
@@ -66,8 +66,9 @@ class HostLink:
         self.agent.watch(channel.fd, select.EPOLLIN)
         try:
             # Unbounded: a virtio-serial port is writable only once the host side has connected.
-            hello = {"op": "hello", "version": protocol.VERSION, "uptime": time.clock_gettime(time.CLOCK_BOOTTIME)}
-            channel.send(protocol.encode_control(hello), stall_timeout=None)
+            hello = {"op": wire.GuestOp.HELLO, "version": wire.VERSION,
+                     "uptime": time.clock_gettime(time.CLOCK_BOOTTIME)}
+            channel.send(wire.encode_control(hello), stall_timeout=None)
         except channels.ChannelLost as exc:
             self.lost(str(exc))
 
@@ -104,14 +105,14 @@ class HostLink:
             return
         try:
             frames = self.channel.reader.feed(data)
-        except protocol.FrameError as exc:
+        except wire.FrameError as exc:
             self.lost(str(exc))
             return
         for kind, stream, payload in frames:
-            if kind == protocol.CONTROL:
+            if kind == wire.CONTROL:
                 try:
-                    message = protocol.decode_control(payload)
-                except protocol.FrameError as exc:
+                    message = wire.decode_control(payload)
+                except wire.FrameError as exc:
                     self.agent.log(f"ignored a control frame: {exc}")
                     continue
                 self.agent.on_request(message)

@@ -2,7 +2,7 @@
 
 Boot mounts, then one channel to the host, ``hello``, and a single-threaded epoll loop over the
 channel, the container processes' stdio and a signal wakeup pipe. The host drives it with the ops
-of protocol.py (create, start, exec, signal, resize, shutdown); the agent streams stdio as DATA and
+of wire.py (create, start, exec, signal, resize, shutdown); the agent streams stdio as DATA and
 EOF frames and reports each exit after its last output. It reaps every zombie, forwards the signals
 it receives to the containers' main processes, and powers the VM off at the end.
 
@@ -23,8 +23,8 @@ import select
 import sys
 import time
 
-from micropod import syscalls
-from micropod.agent import boot, handover, launch, mounts, process, protocol, signals, stats
+from micropod import syscalls, wire
+from micropod.agent import boot, handover, launch, mounts, process, signals, stats
 from micropod.agent import channel as channels
 from micropod.agent.console import console
 from micropod.agent.containers import Container, Proc, exec_spec, mount_container, valid_id
@@ -33,6 +33,7 @@ from micropod.agent.filecopy import FileCopy
 from micropod.agent.hostlink import HostLink
 from micropod.agent.stdio import Stdio
 from micropod.agent.syslog import Syslog
+from micropod.wire import GuestOp
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -71,17 +72,17 @@ class Agent:
 
             runtime.warm_up()
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "create": self.on_create,
-            "start": self.on_start,
-            "exec": self.on_exec,
-            "signal": self.on_signal,
-            "resize": self.on_resize,
-            "shutdown": self.on_shutdown,
-            "restore": self.on_restore,
-            "network": boot.configure_network,
-            "stats": self.on_stats,
-            "archive-get": self.copies.on_archive_get,
-            "archive-put": self.copies.on_archive_put,
+            GuestOp.CREATE: self.on_create,
+            GuestOp.START: self.on_start,
+            GuestOp.EXEC: self.on_exec,
+            GuestOp.SIGNAL: self.on_signal,
+            GuestOp.RESIZE: self.on_resize,
+            GuestOp.SHUTDOWN: self.on_shutdown,
+            GuestOp.RESTORE: self.on_restore,
+            GuestOp.NETWORK: boot.configure_network,
+            GuestOp.STATS: self.on_stats,
+            GuestOp.ARCHIVE_GET: self.copies.on_archive_get,
+            GuestOp.ARCHIVE_PUT: self.copies.on_archive_put,
         }
         self.wakeup_r = signals.catch((_signal.SIGCHLD, *signals.FORWARDED_SIGNALS))
         self.watch(self.wakeup_r, select.EPOLLIN)
@@ -106,11 +107,11 @@ class Agent:
         self.link.send(frame)
 
     def send_control(self, message: dict[str, Any]) -> None:
-        self.send(protocol.encode_control(message))
+        self.send(wire.encode_control(message))
 
     def log(self, message: str) -> None:
         console(message)
-        self.send_control({"op": "log", "message": message})
+        self.send_control({"op": GuestOp.LOG, "message": message})
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -180,13 +181,13 @@ class Agent:
             if handler is None:
                 raise RequestError(f"unknown op {op!r}")
             result = handler(message)
-            power_off = op == "shutdown"
+            power_off = op == GuestOp.SHUTDOWN
         except (RequestError, launch.LaunchError) as exc:
             self.reply_error(req, op, str(exc), exc.code)
         except Exception as exc:  # the host must get an answer whatever went wrong
             self.reply_error(req, op, describe(exc), 125)
         else:
-            self.send_control({"op": "ok", "req": req, **result})
+            self.send_control({"op": GuestOp.OK, "req": req, **result})
         if power_off:
             self.end()
 
@@ -195,7 +196,7 @@ class Agent:
 
     def reply_error(self, req: object, op: str, message: str, code: int) -> None:
         console(f"{op} failed: {message}")
-        self.send_control({"op": "error", "req": req, "message": message, "code": code})
+        self.send_control({"op": GuestOp.ERROR, "req": req, "message": message, "code": code})
 
     def container(self, message: dict[str, Any]) -> Container:
         cid = message.get("id")
@@ -291,12 +292,12 @@ class Agent:
         return proc
 
     def on_stdin(self, kind: int, stream: int, payload: bytes) -> None:
-        sid, fd = protocol.split_stream(stream)
-        if fd == protocol.STDIN and sid in self.copies.uploads:
+        sid, fd = wire.split_stream(stream)
+        if fd == wire.STDIN and sid in self.copies.uploads:
             self.copies.on_upload(sid, kind, payload)
             return
         proc = self.proc_by_sid(sid)
-        if fd != protocol.STDIN or proc is None or proc.stdin is None or proc.stdin_eof:
+        if fd != wire.STDIN or proc is None or proc.stdin is None or proc.stdin_eof:
             return  # input for a process that has gone, or never asked for stdin
         self.stdio.feed(proc, kind, payload)
 
@@ -317,7 +318,7 @@ class Agent:
         self.stdio.close(proc)
         code = 128 - exit_code if exit_code < 0 else exit_code
         container = proc.container
-        self.send_control({"op": "exit", "id": container.cid, "sid": proc.sid, "code": code})
+        self.send_control({"op": GuestOp.EXIT, "id": container.cid, "sid": proc.sid, "code": code})
         if proc.is_main:
             container.main_done = True
             if self.use_runtime:
@@ -403,7 +404,7 @@ def main() -> None:
             sys.exit(1)
         agent.end()
     for error in boot_errors:
-        agent.send_control({"op": "log", "message": f"boot: {error}"})
+        agent.send_control({"op": GuestOp.LOG, "message": f"boot: {error}"})
     sys.exit(agent.run())
 
 

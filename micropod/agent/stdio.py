@@ -7,7 +7,7 @@ import errno
 import os
 import select
 
-from micropod.agent import protocol
+from micropod import wire
 from micropod.agent.console import write_quietly
 
 TYPE_CHECKING = False
@@ -49,7 +49,7 @@ class Stdio:
             self.pump(proc, fd, drain=False)
 
     def feed(self, proc: Proc, kind: int, payload: bytes) -> None:
-        if kind == protocol.EOF:
+        if kind == wire.EOF:
             proc.stdin_eof = True
         else:
             proc.stdin_pending += payload
@@ -106,7 +106,7 @@ class Stdio:
             if not data:
                 self.close_output(proc, fd)
                 return
-            self.agent.send(protocol.encode(protocol.DATA, proc.outputs[fd], data))
+            self.agent.send(wire.encode(wire.DATA, proc.outputs[fd], data))
             forwarded += len(data)
             if not drain or forwarded >= _DRAIN_LIMIT:
                 return
@@ -122,7 +122,7 @@ class Stdio:
             self.agent.watch(fd, 0)
             self.fd_procs.pop(fd, None)
             os.close(fd)
-        self.agent.send(protocol.encode(protocol.EOF, stream))
+        self.agent.send(wire.encode(wire.EOF, stream))
 
     def close(self, proc: Proc) -> None:
         """The process has exited: what it wrote goes out before its exit report, and its fds are closed."""

@@ -6,6 +6,8 @@ import _socket
 import os
 import select
 
+from micropod.wire import GuestOp
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Protocol
@@ -54,7 +56,8 @@ class Syslog:
             except OSError as exc:
                 self.agent.log(f"reading /dev/log of container {container.cid}: {exc}")
                 return
-            self.agent.send_control({"op": "syslog", "id": container.cid, "message": data.decode(errors="replace")})
+            message = data.decode(errors="replace")
+            self.agent.send_control({"op": GuestOp.SYSLOG, "id": container.cid, "message": message})
 
     def forward_all(self) -> None:
         for fd in self.sockets:

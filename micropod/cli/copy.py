@@ -27,7 +27,7 @@ from typing import Any
 
 import click
 
-from micropod.agent import protocol
+from micropod import wire
 from micropod.agent.beneath import TarError, Untar
 from micropod.context import Context
 from micropod.errors import ConflictError, MicropodError, NotFoundError, UsageError, printable
@@ -125,7 +125,7 @@ def copy_out(ctx: Context, ident: str, path: str, dest: Path, archive: bool = Fa
     untar = Untar(dirfd, top if top not in (".", "..") else "", keep_owner=archive)
     try:
         def sink(stream: int, data: bytes) -> None:
-            if stream == protocol.STDOUT:
+            if stream == wire.STDOUT:
                 untar.feed(data)
 
         with connected(ctx, ident) as client:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from micropod.agent import protocol
+from micropod import wire
 from micropod.channel import decode
 from micropod.context import Context
 from micropod.errors import MicropodError
@@ -90,7 +90,7 @@ def _stats_reply(client: MonitorClient) -> dict[str, Any] | None:
     """What a readable monitor connection sent: its stats-reply (or exit, or an empty answer if it has gone)."""
     try:
         for kind, _, payload in client.channel.pump():
-            if kind == protocol.CONTROL:
+            if kind == wire.CONTROL:
                 message = decode(payload)
                 if message["op"] in (Op.STATS_REPLY, Op.EXIT, Op.ERROR):
                     return message

@@ -47,7 +47,7 @@ class GuestArtefacts:
 
 def agent_sources() -> list[Path]:
     """The package files the guest runs: copied into the system image, and part of its key."""
-    sources = [PACKAGE_DIR / name for name in ("__init__.py", "syscalls.py", "netlink.py", "errors.py")]
+    sources = [PACKAGE_DIR / name for name in ("__init__.py", "syscalls.py", "netlink.py", "errors.py", "wire.py")]
     sources.extend(sorted((PACKAGE_DIR / "agent").glob("*.py")))
     # micropod-runtime runs every container in the guest; its seccomp profile is data it reads.
     sources.extend(sorted((PACKAGE_DIR / "runtime").glob("*.py")))

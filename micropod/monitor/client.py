@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from micropod.agent import protocol
+from micropod import wire
 from micropod.channel import FramedSocket, decode
 from micropod.errors import AgentError, NotFoundError, TimeoutExpired
 from micropod.monitor import api
@@ -67,9 +67,9 @@ class MonitorClient:
             if not readable:
                 continue
             for kind, stream, payload in self.channel.pump():
-                if kind == protocol.DATA and on_data is not None:
+                if kind == wire.DATA and on_data is not None:
                     on_data(stream, payload)
-                elif kind == protocol.CONTROL:
+                elif kind == wire.CONTROL:
                     message = decode(payload)
                     if message["op"] in (until, Op.EXIT):
                         return message
@@ -112,9 +112,9 @@ class MonitorClient:
                     if typed == detach_keys:
                         return api.detached_message()
                 if data:
-                    self._send_reading(protocol.encode(protocol.DATA, protocol.STDIN, data), on_data, ops)
+                    self._send_reading(wire.encode(wire.DATA, wire.STDIN, data), on_data, ops)
                 else:
-                    self._send_reading(protocol.encode(protocol.EOF, protocol.STDIN), on_data, ops)
+                    self._send_reading(wire.encode(wire.EOF, wire.STDIN), on_data, ops)
                     stdin = None
             if self.channel.fileno() in readable:
                 self._backlog.extend(self.channel.pump())
@@ -126,10 +126,10 @@ class MonitorClient:
         returned, and left at the backlog's head."""
         while self._backlog:
             kind, stream, payload = self._backlog[0]
-            if kind == protocol.CONTROL and (message := decode(payload))["op"] in ops:
+            if kind == wire.CONTROL and (message := decode(payload))["op"] in ops:
                 return message
             self._backlog.pop(0)
-            if kind == protocol.DATA:
+            if kind == wire.DATA:
                 on_data(stream, payload)
         return None
 

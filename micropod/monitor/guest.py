@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from micropod import guestmsg
-from micropod.agent import protocol
+from micropod import guestmsg, wire
 from micropod.channel import Frame
 from micropod.containerlog import ContainerLog
 from micropod.errors import printable
@@ -41,16 +40,16 @@ class GuestFrames:
 
     def on_frame(self, frame: Frame) -> None:
         kind, stream, payload = frame
-        if kind == protocol.DATA:
-            sid, fd = protocol.split_stream(stream)
-            if fd not in (protocol.STDOUT, protocol.STDERR):
+        if kind == wire.DATA:
+            sid, fd = wire.split_stream(stream)
+            if fd not in (wire.STDOUT, wire.STDERR):
                 guestmsg.refuse(f"data on stream {stream}, which is not an output stream")
             elif sid == MAIN_SID:
-                self.container_log.write("stdout" if fd == protocol.STDOUT else "stderr", payload)
+                self.container_log.write("stdout" if fd == wire.STDOUT else "stderr", payload)
                 self.clients.to_attached(lambda c: c.send_data(fd, payload))
             elif not self.sessions.output(sid, fd, payload):
                 guestmsg.refuse(f"data for session {sid}, which does not exist")
-        elif kind == protocol.CONTROL:
+        elif kind == wire.CONTROL:
             try:
                 self._on_message(guestmsg.parse(payload))
             except guestmsg.BadGuestMessage as exc:

@@ -14,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from micropod import guestmsg
-from micropod.agent import protocol
+from micropod import guestmsg, wire
 from micropod.channel import AgentLink, Frame, FramedSocket
 from micropod.errors import AgentError, BootError, ChannelFull, ContainerCommandError, MicropodError, TimeoutExpired
 from micropod.liveness import ProcessRef
@@ -27,6 +26,7 @@ from micropod.vmm import snapshot
 from micropod.vmm.base import Vmm, VmSpec
 from micropod.vmm.child import log_tail
 from micropod.vmm.factory import ROOTFS_DRIVE, UPPER_DRIVE, build_spec, create_vmm, volume_drive
+from micropod.wire import GuestOp
 
 log = logging.getLogger("micropod.monitor")  # one logger for all of the monitor: its log names no module
 
@@ -98,14 +98,14 @@ class VmProcess:
         deadline = time.monotonic() + self.cfg.boot_timeout
         self.launch(spec, deadline)
         if network.attached:
-            self.request("network", deadline, **lifecycle.agent_request(self.cfg.network))
+            self.request(GuestOp.NETWORK, deadline, **lifecycle.agent_request(self.cfg.network))
         rootfs = {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)}
         volumes = tuple(spec.guest_disk(volume_drive(i)) for i in range(len(self.cfg.container.volumes)))
-        self.request("create", deadline, id=MAIN, spec=self.cfg.container.to_agent(rootfs, volumes))
+        self.request(GuestOp.CREATE, deadline, id=MAIN, spec=self.cfg.container.to_agent(rootfs, volumes))
         if maintenance:
             log.debug("phase: container mounted for maintenance")
             return
-        self.request("start", deadline, id=MAIN, sid=MAIN_SID)
+        self.request(GuestOp.START, deadline, id=MAIN, sid=MAIN_SID)
         log.debug("phase: container started")
 
     def launch(self, spec: VmSpec, deadline: float) -> None:
@@ -143,7 +143,8 @@ class VmProcess:
             log.debug("phase: agent hello")
             return
         try:
-            reply = self.link.request("restore", deadline, self.pidfd, entropy=os.urandom(64).hex(), time=time.time())
+            reply = self.link.request(GuestOp.RESTORE, deadline, self.pidfd, entropy=os.urandom(64).hex(),
+                                      time=time.time())
         except (AgentError, TimeoutExpired) as exc:
             raise BootError(f"the restored VM's agent did not answer ({exc}); console tail:\n"
                             f"{console_tail(self.vm_dir, self.vmm)}") from None
@@ -157,7 +158,7 @@ class VmProcess:
                 frame = channel.next_frame(deadline, also_watch=self.pidfd)
                 if frame is None:
                     raise BootError(f"the VM exited during boot:\n{console_tail(self.vm_dir, self.vmm)}")
-                if frame[0] == protocol.CONTROL:
+                if frame[0] == wire.CONTROL:
                     try:
                         message = guestmsg.parse(frame[2])
                     except guestmsg.BadGuestMessage as exc:
@@ -201,8 +202,8 @@ class VmProcess:
     def send_stdin(self, sid: int, kind: int, payload: bytes) -> None:
         """Input (or its end, for an EOF frame) for process ``sid``; AgentError if the channel is gone."""
         assert self.link is not None
-        stream = protocol.stream_id(sid, protocol.STDIN)
-        if kind == protocol.EOF:
+        stream = wire.stream_id(sid, wire.STDIN)
+        if kind == wire.EOF:
             self.link.channel.send_eof(stream)
         else:
             self.link.channel.send_data(stream, payload)
@@ -242,7 +243,7 @@ class VmProcess:
         if self.vmm is not None and self.vmm.wait(0) is None:
             if self.link is not None and not self.link.channel.closed:
                 with contextlib.suppress(MicropodError):
-                    self.link.send("shutdown")
+                    self.link.send(GuestOp.SHUTDOWN)
                     self.link.channel.flush()  # a guest that reads nothing gets killed below, after the grace
             if self.vmm.wait(SHUTDOWN_GRACE) is None:
                 self.vmm.kill()

@@ -6,8 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from micropod import guestmsg
-from micropod.agent import protocol
+from micropod import guestmsg, wire
 from micropod.channel import decode
 from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError
 from micropod.monitor import api
@@ -16,6 +15,7 @@ from micropod.monitor.clients import Connections
 from micropod.monitor.launch import MAIN_SID, OnReply
 from micropod.monitor.sessions import ExecSessions
 from micropod.runconfig import RunConfig
+from micropod.wire import GuestOp
 
 log = logging.getLogger("micropod.monitor")
 
@@ -61,7 +61,7 @@ class ClientRequests:
         except MicropodError:
             frames = []
         for kind, stream, payload in frames:
-            if kind == protocol.CONTROL:
+            if kind == wire.CONTROL:
                 error = None
                 try:
                     self._on_request(fd, decode(payload))
@@ -71,7 +71,7 @@ class ClientRequests:
                     error = f"malformed request: {exc!r}"
                 if error is not None:
                     self._refuse(fd, error)
-            elif stream == protocol.STDIN:
+            elif stream == wire.STDIN:
                 self._on_stdin(fd, kind, payload)
         if client.closed:
             self.clients.drop(fd)
@@ -84,14 +84,14 @@ class ClientRequests:
         if op == Op.ATTACH:
             self.clients.attached.add(fd)
         elif op == Op.EXEC:
-            self._start_exec(fd, message, "exec", {"spec": message.get("spec") or {}})
+            self._start_exec(fd, message, GuestOp.EXEC, {"spec": message.get("spec") or {}})
         elif op in (Op.CP_GET, Op.CP_PUT):
-            self._start_exec(fd, message, "archive-get" if op == Op.CP_GET else "archive-put",
+            self._start_exec(fd, message, GuestOp.ARCHIVE_GET if op == Op.CP_GET else GuestOp.ARCHIVE_PUT,
                              {"path": str(message["path"])})
         elif op == Op.RESIZE:
             sid = self.sessions.sid_of_client.get(fd, MAIN_SID if fd in self.clients.attached else None)
             if sid is not None and self.container.running():
-                self.container.call_agent("resize", sid=sid, rows=int(message["rows"]), cols=int(message["cols"]))
+                self.container.call_agent(GuestOp.RESIZE, sid=sid, rows=int(message["rows"]), cols=int(message["cols"]))
         elif op == Op.SIGNAL and fd in self.sessions.sid_of_client:
             self.sessions.send_signal(fd, int(message["signal"]))
         elif op == Op.SIGNAL:
@@ -135,7 +135,7 @@ class ClientRequests:
         if not self.container.running():
             answer(guestmsg.Reply.failure("the container is not running"))
         else:
-            self.container.call_agent("stats", answer)
+            self.container.call_agent(GuestOp.STATS, answer)
 
     def _on_stdin(self, fd: int, kind: int, payload: bytes) -> None:
         """A client's stdin goes to its exec session, or to the main process for an attached client."""

@@ -15,6 +15,7 @@ from micropod.errors import AgentError, printable
 from micropod.monitor import api
 from micropod.monitor.clients import Connections
 from micropod.monitor.launch import MAIN, OnReply
+from micropod.wire import GuestOp
 
 FIRST_EXEC_SID = 2
 
@@ -94,7 +95,7 @@ class ExecSessions:
         """A signal from the client on ``fd`` for its session's process, once that runs."""
         session = self.by_sid.get(self.sid_of_client[fd])
         if session is not None and session.started:
-            self.call_agent("signal", None, id=MAIN, sid=session.sid, signal=signum)
+            self.call_agent(GuestOp.SIGNAL, None, id=MAIN, sid=session.sid, signal=signum)
 
     def hang_up(self, fd: int) -> None:
         """The client on ``fd`` went away."""
@@ -104,7 +105,7 @@ class ExecSessions:
             # Like a terminal hanging up: the process hears SIGHUP, and its output goes nowhere.
             session.client = None
             if session.started:
-                self.call_agent("signal", id=MAIN, sid=session.sid, signal=int(signal.SIGHUP))
+                self.call_agent(GuestOp.SIGNAL, id=MAIN, sid=session.sid, signal=int(signal.SIGHUP))
 
     def _send(self, session: Session, send: Callable[[FramedSocket], None], also: int | None = None) -> None:
         """To the session's client, or to ``also`` (the client that asked) once the session has none."""

@@ -35,6 +35,7 @@ from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
 from micropod.runconfig import RunConfig
 from micropod.state import StateStore
+from micropod.wire import GuestOp
 
 if TYPE_CHECKING:
     from micropod.volumes import VolumeStore
@@ -236,7 +237,7 @@ class Monitor:
         if self.exit_code is None:
             self.exit_code = code
         with contextlib.suppress(AgentError):
-            self.vm.send("shutdown")
+            self.vm.send(GuestOp.SHUTDOWN)
         # The agent powers the VM off; bound that with a kill deadline.
         self.kill_deadline = time.monotonic() + SHUTDOWN_GRACE
 
@@ -271,7 +272,7 @@ class Monitor:
 
     def signal_main(self, signum: int) -> None:
         if self.running():
-            self._unless_channel_gone(lambda: self.vm.send("signal", id=MAIN, signal=signum))
+            self._unless_channel_gone(lambda: self.vm.send(GuestOp.SIGNAL, id=MAIN, signal=signum))
 
     def write_stdin(self, sid: int, kind: int, payload: bytes) -> None:
         self._unless_channel_gone(lambda: self.vm.send_stdin(sid, kind, payload))

@@ -26,8 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from micropod import syscalls
-from micropod.agent import protocol
+from micropod import syscalls, wire
 from micropod.errors import BootError, MicropodError, VmmError
 from micropod.fsutil import flock, private_dir
 from micropod.liveness import start_time
@@ -64,7 +63,7 @@ def _identity(path: Path) -> str:
 def snapshot_key(spec: VmSpec, argv_shape: list[str], binary: Path) -> str:
     """Everything the saved machine state depends on; disk files and log paths are not part of it."""
     h = hashlib.sha256()
-    parts = [FORMAT_VERSION, str(protocol.VERSION), _identity(binary), _identity(spec.kernel), spec.cmdline,
+    parts = [FORMAT_VERSION, str(wire.VERSION), _identity(binary), _identity(spec.kernel), spec.cmdline,
              str(spec.vcpus), str(spec.memory_mib), *argv_shape]
     for drive in spec.drives:
         size = drive.path.stat().st_size if not drive.read_only else 0
@@ -156,10 +155,10 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
         channel = vmm.connect_agent(TEMPLATE_TIMEOUT)
         channel.settimeout(TEMPLATE_TIMEOUT)
         try:
-            kind, _, payload = protocol.recv_frame(channel)
-        except (OSError, protocol.FrameError) as exc:
+            kind, _, payload = wire.recv_frame(channel)
+        except (OSError, wire.FrameError) as exc:
             raise BootError(f"the snapshot template did not come up: {exc}") from exc
-        if kind != protocol.CONTROL or protocol.decode_control(payload)["op"] != "hello":
+        if kind != wire.CONTROL or wire.decode_control(payload)["op"] != wire.GuestOp.HELLO:
             raise BootError("the snapshot template's agent did not greet")
         sockets = SocketDir(workdir)
         qmp = QmpClient(sockets.address("qmp.sock"))

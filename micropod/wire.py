@@ -1,4 +1,6 @@
-"""One framed protocol for the agent channel (vsock or virtio-serial) and the monitor's control socket.
+"""The wire contract between host and guest: one framed protocol for the agent channel (vsock or
+virtio-serial) and the monitor's control socket, and the agent channel's ops (``GuestOp``). The host and the
+agent both import it, and nothing else of each other's (the monitor socket's own ops are micropod/monitor/api.py).
 
 A frame is a 9-byte header, ``!BII`` = (kind, stream, length), then ``length`` payload bytes.
 
@@ -10,7 +12,8 @@ and its stdio streams are ``sid * 4 + fd`` (fd 0 stdin, 1 stdout, 2 stderr). Con
 containers by id from day one (``main`` for ``run``), so a VM can later hold a whole pod.
 
 Ops, host -> agent: ``create`` {id, spec}, ``start`` {id}, ``signal`` {id, signal}, ``exec`` {id, sid, spec},
-``resize`` {sid, rows, cols}, ``stats`` {} (the guest's CPU, memory and block counters), ``shutdown`` {}.
+``resize`` {sid, rows, cols}, ``stats`` {} (the guest's CPU, memory and block counters), ``shutdown`` {},
+``restore`` {entropy, time}, ``network`` {...}, ``archive-get`` {id, sid, path}, ``archive-put`` {id, sid, path}.
 Replies carry the request's ``req`` and are ``ok`` or
 ``error`` {message, code}. Agent -> host, unsolicited: ``hello`` {version}, ``exit`` {id, sid, code},
 ``log`` {message}, ``syslog`` {id, message} (one datagram from the container's /dev/log).
@@ -44,6 +47,32 @@ DATA = 1
 EOF = 2
 
 STDIN, STDOUT, STDERR = 0, 1, 2
+
+
+class GuestOp:
+    """The ``op`` of every control message on the agent channel, for the host and the agent alike (the fields
+    of each are in the module's docstring)."""
+
+    # host -> agent, each answered by OK or ERROR with the request's ``req``
+    CREATE = "create"
+    START = "start"
+    EXEC = "exec"
+    SIGNAL = "signal"
+    RESIZE = "resize"
+    STATS = "stats"
+    SHUTDOWN = "shutdown"
+    RESTORE = "restore"  # after a snapshot restore: entropy and the clock
+    NETWORK = "network"  # the guest's address, routes and DNS
+    ARCHIVE_GET = "archive-get"  # cp out: a tar of a path on the stream of the request's sid
+    ARCHIVE_PUT = "archive-put"  # cp in: a tar streamed in on the sid's stdin
+    # replies
+    OK = "ok"
+    ERROR = "error"
+    # agent -> host, unsolicited
+    HELLO = "hello"
+    EXIT = "exit"
+    LOG = "log"
+    SYSLOG = "syslog"
 
 
 class FrameError(Exception):
