@@ -150,8 +150,8 @@ def test_tmpfs_options_are_checked_and_come_after_dockers_defaults() -> None:
 
 def test_binds_are_qemu_shares_with_mapped_xattr_and_firecracker_refuses_them(tmp_path: Path) -> None:
     from micropod.cli.mounts import parse_mount, parse_volume
-    from micropod.containers import _resolved_binds
     from micropod.runconfig import BindMount
+    from micropod.service.containers import _resolved_binds
     from micropod.vmm.base import Share
     from micropod.vmm.qemu import QemuLayout, qemu_argv
     from tests.test_qemu import spec as make_spec

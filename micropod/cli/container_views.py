@@ -11,7 +11,7 @@ import click
 
 from micropod.context import Context
 from micropod.errors import UsageError
-from micropod.net.lifecycle import reconcile
+from micropod.service.reconcile import reconcile
 from micropod.state import VmRecord
 
 pass_ctx = click.make_pass_decorator(Context)

@@ -10,15 +10,15 @@ from typing import Any
 
 import click
 
-from micropod import containers
 from micropod.cli.container_views import logs, ps
 from micropod.cli.mounts import mount_options, requested_mounts
 from micropod.cli.security import security_options
 from micropod.context import Context
 from micropod.errors import MicropodError, NotFoundError, UsageError
 from micropod.monitor.api import Op
-from micropod.net.lifecycle import reconcile
 from micropod.runconfig import SecurityOptions
+from micropod.service import containers
+from micropod.service.reconcile import reconcile
 from micropod.state import VmRecord
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -82,10 +82,9 @@ def run(ctx: Context, security: SecurityOptions, detach: bool, interactive: bool
     client = containers.start(ctx, cfg, attach=True)
     assert client is not None
     if detach:
-        message = client.follow(until=Op.STARTED, timeout=boot_timeout + 60)
-        client.close()
-        if message["op"] == Op.EXIT:
-            _fail_from_exit(message)
+        ended = containers.wait_started(client, boot_timeout + 60)
+        if ended is not None:
+            _fail_from_exit(ended)
         click.echo(cfg.vm_id)
         return
     if interactive or tty:
@@ -234,14 +233,16 @@ def start(ctx: Context, attach_output: bool, containers_: tuple[str, ...]) -> No
         client = containers.start_existing(ctx, record)
         if attach_output:
             sys.exit(_attach_foreground(client))
-        message = client.follow(until=Op.STARTED, timeout=record_timeout(ctx, record))
-        client.close()
-        if message["op"] == Op.EXIT:
-            raise MicropodError(message.get("error") or f"container {ident} exited at once "
-                                f"with code {message.get('code')}")
-        click.echo(ident)
+        _started(client, ctx, record, ident)
 
     _each(ctx, containers_, action)
+
+
+def _started(client: Any, ctx: Context, record: VmRecord, ident: str) -> None:
+    ended = containers.wait_started(client, record_timeout(ctx, record))
+    if ended is not None:
+        raise MicropodError(ended.get("error") or f"container {ident} exited at once with code {ended.get('code')}")
+    click.echo(ident)
 
 
 def record_timeout(ctx: Context, record: VmRecord) -> float:
@@ -265,11 +266,7 @@ def restart(ctx: Context, timeout: int, containers_: tuple[str, ...]) -> None:
         fresh = reconcile(ctx) and ctx.state.find(record.id)
         assert fresh
         client = containers.start_existing(ctx, fresh)
-        message = client.follow(until=Op.STARTED, timeout=record_timeout(ctx, record))
-        client.close()
-        if message["op"] == Op.EXIT:
-            raise MicropodError(message.get("error") or f"container {ident} exited at once")
-        click.echo(ident)
+        _started(client, ctx, record, ident)
 
     _each(ctx, containers_, action)
 

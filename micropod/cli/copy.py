@@ -33,7 +33,7 @@ from micropod.context import Context
 from micropod.errors import ConflictError, MicropodError, NotFoundError, UsageError, printable
 from micropod.monitor.api import Op
 from micropod.monitor.client import MonitorClient
-from micropod.net.lifecycle import reconcile
+from micropod.service.reconcile import reconcile
 from micropod.state import VmRecord
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -70,8 +70,8 @@ def connected(ctx: Context, ident: str) -> Iterator[MonitorClient]:
 def maintenance(ctx: Context, record: VmRecord) -> Iterator[MonitorClient]:
     """Boot a stopped container's VM with its disks mounted and nothing started; its record shows
     "created" meanwhile (so start and rm wait), and gets its old status back afterwards."""
-    from micropod import containers
     from micropod.runconfig import RunConfig
+    from micropod.service import containers
 
     if record.status not in ("exited", "dead"):
         raise ConflictError(f"container {record.name} is {record.status}; try again once it has started")

@@ -20,7 +20,7 @@ from micropod.context import Context
 from micropod.errors import MicropodError
 from micropod.monitor.api import Op
 from micropod.monitor.client import MonitorClient
-from micropod.net.lifecycle import reconcile
+from micropod.service.reconcile import reconcile
 from micropod.state import VmRecord
 
 pass_ctx = click.make_pass_decorator(Context)

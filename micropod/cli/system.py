@@ -9,7 +9,7 @@ import click
 
 from micropod.context import Context
 from micropod.errors import MicropodError, NotFoundError
-from micropod.net.lifecycle import reconcile
+from micropod.service.reconcile import reconcile
 
 pass_ctx = click.make_pass_decorator(Context)
 
@@ -74,7 +74,7 @@ def doctor(ctx: Context, fmt: str) -> None:
 def system_df(ctx: Context, fmt: str) -> None:
     """Show micropod's disk usage: images, containers (their VM dirs) and the rootfs cache."""
     from micropod.cli.output import json_lines, table
-    from micropod.housekeeping import disk_usage
+    from micropod.service.housekeeping import disk_usage
     from micropod.units import human_size
 
     usage = disk_usage(ctx)
@@ -91,7 +91,7 @@ def system_df(ctx: Context, fmt: str) -> None:
 @pass_ctx
 def system_prune(ctx: Context, force: bool) -> None:
     """Remove stopped containers and the rootfs bases no container uses (images: `image prune`)."""
-    from micropod.housekeeping import prune
+    from micropod.service.housekeeping import prune
     from micropod.units import human_size
 
     if not force and not click.confirm(

@@ -1,4 +1,4 @@
-"""``python -m micropod.monitor --root ROOT VM_ID [--attach-fd N]``, as micropod.containers.start spawns it."""
+"""``python -m micropod.monitor --root ROOT VM_ID [--attach-fd N]``, as micropod.service.containers.start spawns it."""
 
 from __future__ import annotations
 

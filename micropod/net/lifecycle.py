@@ -17,7 +17,6 @@ from micropod.net.dns import check_nameserver, resolv_conf
 from micropod.net.ports import PortMapping, parse_publish
 from micropod.paths import StateRoot
 from micropod.runconfig import NetworkSettings
-from micropod.state import ACTIVE, VmRecord
 
 MODES = ("bridge", "none")
 
@@ -47,6 +46,8 @@ def plan(ctx: Context, mode: str | None, publish: tuple[str, ...], dns: tuple[st
     network = NetworkConfig.from_env()
     icc_from_env()  # refused now rather than by the monitor at boot
     if ports:
+        from micropod.service.reconcile import reconcile
+
         reconcile(ctx)  # a crashed run's rows must not hold its ports
         check_ports(ctx.root, ports)
     _check_bridge(ctx.root, network)
@@ -132,59 +133,3 @@ def agent_request(settings: NetworkSettings) -> dict[str, object]:
     return {"interfaces": [{"ifname": "eth0", "mac": settings.mac,
                             "address": f"{settings.ip}/{network.subnet.prefixlen}",
                             "gateway": str(network.gateway)}]}
-
-
-def reconcile(ctx: Context) -> list[VmRecord]:
-    """The state store's reconciliation, then a crashed run's network leftovers: TAPs and rules of VMs
-    that no longer run, addresses of VMs that no longer exist. Cheap when there is nothing to do.
-
-    The leftovers are read before the records: a VM records itself before it leases or attaches, so
-    a run starting meanwhile is never mistaken for a leftover; and only those leftovers are freed.
-    """
-    state = ctx.state  # opening it makes the root and the database on first use
-    attached, leased = _ids(ctx, "attachments", "leases")
-    records = state.reconcile()
-    active = {r.id for r in records if r.status in ACTIVE}
-    if attached - active:
-        from micropod.net.host import HostNetwork
-
-        def still_active(vm_id: str) -> bool:
-            record = ctx.state.get(vm_id)
-            return record is not None and record.status in ACTIVE
-
-        host = HostNetwork(ctx.root)
-        try:
-            for vm_id in attached - active:
-                host.detach(vm_id, unless=still_active)
-        finally:
-            host.close()
-    stale = leased - {r.id for r in records}
-    if stale:
-        from micropod.net.ipam import Ipam
-
-        ipam = Ipam(ctx.root.db, NetworkConfig())
-        try:
-            for vm_id in stale:
-                ipam.release(vm_id)
-        finally:
-            ipam.close()
-    return records
-
-
-def _ids(ctx: Context, *tables: str) -> list[set[str]]:
-    """The VM ids in each table; a table not made yet (nothing ever attached or leased) has none."""
-    import sqlite3
-
-    from micropod.state.db import connect
-
-    conn = connect(ctx.root.db)
-    try:
-        found = []
-        for table in tables:
-            try:
-                found.append({row[0] for row in conn.execute(f"SELECT vm_id FROM {table}")})
-            except sqlite3.OperationalError:
-                found.append(set())
-        return found
-    finally:
-        conn.close()

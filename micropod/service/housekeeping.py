@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from micropod.context import Context
-from micropod.net.lifecycle import reconcile
 from micropod.runconfig import RunConfig
+from micropod.service.reconcile import reconcile
 from micropod.state import ACTIVE
 
 
@@ -83,7 +83,7 @@ class Pruned:
 
 def prune(ctx: Context) -> Pruned:
     """Remove stopped containers, then the rootfs bases no remaining container uses."""
-    from micropod import containers
+    from micropod.service import containers
 
     removed: list[str] = []
     reclaimed = 0

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from micropod import proc
 from micropod.context import Context
@@ -277,6 +278,16 @@ def remove(ctx: Context, record: VmRecord, force: bool) -> None:
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(vm_dir.path)
     ctx.state.delete(record.id)
+
+
+def wait_started(client: MonitorClient, timeout: float) -> dict[str, Any] | None:
+    """Until the monitor says the container has started (None), or its exit message if it ended first; the
+    client is closed either way."""
+    try:
+        message = client.follow(until=Op.STARTED, timeout=timeout)
+    finally:
+        client.close()
+    return message if message["op"] == Op.EXIT else None
 
 
 def kill_and_wait(ctx: Context, record: VmRecord) -> None:
