@@ -16,8 +16,9 @@ from micropod.fsutil import PRIVATE_FILE, atomic_write
 from micropod.net.ports import PortMapping
 from micropod.state import records
 
-# config.json of a VM. Version 1 is the first with a version; version 0 (before) has the same fields.
-RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,))
+# config.json of a VM. 0: before records had versions; 1: the same fields, versioned; 2: the container's
+# volumes, binds, tmpfs and read_only (absent in older records: none, and a writable root).
+RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw, lambda raw: raw))
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

@@ -28,13 +28,13 @@ from micropod.state.db import open_tables
 from micropod.state.tables import VOLUMES
 
 # docker's rule for volume names; an anonymous volume is named by 64 hex digits.
-_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{1,254}$")
+_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{1,254}")
 DEFAULT_VOLUME_SIZE = 10 << 30  # sparse: it costs what the containers write
 VOLUME_FILE = "volume.ext4"
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise UsageError(f'invalid volume name "{name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed, '
                          "at least two characters")
     return name

@@ -34,15 +34,17 @@ def valid_id(cid: str) -> bool:
 def mount_container(cid: str, spec: dict[str, Any], mount_base: str) -> Container:
     """Its root filesystem and hostname; a failure leaves nothing mounted."""
     root, plan = mounts.rootfs_plan(spec.get("rootfs") or {}, mounts.RootfsDirs(mount_base))
-    plan += mounts.container_plan(root)
     mounted: list[str] = []
     try:
         mounts.apply(plan, mounted)
+        # Volumes before /proc, /sys and /dev: an image's link must not lead a volume (or its first fill)
+        # onto the agent's own view of the kernel.
         if spec.get("volumes") or spec.get("binds"):
             from micropod.agent.volumes import mount_binds, mount_volumes
 
             mount_volumes(cid, root, spec.get("volumes") or [], mounted)
             mount_binds(cid, root, spec.get("binds") or [], mounted)
+        mounts.apply(mounts.container_plan(root), mounted)
         if spec.get("hostname"):
             _socket.sethostname(spec["hostname"])
     except BaseException:

@@ -10,6 +10,7 @@ lost+found goes, so the container sees an empty directory as it would under dock
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def mount_binds(cid: str, root: str, binds: list[Any], mounted: list[str]) -> No
         flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | (syscalls.MS_RDONLY if read_only else 0)
         syscalls.mount(tag, where, "9p", flags, NINEP_OPTIONS)
         mounted.append(where)
-        inside = beneath(Path(root), target)
+        inside = _mount_point(root, target, f"binds[{index}]")
         _make_directory(inside)
         syscalls.mount(where, str(inside), None, syscalls.MS_BIND)
         mounted.append(str(inside))
@@ -82,7 +83,7 @@ def mount_volumes(cid: str, root: str, volumes: list[Any], mounted: list[str]) -
         flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | (syscalls.MS_RDONLY if read_only else 0)
         syscalls.mount(device, where, "ext4", flags)
         mounted.append(where)
-        inside = beneath(Path(root), target)  # the image's links resolved as if the root were /
+        inside = _mount_point(root, target, f"volumes[{index}]")
         if not read_only:
             _fill_on_first_use(where, inside)
         _make_directory(inside)
@@ -90,8 +91,20 @@ def mount_volumes(cid: str, root: str, volumes: list[Any], mounted: list[str]) -
         mounted.append(str(inside))
 
 
+def _mount_point(root: str, target: str, field: str) -> Path:
+    """``target`` beneath the container's root, the image's links resolved as if the root were /; never the
+    root itself nor a place of the kernel's filesystems, wherever the image's links point."""
+    inside = beneath(Path(root), target)
+    relative = inside.relative_to(root).parts
+    if not relative or relative[0] in ("proc", "sys", "dev"):
+        raise VolumeError(f"{field}.target: {target} resolves to /{'/'.join(relative)} in the image, "
+                          "where no volume may go")
+    return inside
+
+
 def _fill_on_first_use(where: str, image_path: Path) -> None:
-    """A volume that holds nothing yet gets what the image has at its path."""
+    """A volume that holds nothing yet gets what the image has at its path; a fill that fails is undone,
+    so that the next use tries again rather than taking half a copy for the volume's content."""
     entries = os.listdir(where)
     if entries not in ([], ["lost+found"]):
         return
@@ -109,9 +122,21 @@ def _fill_on_first_use(where: str, image_path: Path) -> None:
         copy_tree(source, target)
         os.fchown(target, st.st_uid, st.st_gid)
         os.fchmod(target, stat.S_IMODE(st.st_mode))
+    except BaseException:
+        _empty(where)
+        raise
     finally:
         os.close(source)
         os.close(target)
+
+
+def _empty(directory: str) -> None:
+    for name in os.listdir(directory):
+        path = f"{directory}/{name}"
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
 
 
 def _make_directory(path: Path) -> None:

@@ -94,6 +94,10 @@ class MountRequests:
         duplicate = next((t for t in targets if targets.count(t) > 1), None)
         if duplicate is not None:
             raise UsageError(f"duplicate mount point: {duplicate}")
+        names = [v.name for v in self.volumes]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice is not None:  # two disks backed by one file, mounted twice by the guest: a corrupt volume
+            raise UsageError(f"the volume {twice} is named twice: mount it once")
         return self
 
 

@@ -9,8 +9,8 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from micropod import guestmsg
 from micropod.channel import Frame
@@ -31,14 +31,12 @@ from micropod.monitor.launch import (
 from micropod.monitor.requests import ClientRequests
 from micropod.monitor.restart import run_with_restarts
 from micropod.monitor.sessions import ExecSessions
+from micropod.monitor.volumes import VolumeClaims
 from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
 from micropod.runconfig import RunConfig
 from micropod.state import StateStore
 from micropod.wire import GuestOp
-
-if TYPE_CHECKING:
-    from micropod.volumes import VolumeStore
 
 log = logging.getLogger("micropod.monitor")
 
@@ -59,6 +57,7 @@ class Monitor:
         self.sessions = ExecSessions(self.clients, self.call_agent)
         self.requests = ClientRequests(self.cfg, self.clients, self.sessions, self)
         self.network = NetworkAttachment(root, self.cfg)
+        self.volumes = VolumeClaims(root, self.cfg.vm_id, self.cfg.container.volumes)
         self.vm = VmProcess(self.cfg, self.vm_dir, self.store, self._on_frame)
         self.exit_code: int | None = None
         self.error: str | None = None
@@ -143,7 +142,7 @@ class Monitor:
     # -- one boot --------------------------------------------------------------------------------
 
     def _boot_and_start(self) -> None:
-        self._claim_volumes()
+        self.volumes.claim()
         self.vm.boot(self.network, self.maintenance)
         if not self.maintenance:
             self.store.update(self.cfg.vm_id, status="running", started=time.time())
@@ -352,7 +351,7 @@ class Monitor:
         network_error = self.network.detach()
         if network_error:
             self._set_exit(125, network_error)
-        self._release_volumes(forget=self.cfg.auto_remove and not self.maintenance)
+        self.volumes.release(forget=self.cfg.auto_remove and not self.maintenance)
         if self.maintenance:
             pass
         elif self.cfg.auto_remove:
@@ -365,34 +364,6 @@ class Monitor:
                               finished=time.time())
         self.clients.broadcast(api.exit_message(code, self.error), only_attached=False)
         self.clients.drop_all()
-
-    def _claim_volumes(self) -> None:
-        """Each of the container's volumes is attached to this VM, and to one running VM at a time."""
-        if not self.cfg.container.volumes:
-            return
-        with self._volumes() as volumes:
-            for volume in self.cfg.container.volumes:
-                volumes.attach(volume.name, self.cfg.vm_id)
-
-    def _release_volumes(self, forget: bool) -> None:
-        """The VM holds its volumes no longer; a removed container names them no longer either."""
-        if not self.cfg.container.volumes:
-            return
-        with self._volumes() as volumes:
-            if forget:
-                volumes.release_all(self.cfg.vm_id)
-            else:
-                volumes.detach_all(self.cfg.vm_id)
-
-    @contextlib.contextmanager
-    def _volumes(self) -> Iterator[VolumeStore]:
-        from micropod.volumes import VolumeStore
-
-        volumes = VolumeStore(self.root.volumes, self.store.path)
-        try:
-            yield volumes
-        finally:
-            volumes.close()
 
     def _install_signals(self) -> None:
         self._wake_w.setblocking(False)

@@ -213,9 +213,14 @@ def _mount_copied_up(source: str, dest: Path, opts: MountOptions) -> None:
 
 def copy_tree(src: int, dst: int) -> None:
     """Copy the directory ``src`` into ``dst`` (both fds): files, directories, symlinks, fifos and devices,
-    with their owners and modes, every name opened relative to its parent's fd without following."""
+    with their owners and modes, every name opened relative to its parent's fd without following, and no
+    filesystem mounted on a directory beneath ``src``. (Only a directory's device tells: overlayfs gives a
+    file its lower layer's st_dev, but a directory the overlay's own.)"""
+    device = os.fstat(src).st_dev
     for name in os.listdir(src):
         st = os.stat(name, dir_fd=src, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode) and st.st_dev != device:
+            continue
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISDIR(st.st_mode):
             os.mkdir(name, 0o700, dir_fd=dst)

@@ -102,7 +102,9 @@ class FirecrackerVmm:
 
     @property
     def vmm_log(self) -> Path:
-        return self.layout.host(VMM_LOG)
+        # In the VM's own private directory, never in the jail: the jailed process owns the jail's root and
+        # could swap names there under anything the host opens by path.
+        return self.spec.run_dir / VMM_LOG
 
     @property
     def warm(self) -> bool:
@@ -140,7 +142,7 @@ class FirecrackerVmm:
         # Firecracker's stdout is the guest's serial console: a pipe into a capped log, as for QEMU.
         self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX)
         try:
-            self._outputs = self._capped_outputs()
+            self._capped_outputs()
             self._proc = proc.spawn(self.argv(), stdout=self._console.write_fd, stderr=self._console.write_fd,
                                     cwd=self.layout.root)
         except BaseException:
@@ -159,15 +161,16 @@ class FirecrackerVmm:
             self.kill()
             raise
 
-    def _capped_outputs(self) -> list[CappedLog]:
+    def _capped_outputs(self) -> None:
         """Firecracker appends to its logger and metrics files itself, for as long as it runs, and the guest
-        drives what it logs: so it gets named pipes, copied into capped files by us, as the console is."""
-        outputs = [CappedLog(self.vmm_log, VMM_LOG_MAX, fifo=self.layout.host(VMM_LOG_FIFO)),
-                   CappedLog(self.layout.host(METRICS_FILE), METRICS_LOG_MAX, fifo=self.layout.host(METRICS_FIFO))]
+        drives what it logs: so it gets named pipes, copied into capped files by us, as the console is. Each
+        is kept as soon as it exists, so that a failure between them still closes the first."""
+        self._outputs = [CappedLog(self.vmm_log, VMM_LOG_MAX, fifo=self.layout.host(VMM_LOG_FIFO))]
+        self._outputs.append(CappedLog(self.spec.run_dir / METRICS_FILE, METRICS_LOG_MAX,
+                                       fifo=self.layout.host(METRICS_FIFO)))
         if self.jailer is not None:
             for fifo in (VMM_LOG_FIFO, METRICS_FIFO):
                 self._chown_for_jail(self.layout.host(fifo))
-        return outputs
 
     def connect_agent(self, timeout: float) -> socket.socket:
         deadline = time.monotonic() + timeout
