@@ -33,62 +33,58 @@ class VolumeError(Exception):
     pass
 
 
-def _checked(volume: Any, index: int) -> tuple[str, str, bool]:
-    if not isinstance(volume, dict):
-        raise VolumeError(f"volumes[{index}]: not an object")
-    device, target, read_only = volume.get("device"), volume.get("target"), volume.get("read_only", False)
-    if not isinstance(device, str) or not device.startswith("/dev/vd") or "/" in device[5:]:
-        raise VolumeError(f"volumes[{index}].device: {device!r} is not a virtio disk")
+def _is_disk(device: object) -> bool:
+    return isinstance(device, str) and device.startswith("/dev/vd") and "/" not in device[5:]
+
+
+def _is_tag(tag: object) -> bool:
+    return isinstance(tag, str) and tag.isascii() and tag.isalnum() and len(tag) <= 31
+
+
+def _checked(entry: Any, field: str, source_key: str, source_ok: Any) -> tuple[str, str, bool]:
+    """(source, target, read_only) of one volume or bind the host asked for, every field checked."""
+    if not isinstance(entry, dict):
+        raise VolumeError(f"{field}: not an object")
+    source, target, read_only = entry.get(source_key), entry.get("target"), entry.get("read_only", False)
+    if not isinstance(source, str) or not source_ok(source):
+        raise VolumeError(f"{field}.{source_key}: {source!r} is not one")
     if not isinstance(target, str) or not target.startswith("/") or target.rstrip("/") == "":
-        raise VolumeError(f"volumes[{index}].target: {target!r} is not an absolute path below /")
+        raise VolumeError(f"{field}.target: {target!r} is not an absolute path below /")
     if not isinstance(read_only, bool):
-        raise VolumeError(f"volumes[{index}].read_only: not a boolean")
-    return device, target, read_only
-
-
-def mount_binds(cid: str, root: str, binds: list[Any], mounted: list[str]) -> None:
-    """Mount each host directory share and bind it at its target beneath ``root``."""
-    for index, bind in enumerate(binds):
-        tag, target, read_only = _checked_bind(bind, index)
-        where = f"{BIND_BASE}/{cid}/{index}"
-        os.makedirs(where, 0o700, exist_ok=True)
-        flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | (syscalls.MS_RDONLY if read_only else 0)
-        syscalls.mount(tag, where, "9p", flags, NINEP_OPTIONS)
-        mounted.append(where)
-        inside = _mount_point(root, target, f"binds[{index}]")
-        _make_directory(inside)
-        syscalls.mount(where, str(inside), None, syscalls.MS_BIND)
-        mounted.append(str(inside))
-
-
-def _checked_bind(bind: Any, index: int) -> tuple[str, str, bool]:
-    if not isinstance(bind, dict):
-        raise VolumeError(f"binds[{index}]: not an object")
-    tag, target, read_only = bind.get("tag"), bind.get("target"), bind.get("read_only", False)
-    if not isinstance(tag, str) or not tag.isascii() or not tag.isalnum() or len(tag) > 31:
-        raise VolumeError(f"binds[{index}].tag: {tag!r} is not a mount tag")
-    if not isinstance(target, str) or not target.startswith("/") or target.rstrip("/") == "":
-        raise VolumeError(f"binds[{index}].target: {target!r} is not an absolute path below /")
-    if not isinstance(read_only, bool):
-        raise VolumeError(f"binds[{index}].read_only: not a boolean")
-    return tag, target, read_only
+        raise VolumeError(f"{field}.read_only: not a boolean")
+    return source, target, read_only
 
 
 def mount_volumes(cid: str, root: str, volumes: list[Any], mounted: list[str]) -> None:
-    """Mount each volume and bind it at its target beneath ``root``; each mount is appended to ``mounted``."""
+    """Mount each volume (an ext4 disk) and bind it at its target beneath ``root``, filling a new one from
+    the image; each mount is appended to ``mounted``."""
     for index, volume in enumerate(volumes):
-        device, target, read_only = _checked(volume, index)
-        where = f"{VOLUME_BASE}/{cid}/{index}"
-        os.makedirs(where, 0o700, exist_ok=True)
-        flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | (syscalls.MS_RDONLY if read_only else 0)
-        syscalls.mount(device, where, "ext4", flags)
-        mounted.append(where)
-        inside = _mount_point(root, target, f"volumes[{index}]")
-        if not read_only:
-            _fill_on_first_use(where, inside)
-        _make_directory(inside)
-        syscalls.mount(where, str(inside), None, syscalls.MS_BIND)
-        mounted.append(str(inside))
+        device, target, read_only = _checked(volume, f"volumes[{index}]", "device", _is_disk)
+        _mount_at(f"{VOLUME_BASE}/{cid}/{index}", (device, "ext4", None), root, target, read_only,
+                  f"volumes[{index}]", mounted)
+
+
+def mount_binds(cid: str, root: str, binds: list[Any], mounted: list[str]) -> None:
+    """Mount each host directory share (virtio-9p) and bind it at its target beneath ``root``."""
+    for index, bind in enumerate(binds):
+        tag, target, read_only = _checked(bind, f"binds[{index}]", "tag", _is_tag)
+        _mount_at(f"{BIND_BASE}/{cid}/{index}", (tag, "9p", NINEP_OPTIONS), root, target, read_only,
+                  f"binds[{index}]", mounted, fill=False)
+
+
+def _mount_at(where: str, filesystem: tuple[str, str, str | None], root: str, target: str, read_only: bool,
+              field: str, mounted: list[str], fill: bool = True) -> None:
+    source, fstype, data = filesystem
+    os.makedirs(where, 0o700, exist_ok=True)
+    flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | (syscalls.MS_RDONLY if read_only else 0)
+    syscalls.mount(source, where, fstype, flags, data)
+    mounted.append(where)
+    inside = _mount_point(root, target, field)
+    if fill and not read_only:
+        _fill_on_first_use(where, inside)
+    _make_directory(inside)
+    syscalls.mount(where, str(inside), None, syscalls.MS_BIND)
+    mounted.append(str(inside))
 
 
 def _mount_point(root: str, target: str, field: str) -> Path:
