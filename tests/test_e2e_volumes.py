@@ -3,6 +3,7 @@ agent (micropod/volumes.py, micropod/agent/volumes.py)."""
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -94,3 +95,16 @@ def test_a_bind_mount_shares_a_host_directory_and_the_host_never_gets_a_guests_l
     missing = cli("run", "--rm", "-v", f"{tmp_path / 'missing'}:/h", "hello", "true")
     assert missing.returncode == 125 and "bind source path does not exist" in missing.stderr, missing.stderr
     assert missing.stderr.count("\n") == 1 and cli("ps", "-aq").stdout == ""
+
+
+def test_create_then_start_as_docker(cli: Cli) -> None:
+    made = cli("create", "--name", "later", "-v", "later-data:/d", "hello", "sh", "-c",
+               "cat /d/count 2>/dev/null || echo none; echo once > /d/count")
+    assert made.returncode == 0 and len(made.stdout.strip()) == 64, made.stderr
+    listed = cli("ps", "-a", "--filter", "name=later", "--format", "json")
+    assert json.loads(listed.stdout)["State"] == "created" and "Created" in json.loads(listed.stdout)["Status"]
+    first = cli("start", "-a", "later", timeout=WAIT)
+    assert (first.returncode, first.stdout) == (0, "none\n"), first.stderr
+    again = cli("start", "-a", "later", timeout=WAIT)
+    assert (again.returncode, again.stdout) == (0, "once\n"), again.stderr
+    assert cli("rm", "later").returncode == 0

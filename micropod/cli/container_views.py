@@ -52,14 +52,19 @@ def _command_text(record: VmRecord) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="Only show ids.")
 @click.option("--no-trunc", is_flag=True, help="Do not truncate output.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("-f", "--filter", "filters", multiple=True,
+              help="status=STATE, name=PART or id=PREFIX; a key given twice matches either value.")
 @pass_ctx
-def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> None:
+def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str, filters: tuple[str, ...]) -> None:
     """List containers."""
     from micropod.cli.output import json_lines, table, truncate
     from micropod.units import human_duration
 
     now = time.time()
-    records = [r for r in reconcile(ctx) if show_all or r.status == "running"]
+    wanted = _parse_filters(filters)
+    # docker: a status filter looks at every container, as -a does
+    records = [r for r in reconcile(ctx) if (show_all or "status" in wanted or r.status == "running")
+               and _matches(r, wanted)]
     if quiet:
         for record in records:
             click.echo(record.id if no_trunc else record.short_id)
@@ -68,7 +73,7 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> N
         json_lines([{
             "ID": record.id if no_trunc else record.short_id, "Image": record.image,
             "Command": _command_text(record), "CreatedAt": _iso(record.created),
-            "State": record.status, "Status": _status_text(record, now), "Names": record.name,
+            "State": docker_state(record), "Status": _status_text(record, now), "Names": record.name,
             "ExitCode": record.exit_code, "Backend": record.backend,
             "Ports": _ports(ctx, record),
             "RestartCount": record.restart_count,
@@ -84,6 +89,35 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> N
         record.name,
     ] for record in records]
     table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"], rows)
+
+
+_STATES = ("created", "running", "restarting", "exited", "dead")
+
+
+def docker_state(record: VmRecord) -> str:
+    """The record's status as docker names states: a container made by `create` is "created" too."""
+    return "created" if record.status == "configured" else record.status
+
+
+def _parse_filters(filters: tuple[str, ...]) -> dict[str, set[str]]:
+    wanted: dict[str, set[str]] = {}
+    for item in filters:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("status", "name", "id"):
+            raise UsageError(f"invalid filter {item!r}: use status=STATE, name=PART or id=PREFIX")
+        if key == "status" and value not in _STATES:
+            raise UsageError(f"invalid filter {item!r}: the status is one of {', '.join(_STATES)}")
+        wanted.setdefault(key, set()).add(value)
+    return wanted
+
+
+def _matches(record: VmRecord, wanted: dict[str, set[str]]) -> bool:
+    def one(key: str, value: str) -> bool:
+        if key == "status":
+            return docker_state(record) == value
+        return value in record.name if key == "name" else record.id.startswith(value)
+
+    return all(any(one(key, value) for value in values) for key, values in wanted.items())
 
 
 def _ports(ctx: Context, record: VmRecord) -> str:
@@ -161,7 +195,7 @@ def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
         "Path": record.argv[0] if record.argv else "",
         "Args": record.argv[1:],
         "State": {
-            "Status": record.status,
+            "Status": docker_state(record),
             "Running": record.status == "running",
             "Dead": record.status == "dead",
             "Pid": vmm.pid if vmm and vmm.alive() else 0,

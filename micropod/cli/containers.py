@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,65 +25,78 @@ from micropod.state import VmRecord
 pass_ctx = click.make_pass_decorator(Context)
 
 
-@click.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})
-@click.option("-d", "--detach", is_flag=True, help="Run in the background and print the container id.")
-@click.option("-i", "--interactive", is_flag=True, help="Keep STDIN open and forward it to the container.")
-@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-TTY for the container's process.")
-@click.option("--rm", "auto_remove", is_flag=True, help="Remove the container when it exits.")
-@click.option("--name", help="Assign a name to the container.")
-@click.option("-e", "--env", multiple=True, help="Set an environment variable (KEY=VALUE, or KEY).")
-@click.option("--env-file", multiple=True, type=click.Path(path_type=Path), help="Read variables from a file.")
-@click.option("-w", "--workdir", help="Working directory inside the container.")
-@click.option("-u", "--user", help="User name or uid[:gid] to run as.")
-@click.option("--entrypoint", help="Override the image's entrypoint.")
-@click.option("-h", "--hostname", help="Container host name (default: the short id).")
-@click.option("--cpus", default="1", show_default=True, help="Number of vCPUs.")
-@click.option("-m", "--memory", default="256M", show_default=True, help="Memory of the VM (e.g. 256M, 1G).")
-@click.option("--vmm", default="auto", show_default=True, help="VMM backend: auto, qemu or firecracker.")
-@click.option("-p", "--publish", multiple=True,
-              help="Publish a port: [hostip:]hostport:guestport[/tcp|udp].")
-@click.option("--network", "--net", "network", help="bridge (default) or none (no NIC at all).")
-@click.option("--dns", multiple=True, help="Nameserver for the guest's /etc/resolv.conf (default: the host's).")
-@click.option("--restart", "restart_policy", default="no", show_default=True,
-              help="Restart policy: no, on-failure[:N], always or unless-stopped (the VM is rebooted).")
-@click.option("--log-opt", "log_opts", multiple=True,
-              help="Log driver option: max-size=SIZE (e.g. 10m) or max-file=N (json-file rotation).")
-@click.option("--boot-timeout", default=60.0, show_default=True, help="Seconds to wait for the guest agent.")
-@click.argument("image")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@security_options
-@mount_options
-@pass_ctx
-def run(ctx: Context, security: SecurityOptions, detach: bool, interactive: bool, tty: bool, auto_remove: bool,
-        name: str | None,
-        env: tuple[str, ...], env_file: tuple[Path, ...], workdir: str | None, user: str | None, entrypoint: str | None,
-        hostname: str | None, cpus: str, memory: str, vmm: str, publish: tuple[str, ...],
-        network: str | None, dns: tuple[str, ...], restart_policy: str, log_opts: tuple[str, ...],
-        boot_timeout: float, image: str, command: tuple[str, ...]) -> None:
-    """Run a command in a new container, inside its own microVM."""
-    from micropod.cli.interactive import check_tty_input
+_CONTAINER_OPTIONS: list[Callable[[Any], Any]] = [
+    click.option("-i", "--interactive", is_flag=True, help="Keep STDIN open and forward it to the container."),
+    click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-TTY for the container's process."),
+    click.option("--rm", "auto_remove", is_flag=True, help="Remove the container when it exits."),
+    click.option("--name", help="Assign a name to the container."),
+    click.option("-e", "--env", multiple=True, help="Set an environment variable (KEY=VALUE, or KEY)."),
+    click.option("--env-file", multiple=True, type=click.Path(path_type=Path), help="Read variables from a file."),
+    click.option("-w", "--workdir", help="Working directory inside the container."),
+    click.option("-u", "--user", help="User name or uid[:gid] to run as."),
+    click.option("--entrypoint", help="Override the image's entrypoint."),
+    click.option("-h", "--hostname", help="Container host name (default: the short id)."),
+    click.option("--cpus", default="1", show_default=True, help="Number of vCPUs."),
+    click.option("-m", "--memory", default="256M", show_default=True, help="Memory of the VM (e.g. 256M, 1G)."),
+    click.option("--vmm", default="auto", show_default=True, help="VMM backend: auto, qemu or firecracker."),
+    click.option("-p", "--publish", multiple=True, help="Publish a port: [hostip:]hostport:guestport[/tcp|udp]."),
+    click.option("--network", "--net", "network", help="bridge (default) or none (no NIC at all)."),
+    click.option("--dns", multiple=True, help="Nameserver for the guest's /etc/resolv.conf (default: the host's)."),
+    click.option("--restart", "restart_policy", default="no", show_default=True,
+                 help="Restart policy: no, on-failure[:N], always or unless-stopped (the VM is rebooted)."),
+    click.option("--log-opt", "log_opts", multiple=True,
+                 help="Log driver option: max-size=SIZE (e.g. 10m) or max-file=N (json-file rotation)."),
+    click.option("--boot-timeout", default=60.0, show_default=True, help="Seconds to wait for the guest agent."),
+    click.argument("image"),
+    click.argument("command", nargs=-1, type=click.UNPROCESSED),
+    security_options,
+    mount_options,
+    pass_ctx,
+]
+
+
+def container_options(command: Any) -> Any:
+    """run's and create's options: docker's, for what the container and its VM will be."""
+    for option in reversed(_CONTAINER_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _run_request(security: SecurityOptions, options: dict[str, Any]) -> containers.RunRequest:
     from micropod.runconfig import RestartPolicy, parse_env_file, parse_log_opts
     from micropod.units import parse_cpus, parse_memory_mib
 
-    check_tty_input(interactive and not detach, tty)
-    policy = RestartPolicy.parse(restart_policy)
-    if auto_remove and policy.name != "no":
+    policy = RestartPolicy.parse(options["restart_policy"])
+    if options["auto_remove"] and policy.name != "no":
         raise UsageError("conflicting options: --restart and --rm")
     mounts = requested_mounts()
-    variables = [item for path in env_file for item in parse_env_file(path)] + list(env)
-    request = containers.RunRequest(
-        image=image, args=command, name=name, auto_remove=auto_remove, env=variables, workdir=workdir,
-        user=user, entrypoint=entrypoint, hostname=hostname, vcpus=parse_cpus(cpus),
-        memory_mib=parse_memory_mib(memory), backend=vmm, boot_timeout=boot_timeout,
-        stdin=interactive, tty=tty, log=parse_log_opts(log_opts), restart=policy,
-        network=network, publish=publish, dns=dns, security=security, volumes=tuple(mounts.volumes),
+    variables = [item for path in options["env_file"] for item in parse_env_file(path)] + list(options["env"])
+    return containers.RunRequest(
+        image=options["image"], args=options["command"], name=options["name"], auto_remove=options["auto_remove"],
+        env=variables, workdir=options["workdir"], user=options["user"], entrypoint=options["entrypoint"],
+        hostname=options["hostname"], vcpus=parse_cpus(options["cpus"]),
+        memory_mib=parse_memory_mib(options["memory"]), backend=options["vmm"],
+        boot_timeout=options["boot_timeout"], stdin=options["interactive"], tty=options["tty"],
+        log=parse_log_opts(options["log_opts"]), restart=policy, network=options["network"],
+        publish=options["publish"], dns=options["dns"], security=security, volumes=tuple(mounts.volumes),
         tmpfs=tuple(mounts.tmpfs), read_only=mounts.read_only, binds=tuple(mounts.binds),
     )
-    cfg = containers.create(ctx, request)
+
+
+@click.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})
+@click.option("-d", "--detach", is_flag=True, help="Run in the background and print the container id.")
+@container_options
+def run(ctx: Context, security: SecurityOptions, detach: bool, **options: Any) -> None:
+    """Run a command in a new container, inside its own microVM."""
+    from micropod.cli.interactive import check_tty_input
+
+    interactive, tty = options["interactive"], options["tty"]
+    check_tty_input(interactive and not detach, tty)
+    cfg = containers.create(ctx, _run_request(security, options))
     client = containers.start(ctx, cfg, attach=True)
     assert client is not None
     if detach:
-        ended = containers.wait_started(client, boot_timeout + 60)
+        ended = containers.wait_started(client, options["boot_timeout"] + 60)
         if ended is not None:
             _fail_from_exit(ended)
         click.echo(cfg.vm_id)
@@ -90,6 +104,14 @@ def run(ctx: Context, security: SecurityOptions, detach: bool, interactive: bool
     if interactive or tty:
         sys.exit(_attach_interactive(client, interactive, tty))
     sys.exit(_attach_foreground(client))
+
+
+@click.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})
+@container_options
+def create(ctx: Context, security: SecurityOptions, **options: Any) -> None:
+    """Create a container (its disks and config, no VM yet) and print its id; `start` boots it."""
+    cfg = containers.create(ctx, _run_request(security, options), configured_only=True)
+    click.echo(cfg.vm_id)
 
 
 def _attach_interactive(client: Any, interactive: bool, tty: bool) -> int:
@@ -272,4 +294,4 @@ def restart(ctx: Context, timeout: int, containers_: tuple[str, ...]) -> None:
 
 
 # ps and logs (container_views) are listed here too, so that --help keeps its order of commands.
-COMMANDS = [run, start, restart, ps, stop, kill, rm, logs, wait]
+COMMANDS = [run, create, start, restart, ps, stop, kill, rm, logs, wait]

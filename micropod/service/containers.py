@@ -74,8 +74,9 @@ class RunRequest:
     binds: tuple[BindMount, ...] = ()
 
 
-def create(ctx: Context, req: RunRequest) -> RunConfig:
-    """Resolve everything a VM needs, record it, and write its config. Nothing is left on failure."""
+def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunConfig:
+    """Resolve everything a VM needs, record it, and write its config. Nothing is left on failure. With
+    ``configured_only`` (docker's `create`) the record waits, as "configured", for a `start`."""
     from micropod.guest.artefacts import locate
     from micropod.rootfs.squash import ensure_rootfs
     from micropod.vmm.factory import check_available, resolve_backend
@@ -101,7 +102,8 @@ def create(ctx: Context, req: RunRequest) -> RunConfig:
     rootfs = ensure_rootfs(ctx.root, ctx.images, image)
     ctx.state.insert(VmRecord(
         id=vm_id, name=name, image=req.image, image_id=image.id, command=json.dumps(list(command)),
-        created=time.time(), status="created", auto_remove=int(req.auto_remove), backend=backend,
+        created=time.time(), status="configured" if configured_only else "created",
+        auto_remove=int(req.auto_remove), backend=backend,
     ))
     vm_dir = ctx.root.vm(vm_id)
     try:
@@ -307,8 +309,9 @@ def start_existing(ctx: Context, record: VmRecord) -> MonitorClient:
     if is_active(record):
         raise ConflictError(f"container {record.name} is already running")
     cfg = RunConfig.load(ctx.root.vm(record.id).config)
-    changed = ctx.state.update_if(record.id, ("exited", "dead"), status="created", exit_code=None, error=None,
-                                  finished=None, started=None, restart_count=0, vmm_pid=None, vmm_start=None)
+    changed = ctx.state.update_if(record.id, ("exited", "dead", "configured"), status="created", exit_code=None,
+                                  error=None, finished=None, started=None, restart_count=0, vmm_pid=None,
+                                  vmm_start=None)
     if not changed:
         raise ConflictError(f"container {record.name} is being started or removed by another command")
     client = start(ctx, cfg, attach=True)

@@ -24,8 +24,9 @@ from micropod.state.tables import VMS
 
 # created: recorded, monitor not yet running the container; running: container process started;
 # restarting: ended, its monitor waits out the restart policy's backoff before booting it again;
-# exited: finished with an exit code; dead: its monitor and VMM vanished without saying how it ended.
-STATUSES = ("created", "running", "restarting", "exited", "dead")
+# exited: finished with an exit code; dead: its monitor and VMM vanished without saying how it ended;
+# configured: made by `create` and never started (docker's "Created"): no monitor, and none is expected.
+STATUSES = ("created", "running", "restarting", "exited", "dead", "configured")
 ACTIVE = ("created", "running", "restarting")
 
 
