@@ -14,6 +14,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from micropod import proc
 from micropod.errors import BootError, VmmError, VmmUnavailableError
@@ -57,6 +58,35 @@ def machine_options(accel: str) -> str:
     return "microvm,acpi=off,x-option-roms=off" + (",pit=off,pic=off" if accel == "kvm" else "")
 
 
+def format_node(drive_id: str) -> str:
+    """The block node name of a drive's raw format layer, which a swap of its file reopens."""
+    return f"fmt-{drive_id}"
+
+
+def swap_backing_file(qmp: QmpClient, drive_id: str, path: Path, read_only: bool, generation: int) -> None:
+    """Point a running VM's drive at another file, as Firecracker's PATCH /drives does: QEMU microvm has no
+    virtio-mmio hotplug, so a later disk goes onto a placeholder drive the VM booted with. A new file node
+    is added and the raw node reopened on it (about 12 ms here); the guest is told a new capacity if the
+    size differs, and must drop what it cached of the device before it reads it."""
+    node = f"file-{drive_id}-{generation}"
+    added: dict[str, Any] = {"driver": "file", "filename": str(path), "node-name": node, "read-only": read_only}
+    qmp.execute("blockdev-add", **added)
+    try:
+        qmp.execute("blockdev-reopen", options=[{"driver": "raw", "node-name": format_node(drive_id),
+                                                 "file": node, "read-only": read_only}])
+    except VmmError:
+        qmp.execute("blockdev-del", **_node(node))
+        raise
+    if generation > 0:  # the file node the previous swap added; the one -drive made goes by itself
+        with contextlib.suppress(VmmError):
+            qmp.execute("blockdev-del", **_node(f"file-{drive_id}-{generation - 1}"))
+    qmp.execute("block_resize", **_node(format_node(drive_id)), size=path.stat().st_size)
+
+
+def _node(name: str) -> dict[str, Any]:
+    return {"node-name": name}
+
+
 def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout) -> list[str]:
     """The whole QEMU command line for a VmSpec, as data that tests can check."""
     argv = [
@@ -82,8 +112,8 @@ def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout) -> lis
     for drive in spec.drives:
         readonly = ",readonly=on" if drive.read_only else ""
         argv += [
-            "-drive", f"id={drive.drive_id},file={drive.path},format=raw,if=none,cache=unsafe,"
-                      f"discard=unmap,aio=threads{readonly}",
+            "-drive", f"id={drive.drive_id},node-name={format_node(drive.drive_id)},file={drive.path},format=raw,"
+                      f"if=none,cache=unsafe,discard=unmap,aio=threads{readonly}",
             "-device", f"virtio-blk-device,drive={drive.drive_id}",
         ]
     for net in spec.nets:
@@ -125,6 +155,7 @@ class QemuVmm:
         self.snapshot = snapshot
         self._proc: subprocess.Popen[bytes] | None = None
         self._listener: socket.socket | None = None
+        self._swaps: dict[str, int] = {}  # drive id -> how many times patch_drive swapped its file
         self._console: CappedLog | None = None
         self._vmm_log: CappedLog | None = None
 
@@ -247,6 +278,19 @@ class QemuVmm:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.send_signal(signal.SIGKILL)
             self._proc.wait()
+
+    def patch_drive(self, drive_id: str, path: Path) -> None:
+        """Swap a placeholder drive's backing file after boot (how pods get later containers' disks)."""
+        drive = next((d for d in self.spec.drives if d.drive_id == drive_id), None)
+        if drive is None:
+            raise VmmError(f"the VM has no drive {drive_id!r}")
+        generation = self._swaps.get(drive_id, -1) + 1
+        client = QmpClient(self.sockets.address(QMP_SOCK))
+        try:
+            swap_backing_file(client, drive_id, path, drive.read_only, generation)
+        finally:
+            client.close()
+        self._swaps[drive_id] = generation
 
     def pause(self) -> None:
         self._qmp("stop")
