@@ -101,6 +101,8 @@ def test_create_then_start_as_docker(cli: Cli) -> None:
     made = cli("create", "--name", "later", "-v", "later-data:/d", "hello", "sh", "-c",
                "cat /d/count 2>/dev/null || echo none; echo once > /d/count")
     assert made.returncode == 0 and len(made.stdout.strip()) == 64, made.stderr
+    mounts = json.loads(cli("inspect", "later").stdout)[0]["Mounts"]
+    assert [(m["Type"], m["Name"], m["Destination"], m["RW"]) for m in mounts] == [("volume", "later-data", "/d", True)]
     listed = cli("ps", "-a", "--filter", "name=later", "--format", "json")
     assert json.loads(listed.stdout)["State"] == "created" and "Created" in json.loads(listed.stdout)["Status"]
     first = cli("start", "-a", "later", timeout=WAIT)

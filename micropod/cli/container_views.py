@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import UTC, datetime
-from typing import Any
 
 import click
 
 from micropod.context import Context
 from micropod.errors import UsageError
+from micropod.service.inspect import STATES, docker_state, iso
 from micropod.service.reconcile import reconcile
 from micropod.state import VmRecord
 
@@ -33,12 +32,6 @@ def _status_text(record: VmRecord, now: float) -> str:
     if record.status == "dead":
         return "Dead"
     return "Created"
-
-
-def _iso(ts: float | None) -> str:
-    if ts is None:
-        return "0001-01-01T00:00:00Z"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _command_text(record: VmRecord) -> str:
@@ -72,7 +65,7 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str, filt
     if fmt == "json":
         json_lines([{
             "ID": record.id if no_trunc else record.short_id, "Image": record.image,
-            "Command": _command_text(record), "CreatedAt": _iso(record.created),
+            "Command": _command_text(record), "CreatedAt": iso(record.created),
             "State": docker_state(record), "Status": _status_text(record, now), "Names": record.name,
             "ExitCode": record.exit_code, "Backend": record.backend,
             "Ports": _ports(ctx, record),
@@ -91,22 +84,14 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str, filt
     table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"], rows)
 
 
-_STATES = ("created", "running", "restarting", "exited", "dead")
-
-
-def docker_state(record: VmRecord) -> str:
-    """The record's status as docker names states: a container made by `create` is "created" too."""
-    return "created" if record.status == "configured" else record.status
-
-
 def _parse_filters(filters: tuple[str, ...]) -> dict[str, set[str]]:
     wanted: dict[str, set[str]] = {}
     for item in filters:
         key, sep, value = item.partition("=")
         if not sep or key not in ("status", "name", "id"):
             raise UsageError(f"invalid filter {item!r}: use status=STATE, name=PART or id=PREFIX")
-        if key == "status" and value not in _STATES:
-            raise UsageError(f"invalid filter {item!r}: the status is one of {', '.join(_STATES)}")
+        if key == "status" and value not in STATES:
+            raise UsageError(f"invalid filter {item!r}: the status is one of {', '.join(STATES)}")
         wanted.setdefault(key, set()).add(value)
     return wanted
 
@@ -122,7 +107,7 @@ def _matches(record: VmRecord, wanted: dict[str, set[str]]) -> bool:
 
 def _ports(ctx: Context, record: VmRecord) -> str:
     """Like docker, only a running container shows its published ports."""
-    from micropod.cli.network import load_settings, ports_column
+    from micropod.service.inspect import load_settings, ports_column
 
     return ports_column(load_settings(ctx, record.id)) if record.status == "running" else ""
 
@@ -179,65 +164,3 @@ def logs(ctx: Context, follow: bool, timestamps: bool, tail: str, since: str | N
                 time.sleep(0.1)
     finally:
         reader.close()
-
-
-def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
-    from micropod.cli.network import network_inspect
-    from micropod.runconfig import NetworkSettings, RunConfig
-
-    vm_dir = ctx.root.vm(record.id)
-    cfg = RunConfig.load_if_present(vm_dir.config)
-    vmm = record.vmm
-    network = network_inspect(cfg.network if cfg else NetworkSettings())
-    return {
-        "Id": record.id,
-        "Created": _iso(record.created),
-        "Path": record.argv[0] if record.argv else "",
-        "Args": record.argv[1:],
-        "State": {
-            "Status": docker_state(record),
-            "Running": record.status == "running",
-            "Dead": record.status == "dead",
-            "Pid": vmm.pid if vmm and vmm.alive() else 0,
-            "ExitCode": record.exit_code if record.exit_code is not None else 0,
-            "Error": record.error or "",
-            "StartedAt": _iso(record.started),
-            "FinishedAt": _iso(record.finished),
-            "MonitorAlive": bool(record.monitor and record.monitor.alive()),
-        },
-        "Image": f"sha256:{record.image_id}",
-        "Name": f"/{record.name}",
-        "RestartCount": record.restart_count,
-        "Config": {
-            "Hostname": cfg.container.hostname if cfg else "",
-            "User": cfg.container.user if cfg else "",
-            "Env": list(cfg.container.env) if cfg else [],
-            "Cmd": record.argv,
-            "Image": record.image,
-            "WorkingDir": cfg.container.cwd if cfg else "",
-        },
-        "HostConfig": {
-            "AutoRemove": bool(record.auto_remove),
-            "RestartPolicy": {"Name": cfg.restart.name if cfg else "no",
-                              "MaximumRetryCount": cfg.restart.max_retries if cfg else 0},
-            "LogConfig": {"Type": "json-file", "Config": {
-                "max-size": str(cfg.log.max_size) if cfg and cfg.log.max_size else "",
-                "max-file": str(cfg.log.max_files) if cfg else "1"}},
-            "Memory": (cfg.memory_mib << 20) if cfg else 0,
-            "NanoCpus": (cfg.vcpus * 10**9) if cfg else 0,
-            "NetworkMode": cfg.network.mode if cfg else "none",
-            "PortBindings": network["Ports"],
-        },
-        "NetworkSettings": network,
-        "VM": {
-            "Backend": record.backend,
-            "Vcpus": cfg.vcpus if cfg else 0,
-            "MemoryMiB": cfg.memory_mib if cfg else 0,
-            "Kernel": cfg.kernel if cfg else "",
-            "SystemImage": cfg.system if cfg else "",
-            "Rootfs": cfg.rootfs if cfg else "",
-            "Dir": str(vm_dir.path),
-            "ConsoleLog": str(vm_dir.console_log),
-        },
-        "LogPath": str(vm_dir.container_log),
-    }

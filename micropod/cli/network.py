@@ -1,42 +1,15 @@
-"""`micropod port`, and how a container's network shows in `ps` and `inspect`."""
+"""`micropod port`: a container's published ports (ps and inspect show them: micropod/service/inspect.py)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import click
 
 from micropod.context import Context
 from micropod.errors import NotFoundError, UsageError
-from micropod.runconfig import NetworkSettings, RunConfig
+from micropod.runconfig import NetworkSettings
+from micropod.service.inspect import load_settings
 
 pass_ctx = click.make_pass_decorator(Context)
-
-
-def load_settings(ctx: Context, vm_id: str) -> NetworkSettings:
-    cfg = RunConfig.load_if_present(ctx.root.vm(vm_id).config)
-    return cfg.network if cfg else NetworkSettings()
-
-
-def ports_column(settings: NetworkSettings) -> str:
-    return ", ".join(str(port) for port in settings.ports)
-
-
-def network_inspect(settings: NetworkSettings) -> dict[str, Any]:
-    """docker's NetworkSettings block, plus the TAP and bridge a microVM has."""
-    ports: dict[str, list[dict[str, str]]] = {}
-    for port in settings.ports:
-        ports.setdefault(f"{port.guest_port}/{port.protocol}", []).append(
-            {"HostIp": port.host_ip or "0.0.0.0", "HostPort": str(port.host_port)})
-    if not settings.enabled:
-        return {"Mode": settings.mode, "IPAddress": "", "MacAddress": "", "Gateway": "", "IPPrefixLen": 0,
-                "Ports": {}}
-    from micropod.net.lifecycle import network_of
-
-    network = network_of(settings)
-    return {"Mode": settings.mode, "Bridge": settings.bridge, "Tap": settings.tap, "IPAddress": settings.ip,
-            "IPPrefixLen": network.subnet.prefixlen, "Gateway": str(network.gateway),
-            "MacAddress": settings.mac, "Ports": ports}
 
 
 @click.command()

@@ -21,9 +21,9 @@ pass_ctx = click.make_pass_decorator(Context)
 @pass_ctx
 def inspect(ctx: Context, kind: str | None, fmt: str, names: tuple[str, ...]) -> None:
     """Show low-level information on containers or images, as JSON."""
-    from micropod.cli.container_views import container_inspect
     from micropod.cli.images import image_inspect
     from micropod.cli.output import json_document
+    from micropod.service.inspect import container_inspect
 
     results: list[dict[str, Any]] = []
     missing = []
