@@ -312,7 +312,7 @@ def test_a_client_that_reads_nothing_and_is_not_held_is_dropped(tmp_path: Path,
 # -- stats: one silent guest holds nobody up -------------------------------------------------------------------
 
 def test_stats_gives_up_on_a_silent_vm_and_reads_the_others() -> None:
-    from micropod.cli.stats import sample_all
+    from micropod.service.stats import sample_all
 
     answering, answering_monitor = socket.socketpair()
     silent, silent_monitor = socket.socketpair()
