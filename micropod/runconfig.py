@@ -33,6 +33,7 @@ class SecurityOptions:
     cap_drop: tuple[str, ...] = ()
     seccomp: str = "default"
     no_new_privileges: bool = False
+    vmm_confinement: bool = True  # the VMM's own seccomp sandbox; --security-opt vmm-confinement=off lifts it
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class ContainerSpec:
         """The agent's spec; ``volume_disks`` are the guest's devices of the volumes, in order."""
         spec = asdict(self)
         spec.update(spec.pop("security"))  # the agent's spec keys: privileged, cap_add, cap_drop, seccomp...
+        del spec["vmm_confinement"]  # the host's business, not the guest's
         spec["volumes"] = [{"device": disk, "target": volume.target, "read_only": volume.read_only}
                            for volume, disk in zip(self.volumes, volume_disks, strict=True)]
         spec["binds"] = [{"tag": bind_tag(i), "target": bind.target, "read_only": bind.read_only}

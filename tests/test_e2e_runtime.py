@@ -54,3 +54,22 @@ def test_bad_security_options_are_one_line_before_any_vm_boots(cli: Cli) -> None
         out = cli("run", "--rm", "--network", "none", *options, "hello", "true")
         assert out.returncode == 125 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert cli("ps", "-aq").stdout == ""
+
+
+def _vmm_seccomp(cli: Cli, name: str) -> str:
+    import json
+
+    pid = json.loads(cli("inspect", name).stdout)[0]["State"]["Pid"]
+    with open(f"/proc/{pid}/status") as status:
+        return next(line.split()[1] for line in status if line.startswith("Seccomp:"))
+
+
+def test_the_vmm_runs_in_a_seccomp_sandbox_unless_confinement_is_lifted(cli: Cli) -> None:
+    assert cli("run", "-d", "--name", "boxed", "hello", "sleep", "300", timeout=WAIT).returncode == 0
+    assert _vmm_seccomp(cli, "boxed") == "2"
+    lifted = cli("run", "-d", "--name", "open", "--security-opt", "vmm-confinement=off", "hello", "sleep", "300",
+                 timeout=WAIT)
+    assert lifted.returncode == 0, lifted.stderr
+    assert _vmm_seccomp(cli, "open") == "0"
+    bad = cli("run", "--rm", "--security-opt", "vmm-confinement=maybe", "hello", "true")
+    assert bad.returncode == 125 and "vmm-confinement=on|off" in bad.stderr

@@ -45,3 +45,13 @@ def test_argv_is_a_microvm_with_every_device(tmp_path: Path) -> None:
 def test_kvm_uses_host_cpu(tmp_path: Path) -> None:
     argv = qemu_argv(spec(tmp_path), Path("/q"), "kvm", QemuLayout.in_dir(tmp_path))
     assert values(argv, "-cpu") == ["host"] and values(argv, "-accel") == ["kvm"]
+
+
+def test_qemu_runs_in_its_own_seccomp_sandbox_unless_confinement_is_lifted(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    confined = qemu_argv(spec(tmp_path), Path("/usr/bin/qemu"), "tcg", QemuLayout.in_dir(tmp_path))
+    assert values(confined, "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    lifted = qemu_argv(replace(spec(tmp_path), confined=False), Path("/usr/bin/qemu"), "tcg",
+                       QemuLayout.in_dir(tmp_path))
+    assert values(lifted, "-sandbox") == []

@@ -51,7 +51,7 @@ def _capability(raw: str) -> str:
 
 def parse(privileged: bool, cap_add: tuple[str, ...], cap_drop: tuple[str, ...],
           security_opt: tuple[str, ...]) -> SecurityOptions:
-    seccomp, no_new_privileges = "default", False
+    seccomp, no_new_privileges, vmm_confinement = "default", False, True
     for opt in security_opt:
         key, sep, value = opt.partition("=" if "=" in opt else ":")
         if key == "no-new-privileges":
@@ -60,11 +60,14 @@ def parse(privileged: bool, cap_add: tuple[str, ...], cap_drop: tuple[str, ...],
             no_new_privileges = value != "false"
         elif key == "seccomp" and sep:
             seccomp = value if value == "unconfined" else _profile(Path(value))
+        elif key == "vmm-confinement" and value in ("on", "off"):
+            vmm_confinement = value == "on"
         else:
-            raise UsageError(f"invalid --security-opt {opt!r}: micropod knows seccomp= and no-new-privileges")
+            raise UsageError(f"invalid --security-opt {opt!r}: micropod knows seccomp=, no-new-privileges and "
+                             "vmm-confinement=on|off")
     return SecurityOptions(privileged=privileged, cap_add=tuple(_capability(c) for c in cap_add),
                            cap_drop=tuple(_capability(c) for c in cap_drop), seccomp=seccomp,
-                           no_new_privileges=no_new_privileges)
+                           no_new_privileges=no_new_privileges, vmm_confinement=vmm_confinement)
 
 
 def _profile(path: Path) -> str:

@@ -58,6 +58,7 @@ class VmSpec:
     console_log: Path
     nets: tuple[NetInterface, ...] = ()
     shares: tuple[Share, ...] = ()
+    confined: bool = True  # the VMM's own sandbox (QEMU's -sandbox; Firecracker's jailer is its own issue)
     extra: dict[str, str] = field(default_factory=dict)
 
     def guest_disk(self, drive_id: str) -> str:

@@ -97,6 +97,7 @@ def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSp
         nets=(NetInterface("net0", cfg.network.tap, cfg.network.mac),)
         if with_network and cfg.network.enabled else (),
         shares=tuple(Share(bind_tag(i), Path(b.source), b.read_only) for i, b in enumerate(cfg.container.binds)),
+        confined=cfg.container.security.vmm_confinement,
     )
 
 

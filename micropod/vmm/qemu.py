@@ -58,6 +58,12 @@ def machine_options(accel: str) -> str:
     return "microvm,acpi=off,x-option-roms=off" + (",pit=off,pic=off" if accel == "kvm" else "")
 
 
+# QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid or capability changes, no fork or exec,
+# no scheduler or resource-limit changes. A QEMU bug exploited by a guest then cannot start a shell, become
+# another user or raise its own limits.
+QEMU_SANDBOX = ("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+
+
 def format_node(drive_id: str) -> str:
     """The block node name of a drive's raw format layer, which a swap of its file reopens."""
     return f"fmt-{drive_id}"
@@ -97,6 +103,7 @@ def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout) -> lis
         "-smp", str(spec.vcpus),
         "-m", f"{spec.memory_mib}M",
         "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+        *(QEMU_SANDBOX if spec.confined else ()),
         "-kernel", str(spec.kernel),
         "-append", spec.cmdline,
         # The console is QEMU's stdout, a pipe into a capped log (capped.py); QEMU's own file would be unbounded.
