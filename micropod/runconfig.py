@@ -86,6 +86,7 @@ class ContainerSpec:
     volumes: tuple[VolumeMount, ...] = ()
     tmpfs: tuple[TmpfsMount, ...] = ()
     read_only: bool = False  # --read-only: the container's root
+    pids_limit: int = 0  # --pids-limit: the container's cgroup pids.max inside the VM; 0 is none
     binds: tuple[BindMount, ...] = ()
 
     def to_agent(self, rootfs: dict[str, str], volume_disks: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -73,3 +73,16 @@ def test_the_vmm_runs_in_a_seccomp_sandbox_unless_confinement_is_lifted(cli: Cli
     assert _vmm_seccomp(cli, "open") == "0"
     bad = cli("run", "--rm", "--security-opt", "vmm-confinement=maybe", "hello", "true")
     assert bad.returncode == 125 and "vmm-confinement=on|off" in bad.stderr
+
+
+def test_pids_limit_and_the_writable_layers_size(cli: Cli) -> None:
+    script = ("cat /sys/fs/cgroup/pids.max; df -k / | tail -1; "
+              "(for i in 1 2 3 4 5 6 7 8; do sleep 2 & done; wait) 2>/dev/null; echo forks $?")
+    seen = cli("run", "--rm", "--pids-limit", "4", "--storage-opt", "size=64m", "hello", "sh", "-c", script,
+               timeout=WAIT)
+    assert seen.returncode == 0, seen.stderr
+    lines = seen.stdout.splitlines()
+    assert lines[0] == "4" and lines[2] != "forks 0", lines  # the fifth process could not be forked
+    assert int(lines[1].split()[1]) < 70 * 1024, lines  # the overlay's upper is the 64 MiB ext4
+    bad = cli("run", "--rm", "--storage-opt", "size=1m", "hello", "true")
+    assert bad.returncode == 125 and "at least 16 MiB" in bad.stderr, bad.stderr

@@ -105,6 +105,13 @@ def warm_up() -> None:
     seccomp.precompile(_docker_default(tuple(sorted(caps.DOCKER_DEFAULT_CAPS))))
 
 
+def _resources(spec: dict[str, Any]) -> dict[str, Any]:
+    limit = spec.get("pids_limit") or 0
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise SecurityError(f"pids_limit: {limit!r} is not a count")
+    return {"pids": {"limit": limit}} if limit else {}
+
+
 # docker's options for --tmpfs before the user's own, which come later and so win.
 TMPFS_DEFAULTS = ("rw", "noexec", "nosuid", "nodev")
 
@@ -131,7 +138,7 @@ def config(cid: str, root: str, process: dict[str, Any], spec: dict[str, Any]) -
     linux: dict[str, Any] = {
         "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
         "cgroupsPath": f"{CGROUP_PARENT}/{cid}",
-        "resources": {},
+        "resources": _resources(spec),
     }
     if not privileged:
         linux["maskedPaths"] = list(MASKED_PATHS)

@@ -47,6 +47,9 @@ _CONTAINER_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--log-opt", "log_opts", multiple=True,
                  help="Log driver option: max-size=SIZE (e.g. 10m) or max-file=N (json-file rotation)."),
     click.option("--boot-timeout", default=60.0, show_default=True, help="Seconds to wait for the guest agent."),
+    click.option("--pids-limit", type=int, default=0, help="At most this many processes in the container (0: none)."),
+    click.option("--storage-opt", "storage_opts", multiple=True,
+                 help="size=SIZE: the writable layer's size (default 10G, sparse)."),
     click.argument("image"),
     click.argument("command", nargs=-1, type=click.UNPROCESSED),
     security_options,
@@ -80,7 +83,30 @@ def _run_request(security: SecurityOptions, options: dict[str, Any]) -> containe
         log=parse_log_opts(options["log_opts"]), restart=policy, network=options["network"],
         publish=options["publish"], dns=options["dns"], security=security, volumes=tuple(mounts.volumes),
         tmpfs=tuple(mounts.tmpfs), read_only=mounts.read_only, binds=tuple(mounts.binds),
+        pids_limit=_pids_limit(options["pids_limit"]), upper_size=_storage_size(options["storage_opts"]),
     )
+
+
+def _pids_limit(limit: int) -> int:
+    if limit < -1:
+        raise UsageError(f"invalid --pids-limit {limit}: use a count, or 0 or -1 for none")
+    return max(limit, 0)
+
+
+def _storage_size(opts: tuple[str, ...]) -> int | None:
+    from micropod.rootfs.upper import MIN_UPPER_SIZE
+    from micropod.units import parse_size
+
+    size = None
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if key != "size" or not sep:
+            raise UsageError(f"invalid --storage-opt {opt!r}: micropod takes size=SIZE")
+        size = parse_size(value)
+        if size < MIN_UPPER_SIZE:
+            raise UsageError(f"invalid --storage-opt {opt!r}: the writable layer needs at least "
+                             f"{MIN_UPPER_SIZE >> 20} MiB")
+    return size
 
 
 @click.command(context_settings={"ignore_unknown_options": False, "allow_interspersed_args": False})

@@ -26,6 +26,7 @@ from micropod.monitor.client import MonitorClient, Outcome, outcome
 from micropod.names import check_name, generated_name, new_vm_id
 from micropod.net import lifecycle as networking
 from micropod.net.dns import hosts_file
+from micropod.rootfs.upper import DEFAULT_UPPER_SIZE
 from micropod.runconfig import (
     BindMount,
     ContainerSpec,
@@ -72,6 +73,8 @@ class RunRequest:
     tmpfs: tuple[TmpfsMount, ...] = ()
     read_only: bool = False
     binds: tuple[BindMount, ...] = ()
+    pids_limit: int = 0
+    upper_size: int | None = None  # --storage-opt size=; None: the default
 
 
 def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunConfig:
@@ -124,13 +127,14 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
             tmpfs=req.tmpfs,
             read_only=req.read_only,
             binds=binds,
+            pids_limit=req.pids_limit,
         )
         cfg = RunConfig(
             vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,
             kernel=str(guest.kernel), system=str(guest.system), rootfs=str(rootfs),
             vcpus=req.vcpus, memory_mib=req.memory_mib, container=spec, auto_remove=req.auto_remove,
             stop_signal=parse_signal(config.stop_signal), boot_timeout=req.boot_timeout, log=req.log,
-            restart=req.restart, network=network,
+            restart=req.restart, network=network, upper_size=req.upper_size or DEFAULT_UPPER_SIZE,
         )
         vm_dir.path.mkdir(mode=PRIVATE_DIR, parents=True)
         os.chmod(vm_dir.path, PRIVATE_DIR)
