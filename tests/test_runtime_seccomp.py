@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from micropod.errors import SeccompError, SpecError
-from micropod.runtime import caps, seccomp
+from micropod.runtime import caps, seccomp, seccomp_docker
 from tests import forked
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loads filters and changes capabilities as root")
@@ -340,7 +340,7 @@ def test_load_leaves_no_new_privs_to_the_caller() -> None:
 
 def test_docker_default_refuses_new_user_namespaces_without_cap_sys_admin() -> None:
     unshare, clone, clone3 = nr("unshare"), nr("clone"), nr("clone3")
-    profile = seccomp.docker_default(caps.DOCKER_DEFAULT_CAPS)
+    profile = seccomp_docker.docker_default(caps.DOCKER_DEFAULT_CAPS)
 
     def body() -> Any:
         seccomp.load(profile)
@@ -358,7 +358,7 @@ def test_docker_default_refuses_new_user_namespaces_without_cap_sys_admin() -> N
 
 def test_docker_default_with_cap_sys_admin_allows_them() -> None:
     unshare, clone = nr("unshare"), nr("clone")
-    profile = seccomp.docker_default([*caps.DOCKER_DEFAULT_CAPS, "CAP_SYS_ADMIN"])
+    profile = seccomp_docker.docker_default([*caps.DOCKER_DEFAULT_CAPS, "CAP_SYS_ADMIN"])
 
     def body() -> Any:
         seccomp.load(profile)
@@ -372,9 +372,9 @@ def rules_for(profile: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 
 def test_docker_default_translation() -> None:
-    plain = seccomp.docker_default(caps.DOCKER_DEFAULT_CAPS, "x86_64")
-    admin = seccomp.docker_default([*caps.DOCKER_DEFAULT_CAPS, "CAP_SYS_ADMIN"], "x86_64")
-    arm = seccomp.docker_default(caps.DOCKER_DEFAULT_CAPS, "aarch64")
+    plain = seccomp_docker.docker_default(caps.DOCKER_DEFAULT_CAPS, "x86_64")
+    admin = seccomp_docker.docker_default([*caps.DOCKER_DEFAULT_CAPS, "CAP_SYS_ADMIN"], "x86_64")
+    arm = seccomp_docker.docker_default(caps.DOCKER_DEFAULT_CAPS, "aarch64")
     for profile in (plain, admin, arm):
         seccomp.validate(profile)
         assert profile["defaultAction"] == "SCMP_ACT_ERRNO" and profile["defaultErrnoRet"] == errno.EPERM
@@ -404,18 +404,19 @@ def test_docker_profile_format() -> None:
         {"names": ["s390"], "action": "SCMP_ACT_ALLOW", "includes": {"arches": ["s390x"]}},
         {"names": ["not_s390"], "action": "SCMP_ACT_ALLOW", "excludes": {"arches": ["s390x"]}},
     ]}
-    names = [rule["names"] for rule in seccomp.from_docker_profile(profile, ["CAP_KILL"], "x86_64")["syscalls"]]
+    names = [rule["names"] for rule in seccomp_docker.from_docker_profile(profile, ["CAP_KILL"], "x86_64")["syscalls"]]
     assert names == [["getppid"], ["not_s390"]]
-    names = [rule["names"] for rule in seccomp.from_docker_profile(profile, ["CAP_KILL", "CAP_CHOWN"], "s390x")
+    names = [rule["names"] for rule in seccomp_docker.from_docker_profile(profile, ["CAP_KILL", "CAP_CHOWN"], "s390x")
              ["syscalls"]]
     assert names == [["getppid"], ["both"], ["s390"]]
     with pytest.raises(SpecError) as caught:
-        seccomp.from_docker_profile({"syscalls": [{"name": "a", "names": ["b"], "action": "SCMP_ACT_ALLOW"}]}, [])
+        seccomp_docker.from_docker_profile(
+            {"syscalls": [{"name": "a", "names": ["b"], "action": "SCMP_ACT_ALLOW"}]}, [])
     assert caught.value.field == "seccomp profile.syscalls[0]"
     with pytest.raises(SpecError):
-        seccomp.from_docker_profile({"architectures": ["SCMP_ARCH_X86"], "archMap": [{"architecture": "x"}]}, [])
+        seccomp_docker.from_docker_profile({"architectures": ["SCMP_ARCH_X86"], "archMap": [{"architecture": "x"}]}, [])
     with pytest.raises(SeccompError):
-        seccomp.from_docker_profile({}, [], "vax")
+        seccomp_docker.from_docker_profile({}, [], "vax")
 
 
 GOOD_RULES = [{"names": ["getppid"], "action": "SCMP_ACT_ERRNO"}] * 3

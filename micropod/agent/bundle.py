@@ -17,7 +17,7 @@ import functools
 import json
 import os
 
-from micropod.runtime import caps, seccomp
+from micropod.runtime import caps, seccomp, seccomp_docker
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def seccomp_profile(spec: dict[str, Any], capabilities: list[str]) -> dict[str, 
         raise SecurityError(f"--security-opt seccomp: not a JSON profile: {exc}") from None
     if not isinstance(profile, dict):
         raise SecurityError("--security-opt seccomp: the profile must be a JSON object")
-    return seccomp.from_docker_profile(profile, capabilities) if "defaultAction" in profile else profile
+    return seccomp_docker.from_docker_profile(profile, capabilities) if "defaultAction" in profile else profile
 
 
 # id -> (profile, its filter); the entry keeps the profile alive, so that its id is never another's.
@@ -84,7 +84,7 @@ _parsed_defaults: dict[int, tuple[dict[str, Any], seccomp.Filter | None]] = {}
 
 @functools.lru_cache(maxsize=8)
 def _docker_default(capabilities: tuple[str, ...]) -> dict[str, Any]:
-    profile = seccomp.docker_default(capabilities)
+    profile = seccomp_docker.docker_default(capabilities)
     _parsed_defaults[id(profile)] = (profile, seccomp.parse(profile))
     return profile
 
