@@ -180,6 +180,7 @@ class RunConfig:
     stop_signal: int = int(signal.SIGTERM)
     boot_timeout: float = 60.0
     upper_size: int = 10 << 30
+    cpu_limit: float = 0.0  # --cpus as given (0.5: half a CPU's time, on one vCPU); 0 is the vCPUs' count
     labels: dict[str, str] = field(default_factory=dict)
     log: LogOptions = field(default_factory=LogOptions)
     restart: RestartPolicy = field(default_factory=RestartPolicy)

@@ -3,6 +3,8 @@ and seccomp profile, a device cgroup that keeps the host channel out of reach; -
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import Cli
@@ -86,3 +88,29 @@ def test_pids_limit_and_the_writable_layers_size(cli: Cli) -> None:
     assert int(lines[1].split()[1]) < 70 * 1024, lines  # the overlay's upper is the 64 MiB ext4
     bad = cli("run", "--rm", "--storage-opt", "size=1m", "hello", "true")
     assert bad.returncode == 125 and "at least 16 MiB" in bad.stderr, bad.stderr
+
+
+def _cgroup_file(pid: int, controller: str, name: str) -> Path:
+    """A file of the cgroup ``pid`` is in for ``controller`` (v1 here; v2 hosts have one hierarchy)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return Path("/sys/fs/cgroup", controller, path.lstrip("/"), name)
+        if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            return Path("/sys/fs/cgroup", path.lstrip("/"), name)
+    raise AssertionError(f"pid {pid} is in no {controller} cgroup")
+
+
+def test_the_vmm_gets_a_host_cgroup_capped_by_cpus_and_memory(cli: Cli) -> None:
+    import json
+
+    from micropod.monitor.hostcgroup import OVERHEAD_MIB
+
+    assert cli("run", "-d", "--name", "half", "--cpus", "0.5", "-m", "128M", "hello", "sleep", "300",
+               timeout=WAIT).returncode == 0
+    pid = json.loads(cli("inspect", "half").stdout)[0]["State"]["Pid"]
+    quota, limit = _cgroup_file(pid, "cpu", "cpu.cfs_quota_us"), _cgroup_file(pid, "memory", "memory.limit_in_bytes")
+    assert quota.read_text().strip() == "50000"  # half of the 100 ms period: half a CPU, on one vCPU
+    assert int(limit.read_text()) == (128 + OVERHEAD_MIB) << 20
+    assert cli("rm", "-f", "half", timeout=120).returncode == 0
+    assert not quota.parent.exists() and not limit.parent.exists()

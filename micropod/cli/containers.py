@@ -77,7 +77,7 @@ def _run_request(security: SecurityOptions, options: dict[str, Any]) -> containe
     return containers.RunRequest(
         image=options["image"], args=options["command"], name=options["name"], auto_remove=options["auto_remove"],
         env=variables, workdir=options["workdir"], user=options["user"], entrypoint=options["entrypoint"],
-        hostname=options["hostname"], vcpus=parse_cpus(options["cpus"]),
+        hostname=options["hostname"], vcpus=parse_cpus(options["cpus"]), cpu_limit=float(options["cpus"]),
         memory_mib=parse_memory_mib(options["memory"]), backend=options["vmm"],
         boot_timeout=options["boot_timeout"], stdin=options["interactive"], tty=options["tty"],
         log=parse_log_opts(options["log_opts"]), restart=policy, network=options["network"],

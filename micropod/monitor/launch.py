@@ -18,6 +18,7 @@ from micropod import guestmsg, wire
 from micropod.channel import AgentLink, Frame, FramedSocket
 from micropod.errors import AgentError, BootError, ChannelFull, ContainerCommandError, MicropodError, TimeoutExpired
 from micropod.liveness import ProcessRef
+from micropod.monitor.hostcgroup import VmmCgroup
 from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
 from micropod.runconfig import RunConfig
@@ -84,6 +85,7 @@ class VmProcess:
         self.pidfd: int | None = None
         self.link: AgentLink | None = None
         self.pending: dict[int, OnReply | None] = {}
+        self.host_cgroup: VmmCgroup | None = None
 
     def boot(self, network: NetworkAttachment, maintenance: bool) -> None:
         """Boot the VM and create the container; start its main process, unless only its disks are wanted."""
@@ -92,6 +94,9 @@ class VmProcess:
         if not self.vm_dir.upper.exists():
             create_upper(self.vm_dir.upper, self.cfg.upper_size)
         log.debug("phase: upper disk ready")
+        if self.host_cgroup is None:
+            self.host_cgroup = VmmCgroup(self.cfg.vm_id, self.cfg.cpu_limit or self.cfg.vcpus, self.cfg.memory_mib)
+            self.host_cgroup.create()
         if self.cfg.network.enabled and not maintenance:
             network.attach()
         spec = build_spec(self.cfg, self.vm_dir, with_network=network.attached)
@@ -132,6 +137,8 @@ class VmProcess:
         log.debug("phase: VMM started (%s)", "from snapshot" if self.vmm.warm else "cold boot")
         pid = self.vmm.pid
         if pid is not None:
+            if self.host_cgroup is not None:
+                self.host_cgroup.add(pid)
             ref = ProcessRef.of(pid)
             if ref:
                 self.store.update(self.cfg.vm_id, vmm_pid=ref.pid, vmm_start=ref.started)

@@ -352,6 +352,8 @@ class Monitor:
         if network_error:
             self._set_exit(125, network_error)
         self.volumes.release(forget=self.cfg.auto_remove and not self.maintenance)
+        if self.vm.host_cgroup is not None:
+            self.vm.host_cgroup.destroy()
         if self.maintenance:
             pass
         elif self.cfg.auto_remove:

@@ -58,6 +58,7 @@ class RunRequest:
     entrypoint: str | None = None
     hostname: str | None = None
     vcpus: int = 1
+    cpu_limit: float = 0.0
     memory_mib: int = 256
     backend: str = "auto"
     boot_timeout: float = 60.0
@@ -135,6 +136,7 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
             vcpus=req.vcpus, memory_mib=req.memory_mib, container=spec, auto_remove=req.auto_remove,
             stop_signal=parse_signal(config.stop_signal), boot_timeout=req.boot_timeout, log=req.log,
             restart=req.restart, network=network, upper_size=req.upper_size or DEFAULT_UPPER_SIZE,
+            cpu_limit=req.cpu_limit,
         )
         vm_dir.path.mkdir(mode=PRIVATE_DIR, parents=True)
         os.chmod(vm_dir.path, PRIVATE_DIR)
@@ -147,6 +149,13 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
         ctx.state.delete(vm_id)
         raise
     return cfg
+
+
+def _remove_vmm_cgroup(vm_id: str) -> None:
+    """A monitor that was killed could not remove its VMM's host cgroup: rm does (it is empty by now)."""
+    from micropod.monitor.hostcgroup import VmmCgroup
+
+    VmmCgroup(vm_id, 1, 0).destroy()
 
 
 def _resolved_binds(binds: tuple[BindMount, ...], backend: str) -> tuple[BindMount, ...]:
@@ -281,6 +290,7 @@ def remove(ctx: Context, record: VmRecord, force: bool) -> None:
     networking.detach(ctx.root, record.id)
     networking.release_lease(ctx.root, record.id)
     ctx.volumes.release_all(record.id)
+    _remove_vmm_cgroup(record.id)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(vm_dir.path)
     ctx.state.delete(record.id)
