@@ -4,6 +4,7 @@ code is micropod-runtime's (v1 and v2: this host is v1 hybrid)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from micropod.errors import CgroupError, VmmError
@@ -27,11 +28,20 @@ def caps(cpus: float, memory_mib: int) -> dict[str, object]:
 
 
 class VmmCgroup:
+    """The VMM's cgroup. Where the cgroup filesystem cannot be reached (a monitor started by `ip netns exec`,
+    which mounts a fresh /sys without it), the VM runs uncapped and monitor.log says so in one line."""
+
     def __init__(self, vm_id: str, cpus: float, memory_mib: int) -> None:
+        self.vm_id = vm_id
         self.resources = caps(cpus, memory_mib)
-        self.group: Cgroup = open_cgroup(f"{PARENT}/{vm_id}", vm_id)
+        self.group: Cgroup | None = None
 
     def create(self) -> None:
+        try:
+            self.group = open_cgroup(f"{PARENT}/{self.vm_id}", self.vm_id)
+        except (CgroupError, OSError) as exc:
+            log.warning("the VMM runs without a host cgroup of its own: %s", exc)
+            return
         try:
             self.group.create()
             self.group.apply(self.resources)
@@ -40,13 +50,20 @@ class VmmCgroup:
             raise VmmError(f"cannot give the VMM a cgroup of its own: {exc}") from exc
 
     def add(self, pid: int) -> None:
+        if self.group is None:
+            return
         try:
             self.group.add(pid)
         except (CgroupError, OSError) as exc:
             raise VmmError(f"cannot move the VMM (pid {pid}) into its cgroup: {exc}") from exc
 
     def destroy(self) -> None:
+        if self.group is None:
+            with contextlib.suppress(CgroupError, OSError):
+                self.group = open_cgroup(f"{PARENT}/{self.vm_id}", self.vm_id)
+        if self.group is None:
+            return
         try:
             self.group.destroy()
-        except (CgroupError, OSError) as exc:  # a VMM still exiting: the next reconcile's business
+        except (CgroupError, OSError) as exc:  # a VMM still exiting: the next rm's business
             log.warning("the VMM's cgroup was not removed: %s", exc)
