@@ -10,6 +10,7 @@ from micropod.state import StateStore
 
 if TYPE_CHECKING:
     from micropod.image.store import ImageStore
+    from micropod.state.pods import PodStore
     from micropod.volumes import VolumeStore
 
 
@@ -22,6 +23,13 @@ class Context:
     def state(self) -> StateStore:
         self.root.ensure()
         return StateStore(self.root.db)
+
+    @cached_property
+    def pods(self) -> PodStore:
+        from micropod.state.pods import PodStore
+
+        self.root.ensure()
+        return PodStore(self.root.db)
 
     @cached_property
     def volumes(self) -> VolumeStore:

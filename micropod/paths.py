@@ -113,6 +113,14 @@ class StateRoot:
         return VmDir(self.vms / check_vm_id(vm_id))
 
     @property
+    def pods(self) -> Path:
+        return self.path / "pods"
+
+    def pod(self, pod_id: str) -> VmDir:
+        """A pod's VM keeps the files every VM keeps (config.json is the pod's PodConfig)."""
+        return VmDir(self.pods / check_vm_id(pod_id))
+
+    @property
     def tmp(self) -> Path:
         return self.path / "tmp"
 

@@ -17,8 +17,9 @@ from micropod.net.ports import PortMapping
 from micropod.state import records
 
 # config.json of a VM. 0: before records had versions; 1: the same fields, versioned; 2: the container's
-# volumes, binds, tmpfs and read_only (absent in older records: none, and a writable root).
-RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw, lambda raw: raw))
+# volumes, binds, tmpfs and read_only (absent in older records: none, and a writable root); 3: a pod's
+# container's memory_limit and cpu_quota (absent: none).
+RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw, lambda raw: raw, lambda raw: raw))
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -88,6 +89,9 @@ class ContainerSpec:
     read_only: bool = False  # --read-only: the container's root
     pids_limit: int = 0  # --pids-limit: the container's cgroup pids.max inside the VM; 0 is none
     binds: tuple[BindMount, ...] = ()
+    # A pod's container: its --memory (bytes) and --cpus as its cgroup's limits inside the pod's VM; 0 is none.
+    memory_limit: int = 0
+    cpu_quota: float = 0.0
 
     def to_agent(self, rootfs: dict[str, str], volume_disks: tuple[str, ...] = ()) -> dict[str, Any]:
         """The agent's spec; ``volume_disks`` are the guest's devices of the volumes, in order."""

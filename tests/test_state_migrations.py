@@ -37,12 +37,12 @@ def test_a_database_from_before_versions_is_upgraded_and_keeps_its_rows(tmp_path
     store = StateStore(db)
     try:
         old = store.find("old")
-        assert (old.id, old.status, old.restart_count) == ("a1", "exited", 0)
+        assert (old.id, old.status, old.restart_count, old.pod) == ("a1", "exited", 0, "")
     finally:
         store.close()
-    assert columns(db, "vms")[-1] == "restart_count"
+    assert columns(db, "vms")[-2:] == ["restart_count", "pod"]
     with sqlite3.connect(db) as conn:
-        assert table_version(conn, "vms") == VMS.version == 2
+        assert table_version(conn, "vms") == VMS.version == 3
 
 
 def test_a_table_migrated_the_old_way_is_recorded_without_a_step_applied_twice(tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_a_table_newer_than_this_micropod_is_refused_with_one_clear_line(tmp_pat
     open_tables(db, VMS).close()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE schema_versions SET version = 9 WHERE name = 'vms'")
-    with pytest.raises(StateError, match="the vms table is at version 9, newer than this micropod knows \\(2\\)"):
+    with pytest.raises(StateError, match="the vms table is at version 9, newer than this micropod knows \\(3\\)"):
         StateStore(db)
 
 
@@ -97,7 +97,7 @@ def a_config(tmp_path: Path) -> tuple[RunConfig, Path]:
 def test_config_records_carry_their_version_and_old_ones_load(tmp_path: Path) -> None:
     cfg, path = a_config(tmp_path)
     raw = json.loads(path.read_text())
-    assert raw["schema"] == 2
+    assert raw["schema"] == 3
     del raw["schema"]  # as micropod wrote them before records had versions
     for key in ("volumes", "binds", "tmpfs", "read_only"):  # nor had containers these yet
         del raw["container"][key]
@@ -117,7 +117,7 @@ def test_a_config_with_a_renamed_field_is_an_error_not_a_vanished_record(tmp_pat
 
 
 @pytest.mark.parametrize(("content", "problem"), [
-    ('{"schema": 7}', "is at version 7, newer than this micropod knows \\(2\\)"),
+    ('{"schema": 7}', "is at version 7, newer than this micropod knows \\(3\\)"),
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "is not a JSON object"),
     ('{"schema": "1"}', "has a bad 'schema'"),

@@ -26,12 +26,14 @@ REBOOT_COMMANDS = {
 
 
 class Config:
-    __slots__ = ("channel", "grace", "mount_base", "reboot", "test_mode")
+    __slots__ = ("channel", "grace", "mount_base", "pod", "reboot", "test_mode")
 
     def __init__(self, env: dict[str, str]) -> None:
         self.channel = env.get("MICROPOD_AGENT_CHANNEL", "auto")
         self.test_mode = self.channel.startswith("unix:")
         self.mount_base = env.get("MICROPOD_AGENT_MOUNT_BASE", "/mnt")
+        # A pod's VM: containers come and go; the VM stays up until the host shuts it down.
+        self.pod = env.get("MICROPOD_AGENT_POD") == "1"
         self.reboot = REBOOT_COMMANDS.get(env.get("MICROPOD_AGENT_REBOOT", "restart"),
                                           syscalls.LINUX_REBOOT_CMD_RESTART)
         try:

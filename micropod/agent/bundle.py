@@ -105,11 +105,25 @@ def warm_up() -> None:
     seccomp.precompile(_docker_default(tuple(sorted(caps.DOCKER_DEFAULT_CAPS))))
 
 
+CPU_PERIOD = 100_000
+
+
 def _resources(spec: dict[str, Any]) -> dict[str, Any]:
-    limit = spec.get("pids_limit") or 0
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise SecurityError(f"pids_limit: {limit!r} is not a count")
-    return {"pids": {"limit": limit}} if limit else {}
+    """--pids-limit, and a pod's container's --memory and --cpus, as the container's cgroup limits."""
+    limit, memory, cpus = spec.get("pids_limit") or 0, spec.get("memory_limit") or 0, spec.get("cpu_quota") or 0
+    for name, value in (("pids_limit", limit), ("memory_limit", memory)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise SecurityError(f"{name}: {value!r} is not a count")
+    if isinstance(cpus, bool) or not isinstance(cpus, int | float) or not 0 <= cpus <= 1024:
+        raise SecurityError(f"cpu_quota: {cpus!r} is not a number of CPUs")
+    resources: dict[str, Any] = {}
+    if limit:
+        resources["pids"] = {"limit": limit}
+    if memory:
+        resources["memory"] = {"limit": memory}
+    if cpus:
+        resources["cpu"] = {"quota": max(1000, int(cpus * CPU_PERIOD)), "period": CPU_PERIOD}
+    return resources
 
 
 # docker's options for --tmpfs before the user's own, which come later and so win.

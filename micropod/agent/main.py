@@ -83,6 +83,7 @@ class Agent:
             GuestOp.STATS: self.on_stats,
             GuestOp.ARCHIVE_GET: self.copies.on_archive_get,
             GuestOp.ARCHIVE_PUT: self.copies.on_archive_put,
+            GuestOp.REMOVE: self.on_remove,
         }
         self.wakeup_r = signals.catch((_signal.SIGCHLD, *signals.FORWARDED_SIGNALS))
         self.watch(self.wakeup_r, select.EPOLLIN)
@@ -212,8 +213,13 @@ class Agent:
             raise RequestError(f"container {cid} already exists")
         if not isinstance(spec, dict):
             raise RequestError("create needs a spec object")
-        # The first container uses the mount points the guest image provides; a pod's others go to /run.
-        mount_base = self.config.mount_base if not self.containers else f"/run/micropod-{cid}"
+        if message.get("disks") is not None:
+            from micropod.agent import hotdisk
+
+            hotdisk.substitute(spec, hotdisk.resolve(message["disks"]))
+        # A lone container uses the mount points the guest image provides; a pod's containers go to /run.
+        in_pod = self.config.pod or self.containers
+        mount_base = f"/run/micropod-{cid}" if in_pod else self.config.mount_base
         container = mount_container(cid, spec, mount_base)
         self.containers[cid] = container
         self.syslog.serve(container)
@@ -266,6 +272,25 @@ class Agent:
     def on_stats(self, message: dict[str, Any]) -> dict[str, Any]:
         """The guest's counters, read as `docker stats` needs them; the host turns two samples into rates."""
         return stats.guest_stats()
+
+    def on_remove(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A pod's container goes: whatever of it still runs is killed, and its filesystems unmounted, so that
+        the host can take its disks off the VM."""
+        container = self.container(message)
+        doomed = [p for p in self.procs.values() if p.container is container]
+        for proc in doomed:
+            signals.kill_group(proc.pid, _signal.SIGKILL)
+        deadline = time.monotonic() + _KILL_WAIT
+        while any(p.pid in self.procs for p in doomed) and time.monotonic() < deadline:
+            select.select([self.wakeup_r], [], [], 0.05)
+            signals.discard(self.wakeup_r)
+            self.reap()
+        if any(p.pid in self.procs for p in doomed):
+            raise RequestError(f"the processes of container {container.cid} did not die")
+        self.syslog.stop_serving(container)
+        errors = mounts.unmount_all(container.mounted)
+        del self.containers[container.cid]
+        return {"errors": errors} if errors else {}
 
     def on_shutdown(self, message: dict[str, Any]) -> dict[str, Any]:
         errors = self.shutdown()
@@ -330,7 +355,7 @@ class Agent:
                 if other.container is container:
                     signals.kill_group(other.pid, _signal.SIGKILL)
             signals.kill_group(proc.pid, _signal.SIGKILL)
-            if all(c.main_done for c in self.containers.values()):
+            if not self.config.pod and all(c.main_done for c in self.containers.values()):
                 self.shutdown_at = time.monotonic() + self.config.grace
 
     # --- the end --------------------------------------------------------------------------------

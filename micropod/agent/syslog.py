@@ -63,6 +63,15 @@ class Syslog:
         for fd in self.sockets:
             self.forward(fd)
 
+    def stop_serving(self, container: Container) -> None:
+        """A removed container's /dev/log: what it logged goes out, then its socket closes."""
+        for fd, (owner, sock) in list(self.sockets.items()):
+            if owner is container:
+                self.forward(fd)
+                self.agent.watch(fd, 0)
+                sock.close()
+                del self.sockets[fd]
+
     def close(self) -> None:
         for fd, (_, sock) in list(self.sockets.items()):
             self.forward(fd)  # what was logged before the end still goes out

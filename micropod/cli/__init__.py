@@ -32,9 +32,9 @@ def cli(ctx: click.Context, root: str | None, debug: bool) -> None:
 
 
 def _register() -> None:
-    from micropod.cli import containers, copy, images, interactive, network, registry, stats, system, volumes
+    from micropod.cli import containers, copy, images, interactive, network, pods, registry, stats, system, volumes
 
-    for module in (containers, images, registry, system, interactive, stats, copy, network, volumes):
+    for module in (containers, images, registry, system, interactive, stats, copy, network, volumes, pods):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -46,18 +46,21 @@ def _command_text(record: VmRecord) -> str:
 @click.option("--no-trunc", is_flag=True, help="Do not truncate output.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @click.option("-f", "--filter", "filters", multiple=True,
-              help="status=STATE, name=PART or id=PREFIX; a key given twice matches either value.")
+              help="status=STATE, name=PART, id=PREFIX or pod=NAME|ID; a key given twice matches either value.")
+@click.option("--pod", "show_pod", is_flag=True, help="Show the pod of each container (a POD column).")
 @pass_ctx
-def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str, filters: tuple[str, ...]) -> None:
+def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str, filters: tuple[str, ...],
+       show_pod: bool) -> None:
     """List containers."""
     from micropod.cli.output import json_lines, table, truncate
     from micropod.units import human_duration
 
     now = time.time()
     wanted = _parse_filters(filters)
+    pods = _pod_names(ctx) if show_pod or fmt == "json" or "pod" in wanted else {}
     # docker: a status filter looks at every container, as -a does
     records = [r for r in reconcile(ctx) if (show_all or "status" in wanted or r.status == "running")
-               and _matches(r, wanted)]
+               and _matches(r, wanted, pods)]
     if quiet:
         for record in records:
             click.echo(record.id if no_trunc else record.short_id)
@@ -70,6 +73,7 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str, filt
             "ExitCode": record.exit_code, "Backend": record.backend,
             "Ports": _ports(ctx, record),
             "RestartCount": record.restart_count,
+            "Pod": record.pod, "PodName": pods.get(record.pod, ""),
         } for record in records])
         return
     rows = [[
@@ -80,26 +84,35 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str, filt
         _status_text(record, now),
         _ports(ctx, record),
         record.name,
+        *([pods.get(record.pod, "")] if show_pod else []),
     ] for record in records]
-    table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"], rows)
+    table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES",
+           *(["POD"] if show_pod else [])], rows)
+
+
+def _pod_names(ctx: Context) -> dict[str, str]:
+    """Pod id -> name, in one query."""
+    return {pod.id: pod.name for pod in ctx.pods.all()}
 
 
 def _parse_filters(filters: tuple[str, ...]) -> dict[str, set[str]]:
     wanted: dict[str, set[str]] = {}
     for item in filters:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("status", "name", "id"):
-            raise UsageError(f"invalid filter {item!r}: use status=STATE, name=PART or id=PREFIX")
+        if not sep or key not in ("status", "name", "id", "pod"):
+            raise UsageError(f"invalid filter {item!r}: use status=STATE, name=PART, id=PREFIX or pod=NAME|ID")
         if key == "status" and value not in STATES:
             raise UsageError(f"invalid filter {item!r}: the status is one of {', '.join(STATES)}")
         wanted.setdefault(key, set()).add(value)
     return wanted
 
 
-def _matches(record: VmRecord, wanted: dict[str, set[str]]) -> bool:
+def _matches(record: VmRecord, wanted: dict[str, set[str]], pods: dict[str, str]) -> bool:
     def one(key: str, value: str) -> bool:
         if key == "status":
             return docker_state(record) == value
+        if key == "pod":
+            return bool(record.pod) and (pods.get(record.pod) == value or record.pod.startswith(value))
         return value in record.name if key == "name" else record.id.startswith(value)
 
     return all(any(one(key, value) for value in values) for key, values in wanted.items())

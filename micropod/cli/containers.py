@@ -50,6 +50,8 @@ _CONTAINER_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--pids-limit", type=int, default=0, help="At most this many processes in the container (0: none)."),
     click.option("--storage-opt", "storage_opts", multiple=True,
                  help="size=SIZE: the writable layer's size (default 10G, sparse)."),
+    click.option("--pod", help="Run in this pod's VM (see `micropod pod create`); --cpus and --memory then limit "
+                               "the container's cgroup."),
     click.argument("image"),
     click.argument("command", nargs=-1, type=click.UNPROCESSED),
     security_options,
@@ -84,7 +86,27 @@ def _run_request(security: SecurityOptions, options: dict[str, Any]) -> containe
         publish=options["publish"], dns=options["dns"], security=security, volumes=tuple(mounts.volumes),
         tmpfs=tuple(mounts.tmpfs), read_only=mounts.read_only, binds=tuple(mounts.binds),
         pids_limit=_pids_limit(options["pids_limit"]), upper_size=_storage_size(options["storage_opts"]),
+        pod=options["pod"], **_pod_limits(options),
     )
+
+
+def _pod_limits(options: dict[str, Any]) -> dict[str, Any]:
+    """In a pod, the pod's values size the VM: a container's own --memory and --cpus, when given, limit its
+    cgroup inside it."""
+    from micropod.units import parse_memory_mib
+
+    if options["pod"] is None:
+        return {}
+    given = click.get_current_context().get_parameter_source
+    limits: dict[str, Any] = {}
+    if given("memory") == click.core.ParameterSource.COMMANDLINE:
+        limits["memory_limit"] = parse_memory_mib(options["memory"]) << 20
+    if given("cpus") == click.core.ParameterSource.COMMANDLINE:
+        try:
+            limits["cpu_quota"] = float(options["cpus"])
+        except ValueError:
+            raise UsageError(f"invalid --cpus {options['cpus']!r}") from None
+    return limits
 
 
 def _pids_limit(limit: int) -> int:
@@ -258,7 +280,7 @@ def wait(ctx: Context, containers_: tuple[str, ...]) -> None:
         record = ctx.state.find(ident)
         if containers.is_active(record):
             with contextlib.suppress(MicropodError):
-                client = MonitorClient.connect(ctx.root.vm(record.id))
+                client = MonitorClient.of(ctx.root, record)
                 client.request(Op.WAIT)
                 client.follow()
                 client.close()

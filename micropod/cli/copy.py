@@ -54,7 +54,7 @@ def connected(ctx: Context, ident: str) -> Iterator[MonitorClient]:
     record = ctx.state.find(ident)
     if record.status == "running":
         try:
-            client = MonitorClient.connect(ctx.root.vm(record.id))
+            client = MonitorClient.of(ctx.root, record)
         except MicropodError:
             raise ConflictError(f"container {record.name} is not running") from None
         try:

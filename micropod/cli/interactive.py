@@ -144,7 +144,7 @@ def exec_(ctx: Context, interactive: bool, tty: bool, detach: bool, env: tuple[s
     if size is not None:
         spec["rows"], spec["cols"] = size
     try:
-        client = MonitorClient.connect(ctx.root.vm(record.id))
+        client = MonitorClient.of(ctx.root, record)
     except MicropodError:
         raise ConflictError(f"container {record.id} is not running") from None
     try:
@@ -189,7 +189,7 @@ def attach(ctx: Context, no_stdin: bool, sig_proxy: bool, container: str) -> Non
         raise ConflictError(f"You cannot attach to a stopped container, start it first ({record.name})")
     cfg = RunConfig.load(ctx.root.vm(record.id).config)
     try:
-        client = MonitorClient.connect(ctx.root.vm(record.id))
+        client = MonitorClient.of(ctx.root, record)
     except MicropodError:
         raise ConflictError(f"container {record.id} is not running") from None
     stdin = cfg.container.stdin and not no_stdin

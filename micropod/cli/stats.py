@@ -52,7 +52,7 @@ def stats(ctx: Context, no_stream: bool, fmt: str, containers_: tuple[str, ...])
         for record in records:  # again for a VM whose monitor did not answer last time
             if record.id not in clients:
                 with contextlib.suppress(MicropodError):
-                    clients[record.id] = MonitorClient.connect(ctx.root.vm(record.id))
+                    clients[record.id] = MonitorClient.of(ctx.root, record)
         taken = sample_all(clients)
         return {r.id: taken.get(r.id) for r in records}
 

@@ -29,6 +29,11 @@ class Op:
     WAIT: Final = "wait"
     SHUTDOWN: Final = "shutdown"  # the end of a maintenance boot (cp on a stopped container); refused otherwise
     STATS: Final = "stats"
+    # A pod's monitor also takes these; every request about one of its containers names it ("container").
+    ADD: Final = "add"  # container: its disks onto the VM's drive pool, then created and started
+    REMOVE: Final = "remove"  # container: an ended one unmounted, its drives back in the pool; answered
+    POD_STOP: Final = "pod-stop"  # timeout: every container stopped, then the VM powered off
+    POD_KILL: Final = "pod-kill"  # the VM killed at once
 
     # The monitor's messages.
     STARTED: Final = "started"  # id
@@ -36,6 +41,7 @@ class Op:
     EXEC_STARTED: Final = "exec-started"  # sid
     EXEC_EXIT: Final = "exec-exit"  # code, error?
     STATS_REPLY: Final = "stats-reply"  # the guest's counters, or message
+    REMOVED: Final = "removed"  # container: its disks are off the VM
     ERROR: Final = "error"  # message: why a request was refused
 
     # Never on the socket: what MonitorClient.interact returns when the detach keys are typed.
@@ -58,6 +64,10 @@ def exit_message(code: int, error: str | None, restarting: bool = False) -> Mess
     if restarting:
         message["restarting"] = True
     return message
+
+
+def removed_message(container: str) -> Message:
+    return {"op": Op.REMOVED, "id": container}
 
 
 def exec_started_message(sid: int) -> Message:

@@ -16,8 +16,12 @@ from micropod.channel import FramedSocket, decode
 from micropod.errors import AgentError, NotFoundError, TimeoutExpired
 from micropod.monitor import api
 from micropod.monitor.api import Op
-from micropod.paths import VmDir
+from micropod.paths import StateRoot, VmDir
 from micropod.unixsock import SocketDir
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from micropod.state import VmRecord
 
 
 @dataclass(frozen=True)
@@ -29,9 +33,20 @@ class Outcome:
 
 
 class MonitorClient:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, container: str | None = None) -> None:
         self.channel = FramedSocket(sock)
+        # A pod's container: its pod's monitor serves it, and every request names it.
+        self.container = container
         self._backlog: list[tuple[int, int, bytes]] = []  # frames read past the message a caller waited for
+
+    @classmethod
+    def of(cls, root: StateRoot, record: VmRecord, timeout: float = 5.0) -> MonitorClient:
+        """A connection to the monitor that runs ``record``'s container: its own, or its pod's."""
+        if not record.pod:
+            return cls.connect(root.vm(record.id), timeout)
+        client = cls.connect(root.pod(record.pod), timeout)
+        client.container = record.id
+        return client
 
     @classmethod
     def connect(cls, vm_dir: VmDir, timeout: float = 5.0) -> MonitorClient:
@@ -46,6 +61,8 @@ class MonitorClient:
         return cls(sock)
 
     def request(self, op: str, **fields: Any) -> None:
+        if self.container is not None:
+            fields.setdefault("container", self.container)
         self.channel.send_control(api.request(op, **fields))
 
     def follow(
@@ -73,6 +90,9 @@ class MonitorClient:
                     message = decode(payload)
                     if message["op"] in (until, Op.EXIT):
                         return message
+                    if message["op"] == Op.ERROR and self.container is not None:
+                        # a pod's monitor refused what was asked about its container: that is the end of it
+                        return api.exit_message(125, str(message.get("message")))
             if self.channel.closed:
                 raise AgentError("the monitor went away without reporting an exit")
 

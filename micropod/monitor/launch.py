@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from micropod import guestmsg, wire
 from micropod.channel import AgentLink, Frame, FramedSocket
@@ -21,8 +21,7 @@ from micropod.liveness import ProcessRef
 from micropod.monitor.hostcgroup import VmmCgroup
 from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
-from micropod.runconfig import RunConfig
-from micropod.state import StateStore
+from micropod.runconfig import NetworkSettings, RunConfig
 from micropod.vmm import snapshot
 from micropod.vmm.base import Vmm, VmSpec
 from micropod.vmm.child import log_tail
@@ -47,7 +46,7 @@ class NetworkAttachment:
     """The VM's TAP on the host bridge: attached for the first boot, kept by restarts, detached at the end."""
 
     root: StateRoot
-    cfg: RunConfig
+    cfg: Machine
     attached: bool = False
 
     def attach(self) -> None:
@@ -73,13 +72,33 @@ class NetworkAttachment:
         return error
 
 
+class Machine(Protocol):
+    """What booting a VM needs of its config: a container's RunConfig, or a pod's PodConfig."""
+
+    @property
+    def vm_id(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def boot_timeout(self) -> float: ...
+    @property
+    def vcpus(self) -> int: ...
+    @property
+    def memory_mib(self) -> int: ...
+    @property
+    def cpu_limit(self) -> float: ...
+    @property
+    def network(self) -> NetworkSettings: ...
+
+
 class VmProcess:
     """One boot's VMM child and agent channel. A launch that fails leaves them here, for end() to clean up."""
 
-    def __init__(self, cfg: RunConfig, vm_dir: VmDir, store: StateStore, on_frame: Callable[[Frame], None]) -> None:
+    def __init__(self, cfg: Machine, vm_dir: VmDir, record_vmm: Callable[[ProcessRef], None],
+                 on_frame: Callable[[Frame], None]) -> None:
         self.cfg = cfg
         self.vm_dir = vm_dir
-        self.store = store
+        self.record_vmm = record_vmm  # the VMM's process, for the state store
         self.on_frame = on_frame  # agent frames that are not the reply a request waits for
         self.vmm: Vmm | None = None
         self.pidfd: int | None = None
@@ -87,36 +106,26 @@ class VmProcess:
         self.pending: dict[int, OnReply | None] = {}
         self.host_cgroup: VmmCgroup | None = None
 
-    def boot(self, network: NetworkAttachment, maintenance: bool) -> None:
-        """Boot the VM and create the container; start its main process, unless only its disks are wanted."""
-        from micropod.rootfs.upper import create_upper
-
-        if not self.vm_dir.upper.exists():
-            create_upper(self.vm_dir.upper, self.cfg.upper_size)
-        log.debug("phase: upper disk ready")
+    def power_on(self, network: NetworkAttachment, spec_for: Callable[[bool], VmSpec], with_network: bool,
+                 warm: bool = True) -> tuple[VmSpec, float]:
+        """The VMM in its host cgroup, the TAP attached (``with_network``), a live agent, the guest's address
+        set; the VM's spec and the boot's deadline."""
         if self.host_cgroup is None:
             self.host_cgroup = VmmCgroup(self.cfg.vm_id, self.cfg.cpu_limit or self.cfg.vcpus, self.cfg.memory_mib)
             self.host_cgroup.create()
-        if self.cfg.network.enabled and not maintenance:
+        if self.cfg.network.enabled and with_network:
             network.attach()
-        spec = build_spec(self.cfg, self.vm_dir, with_network=network.attached)
+        spec = spec_for(network.attached)
         deadline = time.monotonic() + self.cfg.boot_timeout
-        self.launch(spec, deadline)
+        self.launch(spec, deadline, warm)
         if network.attached:
             self.request(GuestOp.NETWORK, deadline, **lifecycle.agent_request(self.cfg.network))
-        rootfs = {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)}
-        volumes = tuple(spec.guest_disk(volume_drive(i)) for i in range(len(self.cfg.container.volumes)))
-        self.request(GuestOp.CREATE, deadline, id=MAIN, spec=self.cfg.container.to_agent(rootfs, volumes))
-        if maintenance:
-            log.debug("phase: container mounted for maintenance")
-            return
-        self.request(GuestOp.START, deadline, id=MAIN, sid=MAIN_SID)
-        log.debug("phase: container started")
+        return spec, deadline
 
-    def launch(self, spec: VmSpec, deadline: float) -> None:
+    def launch(self, spec: VmSpec, deadline: float, warm: bool = True) -> None:
         """Restore the boot snapshot if there is one, else boot cold; either way the agent answers after."""
         try:
-            self._start(spec, deadline, warm=True)
+            self._start(spec, deadline, warm=warm)
         except BootError as exc:
             vmm = self.vmm
             if vmm is None or not vmm.warm:
@@ -141,7 +150,7 @@ class VmProcess:
                 self.host_cgroup.add(pid)
             ref = ProcessRef.of(pid)
             if ref:
-                self.store.update(self.cfg.vm_id, vmm_pid=ref.pid, vmm_start=ref.started)
+                self.record_vmm(ref)
             self.pidfd = os.pidfd_open(pid)
         channel = FramedSocket(self.vmm.connect_agent(self.cfg.boot_timeout))
         self.link = AgentLink(channel, self.on_frame)
@@ -259,6 +268,27 @@ class VmProcess:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+
+
+def boot_container(vm: VmProcess, cfg: RunConfig, network: NetworkAttachment, maintenance: bool) -> None:
+    """Boot a container's own VM and create the container; start its main process, unless only its disks are
+    wanted."""
+    from micropod.rootfs.upper import create_upper
+
+    vm_dir = vm.vm_dir
+    if not vm_dir.upper.exists():
+        create_upper(vm_dir.upper, cfg.upper_size)
+    log.debug("phase: upper disk ready")
+    spec, deadline = vm.power_on(network, lambda attached: build_spec(cfg, vm_dir, with_network=attached),
+                                 with_network=not maintenance)
+    rootfs = {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)}
+    volumes = tuple(spec.guest_disk(volume_drive(i)) for i in range(len(cfg.container.volumes)))
+    vm.request(GuestOp.CREATE, deadline, id=MAIN, spec=cfg.container.to_agent(rootfs, volumes))
+    if maintenance:
+        log.debug("phase: container mounted for maintenance")
+        return
+    vm.request(GuestOp.START, deadline, id=MAIN, sid=MAIN_SID)
+    log.debug("phase: container started")
 
 
 def remove_vm_sockets(vm_dir: VmDir) -> None:

@@ -13,7 +13,7 @@ from micropod.monitor import api
 from micropod.monitor.api import Op
 from micropod.monitor.clients import Connections
 from micropod.monitor.launch import MAIN_SID, OnReply
-from micropod.monitor.sessions import ExecSessions
+from micropod.monitor.sessions import AgentCall, ExecSessions
 from micropod.runconfig import RunConfig
 from micropod.wire import GuestOp
 
@@ -47,12 +47,18 @@ class Container(Protocol):
     def write_stdin(self, sid: int, kind: int, payload: bytes) -> None: ...
 
 
-class ClientRequests:
-    def __init__(self, cfg: RunConfig, clients: Connections, sessions: ExecSessions, container: Container) -> None:
-        self.cfg = cfg
+class RequestReader:
+    """Frames from a client: each control request handled (a refusal answered with its reason), stdin passed on."""
+
+    def __init__(self, clients: Connections, sessions: ExecSessions) -> None:
         self.clients = clients
         self.sessions = sessions
-        self.container = container
+
+    def _on_request(self, fd: int, message: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _on_stdin(self, fd: int, kind: int, payload: bytes) -> None:
+        raise NotImplementedError
 
     def on_readable(self, fd: int) -> None:
         client = self.clients.clients[fd]
@@ -78,6 +84,31 @@ class ClientRequests:
 
     def _refuse(self, fd: int, error: str) -> None:
         self.clients.send_to(fd, lambda c: c.send_control(api.error_message(error)))
+
+    def _stats(self, fd: int, running: bool, call_agent: AgentCall) -> None:
+        """The guest's counters for the client on ``fd``."""
+        def answer(reply: guestmsg.Reply) -> None:
+            if not reply.ok:
+                message = api.stats_failure_message(reply.message)
+            else:
+                try:
+                    message = api.stats_reply_message(guestmsg.stats(reply))
+                except guestmsg.BadGuestMessage as exc:
+                    guestmsg.refuse(str(exc))
+                    message = api.stats_failure_message("the guest sent malformed stats")
+            self.clients.send_to(fd, lambda c: c.send_control(message))
+
+        if not running:
+            answer(guestmsg.Reply.failure("the container is not running"))
+        else:
+            call_agent(GuestOp.STATS, answer)
+
+
+class ClientRequests(RequestReader):
+    def __init__(self, cfg: RunConfig, clients: Connections, sessions: ExecSessions, container: Container) -> None:
+        super().__init__(clients, sessions)
+        self.cfg = cfg
+        self.container = container
 
     def _on_request(self, fd: int, message: dict[str, Any]) -> None:
         op = message["op"]
@@ -106,7 +137,7 @@ class ClientRequests:
         elif op == Op.SHUTDOWN and self.container.maintenance:
             self.container.end_maintenance()
         elif op == Op.STATS:
-            self._stats(fd)
+            self._stats(fd, self.container.running(), self.container.call_agent)
         else:
             raise AgentError(f"unknown monitor request {op!r}")
 
@@ -119,23 +150,6 @@ class ClientRequests:
     def forwards_stdin(self, fd: int) -> bool:
         """The client on ``fd`` may send stdin for the agent: paused while the agent does not read."""
         return fd in self.sessions.sid_of_client or (fd in self.clients.attached and self.cfg.container.stdin)
-
-    def _stats(self, fd: int) -> None:
-        def answer(reply: guestmsg.Reply) -> None:
-            if not reply.ok:
-                message = api.stats_failure_message(reply.message)
-            else:
-                try:
-                    message = api.stats_reply_message(guestmsg.stats(reply))
-                except guestmsg.BadGuestMessage as exc:
-                    guestmsg.refuse(str(exc))
-                    message = api.stats_failure_message("the guest sent malformed stats")
-            self.clients.send_to(fd, lambda c: c.send_control(message))
-
-        if not self.container.running():
-            answer(guestmsg.Reply.failure("the container is not running"))
-        else:
-            self.container.call_agent(GuestOp.STATS, answer)
 
     def _on_stdin(self, fd: int, kind: int, payload: bytes) -> None:
         """A client's stdin goes to its exec session, or to the main process for an attached client."""

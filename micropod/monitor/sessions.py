@@ -27,6 +27,7 @@ class Session:
     sid: int
     client: int | None
     started: bool = False
+    container: str = MAIN  # the agent's id of the container it runs in
 
 
 class AgentCall(Protocol):
@@ -50,11 +51,15 @@ class ExecSessions:
         sid = self.sid_of_client.get(fd)
         return None if sid is None else self.by_sid[sid]
 
-    def start(self, fd: int, detach: bool, agent_op: str, fields: dict[str, Any]) -> None:
+    def next_sid(self) -> int:
+        """A stream id no session has had (a pod's containers take theirs from here too)."""
+        return next(self._sids)
+
+    def start(self, fd: int, detach: bool, agent_op: str, fields: dict[str, Any], container: str = MAIN) -> None:
         """A session routed between the client on ``fd`` (none if detached) and the agent."""
         if fd in self.sid_of_client:
             raise AgentError("this connection already runs an exec session")
-        session = Session(next(self._sids), None if detach else fd)
+        session = Session(next(self._sids), None if detach else fd, container=container)
         self.by_sid[session.sid] = session
         if not detach:
             self.sid_of_client[fd] = session.sid
@@ -71,7 +76,7 @@ class ExecSessions:
             failure = api.exec_exit_message(reply.code or 125, printable(reply.message))
             self._send(session, lambda c: c.send_control(failure), also=fd)
 
-        self.call_agent(agent_op, started, id=MAIN, sid=session.sid, **fields)
+        self.call_agent(agent_op, started, id=container, sid=session.sid, **fields)
 
     def output(self, sid: int, stream: int, payload: bytes) -> bool:
         """The session's stdout or stderr, for its client; False if there is no such session."""
@@ -95,7 +100,7 @@ class ExecSessions:
         """A signal from the client on ``fd`` for its session's process, once that runs."""
         session = self.by_sid.get(self.sid_of_client[fd])
         if session is not None and session.started:
-            self.call_agent(GuestOp.SIGNAL, None, id=MAIN, sid=session.sid, signal=signum)
+            self.call_agent(GuestOp.SIGNAL, None, id=session.container, sid=session.sid, signal=signum)
 
     def hang_up(self, fd: int) -> None:
         """The client on ``fd`` went away."""
@@ -105,7 +110,7 @@ class ExecSessions:
             # Like a terminal hanging up: the process hears SIGHUP, and its output goes nowhere.
             session.client = None
             if session.started:
-                self.call_agent(GuestOp.SIGNAL, id=MAIN, sid=session.sid, signal=int(signal.SIGHUP))
+                self.call_agent(GuestOp.SIGNAL, id=session.container, sid=session.sid, signal=int(signal.SIGHUP))
 
     def _send(self, session: Session, send: Callable[[FramedSocket], None], also: int | None = None) -> None:
         """To the session's client, or to ``also`` (the client that asked) once the session has none."""

@@ -16,6 +16,7 @@ from micropod import guestmsg
 from micropod.channel import Frame
 from micropod.containerlog import ContainerLog
 from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError, printable
+from micropod.liveness import ProcessRef
 from micropod.monitor import api
 from micropod.monitor.clients import READ, WRITE, Connections, Watchlist
 from micropod.monitor.guest import GuestFrames
@@ -25,6 +26,7 @@ from micropod.monitor.launch import (
     NetworkAttachment,
     OnReply,
     VmProcess,
+    boot_container,
     console_tail,
     remove_vm_sockets,
 )
@@ -58,7 +60,7 @@ class Monitor:
         self.requests = ClientRequests(self.cfg, self.clients, self.sessions, self)
         self.network = NetworkAttachment(root, self.cfg)
         self.volumes = VolumeClaims(root, self.cfg.vm_id, self.cfg.container.volumes)
-        self.vm = VmProcess(self.cfg, self.vm_dir, self.store, self._on_frame)
+        self.vm = self._new_vm()
         self.exit_code: int | None = None
         self.error: str | None = None
         self.kill_deadline: float | None = None
@@ -135,15 +137,21 @@ class Monitor:
         self.kill_deadline = None
         self.stop_escalated = False
         self.done = False
-        self.vm = VmProcess(self.cfg, self.vm_dir, self.store, self._on_frame)
+        self.vm = self._new_vm()
         self.sessions.clear()
         remove_vm_sockets(self.vm_dir)
 
     # -- one boot --------------------------------------------------------------------------------
 
+    def _new_vm(self) -> VmProcess:
+        def record_vmm(ref: ProcessRef) -> None:
+            self.store.update(self.cfg.vm_id, vmm_pid=ref.pid, vmm_start=ref.started)
+
+        return VmProcess(self.cfg, self.vm_dir, record_vmm, self._on_frame)
+
     def _boot_and_start(self) -> None:
         self.volumes.claim()
-        self.vm.boot(self.network, self.maintenance)
+        boot_container(self.vm, self.cfg, self.network, self.maintenance)
         if not self.maintenance:
             self.store.update(self.cfg.vm_id, status="running", started=time.time())
         self.clients.broadcast(api.started_message(self.cfg.vm_id))

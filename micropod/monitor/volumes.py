@@ -45,13 +45,8 @@ class VolumeClaims:
             else:
                 store.detach_all(self.vm_id)
 
-    @contextlib.contextmanager
-    def _store(self) -> Iterator[VolumeStore]:
-        store = VolumeStore(self.root.volumes, self.root.db)
-        try:
-            yield store
-        finally:
-            store.close()
+    def _store(self) -> contextlib.AbstractContextManager[VolumeStore]:
+        return _store(self.root)
 
 
 def _lock(path: Path) -> int:
@@ -62,3 +57,66 @@ def _lock(path: Path) -> int:
         os.close(fd)
         raise ConflictError(f"the volume {path.parent.name} is in use by another running VM") from None
     return fd
+
+
+class PodVolumes:
+    """The named volumes of a pod's containers, held by the pod's VM: a volume that several of them use is
+    attached and locked once, and let go when the last of them is removed or the VM ends."""
+
+    def __init__(self, root: StateRoot, pod_id: str) -> None:
+        self.root, self.pod_id = root, pod_id
+        self._locks: dict[str, int] = {}
+        self._users: dict[str, set[str]] = {}
+
+    def claim(self, member: str, volumes: tuple[VolumeMount, ...]) -> None:
+        if not volumes:
+            return
+        claimed: list[str] = []
+        with _store(self.root) as store:
+            try:
+                for volume in volumes:
+                    store.attach(volume.name, self.pod_id)
+                    if volume.name not in self._locks:
+                        self._locks[volume.name] = _lock(store.get(volume.name).path)
+                    self._users.setdefault(volume.name, set()).add(member)
+                    claimed.append(volume.name)
+            except BaseException:
+                self._let_go(store, member, claimed)
+                raise
+
+    def release(self, member: str) -> None:
+        with _store(self.root) as store:
+            self._let_go(store, member, [name for name, users in self._users.items() if member in users])
+
+    def forget(self, member: str) -> None:
+        """A removed container names its volumes no longer."""
+        with _store(self.root) as store:
+            store.release_all(member)
+
+    def release_all(self) -> None:
+        for fd in self._locks.values():
+            os.close(fd)
+        self._locks.clear()
+        self._users.clear()
+        with _store(self.root) as store:
+            store.detach_all(self.pod_id)
+
+    def _let_go(self, store: VolumeStore, member: str, names: list[str]) -> None:
+        for name in names:
+            users = self._users.get(name, set())
+            users.discard(member)
+            if not users:
+                self._users.pop(name, None)
+                fd = self._locks.pop(name, None)
+                if fd is not None:
+                    os.close(fd)
+                store.detach(name, self.pod_id)
+
+
+@contextlib.contextmanager
+def _store(root: StateRoot) -> Iterator[VolumeStore]:
+    store = VolumeStore(root.volumes, root.db)
+    try:
+        yield store
+    finally:
+        store.close()

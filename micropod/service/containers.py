@@ -26,6 +26,7 @@ from micropod.monitor.client import MonitorClient, Outcome, outcome
 from micropod.names import check_name, generated_name, new_vm_id
 from micropod.net import lifecycle as networking
 from micropod.net.dns import hosts_file
+from micropod.podconfig import PodConfig
 from micropod.rootfs.upper import DEFAULT_UPPER_SIZE
 from micropod.runconfig import (
     BindMount,
@@ -76,6 +77,9 @@ class RunRequest:
     binds: tuple[BindMount, ...] = ()
     pids_limit: int = 0
     upper_size: int | None = None  # --storage-opt size=; None: the default
+    pod: str | None = None  # --pod: a container of that pod's VM, whose own --memory/--cpus become cgroup limits
+    memory_limit: int = 0
+    cpu_quota: float = 0.0
 
 
 def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunConfig:
@@ -88,7 +92,8 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
     name = check_name(req.name) if req.name else generated_name()
     if ctx.state.name_taken(name):  # fail before pulling or building anything; insert() catches a race
         raise name_in_use(name)
-    plan = networking.plan(ctx, req.network, req.publish, req.dns)
+    pod = _pod_of(ctx, req)
+    plan = networking.plan(ctx, "none" if pod else req.network, req.publish, () if pod else req.dns)
     try:
         image = ctx.images.resolve(req.image)
     except NotFoundError:
@@ -97,17 +102,17 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
         image = pull_missing(ctx, req.image)  # like docker: an image not in the store is pulled first
     config = image.config
     command = merge_command(config.entrypoint, config.cmd, req.entrypoint, req.args)
-    backend = resolve_backend(req.backend)
+    backend = pod.backend if pod else resolve_backend(req.backend)
     check_available(backend)
     binds = _resolved_binds(req.binds, backend)
     guest = locate()
     vm_id = new_vm_id()
-    hostname = req.hostname or vm_id[:12]
+    hostname = req.hostname or (pod.hostname if pod else vm_id[:12])
     rootfs = ensure_rootfs(ctx.root, ctx.images, image)
     ctx.state.insert(VmRecord(
         id=vm_id, name=name, image=req.image, image_id=image.id, command=json.dumps(list(command)),
         created=time.time(), status="configured" if configured_only else "created",
-        auto_remove=int(req.auto_remove), backend=backend,
+        auto_remove=int(req.auto_remove), backend=backend, pod=pod.pod_id if pod else "",
     ))
     vm_dir = ctx.root.vm(vm_id)
     try:
@@ -121,14 +126,16 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
             hostname=hostname,
             stdin=req.stdin,
             tty=req.tty,
-            hosts=hosts_file(hostname, network.ip or None),
-            resolv_conf=plan.resolv_conf,
+            hosts=pod.hosts if pod else hosts_file(hostname, network.ip or None),
+            resolv_conf=pod.resolv_conf if pod else plan.resolv_conf,
             security=req.security,
             volumes=volumes,
             tmpfs=req.tmpfs,
             read_only=req.read_only,
             binds=binds,
             pids_limit=req.pids_limit,
+            memory_limit=req.memory_limit,
+            cpu_quota=req.cpu_quota,
         )
         cfg = RunConfig(
             vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,
@@ -149,6 +156,21 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
         ctx.state.delete(vm_id)
         raise
     return cfg
+
+
+def _pod_of(ctx: Context, req: RunRequest) -> PodConfig | None:
+    """--pod's pod; its network, ports and DNS are the pod's, as in podman."""
+    if req.pod is None:
+        return None
+    pod = ctx.pods.find(req.pod)
+    if req.publish:
+        raise UsageError("ports belong to the pod: publish them with `micropod pod create -p`, not on a container "
+                         "of the pod")
+    if req.network is not None or req.dns:
+        raise UsageError("the network belongs to the pod: give --network and --dns to `micropod pod create`")
+    from micropod.service.pods import config
+
+    return config(ctx, pod)
 
 
 def _remove_vmm_cgroup(vm_id: str) -> None:
@@ -184,7 +206,15 @@ def _use_volumes(ctx: Context, vm_id: str, wanted: tuple[VolumeRequest, ...]) ->
 
 
 def start(ctx: Context, cfg: RunConfig, attach: bool, maintenance: bool = False) -> MonitorClient | None:
-    """Spawn the VM's monitor, detached; with ``attach`` the caller gets the output stream."""
+    """Spawn the VM's monitor, detached; with ``attach`` the caller gets the output stream. A pod's container is
+    added to its pod's VM instead."""
+    record = ctx.state.get(cfg.vm_id)
+    if record is not None and record.pod:
+        if maintenance:
+            raise UsageError(f"container {record.name} of a pod is not running: start it to copy files")
+        from micropod.service import pods
+
+        return pods.start_member(ctx, record, attach)
     vm_dir = ctx.root.vm(cfg.vm_id)
     ours: socket.socket | None = None
     theirs: socket.socket | None = None
@@ -245,7 +275,7 @@ def _ask_monitor(
     ctx: Context, record: VmRecord, op: str, fields: dict[str, object], wait: float | None
 ) -> Outcome | None:
     try:
-        client = MonitorClient.connect(ctx.root.vm(record.id))
+        client = MonitorClient.of(ctx.root, record)
     except MicropodError:
         _reap_unmonitored(ctx, record)
         return None
@@ -268,7 +298,7 @@ def _reap_unmonitored(ctx: Context, record: VmRecord) -> None:
     if fresh is None or not is_active(fresh):
         return
     vmm = fresh.vmm
-    if vmm is not None:
+    if vmm is not None and not fresh.pod:  # a pod's container shares its VM: only the pod's end kills it
         vmm.kill()
     monitor = fresh.monitor
     if monitor is not None and monitor.alive():
@@ -286,6 +316,10 @@ def remove(ctx: Context, record: VmRecord, force: bool) -> None:
                 "stop it first or use --force"
             )
         kill_and_wait(ctx, record)
+    if record.pod:
+        from micropod.service import pods
+
+        pods.remove_member(ctx, record)
     vm_dir = ctx.root.vm(record.id)
     networking.detach(ctx.root, record.id)
     networking.release_lease(ctx.root, record.id)
@@ -308,6 +342,8 @@ def wait_started(client: MonitorClient, timeout: float) -> dict[str, Any] | None
 
 def kill_and_wait(ctx: Context, record: VmRecord) -> None:
     _ask_monitor(ctx, record, Op.KILL, {}, STOP_GRACE)
+    if record.pod:
+        return  # its monitor is the pod's, which goes on
     monitor = record.monitor
     deadline = time.monotonic() + STOP_GRACE
     while monitor is not None and monitor.alive() and time.monotonic() < deadline:
@@ -328,6 +364,10 @@ def start_existing(ctx: Context, record: VmRecord) -> MonitorClient:
                                   vmm_start=None)
     if not changed:
         raise ConflictError(f"container {record.name} is being started or removed by another command")
+    if record.pod:
+        from micropod.service import pods
+
+        return pods.start_member(ctx, record, attach=True)
     client = start(ctx, cfg, attach=True)
     assert client is not None
     return client

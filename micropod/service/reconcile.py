@@ -7,6 +7,7 @@ from __future__ import annotations
 from micropod.context import Context
 from micropod.net.config import NetworkConfig
 from micropod.state import ACTIVE, VmRecord
+from micropod.state.pods import POD_ACTIVE
 
 
 def reconcile(ctx: Context) -> list[VmRecord]:
@@ -19,13 +20,16 @@ def reconcile(ctx: Context) -> list[VmRecord]:
     state = ctx.state  # opening it makes the root and the database on first use
     attached, leased = _ids(ctx, "attachments", "leases")
     records = state.reconcile()
-    active = {r.id for r in records if r.status in ACTIVE}
+    pods = ctx.pods.reconcile()
+    live_pods = {p.id for p in pods if p.status in POD_ACTIVE}
+    active = {r.id for r in records if r.status in ACTIVE} | live_pods
     if attached - active:
         from micropod.net.host import HostNetwork
 
         def still_active(vm_id: str) -> bool:
             record = ctx.state.get(vm_id)
-            return record is not None and record.status in ACTIVE
+            pod = ctx.pods.get(vm_id) if record is None else None
+            return (record is not None and record.status in ACTIVE) or (pod is not None and pod.status in POD_ACTIVE)
 
         host = HostNetwork(ctx.root)
         try:
@@ -33,7 +37,7 @@ def reconcile(ctx: Context) -> list[VmRecord]:
                 host.detach(vm_id, unless=still_active)
         finally:
             host.close()
-    stale = leased - {r.id for r in records}
+    stale = leased - {r.id for r in records} - {p.id for p in pods}
     if stale:
         from micropod.net.ipam import Ipam
 

@@ -29,6 +29,8 @@ VMS = Table("vms", (
         backend       TEXT NOT NULL DEFAULT ''
     )"""),
     AddColumn("restart_count", "INTEGER NOT NULL DEFAULT 0"),
+    # The pod (a row of ``pods``) whose VM runs the container; '' for a container in a VM of its own.
+    AddColumn("pod", "TEXT NOT NULL DEFAULT ''"),
 ))
 
 # IP leases: one address per VM id, so that concurrent runs never share one (micropod/net/ipam.py).
@@ -75,4 +77,22 @@ VOLUMES = Table("volumes", (
     )"""),
 ))
 
-ALL = (VMS, LEASES, ATTACHMENTS, VOLUMES)
+# Pods (micropod/state/pods.py): one VM each, with its network and resources; containers name theirs in ``vms.pod``.
+PODS = Table("pods", (
+    Statement("""CREATE TABLE IF NOT EXISTS pods (
+        id            TEXT PRIMARY KEY,
+        name          TEXT NOT NULL UNIQUE,
+        created       REAL NOT NULL,
+        status        TEXT NOT NULL,
+        started       REAL,
+        finished      REAL,
+        error         TEXT,
+        labels        TEXT NOT NULL DEFAULT '{}',
+        monitor_pid   INTEGER,
+        monitor_start INTEGER,
+        vmm_pid       INTEGER,
+        vmm_start     INTEGER
+    )"""),
+))
+
+ALL = (VMS, LEASES, ATTACHMENTS, VOLUMES, PODS)

@@ -50,6 +50,7 @@ class VmRecord:
     auto_remove: int = 0
     backend: str = ""
     restart_count: int = 0
+    pod: str = ""  # the id of the pod whose VM runs it; '' for a container with a VM of its own
 
     @property
     def argv(self) -> list[str]:

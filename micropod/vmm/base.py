@@ -59,6 +59,7 @@ class VmSpec:
     nets: tuple[NetInterface, ...] = ()
     shares: tuple[Share, ...] = ()
     confined: bool = True  # the VMM's own sandbox (QEMU's -sandbox; Firecracker's jailer is its own issue)
+    hot_disks: int = 0  # a pod's VM on QEMU: SCSI disks it can take after boot (micropod/vmm/qemu_scsi.py)
     extra: dict[str, str] = field(default_factory=dict)
 
     def guest_disk(self, drive_id: str) -> str:
@@ -103,3 +104,6 @@ class Vmm(Protocol):
     def pause(self) -> None: ...
 
     def resume(self) -> None: ...
+
+    def patch_drive(self, drive_id: str, path: Path) -> None:
+        """Point a running VM's drive at another file (a pod's containers get their disks this way)."""

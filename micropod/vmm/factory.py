@@ -5,13 +5,18 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from micropod.errors import UsageError, VmmUnavailableError
 from micropod.paths import VmDir
+from micropod.podconfig import PodConfig
 from micropod.runconfig import RunConfig, bind_tag
 from micropod.vmm import snapshot
 from micropod.vmm.accel import kvm_verdict
 from micropod.vmm.base import Drive, NetInterface, Share, Vmm, VmSpec
+
+if TYPE_CHECKING:
+    from micropod.monitor.pool import DrivePool
 
 BACKENDS = ("auto", "qemu", "firecracker")
 
@@ -37,6 +42,60 @@ SYSTEM_DRIVE, ROOTFS_DRIVE, UPPER_DRIVE = "system", "rootfs", "upper"
 def volume_drive(index: int) -> str:
     """The drive id of the container's ``index``-th named volume, after the three disks every VM has."""
     return f"vol{index}"
+
+
+def pool_drive(writable: bool, index: int) -> str:
+    """The id of a pod's ``index``-th read-only or writable placeholder drive (micropod/monitor/pool.py)."""
+    return f"{'rw' if writable else 'ro'}{index}"
+
+
+# The agent of a pod's VM keeps the VM up when its containers exit: only `pod stop` and `pod rm` end it.
+POD_WORD = "MICROPOD_AGENT_POD=1"
+PLACEHOLDER_SIZE = 4096
+
+
+def placeholder(vm_dir: VmDir, drive_id: str) -> Path:
+    """The file a pool drive boots with: a few zeroed blocks, one per drive (QEMU locks a writable file)."""
+    path = vm_dir.path / f"placeholder-{drive_id}.img"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, PLACEHOLDER_SIZE)
+        finally:
+            os.close(fd)
+    return path
+
+
+def build_pod_spec(cfg: PodConfig, vm_dir: VmDir, with_network: bool = True) -> VmSpec:
+    """A pod's VM: the system disk and no container. On QEMU, a SCSI controller for the disks of containers
+    added later; on Firecracker, ``pool`` read-only and ``pool`` writable placeholder drives for them."""
+    pool = () if cfg.backend == "qemu" else tuple(
+        Drive(pool_drive(writable, i), placeholder(vm_dir, pool_drive(writable, i)), read_only=not writable)
+        for writable in (False, True) for i in range(cfg.pool))
+    return VmSpec(
+        vm_id=cfg.pod_id,
+        kernel=Path(cfg.kernel),
+        cmdline=f"{kernel_cmdline(cfg.backend)} {POD_WORD}",
+        vcpus=cfg.vcpus,
+        memory_mib=cfg.memory_mib,
+        drives=(Drive(SYSTEM_DRIVE, Path(cfg.system), read_only=True, is_root=True), *pool),
+        run_dir=vm_dir.path,
+        console_log=vm_dir.console_log,
+        nets=(NetInterface("net0", cfg.network.tap, cfg.network.mac),)
+        if with_network and cfg.network.enabled else (),
+        confined=cfg.vmm_confinement,
+        hot_disks=2 * cfg.pool if cfg.backend == "qemu" else 0,
+    )
+
+
+def pod_disks(vmm: Vmm, spec: VmSpec, cfg: PodConfig, vm_dir: VmDir) -> DrivePool:
+    """The running pod VM's drive pool, the VMM's way."""
+    from micropod.monitor.pool import DrivePool, PlaceholderDisks
+
+    hot_disks = getattr(vmm, "hot_disks", None)
+    if spec.hot_disks and callable(hot_disks):
+        return DrivePool(hot_disks(), 2 * cfg.pool)
+    return DrivePool(PlaceholderDisks(vmm, spec, cfg.pool, lambda slot: placeholder(vm_dir, slot)), cfg.pool)
 
 
 def resolve_backend(requested: str) -> str:

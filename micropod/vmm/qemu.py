@@ -24,6 +24,7 @@ from micropod.vmm.base import AGENT_SERIAL_NAME, VmSpec
 from micropod.vmm.binaries import find_qemu
 from micropod.vmm.capped import CONSOLE_LOG_MAX, VMM_LOG_MAX, CappedLog, close_all
 from micropod.vmm.child import LogSource, died_error, wait_exit, wait_until
+from micropod.vmm.qemu_scsi import ScsiDisks, controller_argv
 from micropod.vmm.qmp import QmpClient
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -123,6 +124,8 @@ def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout) -> lis
                       f"if=none,cache=unsafe,discard=unmap,aio=threads{readonly}",
             "-device", f"virtio-blk-device,drive={drive.drive_id}",
         ]
+    if spec.hot_disks:
+        argv += controller_argv()
     for net in spec.nets:
         argv += [
             "-netdev", f"tap,id={net.iface_id},ifname={net.tap},script=no,downscript=no",
@@ -298,6 +301,10 @@ class QemuVmm:
         finally:
             client.close()
         self._swaps[drive_id] = generation
+
+    def hot_disks(self) -> ScsiDisks:
+        """The pod VM's SCSI disks, added and removed while it runs."""
+        return ScsiDisks(self.sockets.address(QMP_SOCK), self.spec.hot_disks)
 
     def pause(self) -> None:
         self._qmp("stop")

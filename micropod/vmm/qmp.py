@@ -8,6 +8,9 @@ from typing import Any
 
 from micropod.errors import VmmError
 
+# A VMM that a guest took over may answer anything: a reply line longer than this ends the connection.
+MAX_REPLY = 1 << 20
+
 
 class QmpClient:
     def __init__(self, path: str, timeout: float = 5.0) -> None:
@@ -42,6 +45,8 @@ class QmpClient:
 
     def _read(self) -> dict[str, Any]:
         while b"\n" not in self._buf:
+            if len(self._buf) > MAX_REPLY:
+                raise VmmError(f"QMP sent a reply over {MAX_REPLY} bytes")
             chunk = self._sock.recv(65536)
             if not chunk:
                 raise VmmError("QMP connection closed")

@@ -1,0 +1,124 @@
+"""What a pod monitor's clients send: requests about one of the pod's containers (each names it in
+"container"), and the pod's own stop and kill."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError, UsageError
+from micropod.monitor import api
+from micropod.monitor.api import Op
+from micropod.monitor.requests import RequestReader
+from micropod.paths import check_vm_id
+from micropod.wire import GuestOp
+
+if TYPE_CHECKING:
+    from micropod.monitor.members import Member
+    from micropod.monitor.pod import PodMonitor
+
+log = logging.getLogger("micropod.monitor")
+
+_CONTAINER_OPS = (Op.ATTACH, Op.ADD, Op.REMOVE, Op.EXEC, Op.CP_GET, Op.CP_PUT, Op.SIGNAL, Op.STOP, Op.KILL,
+                  Op.WAIT, Op.RESIZE)
+
+
+class PodRequests(RequestReader):
+    def __init__(self, pod: PodMonitor) -> None:
+        super().__init__(pod.clients, pod.sessions)
+        self.pod = pod
+        self.members = pod.members
+
+    def _on_request(self, fd: int, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == Op.POD_STOP:
+            self.pod.stop(float(message.get("timeout", 10)))
+        elif op == Op.POD_KILL:
+            self.pod.kill("killed on request")
+        elif op == Op.STATS:
+            self._stats(fd, self.pod.vm.link is not None, self.pod.call_agent)
+        elif op in _CONTAINER_OPS:
+            self._on_container_request(fd, op, _container_id(message), message)
+        else:
+            raise AgentError(f"unknown pod monitor request {op!r}")
+
+    def _on_container_request(self, fd: int, op: str, cid: str, message: dict[str, Any]) -> None:
+        self.pod.interest[fd] = cid
+        if op == Op.ATTACH:
+            self.pod.attached[fd] = cid
+        elif op == Op.ADD:
+            if self.pod.stopping:
+                raise ContainerCommandError("the pod is stopping", 125)
+            self.members.add(cid)
+            self.clients.send_to(fd, lambda c: c.send_control(api.started_message(cid)))
+        elif op == Op.REMOVE:
+            self.members.remove(cid)
+            self.clients.send_to(fd, lambda c: c.send_control(api.removed_message(cid)))
+        elif op in (Op.EXEC, Op.CP_GET, Op.CP_PUT):
+            self._start_exec(fd, cid, op, message)
+        elif op == Op.SIGNAL and fd in self.sessions.sid_of_client:
+            self.sessions.send_signal(fd, int(message["signal"]))
+        elif op == Op.SIGNAL:
+            self.members.signal(cid, int(message["signal"]))
+        elif op == Op.STOP:
+            member = self._member(cid)
+            self.members.stop(cid, int(message.get("signal") or member.cfg.stop_signal),
+                              float(message.get("timeout", 10)))
+        elif op == Op.KILL:
+            self.members.signal(cid, 9)
+        elif op == Op.RESIZE:
+            self._resize(fd, cid, int(message["rows"]), int(message["cols"]))
+        # WAIT: the client now hears the container's exit
+
+    def _member(self, cid: str) -> Member:
+        member = self.members.by_id.get(cid)
+        if member is None:
+            raise ContainerCommandError(f"container {cid[:12]} is not running in this pod", 125)
+        return member
+
+    def _start_exec(self, fd: int, cid: str, op: str, message: dict[str, Any]) -> None:
+        member = self._member(cid)
+        if not member.running or self.pod.stopping:
+            raise ContainerCommandError(f"container {member.cfg.name} is not running", 125)
+        if op == Op.EXEC:
+            agent_op, fields = GuestOp.EXEC, {"spec": message.get("spec") or {}}
+        else:
+            agent_op = GuestOp.ARCHIVE_GET if op == Op.CP_GET else GuestOp.ARCHIVE_PUT
+            fields = {"path": str(message["path"])}
+        self.sessions.start(fd, bool(message.get("detach")), agent_op, fields, container=cid)
+
+    def _resize(self, fd: int, cid: str, rows: int, cols: int) -> None:
+        sid = self.sessions.sid_of_client.get(fd)
+        if sid is None and self.pod.attached.get(fd) == cid:
+            sid = self._member(cid).sid
+        if sid is not None:
+            self.pod.call_agent(GuestOp.RESIZE, sid=sid, rows=rows, cols=cols)
+
+    def forwards_stdin(self, fd: int) -> bool:
+        return fd in self.sessions.sid_of_client or fd in self.pod.attached
+
+    def _on_stdin(self, fd: int, kind: int, payload: bytes) -> None:
+        session = self.sessions.of_client(fd)
+        if session is not None:
+            if not session.started:
+                return
+            sid = session.sid
+        else:
+            member = self.members.by_id.get(self.pod.attached.get(fd, ""))
+            if member is None or not member.running or not member.cfg.container.stdin:
+                return
+            sid = member.sid
+        try:
+            self.pod.vm.send_stdin(sid, kind, payload)
+        except ChannelFull:
+            log.error("stdin for session %d lost: the agent channel is full", sid)
+        except MicropodError:
+            pass  # the VM is going: its end reaches every client
+
+
+def _container_id(message: dict[str, Any]) -> str:
+    cid = message.get("container")
+    if not isinstance(cid, str):
+        raise UsageError(f"{message['op']} needs the container's id")
+    return check_vm_id(cid)
+

@@ -1,0 +1,70 @@
+"""What `pod create` asked for: the pod's VM (its VMM, size and network) and its drive pool, as plain data in
+the pod's config.json. Its containers keep their own RunConfig; the pod's values size the VM."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from micropod.errors import StateError, UsageError
+from micropod.fsutil import PRIVATE_FILE, atomic_write
+from micropod.runconfig import NetworkSettings
+from micropod.state import records
+
+POD_CONFIG = records.RecordKind("pod's config.json", upgrades=())
+
+DEFAULT_POOL = 4
+# Drive names run /dev/vda../dev/vdz, and the system disk is the first: 12 pairs fit, with room to spare
+# for microvm's virtio-mmio transports (the console, the agent's serial port, the RNG, a NIC, 9p shares).
+MAX_POOL = 10
+
+
+def check_pool(size: int) -> int:
+    if not 1 <= size <= MAX_POOL:
+        raise UsageError(f"invalid --drive-pool {size}: a pod holds 1 to {MAX_POOL} read-only and as many "
+                         "writable drives")
+    return size
+
+
+@dataclass(frozen=True)
+class PodConfig:
+    pod_id: str
+    name: str
+    backend: str
+    kernel: str
+    system: str
+    vcpus: int
+    memory_mib: int
+    hostname: str
+    cpu_limit: float = 0.0
+    boot_timeout: float = 60.0
+    # Placeholder drives the VM boots with, ``pool`` read-only and ``pool`` writable: containers added later
+    # get their image's base, their writable layer and their volumes on them (micropod/monitor/pool.py).
+    pool: int = DEFAULT_POOL
+    labels: dict[str, str] = field(default_factory=dict)
+    hosts: str | None = None
+    resolv_conf: str | None = None
+    vmm_confinement: bool = True
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+
+    @property
+    def vm_id(self) -> str:
+        return self.pod_id
+
+    def dump(self, path: Path) -> None:
+        atomic_write(path, records.encode(POD_CONFIG, asdict(self)), mode=PRIVATE_FILE)
+
+    @classmethod
+    def load(cls, path: Path) -> PodConfig:
+        raw = records.decode(POD_CONFIG, path)
+        if raw is None:
+            raise StateError(f"{path}: the {POD_CONFIG.name} is gone")
+        try:
+            network = NetworkSettings.from_json(raw.pop("network", {}))
+            return cls(network=network, **raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise records.not_understood(POD_CONFIG, path, exc) from None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
