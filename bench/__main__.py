@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from bench import boot, inguest, net, pull, unpack
+from bench import boot, inguest, net, pods, pull, unpack
 from bench import exec as exec_bench
 from bench import runtime as runtime_bench
 
@@ -13,7 +13,7 @@ from bench import runtime as runtime_bench
 def main() -> int:
     results = {"boot": boot.run(), "exec": exec_bench.run()}
     results.update(pull=pull.run(), unpack=unpack.run(), net=net.run(), runtime=runtime_bench.run(),
-                   runtime_in_guest=inguest.run())
+                   runtime_in_guest=inguest.run(), pods=pods.run())
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

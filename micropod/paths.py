@@ -131,7 +131,7 @@ class StateRoot:
     def ensure(self) -> StateRoot:
         from micropod.fsutil import private_dir
 
-        for d in (self.path, self.images, self.rootfs_dir, self.vms, self.tmp):
+        for d in (self.path, self.images, self.rootfs_dir, self.vms, self.pods, self.tmp):
             private_dir(d)
         return self
 

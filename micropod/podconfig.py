@@ -15,15 +15,16 @@ from micropod.state import records
 POD_CONFIG = records.RecordKind("pod's config.json", upgrades=())
 
 DEFAULT_POOL = 4
-# Drive names run /dev/vda../dev/vdz, and the system disk is the first: 12 pairs fit, with room to spare
-# for microvm's virtio-mmio transports (the console, the agent's serial port, the RNG, a NIC, 9p shares).
-MAX_POOL = 10
+# QEMU: SCSI targets on one controller (255 at most); Firecracker: placeholder drives, which with the system
+# disk, a NIC and vsock must fit its virtio-mmio devices (IRQs 5 to 23).
+MAX_POOL = {"qemu": 64, "firecracker": 8}
 
 
-def check_pool(size: int) -> int:
-    if not 1 <= size <= MAX_POOL:
-        raise UsageError(f"invalid --drive-pool {size}: a pod holds 1 to {MAX_POOL} read-only and as many "
-                         "writable drives")
+def check_pool(size: int, backend: str) -> int:
+    limit = MAX_POOL.get(backend, 8)
+    if not 1 <= size <= limit:
+        raise UsageError(f"invalid --drive-pool {size}: a pod on {backend} holds 1 to {limit} read-only and as "
+                         "many writable disks")
     return size
 
 

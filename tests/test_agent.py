@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 GUEST_LIKE_PYTHON = "/usr/bin/python3.11"
 PYTHON = GUEST_LIKE_PYTHON if os.path.exists(GUEST_LIKE_PYTHON) else sys.executable
 BUSYBOX = shutil.which("busybox")
-BOOTSTRAP = f"import sys; sys.path.insert(0, {str(REPO)!r}); from micropod.agent.main import main; main()"
+BOOTSTRAP = f"import sys; sys.path.insert(0, {str(REPO)!r}); from micropod.agent.entry import main; main()"
 TIMEOUT = 15.0
 APPLETS = ("sh", "echo", "cat", "sleep", "id", "true", "false", "env", "pwd", "tty", "test", "ls", "kill",
            "readlink", "stat", "stty", "hostname", "setsid", "logger")

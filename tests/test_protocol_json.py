@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from micropod import wire
-from micropod.agent import main as agent_main
+from micropod.agent import entry as agent_main
 from micropod.vmm import base
 
 MESSAGES: list[dict[str, Any]] = [

@@ -1,5 +1,5 @@
 """``python3.11 -I -S -m micropod.agent``: the guest agent (see main.py)."""
 
-from micropod.agent.main import main
+from micropod.agent.entry import main
 
 main()

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 _WAIT = 10.0
 _SECTOR = 512
 _SCSI_DEVICES = "/sys/bus/scsi/devices"
+_SYS_BLOCK = "/sys/block"
 
 
 def resolve(disks: object) -> dict[str, str]:
@@ -80,7 +81,7 @@ def _block_name(address: object) -> str | None:
 
 def _sectors(name: str) -> int:
     try:
-        with open(f"/sys/block/{name}/size") as f:
+        with open(f"{_SYS_BLOCK}/{name}/size") as f:
             return int(f.read().strip() or 0)
     except (FileNotFoundError, ValueError):
         return -1

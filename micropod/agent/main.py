@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import os
 import select
-import sys
 import time
 
 from micropod import syscalls, wire
 from micropod.agent import boot, handover, launch, mounts, process, signals, stats
-from micropod.agent import channel as channels
 from micropod.agent.console import console
 from micropod.agent.containers import Container, Proc, exec_spec, mount_container, valid_id
 from micropod.agent.errors import RequestError, describe
@@ -42,10 +40,6 @@ if TYPE_CHECKING:
     from typing import Any
 else:
     import _signal  # signal.py itself would import enum
-
-# The same values as micropod.vmm.base, which the agent cannot import (dataclasses, pathlib).
-AGENT_SERIAL_NAME = "micropod.agent"
-AGENT_VSOCK_PORT = 1024
 
 _KILL_WAIT = 5.0
 
@@ -278,19 +272,20 @@ class Agent:
         the host can take its disks off the VM."""
         container = self.container(message)
         doomed = [p for p in self.procs.values() if p.container is container]
-        for proc in doomed:
-            signals.kill_group(proc.pid, _signal.SIGKILL)
-        deadline = time.monotonic() + _KILL_WAIT
-        while any(p.pid in self.procs for p in doomed) and time.monotonic() < deadline:
-            select.select([self.wakeup_r], [], [], 0.05)
-            signals.discard(self.wakeup_r)
-            self.reap()
-        if any(p.pid in self.procs for p in doomed):
+
+        def kill() -> None:
+            for proc in doomed:
+                if proc.pid in self.procs:
+                    signals.kill_group(proc.pid, _signal.SIGKILL)
+
+        if not self.kill_until_gone(kill, lambda: any(p.pid in self.procs for p in doomed)):
             raise RequestError(f"the processes of container {container.cid} did not die")
         self.syslog.stop_serving(container)
         errors = mounts.unmount_all(container.mounted)
         del self.containers[container.cid]
-        return {"errors": errors} if errors else {}
+        if errors:  # a lazy unmount: the filesystem may live on, so its disk must not be reused
+            raise RequestError(f"container {container.cid} was not cleanly unmounted: {'; '.join(errors)}")
+        return {}
 
     def on_shutdown(self, message: dict[str, Any]) -> dict[str, Any]:
         errors = self.shutdown()
@@ -374,22 +369,27 @@ class Agent:
         return errors
 
     def kill_everything(self) -> None:
-        deadline = time.monotonic() + _KILL_WAIT
-        while True:
+        def kill() -> None:
             if os.getpid() == 1:
                 signals.send_signal(-1, _signal.SIGKILL)  # everything but ourselves
-            for proc in self.procs.values():
-                signals.kill_group(proc.pid, _signal.SIGKILL)
-            for pid in signals.children(os.getpid()):
+            for pid in [proc.pid for proc in self.procs.values()] + signals.children(os.getpid()):
                 signals.kill_group(pid, _signal.SIGKILL)
-            self.reap()
-            remaining = deadline - time.monotonic()
-            if (not self.procs and not signals.children(os.getpid())) or remaining <= 0:
-                break
-            select.select([self.wakeup_r], [], [], min(remaining, 0.1))
-            signals.discard(self.wakeup_r)
+
+        self.kill_until_gone(kill, lambda: bool(self.procs or signals.children(os.getpid())))
         for proc in list(self.procs.values()):
             self.log(f"process {proc.pid} did not die")
+
+    def kill_until_gone(self, kill: Callable[[], None], alive: Callable[[], bool]) -> bool:
+        """``kill`` and reap until nothing is ``alive``, within the kill wait; False if something survived."""
+        deadline = time.monotonic() + _KILL_WAIT
+        while True:
+            kill()
+            self.reap()
+            remaining = deadline - time.monotonic()
+            if not alive() or remaining <= 0:
+                return not alive()
+            select.select([self.wakeup_r], [], [], min(remaining, 0.1))
+            signals.discard(self.wakeup_r)
 
     def end(self) -> None:
         if self.config.test_mode:
@@ -401,37 +401,3 @@ class Agent:
             console(f"{exc}; exiting, which panics the kernel and ends the VM")
         os._exit(1)
 
-
-def main() -> None:
-    config = boot.Config(dict(os.environ))
-    boot_errors: list[str] = []
-    if config.test_mode:
-        boot.isolate_test_run()
-    elif os.getpid() == 1:
-        boot_errors = boot.boot()
-    if os.getpid() != 1:
-        syscalls.set_child_subreaper()
-    agent = Agent(config)
-    for error in boot_errors:
-        console(error)
-    try:
-        if config.test_mode:
-            agent.link.attach(channels.connect_unix(config.channel[len("unix:"):]))
-        else:
-            channel, listener = channels.open_guest_channel(config.channel, AGENT_SERIAL_NAME, AGENT_VSOCK_PORT)
-            if listener is not None:
-                agent.link.listen(listener)
-            elif channel is not None:
-                agent.link.attach(channel)
-    except OSError as exc:
-        console(f"cannot open the channel to the host: {exc}")
-        if config.test_mode:
-            sys.exit(1)
-        agent.end()
-    for error in boot_errors:
-        agent.send_control({"op": GuestOp.LOG, "message": f"boot: {error}"})
-    sys.exit(agent.run())
-
-
-if __name__ == "__main__":
-    main()

@@ -34,7 +34,8 @@ class VolumeError(Exception):
 
 
 def _is_disk(device: object) -> bool:
-    return isinstance(device, str) and device.startswith("/dev/vd") and "/" not in device[5:]
+    """A virtio disk, or a SCSI disk hot-added to a pod's VM (micropod/agent/hotdisk.py)."""
+    return isinstance(device, str) and device.startswith(("/dev/vd", "/dev/sd")) and device[5:].isalnum()
 
 
 def _is_tag(tag: object) -> bool:

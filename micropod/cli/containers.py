@@ -141,9 +141,25 @@ def run(ctx: Context, security: SecurityOptions, detach: bool, **options: Any) -
     interactive, tty = options["interactive"], options["tty"]
     check_tty_input(interactive and not detach, tty)
     cfg = containers.create(ctx, _run_request(security, options))
-    client = containers.start(ctx, cfg, attach=True)
+    try:
+        client = containers.start(ctx, cfg, attach=True)
+    except MicropodError:
+        if options["pod"]:
+            containers.discard(ctx, cfg.vm_id)
+        raise
     assert client is not None
-    if detach:
+    if options["pod"]:
+        # Added to a running VM: a container that never started is not left behind, and its output follows.
+        ended = containers.await_start(client, options["boot_timeout"] + 60)
+        if ended is not None:
+            client.close()
+            containers.discard(ctx, cfg.vm_id)
+            _fail_from_exit(ended)
+        if detach:
+            client.close()
+            click.echo(cfg.vm_id)
+            return
+    elif detach:
         ended = containers.wait_started(client, options["boot_timeout"] + 60)
         if ended is not None:
             _fail_from_exit(ended)

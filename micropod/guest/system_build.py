@@ -32,7 +32,7 @@ INIT_SCRIPT = f"""#!{GUEST_PYTHON} -IS
 # PID 1 of a micropod guest: start the agent from the read-only system image.
 import sys
 sys.path.insert(0, "/{AGENT_ROOT}")
-from micropod.agent.main import main
+from micropod.agent.entry import main
 main()
 """
 

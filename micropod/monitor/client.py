@@ -74,16 +74,8 @@ class MonitorClient:
         """Read frames, passing output to ``on_data``, until a control message ``until`` or exit."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutExpired(f"timed out after {timeout:.0f}s waiting for the monitor")
-            try:
-                readable, _, _ = select.select([self.channel.sock], [], [], remaining)
-            except InterruptedError:
-                continue
-            if not readable:
-                continue
-            for kind, stream, payload in self.channel.pump():
+            while self._backlog:  # frames read past what an earlier call waited for come first
+                kind, stream, payload = self._backlog.pop(0)
                 if kind == wire.DATA and on_data is not None:
                     on_data(stream, payload)
                 elif kind == wire.CONTROL:
@@ -95,6 +87,15 @@ class MonitorClient:
                         return api.exit_message(125, str(message.get("message")))
             if self.channel.closed:
                 raise AgentError("the monitor went away without reporting an exit")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutExpired(f"timed out after {timeout:.0f}s waiting for the monitor")
+            try:
+                readable, _, _ = select.select([self.channel.sock], [], [], remaining)
+            except InterruptedError:
+                continue
+            if readable:
+                self._backlog.extend(self.channel.pump())
 
     def interact(
         self,

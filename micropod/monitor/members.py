@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from micropod.containerlog import ContainerLog
-from micropod.errors import ConflictError, ContainerCommandError, MicropodError, NotFoundError
+from micropod.errors import ConflictError, ContainerCommandError, MicropodError, NotFoundError, printable
 from micropod.liveness import ProcessRef
 from micropod.monitor.pool import DrivePool
 from micropod.monitor.volumes import PodVolumes
@@ -39,7 +39,6 @@ class Member:
     in_agent: bool = False  # created (mounted) in the agent
     user_stopped: bool = False
     stop_deadline: float | None = None
-    escalated: bool = False
     restarts: int = 0
     backoff_step: int = 0
     started_at: float = 0.0
@@ -72,6 +71,7 @@ class Members:
         self.volumes = PodVolumes(root, pod_id)
         self.pool: DrivePool | None = None
         self.spec: VmSpec | None = None
+        self.doomed: list[tuple[str, int]] = []  # ended --rm containers and their codes, removed by the loop
 
     def booted(self, spec: VmSpec, pool: DrivePool) -> None:
         self.spec, self.pool = spec, pool
@@ -82,8 +82,8 @@ class Members:
     # -- adding and removing ---------------------------------------------------------------------
 
     def add(self, cid: str) -> Member:
-        """A container of this pod onto the running VM: disks, create, start. On failure nothing of it stays
-        on the VM and its row says why."""
+        """A container of this pod onto the running VM: disks, create, start; a stopped one is made afresh on the
+        disks it has. On failure its row says why, and nothing of it stays on the VM."""
         record = self.store.get(cid)
         if record is None or record.pod != self.pod_id:
             raise NotFoundError(f"no container {cid[:12]} in this pod")
@@ -96,80 +96,93 @@ class Members:
             member = Member(cid, cfg, vm_dir, ContainerLog(vm_dir.container_log, cfg.log.max_size, cfg.log.max_files))
             self.by_id[cid] = member
         member.user_stopped = False
+        started = time.monotonic()
         try:
-            if not member.in_agent:
-                self._create(member)
-            self._start(member)
+            self._run(member)
         except BaseException as exc:
             self.remove(member.cid, quiet=True)
             if isinstance(exc, MicropodError):
-                self.store.update(cid, status="exited", exit_code=getattr(exc, "exit_code", 125), error=str(exc),
-                                  finished=time.time())
+                self.store.update(cid, status="exited", exit_code=getattr(exc, "exit_code", 125),
+                                  error=printable(str(exc)), finished=time.time())
             raise
+        log.info("container %s started in %.0f ms", cid[:12], (time.monotonic() - started) * 1000)
         return member
 
-    def _create(self, member: Member) -> None:
+    def _run(self, member: Member) -> None:
+        """Create the container in the agent on its disks (again, for a restart) and start its process."""
+        assert self.pool is not None
+        cfg = member.cfg
+        if member.in_agent:  # an ended run's container: the agent makes each container once
+            self.vm.request(GuestOp.REMOVE, time.monotonic() + 10.0, id=member.cid)
+            member.in_agent = False
+        disks = self._attach_disks(member)
+        deadline = time.monotonic() + cfg.boot_timeout
+        self.vm.request(GuestOp.CREATE, deadline, id=member.cid, spec=self._agent_spec(member), disks=disks)
+        member.in_agent = True
+        sid = self.vm.next_sid()
+        self.vm.request(GuestOp.START, deadline, id=member.cid, sid=sid)
+        member.sid, member.running, member.started_at = sid, True, time.monotonic()
+        member.restart_at, member.stop_deadline = None, None
+        self.by_sid[sid] = member
+        monitor, vmm = self.vm.refs()
+        self.store.update(member.cid, status="running", started=time.time(), exit_code=None, error=None,
+                          finished=None, monitor_pid=monitor and monitor.pid, monitor_start=monitor and monitor.started,
+                          vmm_pid=vmm and vmm.pid, vmm_start=vmm and vmm.started)
+
+    def _attach_disks(self, member: Member) -> dict[str, int]:
+        """The container's disks in the pool (those it has already are kept): each one's address and size."""
         from micropod.rootfs.upper import create_upper
 
-        assert self.pool is not None and self.spec is not None
+        assert self.pool is not None
         cfg = member.cfg
         if not member.vm_dir.upper.exists():
             create_upper(member.vm_dir.upper, cfg.upper_size)
         self.volumes.claim(member.cid, cfg.container.volumes)
         paths = [(Path(cfg.rootfs), False), (member.vm_dir.upper, True),
                  *((Path(v.path), not v.read_only) for v in cfg.container.volumes)]
-        disks = {self.pool.attach(member.cid, path, writable): path.stat().st_size for path, writable in paths}
-        deadline = time.monotonic() + cfg.boot_timeout
-        self.vm.request(GuestOp.CREATE, deadline, id=member.cid, spec=self._agent_spec(member), disks=disks)
-        member.in_agent = True
-        log.debug("phase: container %s mounted", member.cid[:12])
-
-    def _start(self, member: Member) -> None:
-        sid = self.vm.next_sid()
-        self.vm.request(GuestOp.START, time.monotonic() + member.cfg.boot_timeout, id=member.cid, sid=sid)
-        member.sid, member.running, member.started_at = sid, True, time.monotonic()
-        member.restart_at, member.stop_deadline, member.escalated = None, None, False
-        self.by_sid[sid] = member
-        monitor, vmm = self.vm.refs()
-        self.store.update(member.cid, status="running", started=time.time(), exit_code=None, error=None,
-                          finished=None, monitor_pid=monitor and monitor.pid, monitor_start=monitor and monitor.started,
-                          vmm_pid=vmm and vmm.pid, vmm_start=vmm and vmm.started)
-        log.info("container %s started", member.cid[:12])
+        return {self.pool.attach(member.cid, path, writable): path.stat().st_size for path, writable in paths}
 
     def remove(self, cid: str, quiet: bool = False) -> None:
-        """An ended container off the VM: unmounted in the guest, its drives back in the pool."""
+        """An ended container off the VM: unmounted in the guest, its disks out of the pool. Disks the guest
+        may not have let go of (a failed unmount, a failed unplug) stay out of use until the VM ends."""
         member = self.by_id.get(cid)
         if member is None:
             return
         if member.running and not quiet:
             raise ConflictError(f"container {member.cfg.name} is running; stop it first")
+        problem: MicropodError | None = None
         if member.in_agent:
             try:
                 self.vm.request(GuestOp.REMOVE, time.monotonic() + 10.0, id=cid)
             except MicropodError as exc:
-                if not quiet:
-                    raise
-                log.warning("removing container %s from the guest: %s", cid[:12], exc)
+                problem = exc
             member.in_agent = False
         if self.pool is not None:
-            try:
-                self.pool.release(cid)
-            except MicropodError as exc:
-                if not quiet:
-                    raise
-                log.warning("taking the disks of container %s off the VM: %s", cid[:12], exc)
-        self.volumes.release(cid)
+            if problem is not None:
+                self.pool.quarantine(cid)
+            else:
+                try:
+                    self.pool.release(cid)
+                except MicropodError as exc:
+                    problem = exc
+        # Its volumes stay claimed, and locked, until the VM ends: a VMM, or a guest, that kept hold of the disk
+        # must not share it with another VM.
         member.log.close()
         self.by_sid.pop(member.sid, None)
         del self.by_id[cid]
+        if problem is not None:
+            log.warning("taking container %s off the VM: %s", cid[:12], printable(str(problem)))
+            if not quiet:
+                raise problem
 
     # -- running ---------------------------------------------------------------------------------
 
-    def on_exit(self, sid: int, code: int, pod_stopping: bool) -> bool:
-        """Process ``sid`` ended; False if it is no container's main process."""
-        member = self.by_sid.pop(sid, None)
-        if member is None:
+    def on_exit(self, cid: str, sid: int, code: int, pod_stopping: bool) -> bool:
+        """Process ``sid`` of container ``cid`` ended; False if that is no container's main process."""
+        member = self.by_sid.get(sid)
+        if member is None or member.cid != cid:
             return False
+        del self.by_sid[sid]
         member.running = False
         member.stop_deadline = None
         log.info("container %s exited with %d", member.cid[:12], code)
@@ -185,17 +198,23 @@ class Members:
             self.vm.exited(member, code, None)
             return True
         self.store.update(member.cid, status="exited", exit_code=code, finished=time.time())
-        self.vm.exited(member, code, None)
         if member.cfg.auto_remove:
-            self._forget(member)
+            # by the loop (no request to the agent while its frames are handled), its exit told once it is gone
+            self.doomed.append((member.cid, code))
+        else:
+            self.vm.exited(member, code, None)
         return True
 
-    def _forget(self, member: Member) -> None:
+    def _forget(self, cid: str, code: int) -> None:
         """--rm: the ended container and everything it kept on the host go, as its own monitor would do."""
-        self.remove(member.cid, quiet=True)
-        self.volumes.forget(member.cid)
+        member = self.by_id.get(cid)
+        if member is None or member.running:
+            return
+        self.remove(cid, quiet=True)
+        self.volumes.forget(cid)
         shutil.rmtree(member.vm_dir.path, ignore_errors=True)
-        self.store.delete(member.cid)
+        self.store.delete(cid)
+        self.vm.exited(member, code, None)
 
     def ended_with_vm(self, code: int, error: str | None) -> None:
         """The VM is gone: whatever ran in it ended."""
@@ -239,10 +258,14 @@ class Members:
         return member
 
     def next_deadline(self) -> float | None:
+        if self.doomed:
+            return time.monotonic()
         times = [t for m in self.by_id.values() for t in (m.stop_deadline, m.restart_at) if t is not None]
         return min(times, default=None)
 
     def on_timers(self, now: float) -> None:
+        while self.doomed:
+            self._forget(*self.doomed.pop())
         for member in list(self.by_id.values()):
             if member.stop_deadline is not None and now >= member.stop_deadline:
                 # docker's SIGKILL after the stop timeout; the agent reports the exit
@@ -257,16 +280,11 @@ class Members:
         member.restart_at = None
         log.info("restarting container %s (restart %d)", member.cid[:12], member.restarts)
         try:
-            if member.in_agent:
-                self.vm.request(GuestOp.REMOVE, time.monotonic() + 10.0, id=member.cid)
-                member.in_agent = False
-            deadline = time.monotonic() + member.cfg.boot_timeout
-            self.vm.request(GuestOp.CREATE, deadline, id=member.cid, spec=self._agent_spec(member))
-            member.in_agent = True
-            self._start(member)
+            self._run(member)
         except MicropodError as exc:
-            self.store.update(member.cid, status="exited", exit_code=125, error=str(exc), finished=time.time())
-            self.vm.exited(member, 125, str(exc))
+            error = printable(str(exc))
+            self.store.update(member.cid, status="exited", exit_code=125, error=error, finished=time.time())
+            self.vm.exited(member, 125, error)
 
     def _agent_spec(self, member: Member) -> dict[str, Any]:
         """The agent's spec, on the disks the container has in the pool."""

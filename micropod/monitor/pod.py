@@ -70,7 +70,7 @@ class PodMonitor:
             self.error = self.error or printable(str(exc))
         except Exception as exc:  # the monitor must always record an ending and clean up
             log.exception("pod monitor failure")
-            self.error = self.error or f"monitor failure: {exc!r}"
+            self.error = self.error or printable(f"monitor failure: {exc!r}")
         finally:
             self._finish()
         return 0
@@ -124,7 +124,8 @@ class PodMonitor:
         elif what == "vmm":
             log.info("the pod's VMM exited")
             if not self.stopping:
-                self.error = f"the VM exited unexpectedly; console tail:\n{console_tail(self.vm_dir, self.vm.vmm)}"
+                tail = console_tail(self.vm_dir, self.vm.vmm)
+                self.error = printable(f"the VM exited unexpectedly; console tail:\n{tail}")
             self.done = True
         elif what == "signal":
             self._wake_r.recv(64)
@@ -193,9 +194,13 @@ class PodMonitor:
         if isinstance(message, guestmsg.Reply):
             self.vm.deliver_reply(message)
         elif isinstance(message, guestmsg.Exit):
-            if not self.members.on_exit(message.sid, message.code, self.stopping) \
-                    and not self.sessions.ended(message.sid, message.code, message.message):
-                guestmsg.refuse(f"an exit of session {message.sid}, which does not exist")
+            session = self.sessions.by_sid.get(message.sid)
+            if self.members.on_exit(message.cid, message.sid, message.code, self.stopping):
+                pass
+            elif session is not None and session.container == message.cid:
+                self.sessions.ended(message.sid, message.code, message.message)
+            else:
+                guestmsg.refuse(f"an exit of session {message.sid} of {message.cid[:12]}, which does not exist")
         elif isinstance(message, guestmsg.Syslog):
             member = self.members.by_id.get(message.cid)
             if member is None:

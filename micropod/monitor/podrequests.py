@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError, UsageError
 from micropod.monitor import api
 from micropod.monitor.api import Op
-from micropod.monitor.requests import RequestReader
+from micropod.monitor.requests import RequestReader, signal_field, timeout_field
 from micropod.paths import check_vm_id
 from micropod.wire import GuestOp
 
@@ -32,7 +32,7 @@ class PodRequests(RequestReader):
     def _on_request(self, fd: int, message: dict[str, Any]) -> None:
         op = message["op"]
         if op == Op.POD_STOP:
-            self.pod.stop(float(message.get("timeout", 10)))
+            self.pod.stop(timeout_field(message))
         elif op == Op.POD_KILL:
             self.pod.kill("killed on request")
         elif op == Op.STATS:
@@ -57,13 +57,12 @@ class PodRequests(RequestReader):
         elif op in (Op.EXEC, Op.CP_GET, Op.CP_PUT):
             self._start_exec(fd, cid, op, message)
         elif op == Op.SIGNAL and fd in self.sessions.sid_of_client:
-            self.sessions.send_signal(fd, int(message["signal"]))
+            self.sessions.send_signal(fd, signal_field(message, 0))
         elif op == Op.SIGNAL:
-            self.members.signal(cid, int(message["signal"]))
+            self.members.signal(cid, signal_field(message, 0))
         elif op == Op.STOP:
             member = self._member(cid)
-            self.members.stop(cid, int(message.get("signal") or member.cfg.stop_signal),
-                              float(message.get("timeout", 10)))
+            self.members.stop(cid, signal_field(message, member.cfg.stop_signal), timeout_field(message))
         elif op == Op.KILL:
             self.members.signal(cid, 9)
         elif op == Op.RESIZE:

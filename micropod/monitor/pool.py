@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from micropod.errors import ConflictError, UsageError
+from micropod.errors import ConflictError, MicropodError, UsageError
 from micropod.vmm.base import Vmm, VmSpec
 from micropod.vmm.factory import pool_drive
 
 
 class PoolExhausted(UsageError):
     pass
+
+
+QUARANTINED = "(quarantined)"  # the user of a slot that must not be reused before the VM ends
 
 
 class Disks(Protocol):
@@ -78,6 +81,9 @@ class DrivePool:
             if lent.path == path:
                 if writable and not lent.writable:
                     raise ConflictError(f"{path.name} is attached read-only in this pod; it cannot be written")
+                if writable and QUARANTINED in lent.users:
+                    raise ConflictError(f"{path.name} may still be mounted in this pod's VM from an earlier use; "
+                                        "stop the pod before it is used again")
                 lent.users.add(user)
                 return lent.address
         slot = self._free(writable)
@@ -93,15 +99,32 @@ class DrivePool:
         raise KeyError(str(path))
 
     def release(self, user: str) -> list[str]:
-        """What ``user`` held goes; each slot nobody uses any more is freed."""
-        freed = []
+        """What ``user`` held goes; each slot nobody uses any more is freed. A slot whose detach fails is kept
+        out of use (quarantined) and the first failure raised once every slot was tried."""
+        freed, failure = [], None
         for slot, lent in list(self.lent.items()):
             lent.users.discard(user)
-            if not lent.users:
+            if lent.users:
+                continue
+            try:
                 self.disks.detach(slot)
-                del self.lent[slot]
-                freed.append(slot)
+            except MicropodError as exc:
+                lent.users.add(QUARANTINED)
+                failure = failure or exc
+                continue
+            del self.lent[slot]
+            freed.append(slot)
+        if failure is not None:
+            raise failure
         return freed
+
+    def quarantine(self, user: str) -> None:
+        """The guest may still use what ``user`` held (its unmount failed): none of it is lent again or
+        swapped to another file while this VM runs."""
+        for lent in self.lent.values():
+            if user in lent.users:
+                lent.users.discard(user)
+                lent.users.add(QUARANTINED)
 
     def _free(self, writable: bool) -> str:
         taken = set(self.lent)
@@ -109,5 +132,5 @@ class DrivePool:
         for slot in self.disks.slot_ids(writable):
             if slot not in taken:
                 return slot
-        raise PoolExhausted(f"the pod's drive pool is exhausted: its {self.size} {kind} disks are in use; "
-                            "remove a container of the pod, or create the pod with a larger --drive-pool")
+        raise PoolExhausted(f"the pod's drive pool is exhausted: no slot is free for a {kind} disk; remove a "
+                            "container of the pod, or create the pod with a larger --drive-pool")

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from micropod import guestmsg, wire
 from micropod.channel import decode
-from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError
+from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError, UsageError, printable
 from micropod.monitor import api
 from micropod.monitor.api import Op
 from micropod.monitor.clients import Connections
@@ -47,6 +47,24 @@ class Container(Protocol):
     def write_stdin(self, sid: int, kind: int, payload: bytes) -> None: ...
 
 
+MAX_TIMEOUT = 24 * 3600.0
+
+
+def timeout_field(message: dict[str, Any], default: float = 10.0) -> float:
+    """A request's timeout, in seconds: finite and bounded."""
+    value = float(message.get("timeout", default))
+    if not 0 <= value <= MAX_TIMEOUT:  # NaN fails both
+        raise UsageError(f"invalid timeout {value!r}: 0 to {MAX_TIMEOUT:.0f} seconds")
+    return value
+
+
+def signal_field(message: dict[str, Any], default: int) -> int:
+    value = int(message.get("signal") or default)
+    if not 0 < value < 65:
+        raise UsageError(f"invalid signal {value}")
+    return value
+
+
 class RequestReader:
     """Frames from a client: each control request handled (a refusal answered with its reason), stdin passed on."""
 
@@ -83,7 +101,8 @@ class RequestReader:
             self.clients.drop(fd)
 
     def _refuse(self, fd: int, error: str) -> None:
-        self.clients.send_to(fd, lambda c: c.send_control(api.error_message(error)))
+        text = printable(error)  # it may quote the agent
+        self.clients.send_to(fd, lambda c: c.send_control(api.error_message(text)))
 
     def _stats(self, fd: int, running: bool, call_agent: AgentCall) -> None:
         """The guest's counters for the client on ``fd``."""
@@ -124,12 +143,11 @@ class ClientRequests(RequestReader):
             if sid is not None and self.container.running():
                 self.container.call_agent(GuestOp.RESIZE, sid=sid, rows=int(message["rows"]), cols=int(message["cols"]))
         elif op == Op.SIGNAL and fd in self.sessions.sid_of_client:
-            self.sessions.send_signal(fd, int(message["signal"]))
+            self.sessions.send_signal(fd, signal_field(message, 0))
         elif op == Op.SIGNAL:
-            self.container.signal_main(int(message["signal"]))
+            self.container.signal_main(signal_field(message, 0))
         elif op == Op.STOP:
-            timeout = float(message.get("timeout", 10))
-            self.container.stop(int(message.get("signal") or self.cfg.stop_signal), timeout)
+            self.container.stop(signal_field(message, self.cfg.stop_signal), timeout_field(message))
         elif op == Op.KILL:
             self.container.kill()
         elif op == Op.WAIT:

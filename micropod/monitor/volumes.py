@@ -61,7 +61,8 @@ def _lock(path: Path) -> int:
 
 class PodVolumes:
     """The named volumes of a pod's containers, held by the pod's VM: a volume that several of them use is
-    attached and locked once, and let go when the last of them is removed or the VM ends."""
+    claimed and locked once, and let go when the VM ends (not when a container is removed: the VMM, or the guest,
+    may keep hold of a disk that was taken off the VM, so no other VM may have it before this one is gone)."""
 
     def __init__(self, root: StateRoot, pod_id: str) -> None:
         self.root, self.pod_id = root, pod_id
@@ -83,10 +84,6 @@ class PodVolumes:
             except BaseException:
                 self._let_go(store, member, claimed)
                 raise
-
-    def release(self, member: str) -> None:
-        with _store(self.root) as store:
-            self._let_go(store, member, [name for name, users in self._users.items() if member in users])
 
     def forget(self, member: str) -> None:
         """A removed container names its volumes no longer."""

@@ -334,10 +334,23 @@ def wait_started(client: MonitorClient, timeout: float) -> dict[str, Any] | None
     """Until the monitor says the container has started (None), or its exit message if it ended first; the
     client is closed either way."""
     try:
-        message = client.follow(until=Op.STARTED, timeout=timeout)
+        return await_start(client, timeout)
     finally:
         client.close()
+
+
+def await_start(client: MonitorClient, timeout: float) -> dict[str, Any] | None:
+    """wait_started, with the client left open for what follows the start."""
+    message = client.follow(until=Op.STARTED, timeout=timeout)
     return message if message["op"] == Op.EXIT else None
+
+
+def discard(ctx: Context, vm_id: str) -> None:
+    """A container that never ran goes, with all it has on the host."""
+    record = ctx.state.get(vm_id)
+    if record is not None:
+        with contextlib.suppress(MicropodError):
+            remove(ctx, record, force=True)
 
 
 def kill_and_wait(ctx: Context, record: VmRecord) -> None:

@@ -73,9 +73,9 @@ def create(ctx: Context, req: PodRequest) -> PodConfig:
     name = check_pod_name(req.name) if req.name else generated_name()
     if ctx.pods.name_taken(name):
         raise pod_name_in_use(name)
-    check_pool(req.pool)
     plan = networking.plan(ctx, req.network, req.publish, req.dns)
     backend = resolve_backend(req.backend)
+    check_pool(req.pool, backend)
     check_available(backend)
     guest = locate()
     pod_id = new_vm_id()

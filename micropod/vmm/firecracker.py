@@ -226,9 +226,13 @@ class FirecrackerVmm:
         self._api().resume()
 
     def patch_drive(self, drive_id: str, path: Path) -> None:
-        """Swap a placeholder drive's backing file after boot (how pods get later containers' disks)."""
+        """Swap a placeholder drive's backing file after boot (how pods get later containers' disks); the file is
+        as writable as the drive the VM booted with."""
+        drive = next((d for d in self.spec.drives if d.drive_id == drive_id), None)
+        if drive is None:
+            raise VmmError(f"the VM has no drive {drive_id!r}")
         if self.jailer is not None:
-            self._place_in_jail(path, drive_file_in_jail(drive_id), writable=True)
+            self._place_in_jail(path, drive_file_in_jail(drive_id), writable=not drive.read_only)
         self._api().patch_drive(
             api.PartialDrive(drive_id=drive_id, path_on_host=self.layout.resource(path, drive_file_in_jail(drive_id)))
         )
@@ -258,6 +262,11 @@ class FirecrackerVmm:
         """Hard-link a file into the chroot, as docs/jailer.md asks (a copy would cost the image's size)."""
         target = self.layout.host(name)
         target.unlink(missing_ok=True)
+        if writable:
+            # The jailed firecracker runs as uid:gid and must be able to write its read-write disks. The owner
+            # is changed through a descriptor of the host's own file: the jail's names belong to the VMM, which
+            # may have planted a link there (a read-only file, an image's shared base, is never given away).
+            self._chown_for_jail(source)
         try:
             os.link(source, target)
         except OSError as exc:
@@ -265,14 +274,17 @@ class FirecrackerVmm:
             if exc.errno == errno.EXDEV and self.jailer is not None:
                 hint = f"put the jailer's chroot base {self.jailer.chroot_base} on the filesystem of {source}"
             raise VmmError(f"cannot place {source} in the jail at {target}: {exc.strerror}", hint=hint) from exc
-        if writable:
-            # The jailed firecracker runs as uid:gid and must be able to write its read-write disks.
-            self._chown_for_jail(target)
 
     def _chown_for_jail(self, path: Path) -> None:
         assert self.jailer is not None
-        if os.geteuid() == 0:
-            os.chown(path, self.jailer.uid, self.jailer.gid)
+        if os.geteuid() != 0:
+            return
+        # O_NONBLOCK: the logger's and metrics' named pipes are owned this way too, and must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, self.jailer.uid, self.jailer.gid)
+        finally:
+            os.close(fd)
 
     def _wait_for_api_socket(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

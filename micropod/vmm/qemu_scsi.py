@@ -75,7 +75,7 @@ class ScsiDisks:
         qmp = QmpClient(self.qmp_socket)
         try:
             qmp.execute("device_del", id=slot)
-            deadline = time.monotonic() + _UNPLUG_WAIT
+            deadline, delay = time.monotonic() + _UNPLUG_WAIT, 0.002
             # The guest acknowledges the unplug in its own time; until then the node stays in use.
             while True:
                 try:
@@ -87,7 +87,8 @@ class ScsiDisks:
                         raise
                 if time.monotonic() > deadline:
                     raise VmmError(f"the guest did not release disk {slot} within {_UNPLUG_WAIT:.0f}s")
-                time.sleep(0.002)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
         finally:
             qmp.close()
         del self._nodes[slot]
