@@ -8,9 +8,11 @@ import sys
 from bench import boot, inguest, net, pods, pull, unpack
 from bench import exec as exec_bench
 from bench import runtime as runtime_bench
+from bench.timing import compile_sources
 
 
 def main() -> int:
+    compile_sources()
     results = {"boot": boot.run(), "exec": exec_bench.run()}
     results.update(pull=pull.run(), unpack=unpack.run(), net=net.run(), runtime=runtime_bench.run(),
                    runtime_in_guest=inguest.run(), pods=pods.run())

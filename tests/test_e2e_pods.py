@@ -169,6 +169,9 @@ def test_a_container_of_another_image_joins_the_running_pod_without_a_reboot(pod
     run_in(cli, "p", "limited", "-m", "64M", "--cpus", "0.5", "hello", "sleep", "600")
     code, text = sh(cli, "limited", "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max")
     assert (code, text) == (0, f"{64 << 20}\n50000 100000\n"), text
+    # stats of a pod's container are its own cgroup's: its memory limit, its one process
+    seen = json.loads(cli("stats", "--no-stream", "--format", "json", "limited", timeout=WAIT).stdout)
+    assert seen["MemUsage"].endswith("/ 67.1MB") and seen["PIDs"] == "1", seen
     # stop, then start, of a pod's container: the same VM again
     assert cli("stop", "-t", "1", "limited", timeout=WAIT).returncode == 0
     assert states(cli)["limited"].startswith("Exited (137)"), states(cli)

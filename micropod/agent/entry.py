@@ -1,4 +1,13 @@
-"""The guest's PID 1: boot mounts, the channel to the host, then the agent's loop (micropod/agent/main.py)."""
+"""The guest's PID 1: boot mounts, the channel to the host, then the agent's loop (micropod/agent/main.py).
+
+Settings come from the environment, which the kernel fills from unknown ``KEY=value`` words on its
+command line: MICROPOD_AGENT_CHANNEL (auto | serial | vsock | unix:PATH, the last being test mode),
+MICROPOD_AGENT_REBOOT (restart | poweroff | halt), MICROPOD_AGENT_GRACE (seconds to wait for
+``shutdown`` after the last main process exits), MICROPOD_AGENT_MOUNT_BASE (where a lone container's
+disks are mounted; the guest image provides /mnt/lower, /mnt/upper and /mnt/root), MICROPOD_AGENT_POD=1
+(a pod's VM: it stays up when its containers exit), and, for tests only, MICROPOD_AGENT_HANDOVER=1 (the
+container's program replaces the agent: see handover.py).
+"""
 
 from __future__ import annotations
 

@@ -6,12 +6,7 @@ of wire.py (create, start, exec, signal, resize, shutdown); the agent streams st
 EOF frames and reports each exit after its last output. It reaps every zombie, forwards the signals
 it receives to the containers' main processes, and powers the VM off at the end.
 
-Settings come from the environment, which the kernel fills from unknown ``KEY=value`` words on its
-command line: MICROPOD_AGENT_CHANNEL (auto | serial | vsock | unix:PATH, the last being test mode),
-MICROPOD_AGENT_REBOOT (restart | poweroff | halt), MICROPOD_AGENT_GRACE (seconds to wait for
-``shutdown`` after the last main process exits), MICROPOD_AGENT_MOUNT_BASE (where the first
-container's disks are mounted; the guest image provides /mnt/lower, /mnt/upper and /mnt/root), and, for
-tests only, MICROPOD_AGENT_HANDOVER=1 (the container's program replaces the agent: see handover.py).
+Its settings come from the kernel command line (micropod/agent/entry.py).
 
 Standard library only, and few imports: this runs as ``python3.11 -I -S`` on every VM boot.
 """
@@ -264,8 +259,11 @@ class Agent:
         return {}
 
     def on_stats(self, message: dict[str, Any]) -> dict[str, Any]:
-        """The guest's counters, read as `docker stats` needs them; the host turns two samples into rates."""
-        return stats.guest_stats()
+        """The guest's counters, read as `docker stats` needs them (a pod's container's own, given its id); the
+        host turns two samples into rates."""
+        if message.get("id") is None:
+            return stats.guest_stats()
+        return stats.container_stats(self.container(message).cid)
 
     def on_remove(self, message: dict[str, Any]) -> dict[str, Any]:
         """A pod's container goes: whatever of it still runs is killed, and its filesystems unmounted, so that

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Any
@@ -12,10 +13,33 @@ from micropod.context import Context
 from micropod.errors import MicropodError
 from micropod.paths import StateRoot
 
+# Each command, in --help's order, and the modules that make it (the first holds it in COMMANDS): a command
+# imports only its own module, so that `ps` or `logs` does not pay for every other command's imports.
+_COMMANDS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("run", "create", "start", "restart"), ("containers",)),
+    "ps": ("container_views",),
+    **dict.fromkeys(("stop", "kill", "rm"), ("containers",)),
+    "logs": ("container_views",),
+    "wait": ("containers",),
+    **dict.fromkeys(("pull", "load", "images", "tag", "rmi", "save", "image"), ("images",)),
+    "login": ("registry",), "logout": ("registry",), "system": ("registry", "system"),
+    "inspect": ("system",), "doctor": ("system",),
+    "exec": ("interactive",), "attach": ("interactive",),
+    "stats": ("stats",), "cp": ("copy",), "port": ("network",), "volume": ("volumes",), "pod": ("pods",),
+}
+
 
 class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)
+        return list(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        modules = _COMMANDS.get(cmd_name)
+        if modules is None:
+            return None
+        loaded = [importlib.import_module(f"micropod.cli.{name}") for name in modules]
+        found: click.Command = next(c for c in loaded[0].COMMANDS if c.name == cmd_name)
+        return found
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,17 +53,6 @@ def cli(ctx: click.Context, root: str | None, debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(asctime)s.%(msecs)03d %(message)s", datefmt="%H:%M:%S")
     ctx.obj = Context(StateRoot.from_env(root), debug=debug)
-
-
-def _register() -> None:
-    from micropod.cli import containers, copy, images, interactive, network, pods, registry, stats, system, volumes
-
-    for module in (containers, images, registry, system, interactive, stats, copy, network, volumes, pods):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -177,3 +177,6 @@ def logs(ctx: Context, follow: bool, timestamps: bool, tail: str, since: str | N
                 time.sleep(0.1)
     finally:
         reader.close()
+
+
+COMMANDS = [ps, logs]

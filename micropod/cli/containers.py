@@ -11,7 +11,6 @@ from typing import Any
 
 import click
 
-from micropod.cli.container_views import logs, ps
 from micropod.cli.mounts import mount_options, requested_mounts
 from micropod.cli.security import security_options
 from micropod.context import Context
@@ -357,5 +356,4 @@ def restart(ctx: Context, timeout: int, containers_: tuple[str, ...]) -> None:
     _each(ctx, containers_, action)
 
 
-# ps and logs (container_views) are listed here too, so that --help keeps its order of commands.
-COMMANDS = [run, create, start, restart, ps, stop, kill, rm, logs, wait]
+COMMANDS = [run, create, start, restart, stop, kill, rm, wait]

@@ -115,12 +115,17 @@ class Members:
         if member.in_agent:  # an ended run's container: the agent makes each container once
             self.vm.request(GuestOp.REMOVE, time.monotonic() + 10.0, id=member.cid)
             member.in_agent = False
+        began = time.monotonic()
         disks = self._attach_disks(member)
-        deadline = time.monotonic() + cfg.boot_timeout
+        attached = time.monotonic()
+        deadline = attached + cfg.boot_timeout
         self.vm.request(GuestOp.CREATE, deadline, id=member.cid, spec=self._agent_spec(member), disks=disks)
         member.in_agent = True
+        created = time.monotonic()
         sid = self.vm.next_sid()
         self.vm.request(GuestOp.START, deadline, id=member.cid, sid=sid)
+        log.debug("phase: container %s: disks %.0f ms, create %.0f ms, start %.0f ms", member.cid[:12],
+                  (attached - began) * 1000, (created - attached) * 1000, (time.monotonic() - created) * 1000)
         member.sid, member.running, member.started_at = sid, True, time.monotonic()
         member.restart_at, member.stop_deadline = None, None
         self.by_sid[sid] = member

@@ -35,6 +35,14 @@ class PodRequests(RequestReader):
             self.pod.stop(timeout_field(message))
         elif op == Op.POD_KILL:
             self.pod.kill("killed on request")
+        elif op == Op.STATS and message.get("container") is not None:
+            cid = _container_id(message)
+            member = self.members.by_id.get(cid)
+
+            def of_container(op: str, reply: Any = None, **fields: Any) -> None:
+                self.pod.call_agent(op, reply, id=cid, **fields)
+
+            self._stats(fd, member is not None and member.running, of_container)
         elif op == Op.STATS:
             self._stats(fd, self.pod.vm.link is not None, self.pod.call_agent)
         elif op in _CONTAINER_OPS:
