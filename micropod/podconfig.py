@@ -9,6 +9,7 @@ from typing import Any
 
 from micropod.errors import StateError, UsageError
 from micropod.fsutil import PRIVATE_FILE, atomic_write
+from micropod.quotas import Quotas
 from micropod.runconfig import NetworkSettings
 from micropod.state import records
 
@@ -48,6 +49,7 @@ class PodConfig:
     resolv_conf: str | None = None
     vmm_confinement: bool = True
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    quotas: Quotas = field(default_factory=Quotas)
 
     @property
     def vm_id(self) -> str:
@@ -63,7 +65,7 @@ class PodConfig:
             raise StateError(f"{path}: the {POD_CONFIG.name} is gone")
         try:
             network = NetworkSettings.from_json(raw.pop("network", {}))
-            return cls(network=network, **raw)
+            return cls(network=network, quotas=Quotas.from_json(raw.pop("quotas", {})), **raw)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise records.not_understood(POD_CONFIG, path, exc) from None
 

@@ -14,12 +14,13 @@ from typing import Any
 from micropod.errors import StateError, UsageError
 from micropod.fsutil import PRIVATE_FILE, atomic_write
 from micropod.net.ports import PortMapping
+from micropod.quotas import Quotas
 from micropod.state import records
 
 # config.json of a VM. 0: before records had versions; 1: the same fields, versioned; 2: the container's
 # volumes, binds, tmpfs and read_only (absent in older records: none, and a writable root); 3: a pod's
-# container's memory_limit and cpu_quota (absent: none).
-RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw, lambda raw: raw, lambda raw: raw))
+# container's memory_limit and cpu_quota (absent: none); 4: quotas (absent: none).
+RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,) * 4)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -189,6 +190,7 @@ class RunConfig:
     log: LogOptions = field(default_factory=LogOptions)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    quotas: Quotas = field(default_factory=Quotas)
 
     def dump(self, path: Path) -> None:
         """Write atomically: a reader never sees half a config."""
@@ -224,11 +226,12 @@ class RunConfig:
         log = LogOptions(**raw.pop("log", {}))
         restart = RestartPolicy(**raw.pop("restart", {}))
         network = NetworkSettings.from_json(raw.pop("network", {}))
+        quotas = Quotas.from_json(raw.pop("quotas", {}))
         saved: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                                  for k, v in (container.pop("security", None) or {}).items()}
         security = SecurityOptions(**saved)
         return cls(container=ContainerSpec(security=security, **container), log=log, restart=restart,
-                   network=network, **raw)
+                   network=network, quotas=quotas, **raw)
 
 
 

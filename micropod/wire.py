@@ -14,9 +14,10 @@ containers by id from day one (``main`` for ``run``), so a VM can later hold a w
 Ops, host -> agent: ``create`` {id, spec}, ``start`` {id}, ``signal`` {id, signal}, ``exec`` {id, sid, spec},
 ``resize`` {sid, rows, cols}, ``stats`` {} (the guest's CPU, memory and block counters), ``shutdown`` {},
 ``restore`` {entropy, time}, ``network`` {...}, ``archive-get`` {id, sid, path}, ``archive-put`` {id, sid, path},
-``remove`` {id}. ``create`` may carry ``disks`` {address: bytes}: a pod's disks added after boot (a swapped
-placeholder ``/dev/vdX``, or a hot-added SCSI disk ``scsi:N``), which the agent waits to see, at that size,
-before it mounts them (micropod/agent/hotdisk.py).
+``remove`` {id}, ``update`` {id, pids_limit}. ``create`` may carry ``disks`` {address: bytes}: a pod's disks
+added after boot (a swapped placeholder ``/dev/vdX``, or a hot-added SCSI disk ``scsi:N``), which the agent
+waits to see, at that size, before it mounts them (micropod/agent/hotdisk.py). ``stats`` with an ``id``: that
+pod container's own cgroup counters.
 Replies carry the request's ``req`` and are ``ok`` or
 ``error`` {message, code}. Agent -> host, unsolicited: ``hello`` {version}, ``exit`` {id, sid, code},
 ``log`` {message}, ``syslog`` {id, message} (one datagram from the container's /dev/log).
@@ -69,6 +70,7 @@ class GuestOp:
     ARCHIVE_GET = "archive-get"  # cp out: a tar of a path on the stream of the request's sid
     ARCHIVE_PUT = "archive-put"  # cp in: a tar streamed in on the sid's stdin
     REMOVE = "remove"  # a pod's container: its processes killed, its filesystems unmounted, forgotten
+    UPDATE = "update"  # a running container's cgroup limits (`micropod update`)
     # replies
     OK = "ok"
     ERROR = "error"

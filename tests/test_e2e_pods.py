@@ -177,6 +177,18 @@ def test_a_container_of_another_image_joins_the_running_pod_without_a_reboot(pod
     assert states(cli)["limited"].startswith("Exited (137)"), states(cli)
     assert cli("start", "limited", timeout=WAIT).returncode == 0
     assert sh(cli, "limited", "cat /proc/sys/kernel/random/boot_id") == (0, boot_id)
+    # a pod's container's restart policy: run again in the same VM, with docker's count
+    run_in(cli, "p", "flaky", "--restart", "on-failure:2", "hello", "sh", "-c", "echo try; exit 1")
+
+    def flaky() -> dict[str, object]:
+        info: dict[str, object] = json.loads(cli("inspect", "flaky").stdout)[0]
+        return info
+
+    wait_for(lambda: flaky()["RestartCount"] == 2 and states(cli)["flaky"].startswith("Exited (1)"), 60,
+             "flaky's two restarts", lambda: pod_console(cli, "p"))
+    assert cli("logs", "flaky").stdout == "try\ntry\ntry\n"
+    pod_id = json.loads(cli("pod", "inspect", "p").stdout)[0]["Id"]
+    assert flaky()["Pod"] == pod_id
     # pod restart: a new VM, and the pod's containers in it again
     assert cli("pod", "restart", "-t", "1", "p", timeout=WAIT).returncode == 0
     assert states(cli)["first"].startswith("Up") and states(cli)["limited"].startswith("Up"), states(cli)
@@ -198,8 +210,10 @@ def test_bad_pod_input_is_one_clear_line_and_leaves_nothing_half_made(pods: Cli,
     assert ports.returncode != 0 and "ports belong to the pod" in one_line_error(ports.stderr)
     bad_pool = cli("pod", "create", "--drive-pool", "0")
     assert bad_pool.returncode != 0 and "invalid --drive-pool 0" in one_line_error(bad_pool.stderr)
-    missing = cli("run", "--pod", "small", "-v", f"{tmp_path}/absent:/x", "hello", "true")
-    assert missing.returncode != 0 and "bind source path does not exist" in one_line_error(missing.stderr)
+    bind = cli("run", "--pod", "small", "-v", f"{tmp_path}:/x", "hello", "true")
+    assert bind.returncode != 0 and "use a named volume" in one_line_error(bind.stderr)
+    bad_volume = cli("run", "--pod", "small", "-v", "no/such:/x", "hello", "true")
+    assert bad_volume.returncode != 0 and "Traceback" not in bad_volume.stderr and bad_volume.stderr.count("\n") == 1
     assert cli("ps", "-aq").stdout == ""
 
     # A pool of one read-only and one writable disk (two SCSI slots on QEMU) holds one container.

@@ -73,6 +73,7 @@ class Agent:
             GuestOp.ARCHIVE_GET: self.copies.on_archive_get,
             GuestOp.ARCHIVE_PUT: self.copies.on_archive_put,
             GuestOp.REMOVE: self.on_remove,
+            GuestOp.UPDATE: self.on_update,
         }
         self.wakeup_r = signals.catch((_signal.SIGCHLD, *signals.FORWARDED_SIGNALS))
         self.watch(self.wakeup_r, select.EPOLLIN)
@@ -264,6 +265,17 @@ class Agent:
         if message.get("id") is None:
             return stats.guest_stats()
         return stats.container_stats(self.container(message).cid)
+
+    def on_update(self, message: dict[str, Any]) -> dict[str, Any]:
+        """New cgroup limits for a running container: its pids.max (-1: none)."""
+        container = self.container(message)
+        limit = message.get("pids_limit")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not -1 <= limit < 1 << 31:
+            raise RequestError(f"pids_limit: {limit!r} is not a count")
+        from micropod.agent import runtime
+
+        runtime.update(container.cid, {"pids": {"limit": limit or -1}})
+        return {}
 
     def on_remove(self, message: dict[str, Any]) -> dict[str, Any]:
         """A pod's container goes: whatever of it still runs is killed, and its filesystems unmounted, so that

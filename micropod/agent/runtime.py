@@ -116,6 +116,15 @@ def _container_process(cid: str) -> dict[str, Any]:
     return dict(document.get("process") or {})
 
 
+def update(cid: str, resources: dict[str, Any]) -> None:
+    """New limits for a running container's cgroup, as `micropod-runtime update` sets them."""
+    from micropod.runtime import cgroups
+
+    group = cgroups.cgroup_from_paths(_life().states.load(cid).cgroup_paths)
+    group.validate(resources)
+    group.apply(resources)
+
+
 def forget(cid: str) -> None:
     """The runtime's record and cgroup of an ended container (its processes killed first)."""
     with contextlib.suppress(OciRuntimeError, OSError):

@@ -20,7 +20,7 @@ _COMMANDS: dict[str, tuple[str, ...]] = {
     "ps": ("container_views",),
     **dict.fromkeys(("stop", "kill", "rm"), ("containers",)),
     "logs": ("container_views",),
-    "wait": ("containers",),
+    "wait": ("containers",), "update": ("update",),
     **dict.fromkeys(("pull", "load", "images", "tag", "rmi", "save", "image"), ("images",)),
     "login": ("registry",), "logout": ("registry",), "system": ("registry", "system"),
     "inspect": ("system",), "doctor": ("system",),

@@ -16,6 +16,7 @@ from micropod.cli.security import security_options
 from micropod.context import Context
 from micropod.errors import MicropodError, NotFoundError, UsageError
 from micropod.monitor.api import Op
+from micropod.quotas import Quotas
 from micropod.runconfig import SecurityOptions
 from micropod.service import containers
 from micropod.service.reconcile import reconcile
@@ -49,6 +50,14 @@ _CONTAINER_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--pids-limit", type=int, default=0, help="At most this many processes in the container (0: none)."),
     click.option("--storage-opt", "storage_opts", multiple=True,
                  help="size=SIZE: the writable layer's size (default 10G, sparse)."),
+    click.option("--cpu-shares", type=int, default=0, help="The VMM's CPU weight against other VMs (1024 default)."),
+    click.option("--cpuset-cpus", default="", help="Host CPUs the VMM may run on (0-1,3)."),
+    click.option("--memory-reservation", default="", help="The VMM's soft memory limit (e.g. 128M)."),
+    click.option("--device-read-bps", multiple=True, help="[PATH:]RATE: reads of the container's disks (5m)."),
+    click.option("--device-write-bps", multiple=True, help="[PATH:]RATE: writes to the container's disks (5m)."),
+    click.option("--device-read-iops", multiple=True, help="[PATH:]N: read operations per second."),
+    click.option("--device-write-iops", multiple=True, help="[PATH:]N: write operations per second."),
+    click.option("--network-rate", default="", help="Bytes per second each way on the VM's NIC (e.g. 10m)."),
     click.option("--pod", help="Run in this pod's VM (see `micropod pod create`); --cpus and --memory then limit "
                                "the container's cgroup."),
     click.argument("image"),
@@ -85,7 +94,25 @@ def _run_request(security: SecurityOptions, options: dict[str, Any]) -> containe
         publish=options["publish"], dns=options["dns"], security=security, volumes=tuple(mounts.volumes),
         tmpfs=tuple(mounts.tmpfs), read_only=mounts.read_only, binds=tuple(mounts.binds),
         pids_limit=_pids_limit(options["pids_limit"]), upper_size=_storage_size(options["storage_opts"]),
-        pod=options["pod"], **_pod_limits(options),
+        pod=options["pod"], quotas=quotas_of(options), **_pod_limits(options),
+    )
+
+
+def quotas_of(options: dict[str, Any]) -> Quotas:
+    """run's, create's and update's quota flags."""
+    from micropod.quotas import parse_cpu_shares, parse_cpuset, parse_disk_rates, parse_rate
+    from micropod.units import parse_memory_mib
+
+    flags = {f"--{name.replace('_', '-')}": tuple(options.get(name) or ())
+             for name in ("device_read_bps", "device_write_bps", "device_read_iops", "device_write_iops")}
+    reservation = options.get("memory_reservation") or ""
+    rate = options.get("network_rate") or ""
+    return Quotas(
+        cpu_shares=parse_cpu_shares(options.get("cpu_shares") or 0),
+        cpuset_cpus=parse_cpuset(options.get("cpuset_cpus") or ""),
+        memory_reservation_mib=parse_memory_mib(reservation) if reservation else 0,
+        disk_rates=parse_disk_rates(flags),
+        network_rate=parse_rate(rate, "--network-rate") if rate else 0,
     )
 
 

@@ -29,6 +29,7 @@ class Op:
     WAIT: Final = "wait"
     SHUTDOWN: Final = "shutdown"  # the end of a maintenance boot (cp on a stopped container); refused otherwise
     STATS: Final = "stats"
+    UPDATE: Final = "update"  # the container's config.json has new limits: apply them; answered by UPDATED
     # A pod's monitor also takes these; every request about one of its containers names it ("container").
     ADD: Final = "add"  # container: its disks onto the VM's drive pool, then created and started
     REMOVE: Final = "remove"  # container: an ended one unmounted, its drives back in the pool; answered
@@ -42,6 +43,7 @@ class Op:
     EXEC_EXIT: Final = "exec-exit"  # code, error?
     STATS_REPLY: Final = "stats-reply"  # the guest's counters, or message
     REMOVED: Final = "removed"  # container: its disks are off the VM
+    UPDATED: Final = "updated"  # the new limits hold
     ERROR: Final = "error"  # message: why a request was refused
 
     # Never on the socket: what MonitorClient.interact returns when the detach keys are typed.
@@ -64,6 +66,10 @@ def exit_message(code: int, error: str | None, restarting: bool = False) -> Mess
     if restarting:
         message["restarting"] = True
     return message
+
+
+def updated_message() -> Message:
+    return {"op": Op.UPDATED}
 
 
 def removed_message(container: str) -> Message:

@@ -68,10 +68,12 @@ class MonitorClient:
     def follow(
         self,
         on_data: Callable[[int, bytes], None] | None = None,
-        until: str = Op.EXIT,
+        until: str | tuple[str, ...] = Op.EXIT,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Read frames, passing output to ``on_data``, until a control message ``until`` or exit."""
+        """Read frames, passing output to ``on_data``, until a control message ``until`` (one op, or any of
+        several) or exit."""
+        ends = {until, Op.EXIT} if isinstance(until, str) else {*until, Op.EXIT}
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             while self._backlog:  # frames read past what an earlier call waited for come first
@@ -80,7 +82,7 @@ class MonitorClient:
                     on_data(stream, payload)
                 elif kind == wire.CONTROL:
                     message = decode(payload)
-                    if message["op"] in (until, Op.EXIT):
+                    if message["op"] in ends:
                         return message
                     if message["op"] == Op.ERROR and self.container is not None:
                         # a pod's monitor refused what was asked about its container: that is the end of it

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 from micropod.errors import CgroupError, VmmError
+from micropod.quotas import Quotas
 from micropod.runtime.cgroups import Cgroup, open_cgroup
 
 log = logging.getLogger("micropod.monitor")
@@ -20,20 +22,29 @@ PERIOD_US = 100_000
 OVERHEAD_MIB = 512
 
 
-def caps(cpus: float, memory_mib: int) -> dict[str, object]:
+def caps(cpus: float, memory_mib: int, quotas: Quotas | None = None) -> dict[str, Any]:
     """The cgroup resources for a VM: ``cpus`` CPUs' worth of time per period (0.5 is half of one, whatever
-    the vCPUs the guest sees), and its memory plus the VMM's overhead."""
-    return {"cpu": {"quota": int(cpus * PERIOD_US), "period": PERIOD_US},
-            "memory": {"limit": (memory_mib + OVERHEAD_MIB) << 20}}
+    the vCPUs the guest sees), and its memory plus the VMM's overhead; the quotas' CPU shares, cpuset and
+    memory reservation (which is the guest's, so the VMM's overhead is added to it too)."""
+    quotas = quotas or Quotas()
+    cpu: dict[str, Any] = {"quota": int(cpus * PERIOD_US), "period": PERIOD_US}
+    if quotas.cpu_shares:
+        cpu["shares"] = quotas.cpu_shares
+    if quotas.cpuset_cpus:
+        cpu["cpus"] = quotas.cpuset_cpus
+    memory: dict[str, Any] = {"limit": (memory_mib + OVERHEAD_MIB) << 20}
+    if quotas.memory_reservation_mib:
+        memory["reservation"] = (quotas.memory_reservation_mib + OVERHEAD_MIB) << 20
+    return {"cpu": cpu, "memory": memory}
 
 
 class VmmCgroup:
     """The VMM's cgroup. Where the cgroup filesystem cannot be reached (a monitor started by `ip netns exec`,
     which mounts a fresh /sys without it), the VM runs uncapped and monitor.log says so in one line."""
 
-    def __init__(self, vm_id: str, cpus: float, memory_mib: int) -> None:
+    def __init__(self, vm_id: str, cpus: float, memory_mib: int, quotas: Quotas | None = None) -> None:
         self.vm_id = vm_id
-        self.resources = caps(cpus, memory_mib)
+        self.resources = caps(cpus, memory_mib, quotas)
         self.group: Cgroup | None = None
 
     def create(self) -> None:
@@ -48,6 +59,16 @@ class VmmCgroup:
         except (CgroupError, OSError) as exc:
             self.destroy()
             raise VmmError(f"cannot give the VMM a cgroup of its own: {exc}") from exc
+
+    def update(self, resources: dict[str, Any]) -> None:
+        """New caps for a running VM (`micropod update`)."""
+        self.resources = resources
+        if self.group is None:
+            return
+        try:
+            self.group.apply(resources)
+        except (CgroupError, OSError) as exc:
+            raise VmmError(f"cannot change the VMM's cgroup: {exc}") from exc
 
     def add(self, pid: int) -> None:
         if self.group is None:

@@ -21,6 +21,7 @@ from micropod.liveness import ProcessRef
 from micropod.monitor.hostcgroup import VmmCgroup
 from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
+from micropod.quotas import Quotas
 from micropod.runconfig import NetworkSettings, RunConfig
 from micropod.vmm import snapshot
 from micropod.vmm.base import Vmm, VmSpec
@@ -41,6 +42,11 @@ MAX_PENDING = 1024  # requests waiting for the agent's answer
 OnReply = Callable[[guestmsg.Reply], None]
 
 
+def send_rate(cfg: Machine) -> int:
+    """What the guest may send, as the host's rules hold it: on QEMU only (Firecracker limits it itself)."""
+    return cfg.quotas.network_rate if cfg.backend == "qemu" else 0
+
+
 @dataclass
 class NetworkAttachment:
     """The VM's TAP on the host bridge: attached for the first boot, kept by restarts, detached at the end."""
@@ -53,7 +59,7 @@ class NetworkAttachment:
         if self.attached:
             return
         network = self.cfg.network
-        lifecycle.attach(self.root, self.cfg.vm_id, network)
+        lifecycle.attach(self.root, self.cfg.vm_id, network, send_rate(self.cfg))
         self.attached = True
         log.debug("phase: network attached (%s on %s)", network.tap, network.bridge)
 
@@ -89,6 +95,8 @@ class Machine(Protocol):
     def cpu_limit(self) -> float: ...
     @property
     def network(self) -> NetworkSettings: ...
+    @property
+    def quotas(self) -> Quotas: ...
 
 
 class VmProcess:
@@ -111,7 +119,8 @@ class VmProcess:
         """The VMM in its host cgroup, the TAP attached (``with_network``), a live agent, the guest's address
         set; the VM's spec and the boot's deadline."""
         if self.host_cgroup is None:
-            self.host_cgroup = VmmCgroup(self.cfg.vm_id, self.cfg.cpu_limit or self.cfg.vcpus, self.cfg.memory_mib)
+            self.host_cgroup = VmmCgroup(self.cfg.vm_id, self.cfg.cpu_limit or self.cfg.vcpus, self.cfg.memory_mib,
+                                         self.cfg.quotas)
             self.host_cgroup.create()
         if self.cfg.network.enabled and with_network:
             network.attach()
@@ -152,6 +161,7 @@ class VmProcess:
             if ref:
                 self.record_vmm(ref)
             self.pidfd = os.pidfd_open(pid)
+        self.vmm.apply_limits()
         channel = FramedSocket(self.vmm.connect_agent(self.cfg.boot_timeout))
         self.link = AgentLink(channel, self.on_frame)
         if not self.vmm.warm:

@@ -4,6 +4,7 @@ session."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from micropod import guestmsg, wire
@@ -45,6 +46,9 @@ class Container(Protocol):
     def end_maintenance(self) -> None: ...
 
     def write_stdin(self, sid: int, kind: int, payload: bytes) -> None: ...
+
+    def update(self, done: Callable[[str | None], None]) -> None:
+        """Apply the container's rewritten config.json; ``done`` hears None or why not."""
 
 
 MAX_TIMEOUT = 24 * 3600.0
@@ -156,6 +160,12 @@ class ClientRequests(RequestReader):
             self.container.end_maintenance()
         elif op == Op.STATS:
             self._stats(fd, self.container.running(), self.container.call_agent)
+        elif op == Op.UPDATE:
+            def done(error: str | None) -> None:
+                message = api.updated_message() if error is None else api.error_message(error)
+                self.clients.send_to(fd, lambda c: c.send_control(message))
+
+            self.container.update(done)
         else:
             raise AgentError(f"unknown monitor request {op!r}")
 

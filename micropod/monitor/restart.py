@@ -13,6 +13,10 @@ BACKOFF_RESET = 10.0  # a run this long resets the restart delay, as docker does
 
 class Boots(Protocol):
     @property
+    def restart_policy(self) -> RestartPolicy:
+        """The container's policy as it is now (`micropod update --restart` changes it)."""
+
+    @property
     def user_stopped(self) -> bool:
         """A stop, a kill or a signal came: no restart policy boots again after that."""
 
@@ -29,13 +33,13 @@ class Boots(Protocol):
         """Forget the ended boot, for the next one."""
 
 
-def run_with_restarts(boots: Boots, policy: RestartPolicy) -> None:
+def run_with_restarts(boots: Boots) -> None:
     restarts = 0
     backoff_step = 0
     while True:
         started = time.monotonic()
         code = boots.run_once()
-        if not policy.wants_restart(code, restarts, boots.user_stopped):
+        if not boots.restart_policy.wants_restart(code, restarts, boots.user_stopped):
             return
         if time.monotonic() - started >= BACKOFF_RESET:
             backoff_step = 0

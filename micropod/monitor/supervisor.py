@@ -33,10 +33,11 @@ from micropod.monitor.launch import (
 from micropod.monitor.requests import ClientRequests
 from micropod.monitor.restart import run_with_restarts
 from micropod.monitor.sessions import ExecSessions
+from micropod.monitor.update import apply_update
 from micropod.monitor.volumes import VolumeClaims
 from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
-from micropod.runconfig import RunConfig
+from micropod.runconfig import RestartPolicy, RunConfig
 from micropod.state import StateStore
 from micropod.wire import GuestOp
 
@@ -61,6 +62,7 @@ class Monitor:
         self.network = NetworkAttachment(root, self.cfg)
         self.volumes = VolumeClaims(root, self.cfg.vm_id, self.cfg.container.volumes)
         self.vm = self._new_vm()
+        self._pids_limit = self.cfg.container.pids_limit
         self.exit_code: int | None = None
         self.error: str | None = None
         self.kill_deadline: float | None = None
@@ -75,13 +77,17 @@ class Monitor:
 
     # -- boots (restart.Boots) --------------------------------------------------------------------
 
+    @property
+    def restart_policy(self) -> RestartPolicy:
+        return self.cfg.restart
+
     def run(self) -> int:
         self._install_signals()
         try:
             if self.maintenance:
                 self.run_once()  # no restart policy applies
             else:
-                run_with_restarts(self, self.cfg.restart)
+                run_with_restarts(self)
         finally:
             self._finish()
         return 0
@@ -320,6 +326,21 @@ class Monitor:
     def kill(self) -> None:
         self.user_stopped = True
         self._kill_vm("killed on request")
+
+    def update(self, done: Callable[[str | None], None]) -> None:
+        """`micropod update` rewrote the container's config.json: what changed goes onto the running VM, and
+        ``done`` hears whether it all took (None) or why not."""
+        new = apply_update(self.root, self.cfg, self.vm_dir, self.vm)
+        self.cfg = self.requests.cfg = self.vm.cfg = new
+        if new.container.pids_limit == self._pids_limit or not self.running():
+            done(None)
+            return
+        self._pids_limit = new.container.pids_limit
+
+        def answer(reply: guestmsg.Reply) -> None:
+            done(None if reply.ok else printable(reply.message or "the agent refused the update"))
+
+        self.call_agent(GuestOp.UPDATE, answer, id=MAIN, pids_limit=new.container.pids_limit)
 
     def end_maintenance(self) -> None:
         """A clean power-off: the agent unmounts the container's disks first."""

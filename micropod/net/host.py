@@ -39,12 +39,12 @@ class HostNetwork:
             yield
 
     def attachments(self) -> list[VmNetwork]:
-        rows = self._conn.execute("SELECT vm_id, tap, mac, ip, ports, bridge, subnet, icc FROM attachments "
+        rows = self._conn.execute("SELECT vm_id, tap, mac, ip, ports, bridge, subnet, icc, rate FROM attachments "
                                   "ORDER BY rowid").fetchall()
         return [VmNetwork(vm_id, tap, mac, ipaddress.IPv4Address(ip),
                           tuple(PortMapping(**p) for p in json.loads(ports)),
-                          NetworkConfig.parse(bridge, subnet) if bridge else NetworkConfig(), bool(icc))
-                for vm_id, tap, mac, ip, ports, bridge, subnet, icc in rows]
+                          NetworkConfig.parse(bridge, subnet) if bridge else NetworkConfig(), bool(icc), rate)
+                for vm_id, tap, mac, ip, ports, bridge, subnet, icc, rate in rows]
 
     def check_ports(self, ports: tuple[PortMapping, ...], vm_id: str | None = None) -> None:
         """Refuse ports another VM (of any state root) publishes or a host program listens on."""
@@ -72,6 +72,12 @@ class HostNetwork:
                 links.delete_tap(vm.tap)
                 self._forget(vm.vm_id)
                 raise
+
+    def set_rate(self, vm_id: str, rate: int) -> None:
+        """A new send rate for an attached VM (`micropod update --network-rate`)."""
+        with self._locked():
+            self._conn.execute("UPDATE attachments SET rate = ? WHERE vm_id = ?", (rate, vm_id))
+            self._apply(self.attachments())
 
     def detach(self, vm_id: str, unless: Callable[[str], bool] | None = None) -> bool:
         """Remove the VM's rules, TAP and row, in that order; idempotent. True if anything was there.
@@ -108,10 +114,10 @@ class HostNetwork:
 
     def _store(self, vm: VmNetwork) -> None:
         ports = json.dumps([asdict(p) for p in vm.ports])
-        self._conn.execute("INSERT OR REPLACE INTO attachments (vm_id, tap, mac, ip, ports, bridge, subnet, icc) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        self._conn.execute("INSERT OR REPLACE INTO attachments (vm_id, tap, mac, ip, ports, bridge, subnet, icc, "
+                           "rate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (vm.vm_id, vm.tap, vm.mac, str(vm.ip), ports, vm.network.bridge, str(vm.network.subnet),
-                            int(vm.icc)))
+                            int(vm.icc), vm.rate))
 
     def _forget(self, vm_id: str) -> None:
         self._conn.execute("DELETE FROM attachments WHERE vm_id = ?", (vm_id,))

@@ -101,8 +101,9 @@ def network_of(settings: NetworkSettings) -> NetworkConfig:
     return NetworkConfig.parse(settings.bridge, settings.subnet)
 
 
-def attach(root: StateRoot, vm_id: str, settings: NetworkSettings) -> None:
-    """The monitor's part at boot: the VM's TAP on the bridge, and its rules."""
+def attach(root: StateRoot, vm_id: str, settings: NetworkSettings, send_rate: int = 0) -> None:
+    """The monitor's part at boot: the VM's TAP on the bridge, and its rules (with a limit on what the guest
+    sends, ``send_rate`` bytes per second, 0 for none)."""
     import ipaddress
 
     from micropod.net.host import HostNetwork
@@ -111,7 +112,17 @@ def attach(root: StateRoot, vm_id: str, settings: NetworkSettings) -> None:
     host = HostNetwork(root)
     try:
         host.attach(VmNetwork(vm_id, settings.tap, settings.mac, ipaddress.IPv4Address(settings.ip), settings.ports,
-                              network_of(settings), icc_from_env()))
+                              network_of(settings), icc_from_env(), send_rate))
+    finally:
+        host.close()
+
+
+def set_send_rate(root: StateRoot, vm_id: str, rate: int) -> None:
+    from micropod.net.host import HostNetwork
+
+    host = HostNetwork(root)
+    try:
+        host.set_rate(vm_id, rate)
     finally:
         host.close()
 

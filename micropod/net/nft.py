@@ -44,6 +44,7 @@ class VmNetwork:
     ports: tuple[PortMapping, ...] = ()
     network: NetworkConfig = field(default_factory=NetworkConfig)
     icc: bool = True  # False: no traffic with other VMs except through published ports
+    rate: int = 0  # bytes per second the guest may send (QEMU's --network-rate); 0: no limit
 
 
 def _match(left: Json | str, right: Any, op: str = "==") -> Json:
@@ -104,8 +105,14 @@ class Ruleset:
         chain = f"ingress-{vm.tap}"
         ip = _match(_payload("ether", "type"), "ip")
         arp = _match(_payload("ether", "type"), "arp")
+        # What the guest sends beyond its rate is dropped first (the kernel here has no tc policer; its TCP backs
+        # off as from any congested link), with a tenth of a second's worth of burst.
+        limit = [self.rule("netdev", chain, {"limit": {"rate": vm.rate, "per": "second", "rate_unit": "bytes",
+                                                       "burst": max(vm.rate // 10, 16 * 1024), "burst_unit": "bytes",
+                                                       "inv": True}}, COUNTER, DROP)] if vm.rate else []
         return [
             self.chain("netdev", chain, "ingress", -500, device=vm.tap, policy="drop"),
+            *limit,
             self.rule("netdev", chain, _match(_payload("ether", "saddr"), vm.mac, "!="), COUNTER, DROP),
             self.rule("netdev", chain, ip, _match(_payload("ip", "saddr"), str(vm.ip), "!="), COUNTER, DROP),
             # route_localnet on the bridge (for -p via the host's localhost) would otherwise let a guest

@@ -12,7 +12,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from micropod.monitor.client import MonitorClient, Outcome, outcome
 from micropod.names import check_name, generated_name, new_vm_id
 from micropod.net import lifecycle as networking
 from micropod.net.dns import hosts_file
-from micropod.podconfig import PodConfig
+from micropod.quotas import Quotas
 from micropod.rootfs.upper import DEFAULT_UPPER_SIZE
 from micropod.runconfig import (
     BindMount,
@@ -41,6 +41,7 @@ from micropod.runconfig import (
     merge_env,
     parse_signal,
 )
+from micropod.service.admission import checked_quotas, pod_of, resolved_binds
 from micropod.state import ACTIVE, VmRecord, name_in_use
 from micropod.volumes import VolumeRequest
 
@@ -80,6 +81,7 @@ class RunRequest:
     pod: str | None = None  # --pod: a container of that pod's VM, whose own --memory/--cpus become cgroup limits
     memory_limit: int = 0
     cpu_quota: float = 0.0
+    quotas: Quotas = field(default_factory=Quotas)
 
 
 def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunConfig:
@@ -92,8 +94,9 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
     name = check_name(req.name) if req.name else generated_name()
     if ctx.state.name_taken(name):  # fail before pulling or building anything; insert() catches a race
         raise name_in_use(name)
-    pod = _pod_of(ctx, req)
+    pod = pod_of(ctx, req)
     plan = networking.plan(ctx, "none" if pod else req.network, req.publish, () if pod else req.dns)
+    quotas = checked_quotas(req, plan.network is not None)
     try:
         image = ctx.images.resolve(req.image)
     except NotFoundError:
@@ -104,7 +107,7 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
     command = merge_command(config.entrypoint, config.cmd, req.entrypoint, req.args)
     backend = pod.backend if pod else resolve_backend(req.backend)
     check_available(backend)
-    binds = _resolved_binds(req.binds, backend)
+    binds = resolved_binds(req.binds, backend)
     guest = locate()
     vm_id = new_vm_id()
     hostname = req.hostname or (pod.hostname if pod else vm_id[:12])
@@ -143,7 +146,7 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
             vcpus=req.vcpus, memory_mib=req.memory_mib, container=spec, auto_remove=req.auto_remove,
             stop_signal=parse_signal(config.stop_signal), boot_timeout=req.boot_timeout, log=req.log,
             restart=req.restart, network=network, upper_size=req.upper_size or DEFAULT_UPPER_SIZE,
-            cpu_limit=req.cpu_limit,
+            cpu_limit=req.cpu_limit, quotas=quotas,
         )
         vm_dir.path.mkdir(mode=PRIVATE_DIR, parents=True)
         os.chmod(vm_dir.path, PRIVATE_DIR)
@@ -158,41 +161,11 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
     return cfg
 
 
-def _pod_of(ctx: Context, req: RunRequest) -> PodConfig | None:
-    """--pod's pod; its network, ports and DNS are the pod's, as in podman."""
-    if req.pod is None:
-        return None
-    pod = ctx.pods.find(req.pod)
-    if req.publish:
-        raise UsageError("ports belong to the pod: publish them with `micropod pod create -p`, not on a container "
-                         "of the pod")
-    if req.network is not None or req.dns:
-        raise UsageError("the network belongs to the pod: give --network and --dns to `micropod pod create`")
-    from micropod.service.pods import config
-
-    return config(ctx, pod)
-
-
 def _remove_vmm_cgroup(vm_id: str) -> None:
     """A monitor that was killed could not remove its VMM's host cgroup: rm does (it is empty by now)."""
     from micropod.monitor.hostcgroup import VmmCgroup
 
     VmmCgroup(vm_id, 1, 0).destroy()
-
-
-def _resolved_binds(binds: tuple[BindMount, ...], backend: str) -> tuple[BindMount, ...]:
-    """Each host directory resolved now, by the user's own path; Firecracker has no way to share one."""
-    if binds and backend != "qemu":
-        raise UsageError(f"bind mounts of host directories need QEMU: {backend} has no shared filesystem; "
-                         "use a named volume (-v NAME:/path) instead")
-    resolved = []
-    for bind in binds:
-        path = Path(bind.source)
-        if not path.is_dir():
-            raise UsageError(f"invalid mount config for type \"bind\": bind source path does not exist or is "
-                             f"not a directory: {bind.source}")
-        resolved.append(replace(bind, source=str(path.resolve())))
-    return tuple(resolved)
 
 
 def _use_volumes(ctx: Context, vm_id: str, wanted: tuple[VolumeRequest, ...]) -> tuple[VolumeMount, ...]:

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from micropod.context import Context
+from micropod.quotas import Quotas
 from micropod.runconfig import NetworkSettings, RunConfig
 from micropod.state import VmRecord
 
@@ -72,6 +73,7 @@ def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
         },
         "Image": f"sha256:{record.image_id}",
         "Name": f"/{record.name}",
+        "Pod": record.pod,  # podman's: the id of the pod whose VM runs it, or ""
         "RestartCount": record.restart_count,
         "Config": {
             "Hostname": cfg.container.hostname if cfg else "",
@@ -88,8 +90,10 @@ def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
             "LogConfig": {"Type": "json-file", "Config": {
                 "max-size": str(cfg.log.max_size) if cfg and cfg.log.max_size else "",
                 "max-file": str(cfg.log.max_files) if cfg else "1"}},
-            "Memory": (cfg.memory_mib << 20) if cfg else 0,
-            "NanoCpus": (cfg.vcpus * 10**9) if cfg else 0,
+            "Memory": _memory(record, cfg),
+            "NanoCpus": _nano_cpus(record, cfg),
+            "PidsLimit": cfg.container.pids_limit if cfg else 0,
+            **_quotas(cfg),
             "NetworkMode": cfg.network.mode if cfg else "none",
             "PortBindings": network["Ports"],
         },
@@ -107,6 +111,34 @@ def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
         "Mounts": _mounts(cfg),
         "LogPath": str(vm_dir.container_log),
     }
+
+
+def _memory(record: VmRecord, cfg: RunConfig | None) -> int:
+    """docker's HostConfig.Memory: the VM's, or in a pod the container's own cgroup limit (0: none)."""
+    if cfg is None:
+        return 0
+    return cfg.container.memory_limit if record.pod else cfg.memory_mib << 20
+
+
+def _nano_cpus(record: VmRecord, cfg: RunConfig | None) -> int:
+    if cfg is None:
+        return 0
+    return int(cfg.container.cpu_quota * 1e9) if record.pod else int((cfg.cpu_limit or cfg.vcpus) * 1e9)
+
+
+def _quotas(cfg: RunConfig | None) -> dict[str, Any]:
+    """docker's names for the quotas, and micropod's NetworkRate (bytes per second each way)."""
+    quotas = cfg.quotas if cfg else Quotas()
+
+    def rates(field: str) -> list[dict[str, Any]]:
+        return [{"Path": rate.target or "*", "Rate": getattr(rate.limits, field)}
+                for rate in quotas.disk_rates if getattr(rate.limits, field)]
+
+    return {"CpuShares": quotas.cpu_shares, "CpusetCpus": quotas.cpuset_cpus,
+            "MemoryReservation": quotas.memory_reservation_mib << 20,
+            "BlkioDeviceReadBps": rates("read_bps"), "BlkioDeviceWriteBps": rates("write_bps"),
+            "BlkioDeviceReadIOps": rates("read_iops"), "BlkioDeviceWriteIOps": rates("write_iops"),
+            "NetworkRate": quotas.network_rate}
 
 
 def _mounts(cfg: RunConfig | None) -> list[dict[str, Any]]:

@@ -56,6 +56,8 @@ ATTACHMENTS = Table("attachments", (
     AddColumn("bridge", "TEXT NOT NULL DEFAULT ''"),
     AddColumn("subnet", "TEXT NOT NULL DEFAULT ''"),
     AddColumn("icc", "INTEGER NOT NULL DEFAULT 1"),
+    # --network-rate on QEMU: what the guest may send, in bytes per second (0: no limit), as an nft limit
+    AddColumn("rate", "INTEGER NOT NULL DEFAULT 0"),
 ))
 
 # Named volumes (micropod/volumes.py): each an ext4 image under <root>/volumes/<name>/. ``holder`` is the one

@@ -1,15 +1,18 @@
 """The VMM interface and the plain data that describes one VM.
 
 A backend turns a VmSpec into a running VM and hands back a connected socket to the guest agent.
-Drives are a list so that pods can later add placeholder drives that are swapped after boot.
+Drives are a list: a pod's VM on Firecracker boots with placeholder drives that are swapped after boot.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+from micropod.quotas import IoLimits
 
 # The guest finds its disks by position: the kernel names virtio-blk devices vda, vdb, ... in the
 # order the VMM attaches them, and both backends attach them in VmSpec.drives order.
@@ -26,6 +29,7 @@ class Drive:
     path: Path
     read_only: bool
     is_root: bool = False
+    limits: IoLimits = field(default_factory=IoLimits)  # --device-{read,write}-{bps,iops}
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class NetInterface:
     iface_id: str
     tap: str
     mac: str
+    rate: int = 0  # --network-rate: bytes per second each way; 0 is none
 
 
 @dataclass(frozen=True)
@@ -107,3 +112,9 @@ class Vmm(Protocol):
 
     def patch_drive(self, drive_id: str, path: Path) -> None:
         """Point a running VM's drive at another file (a pod's containers get their disks this way)."""
+
+    def apply_limits(self) -> None:
+        """The spec's disk and network limits, once the VM has started (where the VMM cannot take them before)."""
+
+    def change_limits(self, drives: Mapping[str, IoLimits], net_rate: int | None) -> None:
+        """New limits for a running VM's drives, and for its NIC unless ``net_rate`` is None."""

@@ -138,11 +138,13 @@ def kernel_cmdline(backend: str) -> str:
 
 
 def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSpec:
+    quotas = cfg.quotas
     drives = (
         Drive(SYSTEM_DRIVE, Path(cfg.system), read_only=True, is_root=True),
         Drive(ROOTFS_DRIVE, Path(cfg.rootfs), read_only=True),
-        Drive(UPPER_DRIVE, vm_dir.upper, read_only=False),
-        *(Drive(volume_drive(i), Path(v.path), read_only=v.read_only) for i, v in enumerate(cfg.container.volumes)),
+        Drive(UPPER_DRIVE, vm_dir.upper, read_only=False, limits=quotas.disk_limits("/")),
+        *(Drive(volume_drive(i), Path(v.path), read_only=v.read_only, limits=quotas.disk_limits(v.target))
+          for i, v in enumerate(cfg.container.volumes)),
     )
     return VmSpec(
         vm_id=cfg.vm_id,
@@ -153,7 +155,7 @@ def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSp
         drives=drives,
         run_dir=vm_dir.path,
         console_log=vm_dir.console_log,
-        nets=(NetInterface("net0", cfg.network.tap, cfg.network.mac),)
+        nets=(NetInterface("net0", cfg.network.tap, cfg.network.mac, quotas.network_rate),)
         if with_network and cfg.network.enabled else (),
         shares=tuple(Share(bind_tag(i), Path(b.source), b.read_only) for i, b in enumerate(cfg.container.binds)),
         confined=cfg.container.security.vmm_confinement,

@@ -14,12 +14,13 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from micropod import proc
 from micropod.errors import BootError, VmmError
+from micropod.quotas import IoLimits
 from micropod.unixsock import SocketDir
 from micropod.vmm import firecracker_api as api
 from micropod.vmm.base import AGENT_VSOCK_PORT, VmSpec
@@ -31,13 +32,16 @@ from micropod.vmm.firecracker_config import (
     KERNEL_IN_JAIL,
     METRICS_FIFO,
     METRICS_FILE,
+    UNLIMITED,
     VMM_LOG,
     VMM_LOG_FIFO,
     VSOCK_SOCK,
     VmmLayout,
     apply_config,
     build_config,
+    disk_limiter,
     drive_file_in_jail,
+    net_limiter,
 )
 
 API_SOCKET_TIMEOUT = 10.0
@@ -236,6 +240,19 @@ class FirecrackerVmm:
         self._api().patch_drive(
             api.PartialDrive(drive_id=drive_id, path_on_host=self.layout.resource(path, drive_file_in_jail(drive_id)))
         )
+
+    def apply_limits(self) -> None:
+        """Firecracker took them with its configuration, before boot."""
+
+    def change_limits(self, drives: Mapping[str, IoLimits], net_rate: int | None) -> None:
+        for drive_id, limits in drives.items():
+            limiter = disk_limiter(limits) or UNLIMITED
+            self._api().patch_drive(api.PartialDrive(drive_id=drive_id, rate_limiter=limiter))
+        if net_rate is not None:
+            limiter = net_limiter(net_rate) or UNLIMITED
+            for net in self.spec.nets:
+                self._api().patch_network_interface(api.PartialNetworkInterface(
+                    iface_id=net.iface_id, rx_rate_limiter=limiter, tx_rate_limiter=limiter))
 
     # Internals.
 

@@ -81,6 +81,15 @@ class PartialDrive:
 
 
 @dataclass(frozen=True)
+class PartialNetworkInterface:
+    """The post-boot interface update: its rate limiters."""
+
+    iface_id: str
+    rx_rate_limiter: RateLimiter | None = None
+    tx_rate_limiter: RateLimiter | None = None
+
+
+@dataclass(frozen=True)
 class NetworkInterface:
     iface_id: str
     host_dev_name: str
@@ -259,6 +268,9 @@ class FirecrackerClient:
 
     def patch_drive(self, update: PartialDrive) -> None:
         self.request("PATCH", f"/drives/{_path_param(update.drive_id)}", update)
+
+    def patch_network_interface(self, update: PartialNetworkInterface) -> None:
+        self.request("PATCH", f"/network-interfaces/{_path_param(update.iface_id)}", update)
 
     def patch_vm(self, state: VmState) -> None:
         self.request("PATCH", "/vm", Vm(state))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from micropod.quotas import IoLimits
 from micropod.vmm import firecracker_api as api
 from micropod.vmm.base import GUEST_CID, VmSpec
 
@@ -60,6 +61,29 @@ class FirecrackerConfig:
     entropy: api.EntropyDevice
 
 
+REFILL_MS = 1000  # a bucket of one second's worth, refilled every second: the rate in bytes (or ops) a second
+
+
+def disk_limiter(limits: IoLimits) -> api.RateLimiter | None:
+    """Firecracker's one limiter per drive counts reads and writes together: it takes the lower of the two rates
+    (README's limits say so)."""
+    if not limits:
+        return None
+    bps = min((r for r in (limits.read_bps, limits.write_bps) if r), default=0)
+    iops = min((r for r in (limits.read_iops, limits.write_iops) if r), default=0)
+    return api.RateLimiter(bandwidth=api.TokenBucket(size=bps, refill_time=REFILL_MS) if bps else None,
+                           ops=api.TokenBucket(size=iops, refill_time=REFILL_MS) if iops else None)
+
+
+# An absent limiter in a PATCH changes nothing; Firecracker takes a bucket of size 0 as no limit at all.
+_EMPTY = api.TokenBucket(size=0, refill_time=0)
+UNLIMITED = api.RateLimiter(bandwidth=_EMPTY, ops=_EMPTY)
+
+
+def net_limiter(rate: int) -> api.RateLimiter | None:
+    return api.RateLimiter(bandwidth=api.TokenBucket(size=rate, refill_time=REFILL_MS)) if rate else None
+
+
 def build_config(spec: VmSpec, layout: VmmLayout) -> FirecrackerConfig:
     return FirecrackerConfig(
         logger=api.Logger(log_path=layout.visible(VMM_LOG_FIFO), level="Info", show_level=True),
@@ -75,11 +99,13 @@ def build_config(spec: VmSpec, layout: VmmLayout) -> FirecrackerConfig:
                 is_root_device=drive.is_root,
                 path_on_host=layout.resource(drive.path, drive_file_in_jail(drive.drive_id)),
                 is_read_only=drive.read_only,
+                rate_limiter=disk_limiter(drive.limits),
             )
             for drive in spec.drives
         ),
         nets=tuple(
-            api.NetworkInterface(iface_id=net.iface_id, host_dev_name=net.tap, guest_mac=net.mac)
+            api.NetworkInterface(iface_id=net.iface_id, host_dev_name=net.tap, guest_mac=net.mac,
+                                 rx_rate_limiter=net_limiter(net.rate), tx_rate_limiter=net_limiter(net.rate))
             for net in spec.nets
         ),
         vsock=api.Vsock(guest_cid=GUEST_CID, uds_path=layout.visible(VSOCK_SOCK)),

@@ -12,12 +12,14 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from micropod import proc
 from micropod.errors import BootError, VmmError, VmmUnavailableError
+from micropod.quotas import IoLimits
 from micropod.unixsock import SocketDir
 from micropod.vmm.accel import choose_accel
 from micropod.vmm.base import AGENT_SERIAL_NAME, VmSpec
@@ -301,6 +303,30 @@ class QemuVmm:
         finally:
             client.close()
         self._swaps[drive_id] = generation
+
+    def apply_limits(self) -> None:
+        drives = {d.drive_id: d.limits for d in self.spec.drives if d.limits}
+        rate = max((n.rate for n in self.spec.nets), default=0)
+        if drives or rate:
+            self.change_limits(drives, rate or None)
+
+    def change_limits(self, drives: Mapping[str, IoLimits], net_rate: int | None) -> None:
+        """Disks through QEMU's throttling (block_set_io_throttle, as `-drive throttling.*` would set), the NIC
+        through tc on its TAP."""
+        if drives:
+            qmp = wait_until(self._try_qmp, proc=self.process, timeout=30, what="QEMU's control socket",
+                             logs=self.logs(console=False))
+            try:
+                for drive_id, limits in drives.items():
+                    qmp.execute("block_set_io_throttle", device=drive_id, bps=0, bps_rd=limits.read_bps,
+                                bps_wr=limits.write_bps, iops=0, iops_rd=limits.read_iops, iops_wr=limits.write_iops)
+            finally:
+                qmp.close()
+        if net_rate is not None:
+            from micropod.net.shaping import shape
+
+            for net in self.spec.nets:
+                shape(net.tap, net_rate)
 
     def hot_disks(self) -> ScsiDisks:
         """The pod VM's SCSI disks, added and removed while it runs."""

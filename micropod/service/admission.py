@@ -1,0 +1,67 @@
+"""What a new container may ask for, checked before anything is recorded: its pod's rules, its quotas' disks,
+and its bind mounts' host directories."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from micropod.context import Context
+from micropod.errors import UsageError
+from micropod.podconfig import PodConfig
+from micropod.quotas import Quotas
+from micropod.runconfig import BindMount
+
+if TYPE_CHECKING:
+    from micropod.service.containers import RunRequest
+
+
+def checked_quotas(req: RunRequest, networked: bool) -> Quotas:
+    """Each disk rate names the writable layer or one of the container's volumes; a pod's containers have only
+    their cgroup limits (the pod's VM is shared)."""
+    quotas = req.quotas
+    if req.pod is not None and quotas != Quotas():
+        raise UsageError("a pod's container takes --memory, --cpus and --pids-limit as its own limits; the VM's "
+                         "quotas (CPU shares, cpuset, disk and network rates) are not available for it")
+    targets = {"", "/"} | {v.target for v in req.volumes}
+    for rate in quotas.disk_rates:
+        if rate.target not in targets:
+            raise UsageError(f"no disk of the container is mounted at {rate.target}: a --device-* PATH is / (the "
+                             "writable layer) or the path of one of its volumes")
+    if quotas.network_rate and not networked:
+        raise UsageError("--network-rate needs a network: the container has --network none")
+    return quotas
+
+
+def pod_of(ctx: Context, req: RunRequest) -> PodConfig | None:
+    """--pod's pod; its network, ports and DNS are the pod's, as in podman."""
+    if req.pod is None:
+        return None
+    pod = ctx.pods.find(req.pod)
+    if req.publish:
+        raise UsageError("ports belong to the pod: publish them with `micropod pod create -p`, not on a container "
+                         "of the pod")
+    if req.network is not None or req.dns:
+        raise UsageError("the network belongs to the pod: give --network and --dns to `micropod pod create`")
+    if req.binds:
+        raise UsageError("a pod's container cannot bind-mount a host directory: a running VM takes no new shared "
+                         "folder; use a named volume (-v NAME:/path) instead")
+    from micropod.service.pods import config
+
+    return config(ctx, pod)
+
+
+def resolved_binds(binds: tuple[BindMount, ...], backend: str) -> tuple[BindMount, ...]:
+    """Each host directory resolved now, by the user's own path; Firecracker has no way to share one."""
+    if binds and backend != "qemu":
+        raise UsageError(f"bind mounts of host directories need QEMU: {backend} has no shared filesystem; "
+                         "use a named volume (-v NAME:/path) instead")
+    resolved = []
+    for bind in binds:
+        path = Path(bind.source)
+        if not path.is_dir():
+            raise UsageError(f"invalid mount config for type \"bind\": bind source path does not exist or is "
+                             f"not a directory: {bind.source}")
+        resolved.append(replace(bind, source=str(path.resolve())))
+    return tuple(resolved)

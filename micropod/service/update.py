@@ -1,0 +1,111 @@
+"""`micropod update`: new limits for a container, kept in its config.json for every later boot and applied at
+once to a running VM through its monitor (micropod/monitor/update.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from micropod.context import Context
+from micropod.errors import ContainerCommandError, MicropodError, UsageError
+from micropod.monitor.api import Op
+from micropod.monitor.client import MonitorClient
+from micropod.quotas import DiskRate, Quotas
+from micropod.runconfig import RestartPolicy, RunConfig
+from micropod.state import ACTIVE, VmRecord
+
+TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class UpdateRequest:
+    """What to change; None (or empty) leaves a value as it is."""
+
+    cpus: str | None = None
+    memory: str | None = None
+    pids_limit: int | None = None
+    restart: str | None = None
+    cpu_shares: int | None = None
+    cpuset_cpus: str | None = None
+    memory_reservation: str | None = None
+    disk_rates: tuple[DiskRate, ...] = ()
+    network_rate: int | None = None
+
+
+def update(ctx: Context, record: VmRecord, req: UpdateRequest) -> None:
+    if record.pod:
+        raise UsageError(f"container {record.name} is in a pod: its limits are set when it is created")
+    path = ctx.root.vm(record.id).config
+    old = RunConfig.load(path)
+    running = record.status in ACTIVE
+    new = changed(old, req, running)
+    if new == old:
+        return
+    new.dump(path)
+    if not running:
+        return
+    try:
+        client = MonitorClient.of(ctx.root, record)
+    except MicropodError:
+        return  # it has just ended: the next boot takes the new limits
+    try:
+        client.request(Op.UPDATE)
+        answer = client.follow(until=(Op.UPDATED, Op.ERROR), timeout=TIMEOUT)
+    except MicropodError:
+        old.dump(path)
+        raise
+    finally:
+        client.close()
+    if answer["op"] == Op.ERROR:
+        old.dump(path)  # nothing half-done: the running VM and its config keep the old limits
+        raise ContainerCommandError(f"cannot update {record.name}: {answer.get('message')}", 125)
+
+
+def changed(cfg: RunConfig, req: UpdateRequest, running: bool) -> RunConfig:
+    """``cfg`` with the request's changes, each checked against what a (running) VM can change."""
+    from micropod.units import parse_cpus, parse_memory_mib
+
+    if req.cpus is not None:
+        vcpus = parse_cpus(req.cpus)
+        if running and vcpus > cfg.vcpus:
+            raise UsageError(f"invalid --cpus {req.cpus}: the running VM has {cfg.vcpus} vCPU(s), and a VM gets no "
+                             "more while it runs; stop it first")
+        cfg = replace(cfg, cpu_limit=float(req.cpus), vcpus=cfg.vcpus if running else vcpus)
+    if req.memory is not None:
+        if running:
+            raise UsageError("a running VM's memory is fixed at boot: stop the container, then update --memory")
+        cfg = replace(cfg, memory_mib=parse_memory_mib(req.memory))
+    if req.pids_limit is not None:
+        cfg = replace(cfg, container=replace(cfg.container, pids_limit=max(req.pids_limit, 0)))
+    if req.restart is not None:
+        policy = RestartPolicy.parse(req.restart)
+        if cfg.auto_remove and policy.name != "no":
+            raise UsageError("conflicting options: --restart and the container's --rm")
+        cfg = replace(cfg, restart=policy)
+    return replace(cfg, quotas=_quotas(cfg, req))
+
+
+def _quotas(cfg: RunConfig, req: UpdateRequest) -> Quotas:
+    from micropod.units import parse_memory_mib
+
+    quotas = cfg.quotas
+    if req.cpu_shares is not None:
+        quotas = replace(quotas, cpu_shares=req.cpu_shares)
+    if req.cpuset_cpus is not None:
+        quotas = replace(quotas, cpuset_cpus=req.cpuset_cpus)
+    if req.memory_reservation is not None:
+        reservation = parse_memory_mib(req.memory_reservation) if req.memory_reservation else 0
+        quotas = replace(quotas, memory_reservation_mib=reservation)
+    if req.disk_rates:
+        targets = {"", "/"} | {v.target for v in cfg.container.volumes}
+        rates = {rate.target: rate for rate in quotas.disk_rates}
+        for rate in req.disk_rates:
+            if rate.target not in targets:
+                raise UsageError(f"no disk of the container is mounted at {rate.target}")
+            rates[rate.target] = DiskRate(rate.target, rate.limits.over(rates[rate.target].limits)
+                                          if rate.target in rates else rate.limits)
+        quotas = replace(quotas, disk_rates=tuple(rates.values()))
+    if req.network_rate is not None:
+        if not cfg.network.enabled:
+            raise UsageError("--network-rate needs a network: the container has --network none")
+        quotas = replace(quotas, network_rate=req.network_rate)
+    return quotas
