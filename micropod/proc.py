@@ -10,7 +10,7 @@ import logging
 import os
 import shlex
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,8 +89,12 @@ def spawn(
     cwd: Path | None = None,
     pass_fds: Sequence[int] = (),
     new_session: bool = False,
+    user: int | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a program and return its handle; the caller owns waiting for it."""
+    """Start a program and return its handle; the caller owns waiting for it. With ``user``, it runs as that uid,
+    with the same gid and no supplementary groups; ``preexec`` runs in the child before the exec (a confined
+    VMM's jail, micropod/vmm/qemu_confined.py: only from a process without threads)."""
     args = _argv(argv)
     log.debug("+ %s &", shlex.join(args))
     try:
@@ -103,6 +107,10 @@ def spawn(
             cwd=cwd,
             pass_fds=tuple(pass_fds),
             start_new_session=new_session,
+            user=user,
+            group=user,
+            extra_groups=[] if user is not None else None,
+            preexec_fn=preexec,
         )
     except FileNotFoundError as exc:
         raise CommandError(f"{args[0]}: command not found", hint="run 'micropod doctor'") from exc

@@ -301,6 +301,17 @@ def create_persistent_tap(name: str) -> None:
         os.close(fd)
 
 
+def open_tap(name: str) -> int:
+    """A descriptor of the persistent TAP ``name``, for a VMM that cannot open it itself (it runs unprivileged)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except OSError as exc:
+        os.close(fd)
+        raise OSError(exc.errno, f"ioctl(TUNSETIFF) for {name}: {exc.strerror}") from None
+    return fd
+
+
 # cgroups: statfs(2) tells a cgroup2 mount from a v1 one; bpf(2) loads cgroup v2 device filters.
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, -1)
 BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_GET_FD_BY_ID, BPF_PROG_QUERY = 5, 8, 9, 13, 16

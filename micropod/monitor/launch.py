@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from micropod import guestmsg, wire
@@ -23,10 +23,11 @@ from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
 from micropod.quotas import Quotas
 from micropod.runconfig import NetworkSettings, RunConfig
-from micropod.vmm import snapshot
+from micropod.vmm import snapshot, vmm_ids
 from micropod.vmm.base import Vmm, VmSpec
 from micropod.vmm.child import log_tail
 from micropod.vmm.factory import ROOTFS_DRIVE, UPPER_DRIVE, build_spec, create_vmm, volume_drive
+from micropod.vmm.vmm_ids import VmmId
 from micropod.wire import GuestOp
 
 log = logging.getLogger("micropod.monitor")  # one logger for all of the monitor: its log names no module
@@ -40,6 +41,23 @@ AGENT_HIGH_WATER = 1 << 20
 MAX_PENDING = 1024  # requests waiting for the agent's answer
 
 OnReply = Callable[[guestmsg.Reply], None]
+
+
+_VMM_IDS: dict[str, VmmId] = {}  # the VM's uid, held by this monitor for all of the VM's boots
+
+
+def confine(spec: VmSpec, backend: str) -> VmSpec:
+    """A confined QEMU runs as a uid of its own. A VM with a virtio-9p share keeps QEMU root: its 9p server
+    must reach the host directory as the user who shared it (README's security model says so)."""
+    if not spec.confined or spec.shares or spec.vmm_uid is not None or backend != "qemu":
+        if spec.shares and spec.confined:
+            log.warning("QEMU runs as root: the VM shares a host directory over virtio-9p")
+        return spec
+    held = _VMM_IDS.get(spec.vm_id)
+    if held is None:
+        held = _VMM_IDS[spec.vm_id] = vmm_ids.allocate(spec.vm_id)
+        log.debug("phase: VMM uid %d", held.uid)
+    return replace(spec, vmm_uid=held.uid)
 
 
 def send_rate(cfg: Machine) -> int:
@@ -124,7 +142,7 @@ class VmProcess:
             self.host_cgroup.create()
         if self.cfg.network.enabled and with_network:
             network.attach()
-        spec = spec_for(network.attached)
+        spec = confine(spec_for(network.attached), self.cfg.backend)
         deadline = time.monotonic() + self.cfg.boot_timeout
         self.launch(spec, deadline, warm)
         if network.attached:

@@ -65,6 +65,7 @@ class VmSpec:
     shares: tuple[Share, ...] = ()
     confined: bool = True  # the VMM's own sandbox (QEMU's -sandbox; Firecracker's jailer is its own issue)
     hot_disks: int = 0  # a pod's VM on QEMU: SCSI disks it can take after boot (micropod/vmm/qemu_scsi.py)
+    vmm_uid: int | None = None  # the VMM runs as this uid (and gid), given every file as a descriptor
     extra: dict[str, str] = field(default_factory=dict)
 
     def guest_disk(self, drive_id: str) -> str:

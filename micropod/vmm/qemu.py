@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from micropod.vmm.base import AGENT_SERIAL_NAME, VmSpec
 from micropod.vmm.binaries import find_qemu
 from micropod.vmm.capped import CONSOLE_LOG_MAX, VMM_LOG_MAX, CappedLog, close_all
 from micropod.vmm.child import LogSource, died_error, wait_exit, wait_until
+from micropod.vmm.qemu_confined import Handles, Jail, add_fd_argv, fd_set, open_handles
 from micropod.vmm.qemu_scsi import ScsiDisks, controller_argv
 from micropod.vmm.qmp import QmpClient
 
@@ -96,10 +97,15 @@ def _node(name: str) -> dict[str, Any]:
     return {"node-name": name}
 
 
-def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout) -> list[str]:
-    """The whole QEMU command line for a VmSpec, as data that tests can check."""
+def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout, handles: Handles | None = None) -> list[str]:
+    """The whole QEMU command line for a VmSpec, as data that tests can check; with ``handles`` (a confined QEMU,
+    micropod/vmm/qemu_confined.py) every file and socket is a descriptor it is given, never a name."""
+    qmp = (["-chardev", f"socket,id=qmp,fd={handles.qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+           if handles else ["-qmp", f"unix:{QMP_SOCK},server=on,wait=off"])
+    agent = f"socket,id=agent,fd={handles.agent}" if handles else f"socket,id=agent,path={AGENT_SOCK}"
     argv = [
         str(binary),
+        *(add_fd_argv(handles) if handles else ()),
         "-M", machine_options(accel),
         "-accel", accel,
         "-cpu", "host" if accel == "kvm" else "max",
@@ -112,25 +118,31 @@ def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout) -> lis
         # The console is QEMU's stdout, a pipe into a capped log (capped.py); QEMU's own file would be unbounded.
         "-chardev", "stdio,id=console,signal=off",
         "-serial", "chardev:console",
-        "-qmp", f"unix:{QMP_SOCK},server=on,wait=off",
+        *qmp,
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-device,rng=rng0",
         "-device", "virtio-serial-device,max_ports=2",
-        "-chardev", f"socket,id=agent,path={AGENT_SOCK}",
+        "-chardev", agent,
         "-device", f"virtserialport,chardev=agent,name={AGENT_SERIAL_NAME}",
     ]
     for drive in spec.drives:
         readonly = ",readonly=on" if drive.read_only else ""
         argv += [
-            "-drive", f"id={drive.drive_id},node-name={format_node(drive.drive_id)},file={drive.path},format=raw,"
-                      f"if=none,cache=unsafe,discard=unmap,aio=threads{readonly}",
+            "-drive", f"id={drive.drive_id},node-name={format_node(drive.drive_id)},"
+                      f"file={f'/dev/fdset/{fd_set(handles, drive.drive_id)}' if handles else drive.path},format=raw,"
+                      # confined, a writable disk is two descriptors of one file (qemu_confined.open_disk), whose
+                      # OFD locks would conflict with each other on a snapshot's restore: micropod's own flocks and
+                      # the one VM per writable file hold instead
+                      f"if=none,cache=unsafe,discard=unmap,aio=threads{readonly}"
+                      f"{',file.locking=off' if handles else ''}",
             "-device", f"virtio-blk-device,drive={drive.drive_id}",
         ]
     if spec.hot_disks:
         argv += controller_argv()
     for net in spec.nets:
         argv += [
-            "-netdev", f"tap,id={net.iface_id},ifname={net.tap},script=no,downscript=no",
+            "-netdev", f"tap,id={net.iface_id},fd={handles.taps[net.iface_id]}" if handles
+            else f"tap,id={net.iface_id},ifname={net.tap},script=no,downscript=no",
             "-device", f"virtio-net-device,netdev={net.iface_id},mac={net.mac}",
         ]
     for share in spec.shares:
@@ -167,6 +179,7 @@ class QemuVmm:
         self.snapshot = snapshot
         self._proc: subprocess.Popen[bytes] | None = None
         self._listener: socket.socket | None = None
+        self._agent: socket.socket | None = None  # a confined QEMU's agent channel, until connect_agent takes it
         self._swaps: dict[str, int] = {}  # drive id -> how many times patch_drive swapped its file
         self._console: CappedLog | None = None
         self._vmm_log: CappedLog | None = None
@@ -201,20 +214,42 @@ class QemuVmm:
 
     def start(self) -> None:
         (self.spec.run_dir / QMP_SOCK).unlink(missing_ok=True)
-        self._listener = self.sockets.listen(AGENT_SOCK, backlog=1)
-        argv, fds = self.argv, []
+        uid = self.spec.vmm_uid
+        handles, jail = None, None
+        if uid is None:
+            self._listener = self.sockets.listen(AGENT_SOCK, backlog=1)
+            argv = self.argv
+        else:
+            handles = open_handles(self.spec, self.sockets, QMP_SOCK)
+            self._agent = handles.ours
+            jail_dir = self.spec.run_dir / "jail"
+            jail_dir.mkdir(mode=0o700, exist_ok=True)
+            jail = Jail(jail_dir, self.spec.kernel, uid)
+            argv = qemu_argv(replace(self.spec, kernel=Path(jail.KERNEL)), self.binary, self.accel, self.layout,
+                             handles)
+        fds = handles.fds if handles else []
         if self.snapshot is not None:
-            fds.append(os.open(self.snapshot, os.O_RDONLY | os.O_CLOEXEC))
-            argv += ["-incoming", f"fd:{fds[0]}"]
+            snapshot_fd = os.open(self.snapshot, os.O_RDONLY | os.O_CLOEXEC)
+            fds.append(snapshot_fd)
+            argv += ["-incoming", f"fd:{snapshot_fd}"]
         self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX)
         self._vmm_log = CappedLog(self.layout.vmm_log, VMM_LOG_MAX)
         try:
+            # A confined QEMU runs as its own uid from the start: the VM's directory is not its cwd to reach.
             self._proc = proc.spawn(argv, stdout=self._console.write_fd, stderr=self._vmm_log.write_fd,
-                                    cwd=self.spec.run_dir, pass_fds=fds)
+                                    cwd=self.spec.run_dir if uid is None else Path("/"), pass_fds=fds,
+                                    preexec=None if jail is None else jail.enter)
+        except BaseException:
+            if handles is not None:
+                handles.close_all()
+                self._agent = None
+            raise
         finally:
             close_all(self._console, self._vmm_log)
-            for fd in fds:
-                os.close(fd)
+            if self.snapshot is not None:
+                os.close(fds[-1])
+            if handles is not None:
+                handles.close_passed()
         if self.snapshot is not None:
             self._resume_restored()
 
@@ -249,7 +284,12 @@ class QemuVmm:
             return None
 
     def connect_agent(self, timeout: float) -> socket.socket:
-        """Accept QEMU's connection to the agent port's socket (made as soon as QEMU starts)."""
+        """Accept QEMU's connection to the agent port's socket (made as soon as QEMU starts); a confined QEMU has
+        the other end of a socketpair already."""
+        if self._agent is not None:
+            self._running()
+            conn, self._agent = self._agent, None
+            return conn
         child, listener = self._running()
         if listener is None:
             raise VmmError("the agent channel was already taken")

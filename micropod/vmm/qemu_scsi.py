@@ -9,15 +9,18 @@ takes it away once the guest has let it go. The guest finds a disk by its target
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from micropod.errors import VmmError
+from micropod.vmm.qemu_confined import open_disk
 from micropod.vmm.qmp import QmpClient
 
 CONTROLLER = "scsi0"
 MAX_TARGETS = 255
+FD_SET_BASE = 1000  # fd sets of hot-added disks, above those of the disks QEMU booted with
 _UNPLUG_WAIT = 10.0
 
 
@@ -38,7 +41,7 @@ class ScsiDisks:
             raise VmmError(f"a SCSI bus has targets 0 to {MAX_TARGETS - 1}, not {slots}")
         self.qmp_socket = qmp_socket
         self.slots = slots
-        self._nodes: dict[str, str] = {}  # slot -> the block node behind its disk
+        self._nodes: dict[str, tuple[str, int]] = {}  # slot -> the block node behind its disk, and its fd set
         self._generation = 0
 
     def slot_ids(self, writable: bool) -> list[str]:
@@ -48,30 +51,42 @@ class ScsiDisks:
         target = self._target(slot)
         self._generation += 1
         node = f"{slot}-{self._generation}"
+        fd_set = FD_SET_BASE + self._generation
+        # By descriptor, through an fd set: a confined QEMU can open no file by name (micropod/vmm/qemu_confined.py).
+        fds = open_disk(path, writable)
         block: dict[str, Any] = {"driver": "raw", "node-name": node, "read-only": not writable, "discard": "unmap",
                                  "cache": {"no-flush": True},
-                                 "file": {"driver": "file", "filename": str(path), "read-only": not writable,
-                                          "aio": "threads"}}
+                                 "file": {"driver": "file", "filename": f"/dev/fdset/{fd_set}",
+                                          "read-only": not writable, "aio": "threads"}}
         device: dict[str, Any] = {"driver": "scsi-hd", "id": slot, "drive": node, "bus": f"{CONTROLLER}.0",
                                   "scsi-id": target, "lun": 0}
         qmp = QmpClient(self.qmp_socket)
         try:
-            qmp.execute("blockdev-add", **block)
+            for fd in fds:
+                qmp.execute("add-fd", pass_fd=fd, **{"fdset-id": fd_set})
+            try:
+                qmp.execute("blockdev-add", **block)
+            except VmmError:
+                qmp.execute("remove-fd", **{"fdset-id": fd_set})
+                raise
             try:
                 qmp.execute("device_add", **device)
             except VmmError:
                 qmp.execute("blockdev-del", **_node(node))
+                qmp.execute("remove-fd", **{"fdset-id": fd_set})
                 raise
         finally:
+            for fd in fds:
+                os.close(fd)
             qmp.close()
-        self._nodes[slot] = node
+        self._nodes[slot] = (node, fd_set)
         return disk_address(target)
 
     def detach(self, slot: str) -> None:
         """Unplug the slot's disk; the guest must acknowledge, within bounds, before its node can go."""
-        node = self._nodes.get(slot)
-        if node is None:
+        if slot not in self._nodes:
             return
+        node, fd_set = self._nodes[slot]
         qmp = QmpClient(self.qmp_socket)
         try:
             qmp.execute("device_del", id=slot)
@@ -81,6 +96,7 @@ class ScsiDisks:
                 try:
                     if not _present(qmp, slot):
                         qmp.execute("blockdev-del", **_node(node))
+                        qmp.execute("remove-fd", **{"fdset-id": fd_set})
                         break
                 except VmmError as exc:
                     if "in use" not in str(exc):

@@ -1,0 +1,154 @@
+"""QEMU as a uid of its own: everything it needs is opened by the monitor and handed over as a descriptor.
+
+QEMU's own ``-runas`` cannot be used: its seccomp sandbox (``elevateprivileges=deny``) forbids the setuid it
+would make, and drops it at the end of start-up, after the files are open. So QEMU is started as the VM's uid
+from the first instruction, and reaches nothing by name: its disks come as ``-add-fd`` sets (``/dev/fdset/N``),
+its TAP as an open tun descriptor, its agent channel as one end of a socketpair and its QMP socket as a listener
+bound by the monitor. The VM's directory (0700, root's) and the state root stay closed to it, as does every file
+its uid cannot read (``blockdev-add`` of /etc/shadow fails). Disks hot-added later come over QMP ``add-fd``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from micropod import syscalls
+from micropod.syscalls import (
+    CLONE_NEWNS,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    mount,
+    unshare,
+)
+from micropod.unixsock import SocketDir
+from micropod.vmm.base import VmSpec
+
+
+@dataclass
+class Handles:
+    """What a confined QEMU is given, by descriptor; the monitor closes its copies once QEMU has them."""
+
+    # drive id -> its descriptors: a read-only one, and for a writable drive a read-write one too (QEMU opens a
+    # writable disk read-only first, then again for writing, and takes from the fd set the one of each mode)
+    drives: dict[str, list[int]] = field(default_factory=dict)
+    taps: dict[str, int] = field(default_factory=dict)  # iface id -> fd
+    agent: int = -1  # QEMU's end of the agent channel
+    qmp: int = -1  # the QMP listener
+    ours: socket.socket | None = None  # the monitor's end of the agent channel
+    listener: socket.socket | None = None
+
+    @property
+    def fds(self) -> list[int]:
+        return [*(fd for fds in self.drives.values() for fd in fds), *self.taps.values(), self.agent, self.qmp]
+
+    def close_passed(self) -> None:
+        """The descriptors QEMU now holds (ours to close; the agent's end and the QMP listener too)."""
+        for fd in [*(fd for fds in self.drives.values() for fd in fds), *self.taps.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for sock in (self.listener,):
+            if sock is not None:
+                sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.agent)
+        self.drives.clear()
+        self.taps.clear()
+
+    def close_all(self) -> None:
+        self.close_passed()
+        if self.ours is not None:
+            self.ours.close()
+
+
+def open_handles(spec: VmSpec, sockets: SocketDir, qmp_name: str) -> Handles:
+    """Open every disk and TAP of ``spec``, the agent channel and the QMP listener; on failure none stay open."""
+    handles = Handles()
+    try:
+        for drive in spec.drives:
+            handles.drives[drive.drive_id] = open_disk(drive.path, not drive.read_only)
+        for net in spec.nets:
+            handles.taps[net.iface_id] = syscalls.open_tap(net.tap)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        handles.ours, handles.agent = ours, theirs.detach()
+        handles.listener = sockets.listen(qmp_name, backlog=4)
+        handles.qmp = handles.listener.fileno()
+    except BaseException:
+        handles.close_all()
+        raise
+    return handles
+
+
+def fd_set(handles: Handles, drive_id: str) -> int:
+    """The ``-add-fd`` set that carries a drive's descriptor."""
+    return list(handles.drives).index(drive_id) + 1
+
+
+def add_fd_argv(handles: Handles) -> list[str]:
+    out: list[str] = []
+    for drive_id, fds in handles.drives.items():
+        for fd in fds:
+            out += ["-add-fd", f"fd={fd},set={fd_set(handles, drive_id)},opaque={drive_id}"]
+    return out
+
+
+def open_disk(path: Path, writable: bool) -> list[int]:
+    """A disk's descriptors for an fd set: read-only, and read-write too if it is writable."""
+    flags = os.O_CLOEXEC | os.O_NOFOLLOW
+    fds = [os.open(path, os.O_RDONLY | flags)]
+    if writable:
+        try:
+            fds.append(os.open(path, os.O_RDWR | flags))
+        except BaseException:
+            os.close(fds[0])
+            raise
+    return fds
+
+
+@dataclass(frozen=True)
+class Jail:
+    """A confined QEMU's view of the filesystem: a mount namespace of its own whose root is an empty tmpfs with
+    /usr (QEMU, its libraries and firmware) read-only, a few character devices, and the VM's kernel; everything
+    else it uses is a descriptor. Set up in the child between fork and exec, as root, then the uid is dropped."""
+
+    root: Path  # an empty directory of the VM's (the tmpfs goes over it, in the child's namespace only)
+    kernel: Path
+    uid: int
+    devices: tuple[str, ...] = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+
+    KERNEL = "/vmlinux"
+
+    def enter(self) -> None:
+        """In the child: the namespace, the jail's mounts, chroot into it, then the VM's uid with no groups."""
+        # Nothing is imported here: this runs between fork and exec.
+        unshare(CLONE_NEWNS)
+        mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host's namespace
+        root = str(self.root)
+        mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        for name in ("usr", "dev", "tmp"):
+            os.mkdir(f"{root}/{name}")
+            os.chmod(f"{root}/{name}", 0o755)  # the monitor's umask is 077
+        for link in ("lib", "lib64", "bin", "sbin"):
+            if os.path.islink(f"/{link}"):
+                os.symlink(os.readlink(f"/{link}"), f"{root}/{link}")
+        mount("/usr", f"{root}/usr", None, MS_BIND | MS_REC)
+        mount(None, f"{root}/usr", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        for device in self.devices:
+            os.close(os.open(f"{root}{device}", os.O_CREAT | os.O_WRONLY, 0o600))
+            mount(device, f"{root}{device}", None, MS_BIND)
+        os.close(os.open(f"{root}{self.KERNEL}", os.O_CREAT | os.O_WRONLY, 0o600))
+        mount(str(self.kernel), f"{root}{self.KERNEL}", None, MS_BIND)
+        mount(None, f"{root}{self.KERNEL}", None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        os.chroot(root)
+        os.chdir("/")
+        os.setgroups([])
+        os.setgid(self.uid)
+        os.setuid(self.uid)

@@ -1,0 +1,72 @@
+"""The confined QEMU in real VMs: a uid of its own, its seccomp sandbox, a mount namespace that holds only /usr,
+a few devices and the VM's kernel, and everything else by descriptor (micropod/vmm/qemu_confined.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from micropod.unixsock import SocketDir
+from micropod.vmm.qmp import QmpClient
+from tests.conftest import Cli
+from tests.test_e2e_run import one_line_error
+
+pytestmark = pytest.mark.e2e
+
+WAIT = 300
+
+
+def vmm_of(cli: Cli, name: str) -> tuple[int, str]:
+    info = json.loads(cli("inspect", name).stdout)[0]
+    return int(info["State"]["Pid"]), str(info["Id"])
+
+
+def status(pid: int) -> dict[str, str]:
+    fields = (line.partition(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {key: value.split()[0] if value.split() else "" for key, _, value in fields}
+
+
+def test_each_vmm_runs_as_its_own_uid_in_a_jail_with_no_host_file_in_reach(cli: Cli) -> None:
+    for name in ("one", "two"):
+        assert cli("run", "-d", "--name", name, "hello", "sleep", "600", timeout=WAIT).returncode == 0
+    (pid_one, vm_one), (pid_two, _) = vmm_of(cli, "one"), vmm_of(cli, "two")
+    one, two = status(pid_one), status(pid_two)
+    assert one["Uid"] != "0" and one["Gid"] == one["Uid"] and one["Seccomp"] == "2", one
+    assert one["Uid"] != two["Uid"], (one["Uid"], two["Uid"])
+    assert sorted(os.listdir(f"/proc/{pid_one}/root")) == ["bin", "dev", "lib", "lib64", "sbin", "tmp", "usr",
+                                                           "vmlinux"]
+    # what QEMU is asked over QMP to open by name, it cannot: no host file is in its namespace
+    sockets = SocketDir(cli.root / "vms" / vm_one)
+    qmp = QmpClient(sockets.address("qmp.sock"))
+    try:
+        for path in ("/etc/shadow", "/etc/passwd", str(cli.root / "state.db")):
+            with pytest.raises(Exception, match="Could not open"):
+                qmp.execute("blockdev-add", driver="file", filename=path, **{"node-name": "probe"})
+    finally:
+        qmp.close()
+        sockets.close()
+    # and the VM works as ever: its disks, its agent channel, exec
+    done = cli("exec", "one", "sh", "-c", "echo kept > /f && cat /f", timeout=WAIT)
+    assert (done.returncode, done.stdout) == (0, "kept\n"), done.stderr
+    lifted = cli("run", "-d", "--name", "open", "--security-opt", "vmm-confinement=off", "hello", "sleep", "600",
+                 timeout=WAIT)
+    assert lifted.returncode == 0, lifted.stderr
+    assert status(vmm_of(cli, "open")[0])["Uid"] == "0"
+
+
+def test_an_exhausted_or_malformed_uid_range_is_one_clear_line(cli: Cli) -> None:
+    os.environ["MICROPOD_VMM_IDS"] = "3999990-3999990"
+    try:
+        assert cli("run", "-d", "--name", "holder", "hello", "sleep", "600", timeout=WAIT).returncode == 0
+        refused = cli("run", "--rm", "hello", "true", timeout=WAIT)
+        os.environ["MICROPOD_VMM_IDS"] = "lots"
+        malformed = cli("run", "--rm", "hello", "true", timeout=WAIT)
+    finally:
+        del os.environ["MICROPOD_VMM_IDS"]
+    assert refused.returncode == 125
+    assert "no uid is free for another VMM in MICROPOD_VMM_IDS=3999990-3999990" in one_line_error(refused.stderr)
+    assert malformed.returncode == 125 and "invalid MICROPOD_VMM_IDS 'lots'" in one_line_error(malformed.stderr)
+    assert cli("ps", "-aq").stdout.split() == [vmm_of(cli, "holder")[1][:12]]  # --rm left nothing behind

@@ -1,0 +1,45 @@
+"""The confined VMMs' uids (micropod/vmm/vmm_ids.py) and QEMU's command line by descriptor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from micropod.errors import UsageError
+from micropod.vmm import vmm_ids
+from micropod.vmm.base import Drive, NetInterface, VmSpec
+from micropod.vmm.qemu import QemuLayout, qemu_argv
+from micropod.vmm.qemu_confined import Handles
+
+
+def test_each_vm_gets_a_uid_of_its_own_until_it_lets_go(tmp_path: Path) -> None:
+    ids = vmm_ids.id_range("500-501")
+    first = vmm_ids.allocate("a" * 64, ids, tmp_path)
+    second = vmm_ids.allocate("b" * 64, ids, tmp_path)
+    assert {first.uid, second.uid} == {500, 501}
+    with pytest.raises(UsageError, match="no uid is free for another VMM in MICROPOD_VMM_IDS=500-501"):
+        vmm_ids.allocate("c" * 64, ids, tmp_path)
+    first.release()
+    assert vmm_ids.allocate("c" * 64, ids, tmp_path).uid == first.uid
+
+
+@pytest.mark.parametrize("text", ["", "5", "9-3", "a-b", "0-10"])
+def test_a_malformed_range_is_refused(text: str) -> None:
+    with pytest.raises(UsageError, match="invalid MICROPOD_VMM_IDS"):
+        vmm_ids.id_range(text)
+
+
+def test_a_confined_qemu_is_given_descriptors_never_names(tmp_path: Path) -> None:
+    spec = VmSpec(vm_id="a" * 64, kernel=Path("/vmlinux"), cmdline="console=ttyS0", vcpus=1, memory_mib=256,
+                  drives=(Drive("system", tmp_path / "system.sqfs", read_only=True, is_root=True),
+                          Drive("upper", tmp_path / "upper.ext4", read_only=False)),
+                  run_dir=tmp_path, console_log=tmp_path / "console.log",
+                  nets=(NetInterface("net0", "mp-tap", "02:00:00:00:00:01"),))
+    handles = Handles(drives={"system": [10], "upper": [11, 12]}, taps={"net0": 13}, agent=14, qmp=15)
+    argv = qemu_argv(spec, Path("/usr/bin/qemu-system-x86_64"), "tcg", QemuLayout.in_dir(tmp_path), handles)
+    text = " ".join(argv)
+    assert str(tmp_path) not in text and "mp-tap" not in text and "ifname" not in text
+    assert "-add-fd fd=11,set=2,opaque=upper -add-fd fd=12,set=2,opaque=upper" in text
+    assert "file=/dev/fdset/2" in text and "file.locking=off" in text and "tap,id=net0,fd=13" in text
+    assert "socket,id=agent,fd=14" in text and "socket,id=qmp,fd=15,server=on,wait=off" in text
