@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from bench import boot, inguest, net, pods, pull, unpack
+from bench import boot, confinement, inguest, net, pods, pull, unpack
 from bench import exec as exec_bench
 from bench import runtime as runtime_bench
 from bench.timing import compile_sources
@@ -15,7 +15,8 @@ def main() -> int:
     compile_sources()
     results = {"boot": boot.run(), "exec": exec_bench.run()}
     results.update(pull=pull.run(), unpack=unpack.run(), net=net.run(), runtime=runtime_bench.run(),
-                   runtime_in_guest=inguest.run(), pods=pods.run())
+                   runtime_in_guest=inguest.run(), pods=pods.run(),
+                   confinement=confinement.run())
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

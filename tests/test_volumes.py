@@ -151,7 +151,7 @@ def test_tmpfs_options_are_checked_and_come_after_dockers_defaults() -> None:
 def test_binds_are_qemu_shares_with_mapped_xattr_and_firecracker_refuses_them(tmp_path: Path) -> None:
     from micropod.cli.mounts import parse_mount, parse_volume
     from micropod.runconfig import BindMount
-    from micropod.service.containers import _resolved_binds
+    from micropod.service.admission import resolved_binds
     from micropod.vmm.base import Share
     from micropod.vmm.qemu import QemuLayout, qemu_argv
     from tests.test_qemu import spec as make_spec
@@ -164,6 +164,6 @@ def test_binds_are_qemu_shares_with_mapped_xattr_and_firecracker_refuses_them(tm
     assert "local,id=bind0,path=/srv/a,,b,security_model=mapped-xattr,readonly=on" in argv
     assert "virtio-9p-device,fsdev=bind0,mount_tag=bind0" in argv
     with pytest.raises(UsageError, match="bind mounts of host directories need QEMU: firecracker"):
-        _resolved_binds((BindMount(str(tmp_path), "/x"),), "firecracker")
+        resolved_binds((BindMount(str(tmp_path), "/x"),), "firecracker")
     with pytest.raises(UsageError, match="bind source path does not exist"):
-        _resolved_binds((BindMount(str(tmp_path / "missing"), "/x"),), "qemu")
+        resolved_binds((BindMount(str(tmp_path / "missing"), "/x"),), "qemu")
