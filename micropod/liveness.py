@@ -43,3 +43,8 @@ class ProcessRef:
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
+
+
+def ref_of(pid: int | None, started: int | None) -> ProcessRef | None:
+    """The process a record names by pid and start time, if it names one."""
+    return None if pid is None or started is None else ProcessRef(pid, started)

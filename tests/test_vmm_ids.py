@@ -43,3 +43,32 @@ def test_a_confined_qemu_is_given_descriptors_never_names(tmp_path: Path) -> Non
     assert "-add-fd fd=11,set=2,opaque=upper -add-fd fd=12,set=2,opaque=upper" in text
     assert "file=/dev/fdset/2" in text and "file.locking=off" in text and "tap,id=net0,fd=13" in text
     assert "socket,id=agent,fd=14" in text and "socket,id=qmp,fd=15,server=on,wait=off" in text
+
+
+def test_a_confined_firecracker_runs_under_its_jailer_as_the_vms_uid(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from micropod.errors import VmmUnavailableError
+    from micropod.vmm.factory import create_vmm
+    from micropod.vmm.firecracker import FirecrackerVmm
+
+    for name in ("firecracker", "jailer"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("MICROPOD_FIRECRACKER", str(tmp_path / "firecracker"))
+    monkeypatch.setenv("MICROPOD_JAILER_BASE", str(tmp_path / "jails"))
+    spec = VmSpec(vm_id="d" * 64, kernel=tmp_path / "vmlinux", cmdline="console=ttyS0", vcpus=1, memory_mib=256,
+                  drives=(), run_dir=tmp_path / "run", console_log=tmp_path / "console.log", vmm_uid=1000042)
+    monkeypatch.setenv("MICROPOD_JAILER", str(tmp_path / "jailer"))
+    vmm = create_vmm("firecracker", spec)
+    assert isinstance(vmm, FirecrackerVmm) and vmm.jailer is not None
+    assert (vmm.jailer.uid, vmm.jailer.gid, vmm.jailer.chroot_base) == (1000042, 1000042, tmp_path / "jails")
+    argv = vmm.argv()
+    assert argv[argv.index("--uid") + 1] == "1000042" and argv[argv.index("--gid") + 1] == "1000042"
+    from dataclasses import replace
+
+    unconfined = create_vmm("firecracker", replace(spec, confined=False))
+    assert isinstance(unconfined, FirecrackerVmm) and unconfined.jailer is None
+    monkeypatch.setenv("MICROPOD_JAILER", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(VmmUnavailableError, match="firecracker's jailer not found"):
+        create_vmm("firecracker", spec)

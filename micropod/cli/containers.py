@@ -242,7 +242,7 @@ def _fail_from_exit(message: dict[str, Any]) -> int:
 
 
 
-def _each(ctx: Context, idents: tuple[str, ...], action: Any, ignore_missing: bool = False) -> None:
+def each_container(ctx: Context, idents: tuple[str, ...], action: Any, ignore_missing: bool = False) -> None:
     """Apply ``action`` to every container named; report each failure, fail at the end like docker."""
     failed = False
     for ident in idents:
@@ -279,7 +279,7 @@ def stop(ctx: Context, timeout: int, signal_name: str | None, containers_: tuple
         containers.stop(ctx, record, float(timeout), signal_name)
         click.echo(ident)
 
-    _each(ctx, containers_, action)
+    each_container(ctx, containers_, action)
 
 
 @click.command()
@@ -292,7 +292,7 @@ def kill(ctx: Context, signal_name: str, containers_: tuple[str, ...]) -> None:
         containers.kill(ctx, record, signal_name)
         click.echo(ident)
 
-    _each(ctx, containers_, action)
+    each_container(ctx, containers_, action)
 
 
 @click.command()
@@ -307,7 +307,7 @@ def rm(ctx: Context, force: bool, containers_: tuple[str, ...]) -> None:
         containers.remove(ctx, record, force)
         click.echo(ident)
 
-    _each(ctx, containers_, action, ignore_missing=force)
+    each_container(ctx, containers_, action, ignore_missing=force)
 
 
 
@@ -347,7 +347,7 @@ def start(ctx: Context, attach_output: bool, containers_: tuple[str, ...]) -> No
             sys.exit(_attach_foreground(client))
         _started(client, ctx, record, ident)
 
-    _each(ctx, containers_, action)
+    each_container(ctx, containers_, action)
 
 
 def _started(client: Any, ctx: Context, record: VmRecord, ident: str) -> None:
@@ -380,7 +380,7 @@ def restart(ctx: Context, timeout: int, containers_: tuple[str, ...]) -> None:
         client = containers.start_existing(ctx, fresh)
         _started(client, ctx, record, ident)
 
-    _each(ctx, containers_, action)
+    each_container(ctx, containers_, action)
 
 
 COMMANDS = [run, create, start, restart, stop, kill, rm, wait]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
 
+from micropod.cli.containers import each_container
 from micropod.context import Context
-from micropod.errors import MicropodError
+from micropod.state import VmRecord
 
 pass_ctx = click.make_pass_decorator(Context)
 
@@ -47,18 +47,11 @@ def update(ctx: Context, /, containers_: tuple[str, ...], **options: Any) -> Non
         disk_rates=parse_disk_rates(flags),
         network_rate=None if rate is None else 0 if rate == "0" else parse_rate(rate, "--network-rate"),
     )
-    failed = False
-    for ident in containers_:
-        try:
-            update_container(ctx, ctx.state.find(ident), request)
-            click.echo(ident)
-        except MicropodError as exc:
-            if ctx.debug:
-                raise
-            click.echo(f"micropod: error: {exc}", err=True)
-            failed = True
-    if failed:
-        sys.exit(1)
 
+    def action(record: VmRecord, ident: str) -> None:
+        update_container(ctx, record, request)
+        click.echo(ident)
+
+    each_container(ctx, containers_, action)
 
 COMMANDS = [update]

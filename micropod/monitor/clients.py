@@ -199,3 +199,14 @@ class Connections:
                         del pending[key.fd]
         finally:
             sel.close()
+
+
+def wake_on_signals(wake: socket.socket) -> None:
+    """SIGTERM, SIGINT and SIGHUP write to ``wake`` (the monitor's loop watches its other end) instead of
+    interrupting whatever the monitor is doing."""
+    import signal
+
+    wake.setblocking(False)
+    signal.set_wakeup_fd(wake.fileno())
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: None)

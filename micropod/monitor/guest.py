@@ -9,6 +9,7 @@ monitor.log) and changes nothing: the guest is not trusted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from micropod import guestmsg, wire
@@ -20,6 +21,25 @@ from micropod.monitor.launch import MAIN_SID
 from micropod.monitor.sessions import ExecSessions
 
 log = logging.getLogger("micropod.monitor")
+
+
+def route_frame(frame: Frame, output: Callable[[int, int, bytes], bool], sessions: ExecSessions,
+                on_message: Callable[[guestmsg.GuestMessage], None]) -> None:
+    """A frame from the agent: output to a container's main process (``output`` says whether ``sid`` was one)
+    or to an exec session, a control message parsed for ``on_message``; anything else is refused."""
+    kind, stream, payload = frame
+    if kind == wire.DATA:
+        sid, fd = wire.split_stream(stream)
+        if fd not in (wire.STDOUT, wire.STDERR):
+            guestmsg.refuse(f"data on stream {stream}, which is not an output stream")
+        elif not output(sid, fd, payload) and not sessions.output(sid, fd, payload):
+            guestmsg.refuse(f"data for session {sid}, which does not exist")
+    elif kind == wire.CONTROL:
+        try:
+            on_message(guestmsg.parse(payload))
+        except guestmsg.BadGuestMessage as exc:
+            guestmsg.refuse(str(exc))
+    # EOF frames: a session ends with its exit report, so the host needs none from the guest
 
 
 class GuestEvents(Protocol):
@@ -39,22 +59,14 @@ class GuestFrames:
         self.events = events
 
     def on_frame(self, frame: Frame) -> None:
-        kind, stream, payload = frame
-        if kind == wire.DATA:
-            sid, fd = wire.split_stream(stream)
-            if fd not in (wire.STDOUT, wire.STDERR):
-                guestmsg.refuse(f"data on stream {stream}, which is not an output stream")
-            elif sid == MAIN_SID:
-                self.container_log.write("stdout" if fd == wire.STDOUT else "stderr", payload)
-                self.clients.to_attached(lambda c: c.send_data(fd, payload))
-            elif not self.sessions.output(sid, fd, payload):
-                guestmsg.refuse(f"data for session {sid}, which does not exist")
-        elif kind == wire.CONTROL:
-            try:
-                self._on_message(guestmsg.parse(payload))
-            except guestmsg.BadGuestMessage as exc:
-                guestmsg.refuse(str(exc))
-        # EOF frames: a session ends with its exit report, so the host needs none from the guest
+        route_frame(frame, self._main_output, self.sessions, self._on_message)
+
+    def _main_output(self, sid: int, fd: int, payload: bytes) -> bool:
+        if sid != MAIN_SID:
+            return False
+        self.container_log.write("stdout" if fd == wire.STDOUT else "stderr", payload)
+        self.clients.to_attached(lambda c: c.send_data(fd, payload))
+        return True
 
     def _on_message(self, message: guestmsg.GuestMessage) -> None:
         if isinstance(message, guestmsg.Reply):

@@ -47,9 +47,10 @@ _VMM_IDS: dict[str, VmmId] = {}  # the VM's uid, held by this monitor for all of
 
 
 def confine(spec: VmSpec, backend: str) -> VmSpec:
-    """A confined QEMU runs as a uid of its own. A VM with a virtio-9p share keeps QEMU root: its 9p server
-    must reach the host directory as the user who shared it (README's security model says so)."""
-    if not spec.confined or spec.shares or spec.vmm_uid is not None or backend != "qemu":
+    """A confined VMM runs as a uid of its own (QEMU in its jail, Firecracker under its jailer). A VM with a
+    virtio-9p share keeps QEMU root: its 9p server must reach the host directory as the user who shared it
+    (README's security model says so)."""
+    if not spec.confined or spec.shares or spec.vmm_uid is not None or backend not in ("qemu", "firecracker"):
         if spec.shares and spec.confined:
             log.warning("QEMU runs as root: the VM shares a host directory over virtio-9p")
         return spec

@@ -21,7 +21,8 @@ from micropod.channel import Frame
 from micropod.errors import AgentError, MicropodError, printable
 from micropod.liveness import ProcessRef
 from micropod.monitor import api
-from micropod.monitor.clients import READ, WRITE, Connections, Watchlist
+from micropod.monitor.clients import READ, WRITE, Connections, Watchlist, wake_on_signals
+from micropod.monitor.guest import route_frame
 from micropod.monitor.launch import SHUTDOWN_GRACE, NetworkAttachment, VmProcess, console_tail, remove_vm_sockets
 from micropod.monitor.members import Member, Members
 from micropod.monitor.podrequests import PodRequests
@@ -62,7 +63,7 @@ class PodMonitor:
         self._wake_r, self._wake_w = socket.socketpair()
 
     def run(self) -> int:
-        self._install_signals()
+        wake_on_signals(self._wake_w)
         try:
             self._boot()
             self._loop()
@@ -171,24 +172,17 @@ class PodMonitor:
     # -- what the guest sends --------------------------------------------------------------------
 
     def _on_frame(self, frame: Frame) -> None:
-        kind, stream, payload = frame
-        if kind == wire.DATA:
-            sid, fd = wire.split_stream(stream)
-            member = self.members.by_sid.get(sid)
-            if fd not in (wire.STDOUT, wire.STDERR):
-                guestmsg.refuse(f"data on stream {stream}, which is not an output stream")
-            elif member is not None:
-                member.log.write("stdout" if fd == wire.STDOUT else "stderr", payload)
-                for client, cid in list(self.attached.items()):
-                    if cid == member.cid:
-                        self.clients.send_to(client, lambda c: c.send_data(fd, payload))
-            elif not self.sessions.output(sid, fd, payload):
-                guestmsg.refuse(f"data for session {sid}, which does not exist")
-        elif kind == wire.CONTROL:
-            try:
-                self._on_message(guestmsg.parse(payload))
-            except guestmsg.BadGuestMessage as exc:
-                guestmsg.refuse(str(exc))
+        route_frame(frame, self._main_output, self.sessions, self._on_message)
+
+    def _main_output(self, sid: int, fd: int, payload: bytes) -> bool:
+        member = self.members.by_sid.get(sid)
+        if member is None:
+            return False
+        member.log.write("stdout" if fd == wire.STDOUT else "stderr", payload)
+        for client, cid in list(self.attached.items()):
+            if cid == member.cid:
+                self.clients.send_to(client, lambda c: c.send_data(fd, payload))
+        return True
 
     def _on_message(self, message: guestmsg.GuestMessage) -> None:
         if isinstance(message, guestmsg.Reply):
@@ -283,8 +277,3 @@ class PodMonitor:
         self.clients.broadcast(api.exit_message(code, self.error), only_attached=False)
         self.clients.drop_all()
 
-    def _install_signals(self) -> None:
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno())
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, lambda *_: None)

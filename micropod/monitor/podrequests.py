@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError, UsageError
+from micropod.errors import AgentError, ChannelFull, ContainerCommandError, UsageError
 from micropod.monitor import api
 from micropod.monitor.api import Op
 from micropod.monitor.requests import RequestReader, signal_field, timeout_field
@@ -104,22 +104,18 @@ class PodRequests(RequestReader):
     def forwards_stdin(self, fd: int) -> bool:
         return fd in self.sessions.sid_of_client or fd in self.pod.attached
 
-    def _on_stdin(self, fd: int, kind: int, payload: bytes) -> None:
-        session = self.sessions.of_client(fd)
-        if session is not None:
-            if not session.started:
-                return
-            sid = session.sid
-        else:
-            member = self.members.by_id.get(self.pod.attached.get(fd, ""))
-            if member is None or not member.running or not member.cfg.container.stdin:
-                return
-            sid = member.sid
+    def _attached_sid(self, fd: int) -> int | None:
+        member = self.members.by_id.get(self.pod.attached.get(fd, ""))
+        if member is None or not member.running or not member.cfg.container.stdin:
+            return None
+        return member.sid
+
+    def _write_stdin(self, sid: int, kind: int, payload: bytes) -> None:
         try:
             self.pod.vm.send_stdin(sid, kind, payload)
         except ChannelFull:
-            log.error("stdin for session %d lost: the agent channel is full", sid)
-        except MicropodError:
+            raise
+        except AgentError:
             pass  # the VM is going: its end reaches every client
 
 

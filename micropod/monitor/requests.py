@@ -79,8 +79,26 @@ class RequestReader:
     def _on_request(self, fd: int, message: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _on_stdin(self, fd: int, kind: int, payload: bytes) -> None:
+    def _attached_sid(self, fd: int) -> int | None:
+        """The main process whose stdin an attached client feeds (None if it feeds none)."""
         raise NotImplementedError
+
+    def _write_stdin(self, sid: int, kind: int, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def _on_stdin(self, fd: int, kind: int, payload: bytes) -> None:
+        """A client's stdin goes to its exec session, or to the main process it is attached to."""
+        session = self.sessions.of_client(fd)
+        if session is not None and not session.started:
+            return
+        sid = session.sid if session is not None else self._attached_sid(fd)
+        if sid is None:
+            return
+        try:
+            self._write_stdin(sid, kind, payload)
+        except ChannelFull:
+            # Unreachable while stdin readers pause at the agent's high-water mark; say so if it happens.
+            log.error("stdin for session %d lost: the agent channel is full", sid)
 
     def on_readable(self, fd: int) -> None:
         client = self.clients.clients[fd]
@@ -179,20 +197,9 @@ class ClientRequests(RequestReader):
         """The client on ``fd`` may send stdin for the agent: paused while the agent does not read."""
         return fd in self.sessions.sid_of_client or (fd in self.clients.attached and self.cfg.container.stdin)
 
-    def _on_stdin(self, fd: int, kind: int, payload: bytes) -> None:
-        """A client's stdin goes to its exec session, or to the main process for an attached client."""
-        session = self.sessions.of_client(fd)
-        if session is not None:
-            if not session.started:
-                return
-            sid = session.sid
-        elif fd in self.clients.attached and self.cfg.container.stdin:
-            sid = MAIN_SID
-        else:
-            return
+    def _attached_sid(self, fd: int) -> int | None:
+        return MAIN_SID if fd in self.clients.attached and self.cfg.container.stdin else None
+
+    def _write_stdin(self, sid: int, kind: int, payload: bytes) -> None:
         if self.container.running():
-            try:
-                self.container.write_stdin(sid, kind, payload)
-            except ChannelFull:
-                # Unreachable while stdin readers pause at the agent's high-water mark; say so if it happens.
-                log.error("stdin for session %d lost: the agent channel is full", sid)
+            self.container.write_stdin(sid, kind, payload)

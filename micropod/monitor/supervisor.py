@@ -18,7 +18,7 @@ from micropod.containerlog import ContainerLog
 from micropod.errors import AgentError, ChannelFull, ContainerCommandError, MicropodError, printable
 from micropod.liveness import ProcessRef
 from micropod.monitor import api
-from micropod.monitor.clients import READ, WRITE, Connections, Watchlist
+from micropod.monitor.clients import READ, WRITE, Connections, Watchlist, wake_on_signals
 from micropod.monitor.guest import GuestFrames
 from micropod.monitor.launch import (
     MAIN,
@@ -82,7 +82,7 @@ class Monitor:
         return self.cfg.restart
 
     def run(self) -> int:
-        self._install_signals()
+        wake_on_signals(self._wake_w)
         try:
             if self.maintenance:
                 self.run_once()  # no restart policy applies
@@ -396,8 +396,3 @@ class Monitor:
         self.clients.broadcast(api.exit_message(code, self.error), only_attached=False)
         self.clients.drop_all()
 
-    def _install_signals(self) -> None:
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno())
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, lambda *_: None)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from micropod.errors import ConflictError, NotFoundError, StateError, UsageError
-from micropod.liveness import ProcessRef
+from micropod.liveness import ProcessRef, ref_of
 from micropod.state.db import open_tables
 from micropod.state.tables import PODS
 
@@ -48,15 +48,11 @@ class PodRecord:
 
     @property
     def monitor(self) -> ProcessRef | None:
-        if self.monitor_pid is None or self.monitor_start is None:
-            return None
-        return ProcessRef(self.monitor_pid, self.monitor_start)
+        return ref_of(self.monitor_pid, self.monitor_start)
 
     @property
     def vmm(self) -> ProcessRef | None:
-        if self.vmm_pid is None or self.vmm_start is None:
-            return None
-        return ProcessRef(self.vmm_pid, self.vmm_start)
+        return ref_of(self.vmm_pid, self.vmm_start)
 
 
 _COLUMNS = tuple(f.name for f in fields(PodRecord))

@@ -18,7 +18,7 @@ from typing import Any
 
 from micropod.errors import ConflictError, NotFoundError, StateError, UsageError
 from micropod.fsutil import private_dir, private_file
-from micropod.liveness import ProcessRef
+from micropod.liveness import ProcessRef, ref_of
 from micropod.state.db import open_tables
 from micropod.state.tables import VMS
 
@@ -59,15 +59,11 @@ class VmRecord:
 
     @property
     def monitor(self) -> ProcessRef | None:
-        if self.monitor_pid is None or self.monitor_start is None:
-            return None
-        return ProcessRef(self.monitor_pid, self.monitor_start)
+        return ref_of(self.monitor_pid, self.monitor_start)
 
     @property
     def vmm(self) -> ProcessRef | None:
-        if self.vmm_pid is None or self.vmm_start is None:
-            return None
-        return ProcessRef(self.vmm_pid, self.vmm_start)
+        return ref_of(self.vmm_pid, self.vmm_start)
 
     @property
     def short_id(self) -> str:

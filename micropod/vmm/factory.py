@@ -17,6 +17,7 @@ from micropod.vmm.base import Drive, NetInterface, Share, Vmm, VmSpec
 
 if TYPE_CHECKING:
     from micropod.monitor.pool import DrivePool
+    from micropod.vmm.firecracker import JailerConfig
 
 BACKENDS = ("auto", "qemu", "firecracker")
 
@@ -162,6 +163,26 @@ def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSp
     )
 
 
+def jailer_for(spec: VmSpec) -> JailerConfig | None:
+    """A confined Firecracker runs under its jailer, as the VM's own uid, in a chroot under
+    MICROPOD_JAILER_BASE (default /srv/jailer), which must be on the filesystem of the VM's disks (they are
+    hard-linked in)."""
+    if not spec.confined:
+        return None
+    from micropod.vmm.binaries import find_jailer
+    from micropod.vmm.firecracker import JailerConfig
+
+    jailer = find_jailer()
+    if jailer is None:
+        raise VmmUnavailableError("firecracker's jailer not found: a confined Firecracker runs under it",
+                                  hint="install it beside firecracker (or set MICROPOD_JAILER), or use "
+                                       "--security-opt vmm-confinement=off")
+    if spec.vmm_uid is None:
+        raise VmmUnavailableError("a confined Firecracker needs a uid of its own (micropod/vmm/vmm_ids.py)")
+    base = Path(os.environ.get("MICROPOD_JAILER_BASE", "/srv/jailer"))
+    return JailerConfig(binary=jailer, uid=spec.vmm_uid, gid=spec.vmm_uid, chroot_base=base)
+
+
 def create_vmm(backend: str, spec: VmSpec, warm: bool = True) -> Vmm:
     """A backend for ``spec``; with ``warm``, QEMU VMs resume from a boot snapshot when they can."""
     if backend == "qemu":
@@ -181,5 +202,5 @@ def create_vmm(backend: str, spec: VmSpec, warm: bool = True) -> Vmm:
         binary = find_firecracker()
         if binary is None:
             raise VmmUnavailableError("firecracker not found", hint="see 'micropod doctor'")
-        return FirecrackerVmm(spec, binary)
+        return FirecrackerVmm(spec, binary, jailer_for(spec))
     raise UsageError(f"unknown VMM backend {backend!r}")
