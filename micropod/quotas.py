@@ -11,7 +11,7 @@ from typing import Any
 
 from micropod.errors import UsageError
 
-MAX_RATE = 1 << 40  # bytes or operations per second: more is no limit at all
+MAX_RATE = 1 << 32  # bytes or operations per second (4 GiB/s): tc's and nft's bursts are 32-bit
 _CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 

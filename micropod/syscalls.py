@@ -49,6 +49,7 @@ MS_SHARED = 0x100000
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
 SYS_PIVOT_ROOT = 155  # x86_64; glibc has no wrapper
 SYS_MOUNT_SETATTR = 442  # the same on every architecture (asm-generic); glibc 2.36 has no wrapper either
 AT_RECURSIVE = 0x8000
@@ -153,6 +154,11 @@ def set_dumpable(dumpable: bool) -> None:
 
 def set_no_new_privs() -> None:
     _check(_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl PR_SET_NO_NEW_PRIVS")
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """``signum`` when the parent dies (cleared by a change of credentials: set it after one)."""
+    _check(_prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0), "prctl PR_SET_PDEATHSIG")
 
 
 def set_child_subreaper() -> None:
@@ -285,7 +291,7 @@ def add_entropy(seed: bytes) -> None:
 
 
 # <linux/if_tun.h>
-TUNSETIFF, TUNSETPERSIST = 0x400454CA, 0x400454CB
+TUNSETIFF, TUNSETPERSIST, TUNSETOWNER = 0x400454CA, 0x400454CB, 0x400454CC
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
 
@@ -294,6 +300,8 @@ def create_persistent_tap(name: str) -> None:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        # Owned by root: no other user (a confined VMM's uid included) can attach to the TAP by name.
+        fcntl.ioctl(fd, TUNSETOWNER, 0)
         fcntl.ioctl(fd, TUNSETPERSIST, 1)
     except OSError as exc:
         raise OSError(exc.errno, f"ioctl(TUNSETIFF) for {name}: {exc.strerror}") from None

@@ -14,17 +14,33 @@ from micropod.vmm.qemu_confined import Handles
 
 
 def test_each_vm_gets_a_uid_of_its_own_until_it_lets_go(tmp_path: Path) -> None:
-    ids = vmm_ids.id_range("500-501")
+    ids = vmm_ids.id_range("3900000-3900001", etc=tmp_path)
     first = vmm_ids.allocate("a" * 64, ids, tmp_path)
     second = vmm_ids.allocate("b" * 64, ids, tmp_path)
-    assert {first.uid, second.uid} == {500, 501}
-    with pytest.raises(UsageError, match="no uid is free for another VMM in MICROPOD_VMM_IDS=500-501"):
+    assert {first.uid, second.uid} == {3900000, 3900001}
+    with pytest.raises(UsageError, match="no uid is free for another VMM in MICROPOD_VMM_IDS=3900000-3900001"):
         vmm_ids.allocate("c" * 64, ids, tmp_path)
     first.release()
     assert vmm_ids.allocate("c" * 64, ids, tmp_path).uid == first.uid
 
 
-@pytest.mark.parametrize("text", ["", "5", "9-3", "a-b", "0-10"])
+def test_a_uid_a_process_still_runs_as_is_never_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vmm_ids, "_live_uids", lambda: {3900000})
+    ids = vmm_ids.id_range("3900000-3900001", etc=tmp_path)
+    assert vmm_ids.allocate("a" * 64, ids, tmp_path).uid == 3900001
+
+
+def test_a_range_someone_else_may_use_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "passwd").write_text("root:x:0:0::/root:/bin/sh\nodd:x:3900005:3900005::/:/bin/false\n")
+    (tmp_path / "subuid").write_text("alice:100000:65536\n")
+    with pytest.raises(UsageError, match="overlaps odd in /etc/passwd"):
+        vmm_ids.id_range("3900000-3900010", etc=tmp_path)
+    with pytest.raises(UsageError, match="overlaps alice's range in /etc/subuid"):
+        vmm_ids.id_range("150000-150001", etc=tmp_path)
+    assert vmm_ids.id_range("3900006-3900010", etc=tmp_path) == range(3900006, 3900011)
+
+
+@pytest.mark.parametrize("text", ["", "5", "9-3", "a-b", "0-10", "1000-2000"])
 def test_a_malformed_range_is_refused(text: str) -> None:
     with pytest.raises(UsageError, match="invalid MICROPOD_VMM_IDS"):
         vmm_ids.id_range(text)

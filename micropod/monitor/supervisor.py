@@ -335,9 +335,10 @@ class Monitor:
         if new.container.pids_limit == self._pids_limit or not self.running():
             done(None)
             return
-        self._pids_limit = new.container.pids_limit
 
         def answer(reply: guestmsg.Reply) -> None:
+            if reply.ok:
+                self._pids_limit = new.container.pids_limit  # what the guest holds now
             done(None if reply.ok else printable(reply.message or "the agent refused the update"))
 
         self.call_agent(GuestOp.UPDATE, answer, id=MAIN, pids_limit=new.container.pids_limit)

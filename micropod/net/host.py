@@ -76,8 +76,14 @@ class HostNetwork:
     def set_rate(self, vm_id: str, rate: int) -> None:
         """A new send rate for an attached VM (`micropod update --network-rate`)."""
         with self._locked():
+            before = next((a.rate for a in self.attachments() if a.vm_id == vm_id), 0)
             self._conn.execute("UPDATE attachments SET rate = ? WHERE vm_id = ?", (rate, vm_id))
-            self._apply(self.attachments())
+            try:
+                self._apply(self.attachments())
+            except BaseException:
+                # the row must not keep what nft refused: every later attach and detach would apply it again
+                self._conn.execute("UPDATE attachments SET rate = ? WHERE vm_id = ?", (before, vm_id))
+                raise
 
     def detach(self, vm_id: str, unless: Callable[[str], bool] | None = None) -> bool:
         """Remove the VM's rules, TAP and row, in that order; idempotent. True if anything was there.

@@ -107,7 +107,7 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
     command = merge_command(config.entrypoint, config.cmd, req.entrypoint, req.args)
     backend = pod.backend if pod else resolve_backend(req.backend)
     check_available(backend)
-    if backend == "qemu" and req.security.vmm_confinement:
+    if backend in ("qemu", "firecracker") and req.security.vmm_confinement:
         from micropod.vmm.vmm_ids import id_range
 
         id_range()  # a malformed MICROPOD_VMM_IDS is refused before anything is recorded

@@ -3,7 +3,12 @@ once to a running VM through its monitor (micropod/monitor/update.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from micropod.context import Context
 from micropod.errors import ContainerCommandError, MicropodError, UsageError
@@ -34,30 +39,48 @@ class UpdateRequest:
 def update(ctx: Context, record: VmRecord, req: UpdateRequest) -> None:
     if record.pod:
         raise UsageError(f"container {record.name} is in a pod: its limits are set when it is created")
-    path = ctx.root.vm(record.id).config
-    old = RunConfig.load(path)
-    running = record.status in ACTIVE
-    new = changed(old, req, running)
-    if new == old:
-        return
-    new.dump(path)
-    if not running:
-        return
+    vm_dir = ctx.root.vm(record.id)
+    with _locked(vm_dir.path / "update.lock"):  # one update at a time: each applies what config.json says
+        old = RunConfig.load(vm_dir.config)
+        running = record.status in ACTIVE
+        new = changed(old, req, running)
+        if new == old:
+            return
+        new.dump(vm_dir.config)
+        if not running:
+            return
+        error = _apply(ctx, record)
+        if error is not None:
+            # Nothing half-done: the config goes back, and the running VM is told to take its old limits again.
+            old.dump(vm_dir.config)
+            _apply(ctx, record)
+            raise ContainerCommandError(f"cannot update {record.name}: {error}", 125)
+
+
+def _apply(ctx: Context, record: VmRecord) -> str | None:
+    """The running VM takes its config.json's limits; why not, if it did not."""
     try:
         client = MonitorClient.of(ctx.root, record)
     except MicropodError:
-        return  # it has just ended: the next boot takes the new limits
+        return None  # it has just ended: the next boot takes the config as it is
     try:
         client.request(Op.UPDATE)
         answer = client.follow(until=(Op.UPDATED, Op.ERROR), timeout=TIMEOUT)
-    except MicropodError:
-        old.dump(path)
-        raise
+    except MicropodError as exc:
+        return str(exc)
     finally:
         client.close()
-    if answer["op"] == Op.ERROR:
-        old.dump(path)  # nothing half-done: the running VM and its config keep the old limits
-        raise ContainerCommandError(f"cannot update {record.name}: {answer.get('message')}", 125)
+    return str(answer.get("message")) if answer["op"] == Op.ERROR else None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def changed(cfg: RunConfig, req: UpdateRequest, running: bool) -> RunConfig:

@@ -8,6 +8,7 @@ socket, say ``CONNECT <port>``, read ``OK <hostport>``, and the socket is the gu
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -22,6 +23,7 @@ from micropod import proc
 from micropod.errors import BootError, VmmError
 from micropod.quotas import IoLimits
 from micropod.unixsock import SocketDir
+from micropod.vmm import acl
 from micropod.vmm import firecracker_api as api
 from micropod.vmm.base import AGENT_VSOCK_PORT, VmSpec
 from micropod.vmm.binaries import find_firecracker, find_jailer
@@ -85,6 +87,7 @@ class FirecrackerVmm:
         self._client: api.FirecrackerClient | None = None
         self._console: CappedLog | None = None
         self._outputs: list[CappedLog] = []  # Firecracker's own log and metrics
+        self._granted: list[Path] = []  # read-only files this VM's uid was given read access to (acl.py)
 
     # Paths.
 
@@ -282,8 +285,13 @@ class FirecrackerVmm:
         if writable:
             # The jailed firecracker runs as uid:gid and must be able to write its read-write disks. The owner
             # is changed through a descriptor of the host's own file: the jail's names belong to the VMM, which
-            # may have planted a link there (a read-only file, an image's shared base, is never given away).
+            # may have planted a link there.
             self._chown_for_jail(source)
+        elif self.jailer is not None and os.geteuid() == 0 and source not in self._granted:
+            # A read-only file (an image's base, shared by its VMs) stays root's: this VM's uid gets an ACL entry
+            # to read it, taken away when the VM ends.
+            acl.grant_read(source, self.jailer.uid)
+            self._granted.append(source)
         try:
             os.link(source, target)
         except OSError as exc:
@@ -365,6 +373,10 @@ class FirecrackerVmm:
         if self.jailer is not None:
             # Only hard links and our own files live there; the originals are untouched.
             shutil.rmtree(self._jail_dir(), ignore_errors=True)
+            for path in self._granted:
+                with contextlib.suppress(VmmError):
+                    acl.revoke(path, self.jailer.uid)
+            self._granted.clear()
 
 
 def _accepts_connections(path: Path, address: str) -> bool:

@@ -224,17 +224,18 @@ class QemuVmm:
             self._agent = handles.ours
             jail_dir = self.spec.run_dir / "jail"
             jail_dir.mkdir(mode=0o700, exist_ok=True)
-            jail = Jail(jail_dir, self.spec.kernel, uid)
+            jail = Jail.for_vm(jail_dir, self.spec.kernel, uid, self.accel)
             argv = qemu_argv(replace(self.spec, kernel=Path(jail.KERNEL)), self.binary, self.accel, self.layout,
                              handles)
         fds = handles.fds if handles else []
-        if self.snapshot is not None:
-            snapshot_fd = os.open(self.snapshot, os.O_RDONLY | os.O_CLOEXEC)
-            fds.append(snapshot_fd)
-            argv += ["-incoming", f"fd:{snapshot_fd}"]
-        self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX)
-        self._vmm_log = CappedLog(self.layout.vmm_log, VMM_LOG_MAX)
+        snapshot_fd = -1
         try:
+            if self.snapshot is not None:
+                snapshot_fd = os.open(self.snapshot, os.O_RDONLY | os.O_CLOEXEC)
+                fds.append(snapshot_fd)
+                argv += ["-incoming", f"fd:{snapshot_fd}"]
+            self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX)
+            self._vmm_log = CappedLog(self.layout.vmm_log, VMM_LOG_MAX)
             # A confined QEMU runs as its own uid from the start: the VM's directory is not its cwd to reach.
             self._proc = proc.spawn(argv, stdout=self._console.write_fd, stderr=self._vmm_log.write_fd,
                                     cwd=self.spec.run_dir if uid is None else Path("/"), pass_fds=fds,
@@ -245,9 +246,9 @@ class QemuVmm:
                 self._agent = None
             raise
         finally:
-            close_all(self._console, self._vmm_log)
-            if self.snapshot is not None:
-                os.close(fds[-1])
+            close_all(*(log for log in (self._console, self._vmm_log) if log is not None))
+            if snapshot_fd >= 0:
+                os.close(snapshot_fd)
             if handles is not None:
                 handles.close_passed()
         if self.snapshot is not None:

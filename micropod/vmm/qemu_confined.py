@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from micropod import syscalls
 from micropod.syscalls import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
     CLONE_NEWNS,
     MS_BIND,
     MS_NODEV,
@@ -27,6 +30,8 @@ from micropod.syscalls import (
     MS_REC,
     MS_REMOUNT,
     mount,
+    set_no_new_privs,
+    set_parent_death_signal,
     unshare,
 )
 from micropod.unixsock import SocketDir
@@ -58,8 +63,11 @@ class Handles:
         for sock in (self.listener,):
             if sock is not None:
                 sock.close()
-        with contextlib.suppress(OSError):
-            os.close(self.agent)
+        if self.agent >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.agent)
+            self.agent = -1
+        self.listener = None
         self.drives.clear()
         self.taps.clear()
 
@@ -123,13 +131,23 @@ class Jail:
     kernel: Path
     uid: int
     devices: tuple[str, ...] = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+    groups: tuple[int, ...] = ()  # the kvm group, for /dev/kvm
+
+    @classmethod
+    def for_vm(cls, root: Path, kernel: Path, uid: int, accel: str) -> Jail:
+        """With /dev/kvm, and its group, when the VM runs on KVM."""
+        if accel != "kvm":
+            return cls(root, kernel, uid)
+        return cls(root, kernel, uid, (*cls.devices, "/dev/kvm"), (os.stat("/dev/kvm").st_gid,))
 
     KERNEL = "/vmlinux"
 
     def enter(self) -> None:
         """In the child: the namespace, the jail's mounts, chroot into it, then the VM's uid with no groups."""
-        # Nothing is imported here: this runs between fork and exec.
-        unshare(CLONE_NEWNS)
+        # Nothing is imported here: this runs between fork and exec. Namespaces of its own for the mounts, the
+        # network (it reaches its TAP and sockets by descriptor, and nothing else: no host service, no other VM)
+        # and System V IPC.
+        unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC)
         mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host's namespace
         root = str(self.root)
         mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
@@ -149,6 +167,10 @@ class Jail:
         mount(None, f"{root}{self.KERNEL}", None, MS_BIND | MS_REMOUNT | MS_RDONLY)
         os.chroot(root)
         os.chdir("/")
-        os.setgroups([])
+        os.setgroups(list(self.groups))
         os.setgid(self.uid)
         os.setuid(self.uid)
+        # The monitor holds the VM's uid (vmm_ids.py): its VMM must not outlive it, or a new VM could be given the
+        # uid of a VMM that still runs. Set after the uid change, which clears it.
+        set_parent_death_signal(signal.SIGKILL)
+        set_no_new_privs()
