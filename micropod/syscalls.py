@@ -49,7 +49,6 @@ MS_SHARED = 0x100000
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
-PR_SET_PDEATHSIG = 1
 SYS_PIVOT_ROOT = 155  # x86_64; glibc has no wrapper
 SYS_MOUNT_SETATTR = 442  # the same on every architecture (asm-generic); glibc 2.36 has no wrapper either
 AT_RECURSIVE = 0x8000
@@ -154,11 +153,6 @@ def set_dumpable(dumpable: bool) -> None:
 
 def set_no_new_privs() -> None:
     _check(_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl PR_SET_NO_NEW_PRIVS")
-
-
-def set_parent_death_signal(signum: int) -> None:
-    """``signum`` when the parent dies (cleared by a change of credentials: set it after one)."""
-    _check(_prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0), "prctl PR_SET_PDEATHSIG")
 
 
 def set_child_subreaper() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ from micropod.syscalls import (
     MS_REMOUNT,
     mount,
     set_no_new_privs,
-    set_parent_death_signal,
     unshare,
 )
 from micropod.unixsock import SocketDir
@@ -170,7 +168,6 @@ class Jail:
         os.setgroups(list(self.groups))
         os.setgid(self.uid)
         os.setuid(self.uid)
-        # The monitor holds the VM's uid (vmm_ids.py): its VMM must not outlive it, or a new VM could be given the
-        # uid of a VMM that still runs. Set after the uid change, which clears it.
-        set_parent_death_signal(signal.SIGKILL)
+        # A VMM may outlive its monitor (`ps` says "monitor lost", rm ends it): vmm_ids.allocate never gives a
+        # uid that a process still runs as, so its uid is not another VM's meanwhile.
         set_no_new_privs()

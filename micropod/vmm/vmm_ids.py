@@ -3,8 +3,8 @@ ranges): ``MICROPOD_VMM_IDS=FIRST-LAST``, by default 1000000-1065535.
 
 The allocation is host-wide, whatever the state root: a uid is taken by an flock on
 ``/run/micropod/vmm-ids/<uid>``, held by the VM's monitor for the VM's life, and a uid any process still runs as
-is never taken. A monitor that dies lets go of the lock with its last descriptor, and its VMM dies with it (a
-parent-death signal, micropod/vmm/qemu_confined.py), so no record goes stale. The first uid tried is derived from
+is never taken. A monitor that dies lets go of the lock with its last descriptor, so no record goes stale; a VMM
+that outlives it still runs as its uid, which no other VM gets until it has gone. The first uid tried is derived from
 the VM's id, so that a VM usually keeps its uid across restarts.
 """
 
@@ -64,8 +64,8 @@ def _lines(path: Path) -> list[str]:
 
 
 def _live_uids() -> set[int]:
-    """Every uid a process runs as now: a VMM whose monitor died may still run as its VM's (until its parent-death
-    signal kills it), and its uid is not given to another VM meanwhile."""
+    """Every uid a process runs as now: a VMM whose monitor died may still run as its VM's, and its uid is not
+    given to another VM meanwhile."""
     uids: set[int] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
