@@ -7,6 +7,7 @@ import sys
 
 from bench import boot, confinement, inguest, net, pods, pull, unpack
 from bench import exec as exec_bench
+from bench import ps as ps_bench
 from bench import runtime as runtime_bench
 from bench.timing import compile_sources
 
@@ -16,7 +17,7 @@ def main() -> int:
     results = {"boot": boot.run(), "exec": exec_bench.run()}
     results.update(pull=pull.run(), unpack=unpack.run(), net=net.run(), runtime=runtime_bench.run(),
                    runtime_in_guest=inguest.run(), pods=pods.run(),
-                   confinement=confinement.run())
+                   confinement=confinement.run(), ps=ps_bench.run())
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -175,8 +175,16 @@ def test_a_container_of_another_image_joins_the_running_pod_without_a_reboot(pod
     # stop, then start, of a pod's container: the same VM again
     assert cli("stop", "-t", "1", "limited", timeout=WAIT).returncode == 0
     assert states(cli)["limited"].startswith("Exited (137)"), states(cli)
+    # cp works on a stopped container of the pod too: the pod's VM mounts its disks for the copy
+    (tmp_path / "note").write_text("copied while stopped\n")
+    copied_in = cli("cp", str(tmp_path / "note"), "limited:/note", timeout=WAIT)
+    assert copied_in.returncode == 0, copied_in.stderr
+    copied_out = cli("cp", "limited:/etc/hostname", str(tmp_path / "hostname"), timeout=WAIT)
+    assert copied_out.returncode == 0 and (tmp_path / "hostname").read_text() == "p\n", copied_out.stderr
+    assert states(cli)["limited"].startswith("Exited (137)"), states(cli)
     assert cli("start", "limited", timeout=WAIT).returncode == 0
     assert sh(cli, "limited", "cat /proc/sys/kernel/random/boot_id") == (0, boot_id)
+    assert cli("exec", "limited", "cat", "/note").stdout == "copied while stopped\n"
     # a pod's container's restart policy: run again in the same VM, with docker's count
     run_in(cli, "p", "flaky", "--restart", "on-failure:2", "hello", "sh", "-c", "echo try; exit 1")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -58,6 +59,7 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str, filt
     now = time.time()
     wanted = _parse_filters(filters)
     pods = _pod_names(ctx) if show_pod or fmt == "json" or "pod" in wanted else {}
+    published = ctx.state.published_ports()
     # docker: a status filter looks at every container, as -a does
     records = [r for r in reconcile(ctx) if (show_all or "status" in wanted or r.status == "running")
                and _matches(r, wanted, pods)]
@@ -71,7 +73,7 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str, filt
             "Command": _command_text(record), "CreatedAt": iso(record.created),
             "State": docker_state(record), "Status": _status_text(record, now), "Names": record.name,
             "ExitCode": record.exit_code, "Backend": record.backend,
-            "Ports": _ports(ctx, record),
+            "Ports": _ports(published, record),
             "RestartCount": record.restart_count,
             "Pod": record.pod, "PodName": pods.get(record.pod, ""),
         } for record in records])
@@ -82,7 +84,7 @@ def ps(ctx: Context, show_all: bool, quiet: bool, no_trunc: bool, fmt: str, filt
         f'"{_command_text(record) if no_trunc else truncate(_command_text(record), 20)}"',
         f"{human_duration(now - record.created)} ago",
         _status_text(record, now),
-        _ports(ctx, record),
+        _ports(published, record),
         record.name,
         *([pods.get(record.pod, "")] if show_pod else []),
     ] for record in records]
@@ -118,11 +120,13 @@ def _matches(record: VmRecord, wanted: dict[str, set[str]], pods: dict[str, str]
     return all(any(one(key, value) for value in values) for key, values in wanted.items())
 
 
-def _ports(ctx: Context, record: VmRecord) -> str:
-    """Like docker, only a running container shows its published ports."""
-    from micropod.service.inspect import load_settings, ports_column
+def _ports(published: dict[str, list[dict[str, Any]]], record: VmRecord) -> str:
+    """Like docker, only a running container shows its published ports (a pod's container, its pod's)."""
+    from micropod.net.ports import PortMapping
 
-    return ports_column(load_settings(ctx, record.id)) if record.status == "running" else ""
+    if record.status != "running":
+        return ""
+    return ", ".join(str(PortMapping(**port)) for port in published.get(record.pod or record.id, []))
 
 
 @click.command()

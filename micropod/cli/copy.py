@@ -52,7 +52,15 @@ def connected(ctx: Context, ident: str) -> Iterator[MonitorClient]:
     """The monitor of a running container, or a stopped one's VM booted for the copy and powered off after."""
     reconcile(ctx)
     record = ctx.state.find(ident)
-    if record.status == "running":
+    if record.pod and record.status != "running":
+        # A pod's container that does not run: its pod's VM (booted if it is down) mounts its disks for the copy.
+        from micropod.service import pods
+
+        pod = ctx.pods.get(record.pod)
+        if pod is None:
+            raise ConflictError(f"the pod of container {record.name} no longer exists")
+        pods.boot(ctx, pod)
+    if record.status == "running" or record.pod:
         try:
             client = MonitorClient.of(ctx.root, record)
         except MicropodError:

@@ -81,20 +81,40 @@ class Members:
 
     # -- adding and removing ---------------------------------------------------------------------
 
-    def add(self, cid: str) -> Member:
-        """A container of this pod onto the running VM: disks, create, start; a stopped one is made afresh on the
-        disks it has. On failure its row says why, and nothing of it stays on the VM."""
+    def mount(self, cid: str) -> Member:
+        """A container of this pod that does not run, its disks mounted in the guest and nothing started (for
+        `cp`); its next start makes it afresh."""
+        member = self._member(cid)
+        if not member.in_agent:
+            try:
+                disks = self._attach_disks(member)
+                self.vm.request(GuestOp.CREATE, time.monotonic() + member.cfg.boot_timeout, id=cid,
+                                spec=self._agent_spec(member), disks=disks)
+            except BaseException:
+                self.remove(cid, quiet=True)
+                raise
+            member.in_agent = True
+        return member
+
+    def _member(self, cid: str) -> Member:
+        """The pod's container ``cid``, as the monitor tracks it (loaded on first use)."""
         record = self.store.get(cid)
         if record is None or record.pod != self.pod_id:
             raise NotFoundError(f"no container {cid[:12]} in this pod")
         member = self.by_id.get(cid)
-        if member is not None and (member.running or member.restart_at is not None):
-            raise ConflictError(f"container {record.name} is already running")
         if member is None:
             vm_dir = self.root.vm(cid)
             cfg = RunConfig.load(vm_dir.config)
             member = Member(cid, cfg, vm_dir, ContainerLog(vm_dir.container_log, cfg.log.max_size, cfg.log.max_files))
             self.by_id[cid] = member
+        return member
+
+    def add(self, cid: str) -> Member:
+        """A container of this pod onto the running VM: disks, create, start; a stopped one is made afresh on the
+        disks it has. On failure its row says why, and nothing of it stays on the VM."""
+        member = self._member(cid)
+        if member.running or member.restart_at is not None:
+            raise ConflictError(f"container {member.cfg.name} is already running")
         member.user_stopped = False
         started = time.monotonic()
         try:

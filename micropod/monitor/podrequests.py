@@ -84,9 +84,14 @@ class PodRequests(RequestReader):
         return member
 
     def _start_exec(self, fd: int, cid: str, op: str, message: dict[str, Any]) -> None:
-        member = self._member(cid)
-        if not member.running or self.pod.stopping:
-            raise ContainerCommandError(f"container {member.cfg.name} is not running", 125)
+        if self.pod.stopping:
+            raise ContainerCommandError("the pod is stopping", 125)
+        if op == Op.EXEC:
+            member = self._member(cid)
+            if not member.running:
+                raise ContainerCommandError(f"container {member.cfg.name} is not running", 125)
+        else:  # cp works on a container that does not run too: its disks are mounted for it
+            self.members.mount(cid)
         if op == Op.EXEC:
             agent_op, fields = GuestOp.EXEC, {"spec": message.get("spec") or {}}
         else:

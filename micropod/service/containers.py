@@ -188,7 +188,7 @@ def start(ctx: Context, cfg: RunConfig, attach: bool, maintenance: bool = False)
     record = ctx.state.get(cfg.vm_id)
     if record is not None and record.pod:
         if maintenance:
-            raise UsageError(f"container {record.name} of a pod is not running: start it to copy files")
+            raise UsageError(f"container {record.name} is in a pod: its pod's VM mounts it for a copy")
         from micropod.service import pods
 
         return pods.start_member(ctx, record, attach)

@@ -168,6 +168,14 @@ class StateStore:
             raise NotFoundError(f"No such container: {ident}")
         raise UsageError(f"multiple containers match id prefix {ident!r}; give more characters")
 
+    def published_ports(self) -> dict[str, list[dict[str, Any]]]:
+        """Every attached VM's published ports, from one query (``ps`` must not read a file per VM)."""
+        try:
+            rows = self._conn.execute("SELECT vm_id, ports FROM attachments").fetchall()
+        except sqlite3.OperationalError:  # nothing was ever attached in this root
+            return {}
+        return {row["vm_id"]: json.loads(row["ports"]) for row in rows}
+
     def name_taken(self, name: str) -> bool:
         return self._conn.execute("SELECT 1 FROM vms WHERE name = ?", (name,)).fetchone() is not None
 
