@@ -432,3 +432,17 @@ def test_find_firecracker_on_path(short_tmp: Path, monkeypatch: pytest.MonkeyPat
     assert find_firecracker() == binary
     binary.chmod(0o644)  # not executable: not a candidate
     assert find_firecracker() in (None, Path("/usr/local/bin/firecracker"))
+
+
+def test_a_socket_name_the_vmm_replaced_by_a_link_is_never_connected_to(spec: VmSpec, launcher: Path,
+                                                                        short_tmp: Path) -> None:
+    machine = FirecrackerVmm(spec, launcher)
+    machine.spec.run_dir.mkdir(parents=True, exist_ok=True)
+    elsewhere = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    elsewhere.bind(str(short_tmp / "host-service.sock"))
+    try:
+        machine.api_socket.symlink_to(short_tmp / "host-service.sock")
+        with pytest.raises(VmmError, match="is not the socket firecracker made"):
+            machine._pinned(machine.api_socket)
+    finally:
+        elsewhere.close()

@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -88,6 +89,7 @@ class FirecrackerVmm:
         self._console: CappedLog | None = None
         self._outputs: list[CappedLog] = []  # Firecracker's own log and metrics
         self._granted: list[Path] = []  # read-only files this VM's uid was given read access to (acl.py)
+        self._pins: dict[Path, int] = {}  # the VMM's sockets, by O_PATH descriptors (_pinned)
 
     # Paths.
 
@@ -159,7 +161,7 @@ class FirecrackerVmm:
             close_all(self._console)
         try:
             self._wait_for_api_socket(API_SOCKET_TIMEOUT)
-            self._client = api.FirecrackerClient(Path(self.sockets.address(API_SOCK)))
+            self._client = api.FirecrackerClient(Path(self._pinned(self.api_socket)))
             apply_config(self._client, self.config)
             close_all(*self._outputs)  # Firecracker holds both fifos open now: its exit will be their EOF
             self._client.instance_start()
@@ -351,7 +353,7 @@ class FirecrackerVmm:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
-            sock.connect(self.sockets.address(VSOCK_SOCK))
+            sock.connect(self._pinned(self.vsock_socket))
             sock.sendall(f"CONNECT {port}\n".encode())
             line = _read_line(sock, limit=64)
             if not line.startswith(b"OK "):
@@ -365,7 +367,29 @@ class FirecrackerVmm:
             sock.close()
             raise
 
+    def _pinned(self, path: Path) -> str:
+        """The address of a socket Firecracker made, held by a descriptor from the first look on: the directory
+        is the VMM's to write (jailed, it is its chroot), and a name it replaced later, by a link to another
+        socket of the host, must not be where the monitor connects. The first look checks that the name is a
+        socket of the VMM's own uid."""
+        fd = self._pins.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ConnectionRefusedError(f"{path} is not there yet") from None
+            info = os.fstat(fd)
+            owner = self.jailer.uid if self.jailer is not None else os.geteuid()
+            if not stat.S_ISSOCK(info.st_mode) or info.st_uid != owner:
+                os.close(fd)
+                raise VmmError(f"{path} is not the socket firecracker made (a link, or another owner's)")
+            self._pins[path] = fd
+        return f"/proc/self/fd/{fd}"
+
     def _cleanup(self) -> None:
+        for fd in self._pins.values():
+            os.close(fd)
+        self._pins.clear()
         if self._client is not None:
             self._client.close()
             self._client = None
