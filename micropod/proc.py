@@ -94,7 +94,7 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start a program and return its handle; the caller owns waiting for it. With ``user``, it runs as that uid,
     with the same gid and no supplementary groups; ``preexec`` runs in the child before the exec (a confined
-    VMM's jail, micropod/vmm/qemu_confined.py: only from a process without threads)."""
+    VMM's jail, micropod/vmm/qemu_confined.py: only from a process that runs no thread at the time)."""
     args = _argv(argv)
     log.debug("+ %s &", shlex.join(args))
     try:

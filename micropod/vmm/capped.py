@@ -33,7 +33,7 @@ class CappedLog:
     logger and metrics): ``write_fd`` is then our own writer, held until the VMM has opened the fifo, so that
     the copy does not see an EOF before the VMM's first write."""
 
-    def __init__(self, path: Path, max_bytes: int, fifo: Path | None = None) -> None:
+    def __init__(self, path: Path, max_bytes: int, fifo: Path | None = None, deferred: bool = False) -> None:
         self.path = path
         self.max_bytes = max_bytes
         if fifo is None:
@@ -47,17 +47,23 @@ class CappedLog:
         self._out = private_file(path)
         self._size = os.fstat(self._out).st_size
         self._thread = threading.Thread(target=self._copy, name=f"log {path.name}", daemon=True)
-        self._thread.start()
+        # ``deferred``: the copy starts with child_started, so that the fork runs in a process with no thread of
+        # ours (a confined QEMU's jail is set up between fork and exec); the pipe holds what comes meanwhile.
+        if not deferred:
+            self._thread.start()
 
     def child_started(self) -> None:
         """Close our copy of the write end, so that the child's exit is the pipe's EOF."""
         if self.write_fd >= 0:
             os.close(self.write_fd)
             self.write_fd = -1
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._thread.start()
 
     def settle(self, timeout: float = 2.0) -> None:
         """Wait (bounded) until what the child wrote is in the file: before reading its tail after the exit."""
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
 
     def _copy(self) -> None:
         try:

@@ -234,8 +234,8 @@ class QemuVmm:
                 snapshot_fd = os.open(self.snapshot, os.O_RDONLY | os.O_CLOEXEC)
                 fds.append(snapshot_fd)
                 argv += ["-incoming", f"fd:{snapshot_fd}"]
-            self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX)
-            self._vmm_log = CappedLog(self.layout.vmm_log, VMM_LOG_MAX)
+            self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX, deferred=True)
+            self._vmm_log = CappedLog(self.layout.vmm_log, VMM_LOG_MAX, deferred=True)
             # A confined QEMU runs as its own uid from the start: the VM's directory is not its cwd to reach.
             self._proc = proc.spawn(argv, stdout=self._console.write_fd, stderr=self._vmm_log.write_fd,
                                     cwd=self.spec.run_dir if uid is None else Path("/"), pass_fds=fds,
