@@ -4,24 +4,16 @@ jail (the default) against `--security-opt vmm-confinement=off`, interleaved in 
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from bench.timing import comparison, time_command
+from bench.timing import comparison, demo_root, time_command
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 
 
 def run() -> dict[str, Any]:
-    from micropod.image.demo import build_demo_image
-
-    with tempfile.TemporaryDirectory(prefix="micropod-bench-confined-") as tmp:
-        env = dict(os.environ, MICROPOD_ROOT=str(Path(tmp) / "root"), MICROPOD_SNAPSHOT_DIR=str(Path(tmp) / "snap"),
-                   MICROPOD_NETWORK="none")
-        cli = [sys.executable, "-m", "micropod"]
-        time_command([*cli, "load", "-q", "-i", str(build_demo_image(Path(tmp) / "hello.oci.tar"))], env)
+    with demo_root("confined") as root:
+        env, cli = root.env, root.cli
         confined = [*cli, "run", "--rm", "hello", "true"]
         open_vmm = [*cli, "run", "--rm", "--security-opt", "vmm-confinement=off", "hello", "true"]
         time_command(confined, env)  # the rootfs and the boot snapshot, once for both

@@ -5,12 +5,9 @@ both measured in the same run with the same state root.
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from bench.timing import comparison, median_of, time_command
+from bench.timing import comparison, demo_root, median_of, time_command
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 
@@ -18,14 +15,8 @@ RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 def run() -> dict[str, Any]:
     import subprocess
 
-    from micropod.image.demo import build_demo_image
-
-    with tempfile.TemporaryDirectory(prefix="micropod-bench-exec-") as tmp:
-        env = dict(os.environ, MICROPOD_ROOT=str(Path(tmp) / "root"), MICROPOD_SNAPSHOT_DIR=str(Path(tmp) / "snap"),
-                   MICROPOD_NETWORK="none")
-        cli = [sys.executable, "-m", "micropod"]
-        archive = build_demo_image(Path(tmp) / "hello.oci.tar")
-        time_command([*cli, "load", "-q", "-i", str(archive)], env)
+    with demo_root("exec") as root:
+        env, cli = root.env, root.cli
         run_true = [*cli, "run", "--rm", "hello", "true"]
         time_command(run_true, env)  # builds the rootfs and the boot snapshot once
         time_command([*cli, "run", "-d", "--name", "bench-exec", "hello", "sleep", "3600"], env)

@@ -6,28 +6,20 @@ own boot snapshot. The issue's bound: no more than 1.10."""
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from bench.timing import comparison, time_command
+from bench.timing import comparison, demo_root, time_command
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 
 
 def run() -> dict[str, Any]:
-    from micropod.image.demo import build_demo_image
     from micropod.vmm.factory import CHROOT_AGENT_ENV
 
-    with tempfile.TemporaryDirectory(prefix="micropod-bench-inguest-") as tmp:
-        env = dict(os.environ, MICROPOD_ROOT=str(Path(tmp) / "root"), MICROPOD_SNAPSHOT_DIR=str(Path(tmp) / "snap"),
-                   MICROPOD_NETWORK="none")
+    with demo_root("inguest") as root:
+        env, cli = root.env, root.cli
         chroot_env = dict(env, **{CHROOT_AGENT_ENV: "1"})
-        cli = [sys.executable, "-m", "micropod"]
         run_true = [*cli, "run", "--rm", "hello", "true"]
-        archive = build_demo_image(Path(tmp) / "hello.oci.tar")
-        time_command([*cli, "load", "-q", "-i", str(archive)], env)
         time_command(run_true, env)  # each variant builds its boot snapshot once
         time_command(run_true, chroot_env)
         runtime, chroot = [], []

@@ -11,30 +11,22 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.timing import comparison, time_command
+from bench.timing import comparison, demo_root, time_command
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 DENSITY = int(os.environ.get("BENCH_POD_DENSITY", "10"))
 
 
 def run() -> dict[str, Any]:
-    from micropod.image.demo import build_demo_image
-
-    with tempfile.TemporaryDirectory(prefix="micropod-bench-pods-") as tmp:
-        root = Path(tmp) / "root"
-        env = dict(os.environ, MICROPOD_ROOT=str(root), MICROPOD_SNAPSHOT_DIR=str(Path(tmp) / "snap"),
-                   MICROPOD_NETWORK="none")
-        cli = [sys.executable, "-m", "micropod"]
+    with demo_root("pods") as demo:
+        env, cli, root = demo.env, demo.cli, demo.tmp / "root"
 
         def micropod(*args: str) -> None:
             subprocess.run([*cli, *args], env=env, capture_output=True, timeout=300, check=True)
 
-        time_command([*cli, "load", "-q", "-i", str(build_demo_image(Path(tmp) / "hello.oci.tar"))], env)
         time_command([*cli, "run", "--rm", "hello", "true"], env)  # the rootfs and the boot snapshot, once
         micropod("pod", "create", "--name", "bench", "--drive-pool", str(DENSITY))
         try:

@@ -7,24 +7,17 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from bench.timing import comparison, median_of, time_command
+from bench.timing import comparison, demo_root, median_of, time_command
 
 RUNS = int(os.environ.get("BENCH_RUNS", "15"))
 VMS = int(os.environ.get("BENCH_PS_VMS", "10"))
 
 
 def run() -> dict[str, Any]:
-    from micropod.image.demo import build_demo_image
-
-    with tempfile.TemporaryDirectory(prefix="micropod-bench-ps-") as tmp:
-        env = dict(os.environ, MICROPOD_ROOT=str(Path(tmp) / "root"), MICROPOD_SNAPSHOT_DIR=str(Path(tmp) / "snap"),
-                   MICROPOD_NETWORK="none")
-        cli = [sys.executable, "-m", "micropod"]
-        time_command([*cli, "load", "-q", "-i", str(build_demo_image(Path(tmp) / "hello.oci.tar"))], env)
+    with demo_root("ps") as root:
+        env, cli = root.env, root.cli
         try:
             for index in range(VMS):
                 time_command([*cli, "run", "-d", "--name", f"idle{index}", "hello", "sleep", "3600"], env)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -18,6 +21,33 @@ def compile_sources() -> None:
 
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     compileall.compile_dir(Path(__file__).resolve().parent.parent / "micropod", quiet=2)
+
+
+@dataclass(frozen=True)
+class DemoRoot:
+    """A throwaway state root holding the demo image, with networking off: its environment and the CLI."""
+
+    env: dict[str, str]
+    cli: list[str]
+    tmp: Path
+
+
+@contextlib.contextmanager
+def demo_root(name: str) -> Iterator[DemoRoot]:
+    """The state root (and snapshot cache) of one benchmark, removed afterwards."""
+    import os
+    import sys
+    import tempfile
+
+    from micropod.image.demo import build_demo_image
+
+    with tempfile.TemporaryDirectory(prefix=f"micropod-bench-{name}-") as tmp_name:
+        tmp = Path(tmp_name)
+        env = dict(os.environ, MICROPOD_ROOT=str(tmp / "root"), MICROPOD_SNAPSHOT_DIR=str(tmp / "snap"),
+                   MICROPOD_NETWORK="none")
+        cli = [sys.executable, "-m", "micropod"]
+        time_command([*cli, "load", "-q", "-i", str(build_demo_image(tmp / "hello.oci.tar"))], env)
+        yield DemoRoot(env, cli, tmp)
 
 
 def time_command(argv: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 300) -> float:
