@@ -28,9 +28,15 @@ def generated_name() -> str:
 
 
 def check_name(name: str) -> str:
-    name = name.lstrip("/")
+    """A container's name (docker's leading "/" allowed)."""
+    return _checked(name.lstrip("/"), "container")
+
+
+def check_pod_name(name: str) -> str:
+    return _checked(name, "pod")
+
+
+def _checked(name: str, kind: str) -> str:
     if not _NAME.match(name) or len(name) > 128:
-        raise UsageError(
-            f'invalid container name "{name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed'
-        )
+        raise UsageError(f'invalid {kind} name "{name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed')
     return name

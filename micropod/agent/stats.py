@@ -63,13 +63,18 @@ def _is_user_process(pid: str) -> bool:
 def container_stats(cid: str) -> dict[str, Any]:
     """A pod's container's share, from its own cgroup: its CPU time counted against the VM's (as idle the
     rest), its memory and its limit, its block I/O and its processes; the network is the pod's."""
+    from pathlib import Path
+
+    from micropod.agent.bundle import CGROUP_PARENT
+    from micropod.runtime.cgroups import UNLIMITED, read_key_values, read_number
+
     vm = guest_stats()
-    group = f"/sys/fs/cgroup/micropod/{cid}"
-    usage_ticks = _keyed(f"{group}/cpu.stat").get("usage_usec", 0) // 10_000  # USER_HZ, as /proc/stat counts
-    limit = _read(f"{group}/memory.max")
+    group = Path(f"/sys/fs/cgroup{CGROUP_PARENT}/{cid}")
+    usage_ticks = read_key_values(group, "cpu.stat").get("usage_usec", 0) // 10_000  # USER_HZ, as /proc/stat
+    limit = read_number(group, "memory.max")
     read_bytes = write_bytes = 0
     try:
-        with open(f"{group}/io.stat", "rb") as file:
+        with open(group / "io.stat", "rb") as file:
             for line in file:
                 counters = dict(word.split(b"=", 1) for word in line.split()[1:] if b"=" in word)
                 read_bytes += int(counters.get(b"rbytes", 0))
@@ -78,25 +83,8 @@ def container_stats(cid: str) -> dict[str, Any]:
         pass
     return {
         **vm, "cpu_idle": max(0, vm["cpu_total"] - usage_ticks),
-        "mem_used": int(_read(f"{group}/memory.current") or 0),
-        "mem_total": int(limit) if limit.isdigit() else vm["mem_total"],
+        "mem_used": read_number(group, "memory.current"),
+        "mem_total": limit if limit not in (0, UNLIMITED) else vm["mem_total"],
         "block_read": read_bytes, "block_write": write_bytes,
-        "pids": int(_read(f"{group}/pids.current") or 0),
+        "pids": read_number(group, "pids.current"),
     }
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as file:
-            return file.read().strip()
-    except OSError:
-        return ""
-
-
-def _keyed(path: str) -> dict[str, int]:
-    found = {}
-    for line in _read(path).splitlines():
-        key, _, value = line.partition(" ")
-        if value.isdigit():
-            found[key] = int(value)
-    return found

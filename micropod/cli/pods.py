@@ -40,25 +40,16 @@ def create(ctx: Context, name: str | None, publish: tuple[str, ...], cpus: str, 
            hostname: str | None, dns: tuple[str, ...], network: str | None, labels: tuple[str, ...], vmm: str,
            pool: int, boot_timeout: float) -> None:
     """Create a pod (its VM boots on `pod start`, or with its first container) and print its id."""
+    from micropod.cli.volumes import key_values
     from micropod.service import pods
     from micropod.units import parse_cpus, parse_memory_mib
 
     request = pods.PodRequest(
         name=name, publish=publish, vcpus=parse_cpus(cpus), cpu_limit=float(cpus),
         memory_mib=parse_memory_mib(memory), hostname=hostname, dns=dns, network=network,
-        labels=_labels(labels), backend=vmm, pool=pool, boot_timeout=boot_timeout,
+        labels=key_values(labels, "--label"), backend=vmm, pool=pool, boot_timeout=boot_timeout,
     )
     click.echo(pods.create(ctx, request).pod_id)
-
-
-def _labels(items: tuple[str, ...]) -> dict[str, str]:
-    found = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        if not key:
-            raise UsageError(f"invalid --label {item!r}: use KEY=VALUE")
-        found[key] = value
-    return found
 
 
 def _each(ctx: Context, idents: tuple[str, ...], action: Callable[[PodRecord], None],

@@ -17,7 +17,8 @@ def volume() -> None:
     """Manage named volumes (ext4 disks that outlive containers)."""
 
 
-def _key_values(items: tuple[str, ...], flag: str) -> dict[str, str]:
+def key_values(items: tuple[str, ...], flag: str) -> dict[str, str]:
+    """KEY=VALUE options (--label, --opt); a bare KEY has the empty value."""
     found = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -37,12 +38,12 @@ def create(ctx: Context, name: str | None, name_option: str | None, opts: tuple[
            labels: tuple[str, ...]) -> None:
     if name and name_option and name != name_option:
         raise UsageError(f"conflicting volume names: {name!r} and --name {name_option!r}")
-    options = _key_values(opts, "--opt")
+    options = key_values(opts, "--opt")
     unknown = sorted(set(options) - {"size"})
     if unknown:
         raise UsageError(f"unknown volume option {unknown[0]!r}: micropod volumes take size=")
     kwargs = {"size": parse_size(options["size"])} if "size" in options else {}
-    made = ctx.volumes.create(name or name_option, labels=_key_values(labels, "--label"), **kwargs)
+    made = ctx.volumes.create(name or name_option, labels=key_values(labels, "--label"), **kwargs)
     click.echo(made.name)
 
 

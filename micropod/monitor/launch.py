@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -16,7 +17,15 @@ from typing import Any, Protocol
 
 from micropod import guestmsg, wire
 from micropod.channel import AgentLink, Frame, FramedSocket
-from micropod.errors import AgentError, BootError, ChannelFull, ContainerCommandError, MicropodError, TimeoutExpired
+from micropod.errors import (
+    AgentError,
+    BootError,
+    ChannelFull,
+    ContainerCommandError,
+    MicropodError,
+    TimeoutExpired,
+    printable,
+)
 from micropod.liveness import ProcessRef
 from micropod.monitor.hostcgroup import VmmCgroup
 from micropod.net import lifecycle
@@ -34,6 +43,7 @@ log = logging.getLogger("micropod.monitor")  # one logger for all of the monitor
 
 MAIN = "main"  # the container's id in the agent
 MAIN_SID = 1  # the stream id of its main process
+EXIT_KILLED = 128 + int(signal.SIGKILL)  # a VM, or a process, ended by SIGKILL, as docker reports it
 SHUTDOWN_GRACE = 10.0
 # Past this many unsent bytes to the agent, the monitor stops reading stdin for it and refuses requests; the
 # channel's own bound (channel.OUT_LIMIT) leaves room for the stdin chunks already read when that happens.
@@ -228,6 +238,16 @@ class VmProcess:
         if reply.ok:
             return
         raise ContainerCommandError(reply.message or f"{op} failed", reply.code or 125)
+
+    def read_frames(self) -> list[Frame]:
+        """What the agent has sent; none once its channel broke (a bad frame header closes it: that happens
+        once per boot, so it is logged, never rate-limited like refusals)."""
+        assert self.link is not None
+        try:
+            return self.link.channel.pump()
+        except AgentError as exc:
+            log.warning("the agent channel broke: %s", printable(str(exc)))
+            return []
 
     @property
     def congested(self) -> bool:

@@ -8,7 +8,7 @@ import logging
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,6 +16,7 @@ from micropod.containerlog import ContainerLog
 from micropod.errors import ConflictError, ContainerCommandError, MicropodError, NotFoundError, printable
 from micropod.liveness import ProcessRef
 from micropod.monitor.pool import DrivePool
+from micropod.monitor.restart import BACKOFF_RESET
 from micropod.monitor.volumes import PodVolumes
 from micropod.paths import StateRoot, VmDir
 from micropod.runconfig import RunConfig, restart_backoff
@@ -25,7 +26,6 @@ from micropod.wire import GuestOp
 
 log = logging.getLogger("micropod.monitor")
 
-BACKOFF_RESET = 10.0
 
 
 @dataclass
@@ -43,7 +43,6 @@ class Member:
     backoff_step: int = 0
     started_at: float = 0.0
     restart_at: float | None = None
-    waiters: set[int] = field(default_factory=set)
 
 
 class PodVm(Protocol):

@@ -23,7 +23,14 @@ from micropod.liveness import ProcessRef
 from micropod.monitor import api
 from micropod.monitor.clients import READ, WRITE, Connections, Watchlist, wake_on_signals
 from micropod.monitor.guest import route_frame
-from micropod.monitor.launch import SHUTDOWN_GRACE, NetworkAttachment, VmProcess, console_tail, remove_vm_sockets
+from micropod.monitor.launch import (
+    EXIT_KILLED,
+    SHUTDOWN_GRACE,
+    NetworkAttachment,
+    VmProcess,
+    console_tail,
+    remove_vm_sockets,
+)
 from micropod.monitor.members import Member, Members
 from micropod.monitor.podrequests import PodRequests
 from micropod.monitor.sessions import ExecSessions
@@ -36,7 +43,6 @@ from micropod.wire import GuestOp
 
 log = logging.getLogger("micropod.monitor")
 
-EXIT_KILLED = 128 + int(signal.SIGKILL)
 
 
 class PodMonitor:
@@ -140,14 +146,12 @@ class PodMonitor:
     def _on_agent(self, mask: int) -> None:
         link = self.vm.link
         assert link is not None
-        try:
-            if mask & WRITE:
+        if mask & WRITE:
+            try:
                 link.channel.flush()
-            frames = link.channel.pump() if mask & READ else []
-        except AgentError as exc:
-            log.warning("the agent channel broke: %s", printable(str(exc)))
-            frames = []
-        for frame in frames:
+            except AgentError:
+                mask |= READ  # the read notices the closed channel
+        for frame in self.vm.read_frames() if mask & READ else []:
             self._on_frame(frame)
         if link.channel.closed:
             self.watch.forget(link.channel.sock)

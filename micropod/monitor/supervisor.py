@@ -21,6 +21,7 @@ from micropod.monitor import api
 from micropod.monitor.clients import READ, WRITE, Connections, Watchlist, wake_on_signals
 from micropod.monitor.guest import GuestFrames
 from micropod.monitor.launch import (
+    EXIT_KILLED,
     MAIN,
     SHUTDOWN_GRACE,
     NetworkAttachment,
@@ -43,7 +44,6 @@ from micropod.wire import GuestOp
 
 log = logging.getLogger("micropod.monitor")
 
-EXIT_KILLED = 128 + int(signal.SIGKILL)
 
 
 class Monitor:
@@ -224,13 +224,7 @@ class Monitor:
     def _on_agent_readable(self) -> None:
         link = self.vm.link
         assert link is not None
-        try:
-            frames = link.channel.pump()
-        except AgentError as exc:
-            # A bad frame header closes the channel: once per boot, so never rate-limited like refusals.
-            log.warning("the agent channel broke: %s", printable(str(exc)))
-            frames = []
-        for frame in frames:
+        for frame in self.vm.read_frames():
             self._on_frame(frame)
         if link.channel.closed:
             self.watch.forget(link.channel.sock)

@@ -9,21 +9,11 @@ from micropod.monitor.hostcgroup import caps
 from micropod.monitor.launch import send_rate
 from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
-from micropod.quotas import IoLimits
 from micropod.runconfig import RunConfig
-from micropod.vmm.factory import UPPER_DRIVE, volume_drive
+from micropod.vmm.factory import disk_limits
 
 if TYPE_CHECKING:
     from micropod.monitor.launch import VmProcess
-
-
-def disk_limits(cfg: RunConfig) -> dict[str, IoLimits]:
-    """Every writable disk's limits, by drive id."""
-    quotas = cfg.quotas
-    limits = {UPPER_DRIVE: quotas.disk_limits("/")}
-    for index, volume in enumerate(cfg.container.volumes):
-        limits[volume_drive(index)] = quotas.disk_limits(volume.target)
-    return limits
 
 
 def apply_update(root: StateRoot, old: RunConfig, vm_dir: VmDir, vm: VmProcess) -> RunConfig:

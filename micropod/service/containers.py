@@ -206,7 +206,7 @@ def start(ctx: Context, cfg: RunConfig, attach: bool, maintenance: bool = False)
     try:
         with os.fdopen(private_file(vm_dir.monitor_log), "ab") as log:
             child = proc.spawn(argv, stdout=log, stderr=log, new_session=True,
-                               pass_fds=[theirs.fileno()] if theirs else [], env=_monitor_env())
+                               pass_fds=[theirs.fileno()] if theirs else [], env=monitor_env())
     except BaseException:
         if ours:
             ours.close()
@@ -220,7 +220,7 @@ def start(ctx: Context, cfg: RunConfig, attach: bool, maintenance: bool = False)
     return MonitorClient(ours) if ours else None
 
 
-def _monitor_env() -> dict[str, str]:
+def monitor_env() -> dict[str, str]:
     """micropod's own settings follow the monitor; proc.spawn's minimal environment drops the rest."""
     return {k: v for k, v in os.environ.items() if k.startswith("MICROPOD_") or k == "PYTHONPATH"}
 

@@ -37,11 +37,12 @@ def inspect(ctx: Context, pod: PodRecord) -> dict[str, Any]:
     fresh = ctx.pods.get(pod.id) or pod
     cfg = config(ctx, fresh)
     network = cfg.network
+    containers = members(ctx, fresh)
     return {
         "Id": fresh.id, "Name": fresh.name, "Created": iso(fresh.created), "State": fresh.status,
         "Error": fresh.error or "", "Hostname": cfg.hostname, "Labels": fresh.label_map,
-        "NumContainers": len(members(ctx, fresh)),
-        "Containers": [{"Id": r.id, "Name": r.name, "State": docker_state(r)} for r in members(ctx, fresh)],
+        "NumContainers": len(containers),
+        "Containers": [{"Id": r.id, "Name": r.name, "State": docker_state(r)} for r in containers],
         "VM": {"Backend": cfg.backend, "CPUs": cfg.vcpus, "NanoCpus": int((cfg.cpu_limit or cfg.vcpus) * 1e9),
                "MemoryMiB": cfg.memory_mib, "DrivePool": cfg.pool,
                "VmmPid": fresh.vmm_pid or 0, "MonitorPid": fresh.monitor_pid or 0},

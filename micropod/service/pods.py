@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -25,13 +24,12 @@ from micropod.errors import (
     MicropodError,
     NotFoundError,
     TimeoutExpired,
-    UsageError,
 )
 from micropod.fsutil import PRIVATE_DIR, private_file
 from micropod.liveness import ProcessRef
 from micropod.monitor.api import Op
 from micropod.monitor.client import MonitorClient
-from micropod.names import generated_name, new_vm_id
+from micropod.names import check_pod_name, generated_name, new_vm_id
 from micropod.net import lifecycle as networking
 from micropod.net.dns import hosts_file
 from micropod.podconfig import DEFAULT_POOL, PodConfig, check_pool
@@ -39,7 +37,6 @@ from micropod.state import VmRecord
 from micropod.state.pods import POD_ACTIVE, PodRecord, pod_name_in_use
 
 STOP_GRACE = 30.0
-_POD_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 
 
 @dataclass
@@ -57,12 +54,6 @@ class PodRequest:
     pool: int = DEFAULT_POOL
     boot_timeout: float = 60.0
     vmm_confinement: bool = True
-
-
-def check_pod_name(name: str) -> str:
-    if not _POD_NAME.match(name) or len(name) > 128:
-        raise UsageError(f'invalid pod name "{name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed')
-    return name
 
 
 def create(ctx: Context, req: PodRequest) -> PodConfig:
@@ -135,8 +126,10 @@ def boot(ctx: Context, pod: PodRecord) -> None:
     argv: list[str | Path] = [sys.executable, "-m", "micropod.monitor", "--root", ctx.root.path, "--pod", pod.id]
     if ctx.debug:
         argv.append("--debug")
+    from micropod.service.containers import monitor_env
+
     with os.fdopen(private_file(pod_dir.monitor_log), "ab") as log:
-        child = proc.spawn(argv, stdout=log, stderr=log, new_session=True, env=_monitor_env())
+        child = proc.spawn(argv, stdout=log, stderr=log, new_session=True, env=monitor_env())
     ref = ProcessRef.of(child.pid)
     if ref is not None:
         ctx.pods.update(pod.id, monitor_pid=ref.pid, monitor_start=ref.started)
@@ -161,18 +154,12 @@ def _await_running(ctx: Context, pod: PodRecord, monitor: ProcessRef | None, tim
                          f"{ctx.root.pod(pod.id).monitor_log}")
 
 
-def _monitor_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("MICROPOD_") or k == "PYTHONPATH"}
-
-
-def ask(ctx: Context, record: VmRecord, op: str, until: str, attach: bool = False,
-        timeout: float = 120.0, **fields: Any) -> dict[str, Any]:
+def ask(ctx: Context, record: VmRecord, op: str, until: str, timeout: float = 120.0,
+        **fields: Any) -> dict[str, Any]:
     """One request about a pod's container to the pod's monitor, and its answer (an ``until`` message, the
     container's exit, or the monitor's refusal as an exit with code 125)."""
     client = connect(ctx, record)
     try:
-        if attach:
-            client.request(Op.ATTACH)
         client.request(op, **fields)
         return client.follow(until=until, timeout=timeout)
     finally:

@@ -14,6 +14,7 @@ from micropod.errors import ConflictError, NotFoundError, StateError, UsageError
 from micropod.liveness import ProcessRef, ref_of
 from micropod.state.db import open_tables
 from micropod.state.tables import PODS
+from micropod.state.vms import escape_like
 
 # created: made by `pod create`, never started (podman's Created); starting: its monitor boots the VM;
 # running: the VM is up and takes containers; stopped: its VM was powered off (`pod stop`, or it failed);
@@ -125,7 +126,7 @@ class PodStore:
             raise UsageError("empty pod name or id")
         rows = self._conn.execute(
             "SELECT * FROM pods WHERE name = ? OR id = ? OR id LIKE ? ESCAPE '\\'",
-            (ident, ident, ident.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"),
+            (ident, ident, f"{escape_like(ident)}%"),
         ).fetchall()
         records = [_record(r) for r in rows]
         exact = [r for r in records if ident in (r.name, r.id)]

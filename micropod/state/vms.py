@@ -156,7 +156,7 @@ class StateStore:
             raise UsageError("empty container name or id")
         rows = self._conn.execute(
             "SELECT * FROM vms WHERE name = ? OR id = ? OR id LIKE ? ESCAPE '\\'",
-            (ident.lstrip("/"), ident, f"{_escape_like(ident)}%"),
+            (ident.lstrip("/"), ident, f"{escape_like(ident)}%"),
         ).fetchall()
         records = [_record(r) for r in rows]
         exact = [r for r in records if r.name == ident.lstrip("/")] or [r for r in records if r.id == ident]
@@ -206,7 +206,7 @@ def _alive(ref: ProcessRef | None) -> bool:
     return ref is not None and ref.alive()
 
 
-def _escape_like(text: str) -> str:
+def escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 

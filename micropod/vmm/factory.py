@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from micropod.errors import UsageError, VmmUnavailableError
 from micropod.paths import VmDir
 from micropod.podconfig import PodConfig
+from micropod.quotas import IoLimits
 from micropod.runconfig import RunConfig, bind_tag
 from micropod.vmm import snapshot
 from micropod.vmm.accel import kvm_verdict
@@ -138,13 +139,21 @@ def kernel_cmdline(backend: str) -> str:
     return " ".join(words)
 
 
+def disk_limits(cfg: RunConfig) -> dict[str, IoLimits]:
+    """Every writable disk's limits, by drive id: the writable layer's, then each volume's."""
+    limits = {UPPER_DRIVE: cfg.quotas.disk_limits("/")}
+    for index, volume in enumerate(cfg.container.volumes):
+        limits[volume_drive(index)] = cfg.quotas.disk_limits(volume.target)
+    return limits
+
+
 def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSpec:
-    quotas = cfg.quotas
+    limits = disk_limits(cfg)
     drives = (
         Drive(SYSTEM_DRIVE, Path(cfg.system), read_only=True, is_root=True),
         Drive(ROOTFS_DRIVE, Path(cfg.rootfs), read_only=True),
-        Drive(UPPER_DRIVE, vm_dir.upper, read_only=False, limits=quotas.disk_limits("/")),
-        *(Drive(volume_drive(i), Path(v.path), read_only=v.read_only, limits=quotas.disk_limits(v.target))
+        Drive(UPPER_DRIVE, vm_dir.upper, read_only=False, limits=limits[UPPER_DRIVE]),
+        *(Drive(volume_drive(i), Path(v.path), read_only=v.read_only, limits=limits[volume_drive(i)])
           for i, v in enumerate(cfg.container.volumes)),
     )
     return VmSpec(
@@ -156,7 +165,7 @@ def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSp
         drives=drives,
         run_dir=vm_dir.path,
         console_log=vm_dir.console_log,
-        nets=(NetInterface("net0", cfg.network.tap, cfg.network.mac, quotas.network_rate),)
+        nets=(NetInterface("net0", cfg.network.tap, cfg.network.mac, cfg.quotas.network_rate),)
         if with_network and cfg.network.enabled else (),
         shares=tuple(Share(bind_tag(i), Path(b.source), b.read_only) for i, b in enumerate(cfg.container.binds)),
         confined=cfg.container.security.vmm_confinement,

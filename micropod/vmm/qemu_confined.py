@@ -55,17 +55,13 @@ class Handles:
 
     def close_passed(self) -> None:
         """The descriptors QEMU now holds (ours to close; the agent's end and the QMP listener too)."""
-        for fd in [*(fd for fds in self.drives.values() for fd in fds), *self.taps.values()]:
+        agent = [self.agent] if self.agent >= 0 else []
+        for fd in [*(fd for fds in self.drives.values() for fd in fds), *self.taps.values(), *agent]:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        for sock in (self.listener,):
-            if sock is not None:
-                sock.close()
-        if self.agent >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.agent)
-            self.agent = -1
-        self.listener = None
+        if self.listener is not None:
+            self.listener.close()
+        self.agent, self.listener = -1, None
         self.drives.clear()
         self.taps.clear()
 
