@@ -374,7 +374,7 @@ def _orphans_are_reaped(agent: Session, rootfs: Path) -> None:
     while True:
         try:
             stat = Path(f"/proc/{orphan}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # the second when it goes while /proc is read
             break  # exited and reaped
         reparented = reparented or int(stat[1]) == agent.proc.pid
         assert time.monotonic() < deadline, f"orphan {orphan} not reaped, state {stat[0]}\n{agent.stderr()}"
