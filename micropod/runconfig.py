@@ -13,14 +13,16 @@ from typing import Any
 
 from micropod.errors import StateError, UsageError
 from micropod.fsutil import PRIVATE_FILE, atomic_write
+from micropod.metadata.tree import Identity
 from micropod.net.ports import PortMapping
 from micropod.quotas import Quotas
 from micropod.state import records
 
 # config.json of a VM. 0: before records had versions; 1: the same fields, versioned; 2: the container's
 # volumes, binds, tmpfs and read_only (absent in older records: none, and a writable root); 3: a pod's
-# container's memory_limit and cpu_quota (absent: none); 4: quotas (absent: none).
-RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,) * 4)
+# container's memory_limit and cpu_quota (absent: none); 4: quotas (absent: none); 5: user_data, what the
+# metadata service serves under /latest/user-data (absent: nothing).
+RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,) * 5)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -191,6 +193,12 @@ class RunConfig:
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     quotas: Quotas = field(default_factory=Quotas)
+    user_data: dict[str, Any] = field(default_factory=dict)  # --metadata, --metadata-file
+
+    def metadata_identity(self) -> Identity:
+        digest = self.image_id if ":" in self.image_id else f"sha256:{self.image_id}"  # the image's config digest
+        return Identity(self.vm_id, self.name, self.image, digest, self.network.ip,
+                        self.container.hostname or self.vm_id[:12], dict(self.labels))
 
     def dump(self, path: Path) -> None:
         """Write atomically: a reader never sees half a config."""

@@ -62,6 +62,7 @@ NOT_SUPPORTED_PRE_BOOT = "The requested operation is not supported before starti
 NOT_SUPPORTED_POST_BOOT = "The requested operation is not supported after starting the microVM."
 
 PRE, POST = "pre-boot", "post-boot"
+MMDS_SIZE_LIMIT = 51200
 
 
 def default_swagger_path() -> Path:
@@ -75,6 +76,19 @@ def load_swagger(path: Path | None = None) -> dict[str, Any]:
     with (path or default_swagger_path()).open() as f:
         swagger: dict[str, Any] = yaml.safe_load(f)
     return swagger
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396, as Firecracker's PATCH /mmds applies it."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
 
 
 # --- The pre-boot / post-boot table -------------------------------------------------------------
@@ -476,7 +490,21 @@ class FakeFirecracker:
         self.instance.mmds_config = body
 
     def _put_mmds(self, body: Any) -> None:
+        self._check_mmds_size(body)
         self.instance.mmds = body
+
+    @staticmethod
+    def _check_mmds_size(body: Any) -> None:
+        # Firecracker's --mmds-size-limit defaults to its HTTP payload limit, 51200 bytes
+        if len(json.dumps(body)) > MMDS_SIZE_LIMIT:
+            raise Fault("The MMDS patch request doesn't fit.", status=400)
+
+    def _patch_mmds(self, body: Any) -> None:
+        if self.instance.mmds is None:
+            raise Fault("The MMDS data store is not initialized.", status=400)
+        merged = merge_patch(self.instance.mmds, body)
+        self._check_mmds_size(merged)
+        self.instance.mmds = merged
 
     def _get_mmds(self, body: None) -> Any:
         if self.instance.mmds is None:

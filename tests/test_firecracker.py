@@ -446,3 +446,28 @@ def test_a_socket_name_the_vmm_replaced_by_a_link_is_never_connected_to(spec: Vm
             machine._pinned(machine.api_socket)
     finally:
         elsewhere.close()
+
+
+def test_mmds_v2_is_configured_before_boot_and_renewed_after(spec: VmSpec, launcher: Path) -> None:
+    """The spec-checking fake validates PUT /mmds/config (V2, the VM's NIC), PUT /mmds and PATCH /mmds."""
+    tree = {"latest": {"meta-data": {"instance-id": VM_ID}, "credentials": {"jwt": "first"}}}
+    machine = FirecrackerVmm(dataclasses.replace(spec, mmds=tree), launcher)
+    try:
+        machine.start()
+        machine.patch_mmds({"latest": {"credentials": {"jwt": "second"}}})
+        records = fake.read_requests(machine.api_socket)
+        assert all(r["accepted"] for r in records), [r for r in records if not r["accepted"]]
+        calls = [(r["method"], r["path"]) for r in records]
+        assert calls.index(("PUT", "/mmds/config")) < calls.index(("PUT", "/mmds")) < calls.index(("PUT", "/actions"))
+        assert records[calls.index(("PUT", "/mmds/config"))]["body"] == {"network_interfaces": ["eth0"],
+                                                                        "version": "V2"}
+        assert records[-1]["method"] == "PATCH" and records[-1]["path"] == "/mmds"
+        state = machine._api().request("GET", "/mmds")
+        assert state == {"latest": {"meta-data": {"instance-id": VM_ID}, "credentials": {"jwt": "second"}}}
+    finally:
+        machine.kill()
+
+
+def test_no_nic_no_mmds(spec: VmSpec) -> None:
+    config = build_config(dataclasses.replace(spec, nets=(), mmds={"latest": {}}), VmmLayout(spec.run_dir, False))
+    assert config.mmds_config is None and config.mmds is None

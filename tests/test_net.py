@@ -173,3 +173,27 @@ def test_resolvers_on_the_hosts_own_addresses_are_not_given_to_guests(tmp_path: 
     conf = tmp_path / "resolv.conf"
     conf.write_text("nameserver 192.168.1.10\nnameserver 10.1.2.3\n")
     assert resolv_conf((), conf, local=frozenset({"192.168.1.10"})) == "nameserver 10.1.2.3\n"
+
+
+def test_metadata_requests_are_named_by_the_tap_they_came_in_on() -> None:
+    """The TAP's ingress marks the guest's requests to 169.254.169.254:80 (after its source checks), and only
+    that mark, never an address, picks the server they are DNATed to; the input chain drops the rest."""
+    alpha = VmNetwork("v1", "mp-v1", "02:00:00:00:00:02", ipaddress.IPv4Address("10.88.0.2"), metadata_port=40001)
+    beta = VmNetwork("v2", "mp-v2", "02:00:00:00:00:03", ipaddress.IPv4Address("10.88.0.3"), metadata_port=40002)
+    commands = ruleset([alpha, beta], T)["nftables"]
+    for vm in (alpha, beta):
+        ingress = _chain_rules(commands, f"ingress-{vm.tap}")
+        marking = [r for r in ingress if "'mangle'" in r]
+        assert len(marking) == 1 and f"'value': {int(vm.ip)}" in marking[0] and "169.254.169.254" in marking[0]
+        source_check = next(i for i, r in enumerate(ingress) if "'saddr'" in r and str(vm.ip) in r)
+        link_local_drop = next(i for i, r in enumerate(ingress) if "169.254.0.0" in r)
+        assert source_check < ingress.index(marking[0]) < link_local_drop
+    dnat = [r for r in _chain_rules(commands, "prerouting") if "169.254.169.254" in r]
+    assert len(dnat) == 2
+    for vm, rule in zip((alpha, beta), dnat, strict=True):
+        assert f"'right': {vm.mark}" in rule and f"'port': {vm.metadata_port}" in rule and "'saddr'" not in rule
+    drops = [r for r in _chain_rules(commands, "input") if "40001" in r or "40002" in r]
+    assert len(drops) == 2 and all("'op': '!='" in r and "drop" in r for r in drops)
+    # a VM without a metadata server (Firecracker serves MMDS itself) gets none of it
+    plain = ruleset([VmNetwork("v3", "mp-v3", "02:00:00:00:00:04", ipaddress.IPv4Address("10.88.0.4"))], T)
+    assert "mangle" not in str(plain)

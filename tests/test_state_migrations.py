@@ -54,9 +54,10 @@ def test_a_table_migrated_the_old_way_is_recorded_without_a_step_applied_twice(t
                      "subnet TEXT NOT NULL DEFAULT '', icc INTEGER NOT NULL DEFAULT 1)")
     open_tables(db, ATTACHMENTS).close()
     # the old way's three columns are not added again; the step that came after versions is applied
-    assert columns(db, "attachments") == ["vm_id", "tap", "mac", "ip", "ports", "bridge", "subnet", "icc", "rate"]
+    assert columns(db, "attachments") == ["vm_id", "tap", "mac", "ip", "ports", "bridge", "subnet", "icc", "rate",
+                                             "metadata_port"]
     with sqlite3.connect(db) as conn:
-        assert table_version(conn, "attachments") == 5
+        assert table_version(conn, "attachments") == 6
 
 
 def test_a_table_newer_than_this_micropod_is_refused_with_one_clear_line(tmp_path: Path) -> None:
@@ -98,10 +99,11 @@ def a_config(tmp_path: Path) -> tuple[RunConfig, Path]:
 def test_config_records_carry_their_version_and_old_ones_load(tmp_path: Path) -> None:
     cfg, path = a_config(tmp_path)
     raw = json.loads(path.read_text())
-    assert raw["schema"] == 4
+    assert raw["schema"] == 5
     del raw["schema"]  # as micropod wrote them before records had versions
     for key in ("volumes", "binds", "tmpfs", "read_only"):  # nor had containers these yet
         del raw["container"][key]
+    del raw["user_data"]  # nor configs this
     path.write_text(json.dumps(raw))
     assert RunConfig.load(path) == cfg
 
@@ -118,7 +120,7 @@ def test_a_config_with_a_renamed_field_is_an_error_not_a_vanished_record(tmp_pat
 
 
 @pytest.mark.parametrize(("content", "problem"), [
-    ('{"schema": 7}', "is at version 7, newer than this micropod knows \\(4\\)"),
+    ('{"schema": 7}', "is at version 7, newer than this micropod knows \\(5\\)"),
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "is not a JSON object"),
     ('{"schema": "1"}', "has a bad 'schema'"),

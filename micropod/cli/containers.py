@@ -58,6 +58,11 @@ _CONTAINER_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--device-read-iops", multiple=True, help="[PATH:]N: read operations per second."),
     click.option("--device-write-iops", multiple=True, help="[PATH:]N: write operations per second."),
     click.option("--network-rate", default="", help="Bytes per second each way on the VM's NIC (e.g. 10m)."),
+    click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="A label of the container."),
+    click.option("--metadata", multiple=True, metavar="KEY=VALUE",
+                 help="What the VM's metadata service serves under /latest/user-data/KEY."),
+    click.option("--metadata-file", type=click.Path(dir_okay=False),
+                 help="A JSON object for /latest/user-data (--metadata pairs go over it)."),
     click.option("--pod", help="Run in this pod's VM (see `micropod pod create`); --cpus and --memory then limit "
                                "the container's cgroup."),
     click.argument("image"),
@@ -76,6 +81,8 @@ def container_options(command: Any) -> Any:
 
 
 def _run_request(security: SecurityOptions, options: dict[str, Any]) -> containers.RunRequest:
+    from micropod.cli.volumes import key_values
+    from micropod.metadata.tree import user_data
     from micropod.runconfig import RestartPolicy, parse_env_file, parse_log_opts
     from micropod.units import parse_cpus, parse_memory_mib
 
@@ -95,6 +102,8 @@ def _run_request(security: SecurityOptions, options: dict[str, Any]) -> containe
         tmpfs=tuple(mounts.tmpfs), read_only=mounts.read_only, binds=tuple(mounts.binds),
         pids_limit=_pids_limit(options["pids_limit"]), upper_size=_storage_size(options["storage_opts"]),
         pod=options["pod"], quotas=quotas_of(options), **_pod_limits(options),
+        user_data=user_data(options["metadata"], options["metadata_file"]),
+        labels=key_values(options["labels"], "--label"),
     )
 
 

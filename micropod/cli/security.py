@@ -71,17 +71,7 @@ def parse(privileged: bool, cap_add: tuple[str, ...], cap_drop: tuple[str, ...],
 
 
 def _profile(path: Path) -> str:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_PROFILE + 1)
-    except OSError as exc:
-        raise UsageError(f"--security-opt seccomp={path}: {exc.strerror}") from None
-    if len(data) > MAX_PROFILE:
-        raise UsageError(f"--security-opt seccomp={path}: the profile is over {MAX_PROFILE >> 20} MiB")
-    try:
-        profile = json.loads(data)
-    except ValueError as exc:
-        raise UsageError(f"--security-opt seccomp={path}: not JSON: {exc}") from None
-    if not isinstance(profile, dict):
-        raise UsageError(f"--security-opt seccomp={path}: the profile must be a JSON object")
+    from micropod.jsonfile import read_json_object
+
+    profile = read_json_object(path, MAX_PROFILE, f"--security-opt seccomp={path}: the profile")
     return json.dumps(profile)

@@ -27,6 +27,7 @@ from micropod.errors import (
     printable,
 )
 from micropod.liveness import ProcessRef
+from micropod.metadata.vm import VmMetadata
 from micropod.monitor.hostcgroup import VmmCgroup
 from micropod.net import lifecycle
 from micropod.paths import StateRoot, VmDir
@@ -83,19 +84,43 @@ class NetworkAttachment:
     root: StateRoot
     cfg: Machine
     attached: bool = False
+    metadata: VmMetadata | None = None  # a container's VM's metadata service (pods have none yet)
 
     def attach(self) -> None:
         if self.attached:
             return
         network = self.cfg.network
-        lifecycle.attach(self.root, self.cfg.vm_id, network, send_rate(self.cfg))
+        port = 0
+        if isinstance(self.cfg, RunConfig):
+            self.metadata = VmMetadata(self.root, self.cfg.metadata_identity(), self.cfg.user_data)
+            if self.cfg.backend == "qemu":  # Firecracker serves MMDS itself
+                port = self.metadata.open_listener(str(lifecycle.network_of(network).gateway))
+        try:
+            lifecycle.attach(self.root, self.cfg.vm_id, network, send_rate(self.cfg), port)
+            if port and self.metadata is not None:
+                self.metadata.serve(network.bridge)
+        except BaseException:
+            self._close_metadata()
+            raise
         self.attached = True
         log.debug("phase: network attached (%s on %s)", network.tap, network.bridge)
+
+    def mmds(self) -> dict[str, Any] | None:
+        """The tree a Firecracker VM's MMDS starts with."""
+        if self.metadata is None or self.cfg.backend != "firecracker":
+            return None
+        return self.metadata.tree()
+
+    def _close_metadata(self) -> None:
+        if self.metadata is not None:
+            self.metadata.close()
+            self.metadata = None
 
     def detach(self) -> str | None:
         """Tear it down; a failure comes back as the error to record, since the exit must still be recorded."""
         if not self.attached:
             return None
+        self._close_metadata()
         error = None
         try:
             lifecycle.detach(self.root, self.cfg.vm_id)
@@ -154,8 +179,14 @@ class VmProcess:
         if self.cfg.network.enabled and with_network:
             network.attach()
         spec = confine(spec_for(network.attached), self.cfg.backend)
+        mmds = network.mmds()
+        if mmds is not None:
+            spec = replace(spec, mmds=mmds)
         deadline = time.monotonic() + self.cfg.boot_timeout
         self.launch(spec, deadline, warm)
+        patch_mmds = getattr(self.vmm, "patch_mmds", None)
+        if mmds is not None and network.metadata is not None and callable(patch_mmds):
+            network.metadata.renew_into(patch_mmds)
         if network.attached:
             self.request(GuestOp.NETWORK, deadline, **lifecycle.agent_request(self.cfg.network))
         return spec, deadline

@@ -39,12 +39,13 @@ class HostNetwork:
             yield
 
     def attachments(self) -> list[VmNetwork]:
-        rows = self._conn.execute("SELECT vm_id, tap, mac, ip, ports, bridge, subnet, icc, rate FROM attachments "
-                                  "ORDER BY rowid").fetchall()
+        rows = self._conn.execute("SELECT vm_id, tap, mac, ip, ports, bridge, subnet, icc, rate, metadata_port "
+                                  "FROM attachments ORDER BY rowid").fetchall()
         return [VmNetwork(vm_id, tap, mac, ipaddress.IPv4Address(ip),
                           tuple(PortMapping(**p) for p in json.loads(ports)),
-                          NetworkConfig.parse(bridge, subnet) if bridge else NetworkConfig(), bool(icc), rate)
-                for vm_id, tap, mac, ip, ports, bridge, subnet, icc, rate in rows]
+                          NetworkConfig.parse(bridge, subnet) if bridge else NetworkConfig(), bool(icc), rate,
+                          metadata_port)
+                for vm_id, tap, mac, ip, ports, bridge, subnet, icc, rate, metadata_port in rows]
 
     def check_ports(self, ports: tuple[PortMapping, ...], vm_id: str | None = None) -> None:
         """Refuse ports another VM (of any state root) publishes or a host program listens on."""
@@ -121,9 +122,9 @@ class HostNetwork:
     def _store(self, vm: VmNetwork) -> None:
         ports = json.dumps([asdict(p) for p in vm.ports])
         self._conn.execute("INSERT OR REPLACE INTO attachments (vm_id, tap, mac, ip, ports, bridge, subnet, icc, "
-                           "rate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           "rate, metadata_port) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (vm.vm_id, vm.tap, vm.mac, str(vm.ip), ports, vm.network.bridge, str(vm.network.subnet),
-                            int(vm.icc), vm.rate))
+                            int(vm.icc), vm.rate, vm.metadata_port))
 
     def _forget(self, vm_id: str) -> None:
         self._conn.execute("DELETE FROM attachments WHERE vm_id = ?", (vm_id,))

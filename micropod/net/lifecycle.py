@@ -101,9 +101,9 @@ def network_of(settings: NetworkSettings) -> NetworkConfig:
     return NetworkConfig.parse(settings.bridge, settings.subnet)
 
 
-def attach(root: StateRoot, vm_id: str, settings: NetworkSettings, send_rate: int = 0) -> None:
+def attach(root: StateRoot, vm_id: str, settings: NetworkSettings, send_rate: int = 0, metadata_port: int = 0) -> None:
     """The monitor's part at boot: the VM's TAP on the bridge, and its rules (with a limit on what the guest
-    sends, ``send_rate`` bytes per second, 0 for none)."""
+    sends, ``send_rate`` bytes per second, 0 for none, and its metadata requests sent to ``metadata_port``)."""
     import ipaddress
 
     from micropod.net.host import HostNetwork
@@ -112,7 +112,7 @@ def attach(root: StateRoot, vm_id: str, settings: NetworkSettings, send_rate: in
     host = HostNetwork(root)
     try:
         host.attach(VmNetwork(vm_id, settings.tap, settings.mac, ipaddress.IPv4Address(settings.ip), settings.ports,
-                              network_of(settings), icc_from_env(), send_rate))
+                              network_of(settings), icc_from_env(), send_rate, metadata_port))
     finally:
         host.close()
 

@@ -12,7 +12,8 @@ VM's rules disappear with the VM from the list), and no root ever rewrites or de
   a forward chain keeps VMs started with MICROPOD_ICC=0 from being routed to other VMs.
 - ``netdev``: an ingress chain per TAP that admits only the VM's own MAC and IPv4 address (and ARP
   for it) and nothing addressed to 127.0.0.0/8 or 169.254.0.0/16, before the host stack or the
-  bridge sees it.
+  bridge sees it, except the VM's requests to its metadata service (169.254.169.254:80), which it
+  marks as that TAP's; prerouting DNATs those, by the mark alone, to the VM's own server.
 - ``bridge``: drops frames the bridge would switch between a MICROPOD_ICC=0 VM and another VM; it
   works whether br_netfilter is loaded or not.
 """
@@ -32,6 +33,7 @@ PREFIX = "micropod"  # every table of ours is PREFIX or starts with PREFIX-; the
 FAMILIES = ("inet", "netdev", "bridge")
 LOOPBACK = {"prefix": {"addr": "127.0.0.0", "len": 8}}
 LINK_LOCAL = {"prefix": {"addr": "169.254.0.0", "len": 16}}
+METADATA_ADDRESS, METADATA_PORT = "169.254.169.254", 80  # micropod/metadata/tree.py's ADDRESS and PORT
 Json = dict[str, Any]
 
 
@@ -45,6 +47,12 @@ class VmNetwork:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     icc: bool = True  # False: no traffic with other VMs except through published ports
     rate: int = 0  # bytes per second the guest may send (QEMU's --network-rate); 0: no limit
+    metadata_port: int = 0  # the VM's metadata server on the gateway (micropod/metadata/server.py); 0: none
+
+    @property
+    def mark(self) -> int:
+        """What the TAP's ingress puts on the guest's metadata requests: its leased address, unique on its bridge."""
+        return int(self.ip)
 
 
 def _match(left: Json | str, right: Any, op: str = "==") -> Json:
@@ -118,9 +126,9 @@ class Ruleset:
             # route_localnet on the bridge (for -p via the host's localhost) would otherwise let a guest
             # that routes 127.0.0.0/8 to its gateway reach the host's loopback-only services.
             self.rule("netdev", chain, ip, _match(_payload("ip", "daddr"), LOOPBACK), COUNTER, DROP),
+            *self.metadata_mark(vm, chain, ip),
             # The cloud's metadata service (169.254.169.254) hands out the host's credentials; nothing
-            # link-local is a VM's business, bridged or routed. micropod's own metadata service, when
-            # it comes, gets its accept rule here, before this drop.
+            # else link-local is a VM's business, bridged or routed.
             self.rule("netdev", chain, ip, _match(_payload("ip", "daddr"), LINK_LOCAL), COUNTER, DROP),
             self.rule("netdev", chain, ip, ACCEPT),
             self.rule("netdev", chain, arp, _match(_payload("arp", "saddr ether"), vm.mac, "!="), COUNTER, DROP),
@@ -129,6 +137,28 @@ class Ruleset:
             # Anything else (IPv6 included: VMs get no IPv6 address) meets the chain's drop policy.
             self.rule("netdev", chain, COUNTER),
         ]
+
+    def metadata_mark(self, vm: VmNetwork, chain: str, ip: Json) -> list[Json]:
+        """The guest's requests to its metadata service are marked as this TAP's, whatever they say they are."""
+        if not vm.metadata_port:
+            return []
+        return [self.rule("netdev", chain, ip, _match(_payload("ip", "daddr"), METADATA_ADDRESS),
+                          _match(_payload("tcp", "dport"), METADATA_PORT),
+                          {"mangle": {"key": _meta("mark"), "value": vm.mark}}, ACCEPT)]
+
+    def metadata_dnat(self, vm: VmNetwork) -> list[Json]:
+        """Only packets the VM's own TAP marked reach its server: the mark, not an address, names the caller."""
+        if not vm.metadata_port:
+            return []
+        gateway = str(vm.network.gateway)
+        return [self.rule("inet", "prerouting", _match(_meta("iifname"), vm.network.bridge),
+                          _match(_meta("mark"), vm.mark), _match(_payload("ip", "daddr"), METADATA_ADDRESS),
+                          _match(_payload("tcp", "dport"), METADATA_PORT),
+                          {"dnat": {"family": "ip", "addr": gateway, "port": vm.metadata_port}}),
+                # and nothing else reaches the server: not the host's own users over loopback, not another VM
+                self.rule("inet", "input", _match(_payload("ip", "daddr"), gateway),
+                          _match(_payload("tcp", "dport"), vm.metadata_port), _match(_meta("mark"), vm.mark, "!="),
+                          COUNTER, DROP)]
 
     def masquerade(self, network: NetworkConfig) -> list[Json]:
         subnet = {"prefix": {"addr": str(network.subnet.network_address), "len": network.subnet.prefixlen}}
@@ -190,6 +220,7 @@ def ruleset(vms: list[VmNetwork], table: str = PREFIX) -> Json:
         # DNATed connections (published ports, hairpin included) pass before any isolation drop
         commands.append(build.rule("inet", "forward", _match(_meta("iifname"), network.bridge), DNATED, ACCEPT))
     for vm in vms:
+        commands += build.metadata_dnat(vm)  # its input rule follows the networks' guards
         commands += build.dnat(vm, "prerouting")
         commands += build.dnat(vm, "output")
     commands += build.replace_table("netdev")

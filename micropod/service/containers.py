@@ -82,6 +82,8 @@ class RunRequest:
     memory_limit: int = 0
     cpu_quota: float = 0.0
     quotas: Quotas = field(default_factory=Quotas)
+    user_data: dict[str, Any] = field(default_factory=dict)  # for the metadata service
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunConfig:
@@ -97,6 +99,9 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
     pod = pod_of(ctx, req)
     plan = networking.plan(ctx, "none" if pod else req.network, req.publish, () if pod else req.dns)
     quotas = checked_quotas(req, plan.network is not None)
+    if req.user_data and (pod or plan.network is None):
+        raise UsageError("--metadata needs the VM's metadata service, which a pod's container and a --network none "
+                         "VM do not have")
     try:
         image = ctx.images.resolve(req.image)
     except NotFoundError:
@@ -150,7 +155,7 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
             vcpus=req.vcpus, memory_mib=req.memory_mib, container=spec, auto_remove=req.auto_remove,
             stop_signal=parse_signal(config.stop_signal), boot_timeout=req.boot_timeout, log=req.log,
             restart=req.restart, network=network, upper_size=req.upper_size or DEFAULT_UPPER_SIZE,
-            cpu_limit=req.cpu_limit, quotas=quotas,
+            cpu_limit=req.cpu_limit, quotas=quotas, user_data=req.user_data, labels=req.labels,
         )
         vm_dir.path.mkdir(mode=PRIVATE_DIR, parents=True)
         os.chmod(vm_dir.path, PRIVATE_DIR)

@@ -110,7 +110,21 @@ def container_inspect(ctx: Context, record: VmRecord) -> dict[str, Any]:
         },
         "Mounts": _mounts(cfg),
         "LogPath": str(vm_dir.container_log),
+        "MetadataService": metadata_service(cfg, record),
     }
+
+
+def metadata_service(cfg: RunConfig | None, record: VmRecord) -> dict[str, Any]:
+    """Whether the VM has a metadata service, where, and why not."""
+    from micropod.metadata.tree import ADDRESS, PORT
+
+    if record.pod:
+        return {"Enabled": False, "Reason": "a pod's VM has no metadata service yet"}
+    if cfg is None or not cfg.network.enabled:
+        return {"Enabled": False, "Reason": "the VM has no network (--network none)"}
+    server = "MMDS V2" if record.backend == "firecracker" else "micropod's, on the VM's gateway"
+    return {"Enabled": True, "Address": f"http://{ADDRESS}:{PORT}", "Server": server,
+            "UserDataKeys": sorted(cfg.user_data)}
 
 
 def _memory(record: VmRecord, cfg: RunConfig | None) -> int:

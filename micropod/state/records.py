@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from micropod.errors import StateError
+from micropod.jsonfile import read_json_object
 
 VERSION_KEY = "schema"
 MAX_RECORD = 4 << 20
@@ -41,21 +42,9 @@ def encode(kind: RecordKind, data: dict[str, Any]) -> bytes:
 
 def decode(kind: RecordKind, path: Path) -> dict[str, Any] | None:
     """The record at its current version; None only if there is no such file."""
-    try:
-        with path.open("rb") as f:
-            text = f.read(MAX_RECORD + 1)
-    except FileNotFoundError:
+    raw = read_json_object(path, MAX_RECORD, f"{path}: the {kind.name}", StateError, missing_ok=True)
+    if raw is None:
         return None
-    except OSError as exc:
-        raise StateError(f"{path}: cannot read the {kind.name}: {exc.strerror}") from exc
-    if len(text) > MAX_RECORD:
-        raise StateError(f"{path}: the {kind.name} is over {MAX_RECORD >> 20} MiB")
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise StateError(f"{path}: the {kind.name} is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise StateError(f"{path}: the {kind.name} is not a JSON object")
     record: dict[str, Any] = raw
     version = record.pop(VERSION_KEY, 0)
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:

@@ -58,6 +58,8 @@ ATTACHMENTS = Table("attachments", (
     AddColumn("icc", "INTEGER NOT NULL DEFAULT 1"),
     # --network-rate on QEMU: what the guest may send, in bytes per second (0: no limit), as an nft limit
     AddColumn("rate", "INTEGER NOT NULL DEFAULT 0"),
+    # the port of the VM's metadata server on the gateway, which its marked requests are DNATed to (0: none)
+    AddColumn("metadata_port", "INTEGER NOT NULL DEFAULT 0"),
 ))
 
 # Named volumes (micropod/volumes.py): each an ext4 image under <root>/volumes/<name>/. ``holder`` is the one

@@ -10,7 +10,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from micropod.quotas import IoLimits
 
@@ -66,6 +66,7 @@ class VmSpec:
     confined: bool = True  # the VMM's own sandbox (QEMU's -sandbox; Firecracker's jailer is its own issue)
     hot_disks: int = 0  # a pod's VM on QEMU: SCSI disks it can take after boot (micropod/vmm/qemu_scsi.py)
     vmm_uid: int | None = None  # the VMM runs as this uid (and gid), given every file as a descriptor
+    mmds: dict[str, Any] | None = None  # Firecracker: the metadata tree its MMDS (V2) serves on the first NIC
     extra: dict[str, str] = field(default_factory=dict)
 
     def guest_disk(self, drive_id: str) -> str:

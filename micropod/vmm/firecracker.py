@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from micropod import proc
 from micropod.errors import BootError, VmmError
@@ -245,6 +246,10 @@ class FirecrackerVmm:
         self._api().patch_drive(
             api.PartialDrive(drive_id=drive_id, path_on_host=self.layout.resource(path, drive_file_in_jail(drive_id)))
         )
+
+    def patch_mmds(self, data: dict[str, Any]) -> None:
+        """Renew what the guest reads from MMDS (its credential) while it runs."""
+        self._api().patch_mmds(data)
 
     def apply_limits(self) -> None:
         """Firecracker took them with its configuration, before boot."""

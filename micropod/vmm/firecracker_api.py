@@ -250,6 +250,10 @@ class FirecrackerClient:
     def put_mmds(self, data: dict[str, Any]) -> None:
         self.request("PUT", "/mmds", data)
 
+    def patch_mmds(self, data: dict[str, Any]) -> None:
+        """A JSON merge patch (RFC 7396) of the data store."""
+        self.request("PATCH", "/mmds", data)
+
     # Actions.
 
     def action(self, action_type: ActionType) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from micropod.quotas import IoLimits
 from micropod.vmm import firecracker_api as api
@@ -59,6 +60,8 @@ class FirecrackerConfig:
     nets: tuple[api.NetworkInterface, ...]
     vsock: api.Vsock
     entropy: api.EntropyDevice
+    mmds_config: api.MmdsConfig | None = None
+    mmds: dict[str, Any] | None = None
 
 
 REFILL_MS = 1000  # a bucket of one second's worth, refilled every second: the rate in bytes (or ops) a second
@@ -110,6 +113,10 @@ def build_config(spec: VmSpec, layout: VmmLayout) -> FirecrackerConfig:
         ),
         vsock=api.Vsock(guest_cid=GUEST_CID, uds_path=layout.visible(VSOCK_SOCK)),
         entropy=api.EntropyDevice(),
+        # MMDS v2 (session tokens) on the VM's NIC, at the default 169.254.169.254
+        mmds_config=api.MmdsConfig(network_interfaces=(spec.nets[0].iface_id,), version="V2")
+        if spec.mmds is not None and spec.nets else None,
+        mmds=spec.mmds if spec.nets else None,
     )
 
 
@@ -125,3 +132,6 @@ def apply_config(client: api.FirecrackerClient, config: FirecrackerConfig) -> No
         client.put_network_interface(net)
     client.put_vsock(config.vsock)
     client.put_entropy(config.entropy)
+    if config.mmds_config is not None and config.mmds is not None:
+        client.put_mmds_config(config.mmds_config)
+        client.put_mmds(config.mmds)
