@@ -17,7 +17,7 @@ import pytest
 from micropod.errors import UsageError
 from micropod.metadata import credential, tree
 from micropod.metadata.keyring import MAX_LIFETIME, CredentialError, KeyRing
-from micropod.metadata.server import Handler, MetadataServer, Request, SessionTokens, parse
+from micropod.metadata.server import BadRequest, Handler, MetadataServer, Request, SessionTokens, parse
 from micropod.metadata.vm import VmMetadata
 from micropod.paths import StateRoot
 
@@ -102,6 +102,9 @@ def test_tree_paths_listings_and_json(root: StateRoot) -> None:
     assert get("/latest/meta-data/nothing")[0] == 404
     assert get("/latest/credentials/jwt?audience=a&audience=b")[0] == 400
     assert get("/latest/credentials/jwt?audience=%20bad")[0] == 400
+    assert h.respond(request("GET", "/x", **token)).status == 404
+    with pytest.raises(BadRequest):
+        parse(b"GET /?" + b"&".join(b"a%d=1" % i for i in range(20)) + b" HTTP/1.1")
 
 
 def test_credentials_verify_and_tampering_fails(root: StateRoot) -> None:
@@ -117,6 +120,9 @@ def test_credentials_verify_and_tampering_fails(root: StateRoot) -> None:
     assert credential.verify(for_vault, "vault", root)["aud"] == "vault"
     with pytest.raises(CredentialError, match="wrong audience"):
         credential.verify(for_vault, "micropod", root)
+    with pytest.raises(CredentialError, match="wrong audience"):  # no audience given: the default one is checked
+        credential.verify(for_vault, None, root)
+    assert credential.verify(for_vault, None, root, any_audience=True)["aud"] == "vault"
     # the tree's credential is the same one, reused until a third of its life is left
     assert tree.lookup(h.content(), "/latest/credentials/jwt") == default
     header, payload, signature = default.split(".")
@@ -227,3 +233,18 @@ def test_the_server_answers_only_its_vm(root: StateRoot) -> None:
     finally:
         server.close()
     assert not any(t.name == "metadata" and t.is_alive() for t in threading.enumerate())
+
+
+def test_token_verify_reads_the_credential_from_stdin(root: StateRoot) -> None:
+    """An argument is visible to every user in ps; stdin is not."""
+    import subprocess
+    import sys
+
+    token = credential.Issuer(root).mint(credential.Subject("v" * 64, "n", "i", "d"), "micropod", 600)[0]
+    env = dict(os.environ, MICROPOD_ROOT=str(root.path))
+    out = subprocess.run([sys.executable, "-m", "micropod", "token", "verify"], input=token, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout)["sub"] == "v" * 64, out.stderr
+    out = subprocess.run([sys.executable, "-m", "micropod", "token", "verify", "--audience", "other", "-"],
+                         input=token, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 125 and out.stderr.strip().endswith("wrong audience: the credential is not for 'other'")

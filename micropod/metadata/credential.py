@@ -78,13 +78,16 @@ class Issuer:
         return token, now + seconds
 
 
-def verify(token: str, audience: str | None = None, root: StateRoot | None = None) -> dict[str, Any]:
+def verify(token: str, audience: str | None = None, root: StateRoot | None = None,
+           any_audience: bool = False) -> dict[str, Any]:
     """The claims of a credential this state root issued, checked: signature by one of its keys (a rotated-out
-    key too, until its tokens expire), issuer, expiry and, if given, the audience. CredentialError says which
-    check failed."""
+    key too, until its tokens expire), issuer, expiry and the audience (``audience``, else the default one; a
+    guest may ask for a credential of any audience, so only ``any_audience`` skips the check). CredentialError
+    says which check failed."""
     import jwt
 
     root = root or StateRoot.from_env()
+    audience = None if any_audience else check_audience(audience) if audience is not None else default_audience()
     token = token.strip()
     try:
         header = jwt.get_unverified_header(token)

@@ -108,7 +108,11 @@ def parse(head: bytes) -> Request:
             raise BadRequest("malformed header")
         headers[name.lower()] = value.strip()
     target = urlsplit(parts[1])
-    return Request(parts[0], target.path, parse_qs(target.query, max_num_fields=8), headers)
+    try:
+        query = parse_qs(target.query, max_num_fields=8)
+    except ValueError:
+        raise BadRequest("too many query fields") from None
+    return Request(parts[0], target.path, query, headers)
 
 
 def _header(request: Request, names: tuple[str, ...]) -> str | None:

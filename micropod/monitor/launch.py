@@ -120,14 +120,15 @@ class NetworkAttachment:
         """Tear it down; a failure comes back as the error to record, since the exit must still be recorded."""
         if not self.attached:
             return None
-        self._close_metadata()
         error = None
         try:
+            # the rules go before the server's port is let go: no one else may take it while they point at it
             lifecycle.detach(self.root, self.cfg.vm_id)
         except MicropodError as exc:
             # reconciliation retries it
             log.error("tearing down the VM's network failed: %s", exc)
             error = f"tearing down the VM's network failed: {exc}"
+        self._close_metadata()
         self.attached = False
         return error
 
