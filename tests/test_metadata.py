@@ -3,12 +3,14 @@ the firewall rules that name the caller, and Firecracker's MMDS requests checked
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
@@ -198,40 +200,40 @@ def test_user_data_is_checked(tmp_path: Path) -> None:
         tree.user_data(("big=" + "x" * (33 << 10),), None)
 
 
-def test_the_server_answers_only_its_vm(root: StateRoot) -> None:
-    """Over loopback: the VM's address is the only peer answered, and each connection gets one answer."""
-    metadata = VmMetadata(root, tree.Identity(*IDENTITY.__dict__.values()), {})
+@contextlib.contextmanager
+def serving(metadata: VmMetadata, peer: str) -> Iterator[int]:
+    """The VM's server on a loopback port that answers ``peer`` alone; the port."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    server = MetadataServer(listener, Handler(metadata.tree, metadata.credential, SessionTokens()), "127.0.0.1")
+    server = MetadataServer(listener, Handler(metadata.tree, metadata.credential, SessionTokens()), peer)
     server.start()
     try:
-        with socket.create_connection(("127.0.0.1", server.port), 5) as conn:
-            conn.sendall(b"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 5\r\n\r\n")
-            answer = conn.makefile("rb").read()
+        yield server.port
+    finally:
+        server.close()
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """What the server answers ``data`` with before it closes (nothing if it resets the connection)."""
+    with socket.create_connection(("127.0.0.1", port), 5) as conn:
+        conn.sendall(data)
+        try:
+            return conn.makefile("rb").read()
+        except ConnectionResetError:
+            return b""
+
+
+def test_the_server_answers_only_its_vm(root: StateRoot) -> None:
+    """Over loopback: the VM's address is the only peer answered, and each connection gets one answer."""
+    metadata = VmMetadata(root, IDENTITY, {})
+    token_request = b"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 5\r\n\r\n"
+    with serving(metadata, "127.0.0.1") as port:
+        answer = exchange(port, token_request)
         assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in answer
-        with socket.create_connection(("127.0.0.1", server.port), 5) as conn:
-            conn.sendall(b"\x00\xff garbage\r\n\r\n")
-            assert conn.makefile("rb").read().startswith(b"HTTP/1.1 400")
-        with socket.create_connection(("127.0.0.1", server.port), 5) as conn:
-            conn.sendall(b"G" * 9000)
-            assert conn.makefile("rb").read().startswith(b"HTTP/1.1 400")
-    finally:
-        server.close()
-    stranger = socket.socket()
-    stranger.bind(("127.0.0.1", 0))
-    server = MetadataServer(stranger, Handler(metadata.tree, metadata.credential, SessionTokens()), "10.88.0.2")
-    server.start()
-    try:
-        with socket.create_connection(("127.0.0.1", server.port), 5) as conn:
-            conn.sendall(b"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 5\r\n\r\n")
-            try:
-                answer = conn.makefile("rb").read()
-            except ConnectionResetError:
-                answer = b""
-            assert answer == b""  # closed unanswered
-    finally:
-        server.close()
+        assert exchange(port, b"\x00\xff garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+        assert exchange(port, b"G" * 9000).startswith(b"HTTP/1.1 400")
+    with serving(metadata, "10.88.0.2") as port:
+        assert exchange(port, token_request) == b""  # closed unanswered
     assert not any(t.name == "metadata" and t.is_alive() for t in threading.enumerate())
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from micropod.errors import MicropodError
 from micropod.fsutil import PRIVATE_FILE, atomic_write, flock
+from micropod.jsonfile import read_json_object
 from micropod.paths import StateRoot
 
 KEYS_FILE = "credential-keys.json"
@@ -134,17 +135,13 @@ class KeyRing:
         return {"keys": [key.jwk() for key in self.keys()]}
 
     def _read(self) -> list[SigningKey]:
-        try:
-            with self.path.open("rb") as f:
-                text = f.read(MAX_KEYS_FILE + 1)
-        except FileNotFoundError:
+        raw = read_json_object(self.path, MAX_KEYS_FILE, f"{self.path}: the credential keys", CredentialError,
+                               missing_ok=True)
+        if raw is None:
             return []
-        except OSError as exc:
-            raise CredentialError(f"{self.path}: cannot read the credential keys: {exc.strerror}") from None
         try:
-            raw = json.loads(text)
-            if len(text) > MAX_KEYS_FILE or not isinstance(raw, dict) or raw.get("format") != FORMAT:
-                raise ValueError(f"not a format-{FORMAT} key file of at most {MAX_KEYS_FILE >> 20} MiB")
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"not a format-{FORMAT} key file")
             keys = [SigningKey.from_json(item) for item in raw["keys"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise CredentialError(f"{self.path}: the credential keys cannot be read ({exc})") from None

@@ -13,7 +13,6 @@ memory by asking for them.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import hmac
@@ -26,7 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
+from micropod.errors import UsageError
 from micropod.metadata import tree
+from micropod.metadata.keyring import b64url
 
 log = logging.getLogger("micropod.monitor")
 
@@ -50,8 +51,7 @@ class SessionTokens:
         self._clock = clock
 
     def _mac(self, expiry: str) -> str:
-        digest = hmac.new(self._secret, expiry.encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        return b64url(hmac.new(self._secret, expiry.encode(), hashlib.sha256).digest())
 
     def issue(self, ttl: int) -> str:
         expiry = str(int((self._clock() + ttl) * 1000))
@@ -148,7 +148,7 @@ class Handler:
                 return Response(400, b"Give one audience.")
             try:
                 jwt = self.credential(audiences[0] if audiences else "")
-            except ValueError as exc:
+            except UsageError as exc:
                 return Response(400, str(exc).encode())
             return Response(200, *tree.render(jwt, as_json))
         try:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from micropod.errors import MicropodError, UsageError
+from micropod.errors import MicropodError
 from micropod.metadata import credential, tree
 from micropod.metadata.server import Handler, MetadataServer, SessionTokens
 from micropod.paths import StateRoot
@@ -40,10 +40,7 @@ class VmMetadata:
 
     def credential(self, audience: str = "") -> str:
         """A valid credential for ``audience`` (the default if empty), reused until a third of its life is left."""
-        try:
-            audience = credential.check_audience(audience or self.audience)
-        except UsageError as exc:
-            raise ValueError(str(exc)) from None
+        audience = credential.check_audience(audience or self.audience)
         with self._lock:
             cached = self._cache.get(audience)
             if cached is not None and cached[1] - self._clock() > self.lifetime / 3:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from micropod import proc
+from micropod.metadata.tree import ADDRESS, PORT
 from micropod.net.config import NetworkConfig
 from micropod.net.ports import PortMapping
 
@@ -33,7 +34,6 @@ PREFIX = "micropod"  # every table of ours is PREFIX or starts with PREFIX-; the
 FAMILIES = ("inet", "netdev", "bridge")
 LOOPBACK = {"prefix": {"addr": "127.0.0.0", "len": 8}}
 LINK_LOCAL = {"prefix": {"addr": "169.254.0.0", "len": 16}}
-METADATA_ADDRESS, METADATA_PORT = "169.254.169.254", 80  # micropod/metadata/tree.py's ADDRESS and PORT
 Json = dict[str, Any]
 
 
@@ -142,8 +142,8 @@ class Ruleset:
         """The guest's requests to its metadata service are marked as this TAP's, whatever they say they are."""
         if not vm.metadata_port:
             return []
-        return [self.rule("netdev", chain, ip, _match(_payload("ip", "daddr"), METADATA_ADDRESS),
-                          _match(_payload("tcp", "dport"), METADATA_PORT),
+        return [self.rule("netdev", chain, ip, _match(_payload("ip", "daddr"), ADDRESS),
+                          _match(_payload("tcp", "dport"), PORT),
                           {"mangle": {"key": _meta("mark"), "value": vm.mark}}, ACCEPT)]
 
     def metadata_dnat(self, vm: VmNetwork) -> list[Json]:
@@ -152,8 +152,8 @@ class Ruleset:
             return []
         gateway = str(vm.network.gateway)
         return [self.rule("inet", "prerouting", _match(_meta("iifname"), vm.network.bridge),
-                          _match(_meta("mark"), vm.mark), _match(_payload("ip", "daddr"), METADATA_ADDRESS),
-                          _match(_payload("tcp", "dport"), METADATA_PORT),
+                          _match(_meta("mark"), vm.mark), _match(_payload("ip", "daddr"), ADDRESS),
+                          _match(_payload("tcp", "dport"), PORT),
                           {"dnat": {"family": "ip", "addr": gateway, "port": vm.metadata_port}}),
                 # and nothing else reaches the server: not the host's own users over loopback, not another VM
                 self.rule("inet", "input", _match(_payload("ip", "daddr"), gateway),
