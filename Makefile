@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	@touch $@
 
+# The CRI's Python stubs are build output, generated from the vendored proto (rewritten only when it changes).
 venv: host $(STAMP)
+	@$(BIN)/python -m micropod.cri.generate
 
 guest: venv
 	$(BIN)/python -m micropod.guest.build

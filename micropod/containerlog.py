@@ -3,6 +3,10 @@
 Bytes that are not UTF-8 survive the round trip: they are decoded with surrogateescape, which JSON
 writes as \\udcXX escapes, and encoded back the same way when read.
 
+A CRI container's output also goes to kubelet's file, one ``<RFC3339Nano> <stream> <F|P> <text>`` line per
+entry (P: the line goes on in the next entry). kubelet rotates that file itself: it renames it and asks for a
+reopen (ReopenContainerLog), after which the next entry starts a new file at the same path.
+
 Rotation follows docker's json-file driver: with ``max_size`` set, a log that reaches it is renamed to
 ``container.log.1`` (older ones shift to ``.2`` ... and the oldest beyond ``max_files`` is dropped) and
 a fresh one is started. Readers go through the rotated files, oldest first, then the live one.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -22,6 +27,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from micropod.errors import UsageError
+
+log = logging.getLogger("micropod")
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 PARTIAL_LIMIT = 16 << 10
@@ -53,11 +60,57 @@ def rotated(path: Path, index: int) -> Path:
     return path.with_name(f"{path.name}.{index}")
 
 
+def cri_time(ns: int) -> str:
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{fraction:09d}Z"
+
+
+def cri_line(stream: str, data: bytes, ns: int) -> bytes:
+    full = data.endswith(b"\n")
+    text = data[:-1] if full else data
+    return b"%s %s %s %s\n" % (cri_time(ns).encode(), stream.encode(), b"F" if full else b"P", text)
+
+
+class CriLog:
+    """kubelet's copy of the output; a file that cannot be written is reported once, never fatal."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._failed = False
+
+    def write(self, stream: str, data: bytes) -> None:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                                   0o640)
+            except OSError as exc:
+                if not self._failed:
+                    log.warning("cannot write the CRI log %s: %s", self.path, exc.strerror)
+                self._failed = True
+                return
+            self._failed = False
+        try:
+            os.write(self._fd, cri_line(stream, data, time.time_ns()))
+        except OSError as exc:
+            log.warning("writing the CRI log %s: %s", self.path, exc.strerror)
+
+    def reopen(self) -> None:
+        """After kubelet renamed the file: the next entry goes to a new one at the path."""
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class ContainerLog:
-    def __init__(self, path: Path, max_size: int = 0, max_files: int = 1) -> None:
+    def __init__(self, path: Path, max_size: int = 0, max_files: int = 1, cri_path: str = "") -> None:
         self.path = path
         self.max_size = max_size
         self.max_files = max(1, max_files)
+        self.cri = CriLog(Path(cri_path)) if cri_path else None
         self._file: BinaryIO | None = None
         self._size = 0
         self._partial: dict[str, bytes] = {}
@@ -75,6 +128,8 @@ class ContainerLog:
             self._write_entry(stream, line)
 
     def _write_entry(self, stream: str, data: bytes) -> None:
+        if self.cri is not None:
+            self.cri.write(stream, data)
         if self._file is None:
             self._file = self.path.open("ab")
             self._size = self._file.tell()
@@ -103,6 +158,8 @@ class ContainerLog:
             del self._partial[stream]
             self._write_entry(stream, rest)
         self._close_file()
+        if self.cri is not None:
+            self.cri.close()
 
     def _close_file(self) -> None:
         if self._file is not None:

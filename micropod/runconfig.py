@@ -21,8 +21,9 @@ from micropod.state import records
 # config.json of a VM. 0: before records had versions; 1: the same fields, versioned; 2: the container's
 # volumes, binds, tmpfs and read_only (absent in older records: none, and a writable root); 3: a pod's
 # container's memory_limit and cpu_quota (absent: none); 4: quotas (absent: none); 5: user_data, what the
-# metadata service serves under /latest/user-data (absent: nothing).
-RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,) * 5)
+# metadata service serves under /latest/user-data (absent: nothing); 6: the log's cri_path, a second copy of the
+# output in kubelet's CRI format (absent: none).
+RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,) * 6)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -139,6 +140,7 @@ class LogOptions:
 
     max_size: int = 0
     max_files: int = 1
+    cri_path: str = ""  # a CRI container's log_path: the output again, in kubelet's format (micropod/containerlog.py)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ _COMMANDS: dict[str, tuple[str, ...]] = {
     "inspect": ("system",), "doctor": ("system",),
     "exec": ("interactive",), "attach": ("interactive",),
     "stats": ("stats",), "cp": ("copy",), "port": ("network",), "volume": ("volumes",), "pod": ("pods",),
-    "token": ("token",),
+    "token": ("token",), "cri": ("cri",),
 }
 
 

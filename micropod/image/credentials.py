@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from micropod.errors import UsageError
 from micropod.fsutil import atomic_write, flock
@@ -65,6 +65,21 @@ def _read_auths(path: Path) -> dict[str, Any]:
 def docker_config_path() -> Path:
     base = os.environ.get("DOCKER_CONFIG")
     return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+
+
+class CredentialSource(Protocol):
+    def get(self, registry: str) -> Credentials | None: ...
+
+
+@dataclass(frozen=True)
+class GivenCredentials:
+    """Credentials a caller handed over for one pull (the CRI's AuthConfig); never written anywhere."""
+
+    registry: str | None  # None: for whichever registry the pull goes to
+    credentials: Credentials
+
+    def get(self, registry: str) -> Credentials | None:
+        return self.credentials if self.registry in (None, registry) else None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from micropod.errors import DigestMismatchError, ImageError, MicropodError, NotFoundError, RegistryError, UsageError
-from micropod.image.credentials import CredentialStore
+from micropod.image.credentials import CredentialSource
 from micropod.image.digest import sha256_digest
 from micropod.image.model import (
     INDEX_TYPES,
@@ -119,7 +119,7 @@ class _Cancelled(RegistryError):
 
 
 class Puller:
-    def __init__(self, store: ImageStore, credentials: CredentialStore | None, options: PullOptions,
+    def __init__(self, store: ImageStore, credentials: CredentialSource | None, options: PullOptions,
                  progress: PullProgress | None = None) -> None:
         self.store = store
         self.credentials = credentials
@@ -237,7 +237,7 @@ def _body_media_type(body: bytes, name: str) -> str:
     return OCI_MANIFEST
 
 
-def pull(store: ImageStore, text: str, *, credentials: CredentialStore | None = None,
+def pull(store: ImageStore, text: str, *, credentials: CredentialSource | None = None,
          options: PullOptions | None = None, progress: PullProgress | None = None) -> PullResult:
     return Puller(store, credentials, options or PullOptions(), progress).pull(text)
 

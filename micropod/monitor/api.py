@@ -35,6 +35,7 @@ class Op:
     REMOVE: Final = "remove"  # container: an ended one unmounted, its drives back in the pool; answered
     POD_STOP: Final = "pod-stop"  # timeout: every container stopped, then the VM powered off
     POD_KILL: Final = "pod-kill"  # the VM killed at once
+    REOPEN_LOG: Final = "reopen-log"  # container: its CRI log file opened again (kubelet rotated it); answered
 
     # The monitor's messages.
     STARTED: Final = "started"  # id
@@ -44,6 +45,7 @@ class Op:
     STATS_REPLY: Final = "stats-reply"  # the guest's counters, or message
     REMOVED: Final = "removed"  # container: its disks are off the VM
     UPDATED: Final = "updated"  # the new limits hold
+    LOG_REOPENED: Final = "log-reopened"  # id
     ERROR: Final = "error"  # message: why a request was refused
 
     # Never on the socket: what MonitorClient.interact returns when the detach keys are typed.
@@ -70,6 +72,10 @@ def exit_message(code: int, error: str | None, restarting: bool = False) -> Mess
 
 def updated_message() -> Message:
     return {"op": Op.UPDATED}
+
+
+def log_reopened_message(container: str) -> Message:
+    return {"op": Op.LOG_REOPENED, "id": container}
 
 
 def removed_message(container: str) -> Message:

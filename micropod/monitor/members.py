@@ -104,7 +104,8 @@ class Members:
         if member is None:
             vm_dir = self.root.vm(cid)
             cfg = RunConfig.load(vm_dir.config)
-            member = Member(cid, cfg, vm_dir, ContainerLog(vm_dir.container_log, cfg.log.max_size, cfg.log.max_files))
+            member = Member(cid, cfg, vm_dir, ContainerLog(vm_dir.container_log, cfg.log.max_size, cfg.log.max_files,
+                                                           cfg.log.cri_path))
             self.by_id[cid] = member
         return member
 

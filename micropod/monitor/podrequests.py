@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("micropod.monitor")
 
 _CONTAINER_OPS = (Op.ATTACH, Op.ADD, Op.REMOVE, Op.EXEC, Op.CP_GET, Op.CP_PUT, Op.SIGNAL, Op.STOP, Op.KILL,
-                  Op.WAIT, Op.RESIZE)
+                  Op.WAIT, Op.RESIZE, Op.REOPEN_LOG)
 
 
 class PodRequests(RequestReader):
@@ -75,6 +75,12 @@ class PodRequests(RequestReader):
             self.members.signal(cid, 9)
         elif op == Op.RESIZE:
             self._resize(fd, cid, int(message["rows"]), int(message["cols"]))
+        elif op == Op.REOPEN_LOG:
+            member = self._member(cid)
+            if not member.running or member.log.cri is None:
+                raise ContainerCommandError(f"container {cid[:12]} is not running or has no CRI log", 125)
+            member.log.cri.reopen()
+            self.clients.send_to(fd, lambda c: c.send_control(api.log_reopened_message(cid)))
         # WAIT: the client now hears the container's exit
 
     def _member(self, cid: str) -> Member:

@@ -69,7 +69,8 @@ class Monitor:
         self.stop_escalated = False  # the stop timeout's SIGKILL has gone to the container
         self.done = False
         self.user_stopped = False
-        self.container_log = ContainerLog(self.vm_dir.container_log, self.cfg.log.max_size, self.cfg.log.max_files)
+        self.container_log = ContainerLog(self.vm_dir.container_log, self.cfg.log.max_size,
+                                          self.cfg.log.max_files, self.cfg.log.cri_path)
         self.frames = GuestFrames(self.container_log, self.clients, self.sessions, self)
         self._wake_r, self._wake_w = socket.socketpair()
         if attach is not None:

@@ -62,6 +62,20 @@ def resolv_conf(dns: tuple[str, ...] = (), host_file: Path = HOST_RESOLV_CONF,
     return "".join(f"nameserver {server}\n" for server in chosen) + "".join(f"{line}\n" for line in kept)
 
 
+def with_search(resolv: str, search: tuple[str, ...], options: tuple[str, ...]) -> str:
+    """``resolv`` with its search and options lines replaced by these (kubelet's DNS config for a pod)."""
+    for word in (*search, *options):
+        if not word or any(c.isspace() or not c.isprintable() for c in word):
+            raise UsageError(f"invalid DNS search domain or option {word!r}")
+    if not search and not options:
+        return resolv
+    kept = [line for line in resolv.splitlines()
+            if line.split()[:1] not in (["search"], ["domain"]) or not search]
+    kept = [line for line in kept if line.split()[:1] != ["options"] or not options]
+    extra = ([f"search {' '.join(search)}"] if search else []) + ([f"options {' '.join(options)}"] if options else [])
+    return "".join(f"{line}\n" for line in kept + extra)
+
+
 def hosts_file(hostname: str, address: str | None) -> str:
     text = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
     if hostname:

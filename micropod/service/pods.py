@@ -31,7 +31,7 @@ from micropod.monitor.api import Op
 from micropod.monitor.client import MonitorClient
 from micropod.names import check_pod_name, generated_name, new_vm_id
 from micropod.net import lifecycle as networking
-from micropod.net.dns import hosts_file
+from micropod.net.dns import hosts_file, with_search
 from micropod.podconfig import DEFAULT_POOL, PodConfig, check_pool
 from micropod.state import VmRecord
 from micropod.state.pods import POD_ACTIVE, PodRecord, pod_name_in_use
@@ -48,6 +48,8 @@ class PodRequest:
     memory_mib: int = 512
     hostname: str | None = None
     dns: tuple[str, ...] = ()
+    dns_search: tuple[str, ...] = ()
+    dns_options: tuple[str, ...] = ()
     network: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     backend: str = "auto"
@@ -65,6 +67,7 @@ def create(ctx: Context, req: PodRequest) -> PodConfig:
     if ctx.pods.name_taken(name):
         raise pod_name_in_use(name)
     plan = networking.plan(ctx, req.network, req.publish, req.dns)
+    resolv = with_search(plan.resolv_conf, req.dns_search, req.dns_options)
     backend = resolve_backend(req.backend)
     check_pool(req.pool, backend)
     check_available(backend)
@@ -80,7 +83,7 @@ def create(ctx: Context, req: PodRequest) -> PodConfig:
             pod_id=pod_id, name=name, backend=backend, kernel=str(guest.kernel), system=str(guest.system),
             vcpus=req.vcpus, memory_mib=req.memory_mib, hostname=hostname, cpu_limit=req.cpu_limit,
             boot_timeout=req.boot_timeout, pool=req.pool, labels=req.labels,
-            hosts=hosts_file(hostname, network.ip or None), resolv_conf=plan.resolv_conf,
+            hosts=hosts_file(hostname, network.ip or None), resolv_conf=resolv,
             vmm_confinement=req.vmm_confinement, network=network,
         )
         pod_dir.path.mkdir(mode=PRIVATE_DIR, parents=True)
