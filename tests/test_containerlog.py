@@ -1,8 +1,9 @@
 import json
-from datetime import UTC
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 
-from micropod.containerlog import ContainerLog, LogReader, read_entries, rotated
+from micropod.containerlog import PARTIAL_LIMIT, ContainerLog, LogReader, read_entries, rotated
 
 
 def test_round_trip_keeps_non_utf8_bytes(tmp_path: Path) -> None:
@@ -130,3 +131,49 @@ def test_tail_reaches_back_into_rotated_files(tmp_path: Path) -> None:
     path.write_bytes(_entry("new\n", 200.0))
     assert [e.data for e in LogReader(path).recent(3, None)] == [b"old 1\n", b"old 2\n", b"new\n"]
     assert [e.data for e in LogReader(path).recent(0, None)] == []
+
+
+CRI_LINE = re.compile(rb"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z) (stdout|stderr) ([FP]) (.*)$")
+
+
+def test_a_cri_log_has_kubelet_s_format_with_partial_lines_marked(tmp_path: Path) -> None:
+    cri = tmp_path / "pods" / "c" / "0.log"
+    cri.parent.mkdir(parents=True)
+    log = ContainerLog(tmp_path / "container.log", cri_path=str(cri))
+    log.write("stdout", b"one\ntwo")
+    log.write("stderr", b"oops\n")
+    log.write("stdout", b"x" * (PARTIAL_LIMIT + 10))  # with "two": past the limit, out as a partial entry
+    log.close()  # what is left of a line at the end is a partial entry too
+    lines = [CRI_LINE.match(line) for line in cri.read_bytes().splitlines()]
+    assert all(lines), cri.read_bytes()[:300]
+    parsed = [(m.group(2), m.group(3), m.group(4)) for m in lines if m]
+    assert parsed[:2] == [(b"stdout", b"F", b"one"), (b"stderr", b"F", b"oops")]
+    assert [p[1] for p in parsed[2:]] == [b"P"] * (len(parsed) - 2)
+    assert b"".join(p[2] for p in parsed[2:]) == b"two" + b"x" * (PARTIAL_LIMIT + 10)
+    stamp = lines[0].group(1).decode() if lines[0] else ""
+    assert datetime.strptime(stamp[:26] + "Z", "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert [e.data for e in read_entries(tmp_path / "container.log")[0]][:2] == [b"one\n", b"oops\n"]  # docker's too
+
+
+def test_a_reopened_cri_log_starts_a_new_file_after_kubelet_renamed_it(tmp_path: Path) -> None:
+    cri = tmp_path / "0.log"
+    log = ContainerLog(tmp_path / "container.log", cri_path=str(cri))
+    log.write("stdout", b"before\n")
+    cri.rename(tmp_path / "0.log.20261205-180000")
+    log.write("stdout", b"still the old file\n")  # until the reopen, as with containerd
+    assert log.cri is not None
+    log.cri.reopen()
+    log.write("stdout", b"after\n")
+    log.close()
+    assert cri.read_bytes().endswith(b" stdout F after\n") and b"before" not in cri.read_bytes()
+    assert b"still the old file" in (tmp_path / "0.log.20261205-180000").read_bytes()
+
+
+def test_a_cri_log_never_follows_a_symlink_and_an_unwritable_one_is_not_fatal(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    (tmp_path / "0.log").symlink_to(target)
+    log = ContainerLog(tmp_path / "container.log", cri_path=str(tmp_path / "0.log"))
+    log.write("stdout", b"line\n")
+    log.close()
+    assert not target.exists()
+    assert [e.data for e in read_entries(tmp_path / "container.log")[0]] == [b"line\n"]

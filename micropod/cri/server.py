@@ -191,11 +191,13 @@ def serve(root: StateRoot, listen: str, config: Path | None, network: str | None
     from micropod.cri.images import Images
     from micropod.cri.runtime_info import RuntimeInfo, load_handlers
     from micropod.cri.sandboxes import Sandboxes
+    from micropod.cri.stats import Stats
 
     path = socket_path(listen)
     handlers = load_handlers(config)
     root.ensure()
-    servicers: list[Servicer] = [RuntimeInfo(handlers), Sandboxes(handlers, network), Containers(), Images()]
+    servicers: list[Servicer] = [RuntimeInfo(handlers), Sandboxes(handlers, network), Containers(), Stats(),
+                                   Images()]
     server = build_server(servicers, CallRunner(root, debug))
     bind_unix(server, path)
     serve_until_signalled(server, path)
