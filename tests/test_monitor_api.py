@@ -33,4 +33,4 @@ def test_the_bytes_on_the_socket_are_unchanged(message: api.Message, payload: by
 
 def test_no_two_ops_share_a_value() -> None:
     values = [value for name, value in vars(Op).items() if name.isupper()]
-    assert len(values) == len(set(values)) == 25
+    assert len(values) == len(set(values)) == 27

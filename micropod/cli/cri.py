@@ -23,16 +23,19 @@ def cri() -> None:
               help='JSON: {"runtime_handlers": {"NAME": {"vmm": "qemu", "vcpus": 1, "memory": "512M"}}}.')
 @click.option("--network", type=click.Choice(["bridge", "none"]), default=None,
               help="The sandboxes' network (default: MICROPOD_NETWORK, else bridge).")
+@click.option("--stream-address", default="127.0.0.1:0", show_default=True,
+              help="HOST:PORT of the streaming server whose URLs Exec, Attach and PortForward return.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Where the server logs, besides stderr (default: ROOT/cri.log).")
 @pass_ctx
-def serve(ctx: Context, listen: str, config: Path | None, network: str | None, log_file: Path | None) -> None:
+def serve(ctx: Context, listen: str, config: Path | None, network: str | None, stream_address: str,
+          log_file: Path | None) -> None:
     """Serve RuntimeService and ImageService until SIGTERM; pods and containers outlive the server."""
     from micropod.cri.server import serve as run_server
     from micropod.cri.server import setup_logging
 
     setup_logging(log_file or ctx.root.path / "cri.log", ctx.debug)
-    run_server(ctx.root, listen, config, network, ctx.debug)
+    run_server(ctx.root, listen, config, network, ctx.debug, stream_address)
 
 
 COMMANDS = [cri]

@@ -186,18 +186,34 @@ def setup_logging(log_file: Path, debug: bool) -> None:
     top.propagate = False
 
 
-def serve(root: StateRoot, listen: str, config: Path | None, network: str | None, debug: bool) -> None:
+def stream_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) >= 1 << 16:
+        raise UsageError(f"invalid --stream-address {text!r}: use HOST:PORT (port 0 picks a free one)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def serve(root: StateRoot, listen: str, config: Path | None, network: str | None, debug: bool,
+          streaming: str = "127.0.0.1:0") -> None:
     from micropod.cri.containers import Containers
     from micropod.cri.images import Images
     from micropod.cri.runtime_info import RuntimeInfo, load_handlers
     from micropod.cri.sandboxes import Sandboxes
     from micropod.cri.stats import Stats
+    from micropod.cri.streaming.server import StreamServer
+    from micropod.cri.streaming_calls import Streaming
 
     path = socket_path(listen)
     handlers = load_handlers(config)
     root.ensure()
+    try:
+        streams = StreamServer(stream_address(streaming), root)
+    except OSError as exc:
+        raise UsageError(f"cannot listen for streams on {streaming}: {exc.strerror}") from None
     servicers: list[Servicer] = [RuntimeInfo(handlers), Sandboxes(handlers, network), Containers(), Stats(),
-                                   Images()]
+                                 Streaming(streams), Images()]
     server = build_server(servicers, CallRunner(root, debug))
     bind_unix(server, path)
-    serve_until_signalled(server, path)
+    streams.start()
+    log.info("streaming on %s", streams.base_url)
+    serve_until_signalled(server, path, on_stop=streams.shutdown)
