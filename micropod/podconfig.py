@@ -13,7 +13,8 @@ from micropod.quotas import Quotas
 from micropod.runconfig import NetworkSettings
 from micropod.state import records
 
-POD_CONFIG = records.RecordKind("pod's config.json", upgrades=())
+# config.json of a pod. 0: as first written; 1: the network's netns and gateway, a CNI pod's (absent: none).
+POD_CONFIG = records.RecordKind("pod's config.json", upgrades=(lambda raw: raw,))
 
 DEFAULT_POOL = 4
 # QEMU: SCSI targets on one controller (255 at most); Firecracker: placeholder drives, which with the system

@@ -22,8 +22,8 @@ from micropod.state import records
 # volumes, binds, tmpfs and read_only (absent in older records: none, and a writable root); 3: a pod's
 # container's memory_limit and cpu_quota (absent: none); 4: quotas (absent: none); 5: user_data, what the
 # metadata service serves under /latest/user-data (absent: nothing); 6: the log's cri_path, a second copy of the
-# output in kubelet's CRI format (absent: none).
-RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,) * 6)
+# output in kubelet's CRI format (absent: none); 7: the network's netns and gateway, a CNI pod's (absent: none).
+RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,) * 7)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -114,7 +114,8 @@ class ContainerSpec:
 
 @dataclass(frozen=True)
 class NetworkSettings:
-    """A VM's place on the host network: ``mode`` "bridge" (one NIC on ``bridge``) or "none" (no NIC)."""
+    """A VM's place on the host network: ``mode`` "bridge" (one NIC on ``bridge``), "cni" (one NIC whose TAP is in
+    the CNI pod's namespace ``netns``, joined to what CNI made there; the CRI server set it up) or "none"."""
 
     mode: str = "none"
     bridge: str = ""
@@ -123,10 +124,17 @@ class NetworkSettings:
     mac: str = ""
     tap: str = ""
     ports: tuple[PortMapping, ...] = ()
+    netns: str = ""
+    gateway: str = ""
 
     @property
     def enabled(self) -> bool:
+        """On micropod's own bridge, with its rules and lease."""
         return self.mode == "bridge"
+
+    @property
+    def has_nic(self) -> bool:
+        return self.mode in ("bridge", "cni")
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> NetworkSettings:

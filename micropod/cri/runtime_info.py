@@ -10,6 +10,7 @@ from typing import Any
 
 from micropod.context import Context
 from micropod.cri.api import pb
+from micropod.cri.network import PodNetworks
 from micropod.errors import MicropodError, UsageError
 from micropod.jsonfile import read_json_object
 from micropod.units import parse_memory_mib
@@ -75,8 +76,9 @@ def micropod_version() -> str:
 class RuntimeInfo:
     service = "RuntimeService"
 
-    def __init__(self, handlers: dict[str, HandlerSettings]) -> None:
+    def __init__(self, handlers: dict[str, HandlerSettings], networks: PodNetworks) -> None:
         self.handlers = handlers
+        self.networks = networks
 
     def Version(self, ctx: Context, request: pb.VersionRequest) -> pb.VersionResponse:
         return pb.VersionResponse(version="0.1.0", runtime_name=RUNTIME_NAME, runtime_version=micropod_version(),
@@ -84,15 +86,16 @@ class RuntimeInfo:
 
     def Status(self, ctx: Context, request: pb.StatusRequest) -> pb.StatusResponse:
         runtime_ready, runtime_reason = _runtime_ready()
+        network_ready, network_reason, network_message = self.networks.describe()
         conditions = [
             pb.RuntimeCondition(type="RuntimeReady", status=runtime_ready,
                                 reason="" if runtime_ready else "MicropodNotReady", message=runtime_reason),
-            pb.RuntimeCondition(type="NetworkReady", status=True, reason="",
-                                message="micropod's own bridge network (each sandbox's VM gets a leased address)"),
+            pb.RuntimeCondition(type="NetworkReady", status=network_ready, reason=network_reason,
+                                message=network_message),
         ]
         handlers = [pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures())
                     for name in sorted(self.handlers)]
-        info = {"network": "micropod-bridge"} if request.verbose else {}
+        info = {"network": network_message} if request.verbose else {}
         return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), runtime_handlers=handlers,
                                  info=info)
 

@@ -16,6 +16,7 @@ import grpc
 from micropod.context import Context
 from micropod.cri import records
 from micropod.cri.api import pb
+from micropod.cri.network import PodIdentity, PodNetworks
 from micropod.cri.records import SandboxInfo
 from micropod.cri.runtime_info import HandlerSettings
 from micropod.cri.status import CriError, invalid, not_found, reserved
@@ -91,9 +92,10 @@ def vm_size(linux: Any, handler: HandlerSettings) -> tuple[int, int]:
 class Sandboxes:
     service = "RuntimeService"
 
-    def __init__(self, handlers: dict[str, HandlerSettings], network: str | None = None) -> None:
+    def __init__(self, handlers: dict[str, HandlerSettings], networks: PodNetworks, network: str | None = None) -> None:
         self.handlers = handlers
-        self.network = network
+        self.networks = networks
+        self.network = network  # micropod's own network mode, when there is no CNI configuration
 
     def RunPodSandbox(self, ctx: Context, request: pb.RunPodSandboxRequest) -> pb.RunPodSandboxResponse:
         config = request.config
@@ -114,26 +116,33 @@ class Sandboxes:
             raise reserved("sandbox", info.reserved_name, ctx.pods.find(name).id)
         vcpus, memory = vm_size(config.linux, handler)
         dns = config.dns_config
+        conf = self.networks.conf()
         cfg = pods.create(ctx, pods.PodRequest(
-            name=name, publish=publish, vcpus=vcpus, memory_mib=memory, hostname=config.hostname or meta.name,
-            dns=tuple(dns.servers), dns_search=tuple(dns.searches), dns_options=tuple(dns.options),
-            network=self.network, labels=dict(config.labels), backend=handler.vmm,
+            name=name, publish=publish if conf is None else (), vcpus=vcpus, memory_mib=memory,
+            hostname=config.hostname or meta.name, dns=tuple(dns.servers), dns_search=tuple(dns.searches),
+            dns_options=tuple(dns.options), network=self.network if conf is None else "none",
+            labels=dict(config.labels), backend=handler.vmm,
         ))
         try:
             records.save(ctx.root.pod(cfg.pod_id).path, info)
             pod = ctx.pods.get(cfg.pod_id)
             assert pod is not None
+            if conf is not None:  # port mappings go through the portmap plugin
+                identity = PodIdentity(cfg.pod_id, meta.name, meta.namespace, meta.uid)
+                pods.set_network(ctx, pod, self.networks.setup(conf, identity, mappings))
             pods.boot(ctx, pod)
         except BaseException:
             made = ctx.pods.get(cfg.pod_id)
             if made is not None:
                 pods.remove(ctx, made, force=True)
+            self.networks.teardown_or_log(cfg.pod_id)  # the first error is the one to report
             raise
         return pb.RunPodSandboxResponse(pod_sandbox_id=cfg.pod_id)
 
     def StopPodSandbox(self, ctx: Context, request: pb.StopPodSandboxRequest) -> pb.StopPodSandboxResponse:
         pod, _ = find(ctx, request.pod_sandbox_id)
         pods.stop(ctx, pod, STOP_TIMEOUT)
+        self.networks.teardown(pod.id)  # as containerd does: a stopped sandbox holds no address
         return pb.StopPodSandboxResponse()
 
     def RemovePodSandbox(self, ctx: Context,
@@ -145,6 +154,7 @@ class Sandboxes:
                 return pb.RemovePodSandboxResponse()  # containerd: removing what is gone succeeds
             raise
         pods.remove(ctx, pod, force=True)
+        self.networks.teardown(pod.id)
         return pb.RemovePodSandboxResponse()
 
     def PodSandboxStatus(self, ctx: Context,
@@ -163,13 +173,15 @@ class Sandboxes:
             detail = pod_views.inspect(ctx, pod)
             detail["cri"] = {"reservedName": info.reserved_name, "logDirectory": info.log_directory,
                              "cgroupParent": info.cgroup_parent, "sysctls": info.sysctls,
-                             "portMappings": info.port_mappings}
+                             "portMappings": info.port_mappings, "network": cfg.network.mode,
+                             "netns": cfg.network.netns}
             verbose["info"] = json.dumps(detail)
         return pb.PodSandboxStatusResponse(status=status, info=verbose)
 
     def ListPodSandbox(self, ctx: Context, request: pb.ListPodSandboxRequest) -> pb.ListPodSandboxResponse:
         wanted = request.filter
         items = []
+        self.networks.sweep(lambda: {p.id for p in ctx.pods.reconcile()})  # kubelet lists every second or so
         for pod, info in cri_pods(ctx):
             if wanted.id and not pod.id.startswith(wanted.id):
                 continue

@@ -26,6 +26,7 @@ from google.protobuf.message import Message
 
 from micropod.context import Context
 from micropod.cri.api import pb
+from micropod.cri.network import CniOptions, PodNetworks
 from micropod.cri.status import code_of
 from micropod.errors import MicropodError, UsageError
 from micropod.paths import StateRoot
@@ -194,7 +195,7 @@ def stream_address(text: str) -> tuple[str, int]:
 
 
 def serve(root: StateRoot, listen: str, config: Path | None, network: str | None, debug: bool,
-          streaming: str = "127.0.0.1:0") -> None:
+          streaming: str = "127.0.0.1:0", cni: CniOptions | None = None) -> None:
     from micropod.cri.containers import Containers
     from micropod.cri.images import Images
     from micropod.cri.runtime_info import RuntimeInfo, load_handlers
@@ -210,8 +211,9 @@ def serve(root: StateRoot, listen: str, config: Path | None, network: str | None
         streams = StreamServer(stream_address(streaming), root)
     except OSError as exc:
         raise UsageError(f"cannot listen for streams on {streaming}: {exc.strerror}") from None
-    servicers: list[Servicer] = [RuntimeInfo(handlers), Sandboxes(handlers, network), Containers(), Stats(),
-                                 Streaming(streams), Images()]
+    networks = PodNetworks(root, cni or CniOptions())
+    servicers: list[Servicer] = [RuntimeInfo(handlers, networks), Sandboxes(handlers, networks, network),
+                                 Containers(), Stats(), Streaming(streams), Images()]
     server = build_server(servicers, CallRunner(root, debug))
     bind_unix(server, path)
     streams.start()

@@ -90,6 +90,9 @@ class NetworkAttachment:
         if self.attached:
             return
         network = self.cfg.network
+        if network.mode == "cni":  # the CRI server made the TAP in the pod's namespace, where this monitor runs
+            self.attached = True
+            return
         port = 0
         if isinstance(self.cfg, RunConfig):
             self.metadata = VmMetadata(self.root, self.cfg.metadata_identity(), self.cfg.user_data)
@@ -119,6 +122,9 @@ class NetworkAttachment:
     def detach(self) -> str | None:
         """Tear it down; a failure comes back as the error to record, since the exit must still be recorded."""
         if not self.attached:
+            return None
+        if self.cfg.network.mode == "cni":  # the CRI server tears the pod's network down (CNI DEL)
+            self.attached = False
             return None
         error = None
         try:
@@ -177,7 +183,7 @@ class VmProcess:
             self.host_cgroup = VmmCgroup(self.cfg.vm_id, self.cfg.cpu_limit or self.cfg.vcpus, self.cfg.memory_mib,
                                          self.cfg.quotas)
             self.host_cgroup.create()
-        if self.cfg.network.enabled and with_network:
+        if self.cfg.network.has_nic and with_network:
             network.attach()
         spec = confine(spec_for(network.attached), self.cfg.backend)
         mmds = network.mmds()

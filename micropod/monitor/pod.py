@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from micropod import guestmsg, wire
@@ -88,6 +89,11 @@ class PodMonitor:
         self.pods.update(self.cfg.pod_id, vmm_pid=ref.pid, vmm_start=ref.started)
 
     def _boot(self) -> None:
+        if self.cfg.network.mode == "cni":
+            # the VMM (and its TAP) live in the pod's namespace; nothing here needs the host's network
+            from micropod.net import netns
+
+            netns.enter(Path(self.cfg.network.netns))
         spec, _ = self.vm.power_on(self.network, lambda attached: build_pod_spec(self.cfg, self.vm_dir, attached),
                                    with_network=True, warm=False)
         assert self.vm.vmm is not None

@@ -139,8 +139,14 @@ def detach(root: StateRoot, vm_id: str) -> bool:
 
 
 def agent_request(settings: NetworkSettings) -> dict[str, object]:
-    """What the guest agent needs to address its NIC."""
-    network = network_of(settings)
-    return {"interfaces": [{"ifname": "eth0", "mac": settings.mac,
-                            "address": f"{settings.ip}/{network.subnet.prefixlen}",
-                            "gateway": str(network.gateway)}]}
+    """What the guest agent needs to address its NIC: on micropod's bridge, the bridge is the gateway; a CNI pod
+    takes the address, prefix and gateway that CNI gave (no gateway: no default route)."""
+    if settings.mode == "cni":
+        import ipaddress
+
+        prefix, gateway = ipaddress.IPv4Network(settings.subnet).prefixlen, settings.gateway
+    else:
+        network = network_of(settings)
+        prefix, gateway = network.subnet.prefixlen, str(network.gateway)
+    return {"interfaces": [{"ifname": "eth0", "mac": settings.mac, "address": f"{settings.ip}/{prefix}",
+                            "gateway": gateway}]}

@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from micropod.names import check_pod_name, generated_name, new_vm_id
 from micropod.net import lifecycle as networking
 from micropod.net.dns import hosts_file, with_search
 from micropod.podconfig import DEFAULT_POOL, PodConfig, check_pool
+from micropod.runconfig import NetworkSettings
 from micropod.state import VmRecord
 from micropod.state.pods import POD_ACTIVE, PodRecord, pod_name_in_use
 
@@ -94,6 +95,16 @@ def create(ctx: Context, req: PodRequest) -> PodConfig:
         networking.release_lease(ctx.root, pod_id)
         ctx.pods.delete(pod_id)
         raise
+    return cfg
+
+
+def set_network(ctx: Context, pod: PodRecord, network: NetworkSettings) -> PodConfig:
+    """Give a pod that has not booted a network made for it elsewhere (a CNI attachment, by the CRI server)."""
+    if pod.status != "created":
+        raise ConflictError(f"pod {pod.name} has booted: its network is set")
+    cfg = config(ctx, pod)
+    cfg = replace(cfg, network=network, hosts=hosts_file(cfg.hostname, network.ip or None))
+    cfg.dump(ctx.root.pod(pod.id).config)
     return cfg
 
 

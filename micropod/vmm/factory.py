@@ -84,7 +84,7 @@ def build_pod_spec(cfg: PodConfig, vm_dir: VmDir, with_network: bool = True) -> 
         run_dir=vm_dir.path,
         console_log=vm_dir.console_log,
         nets=(NetInterface("net0", cfg.network.tap, cfg.network.mac),)
-        if with_network and cfg.network.enabled else (),
+        if with_network and cfg.network.has_nic else (),
         confined=cfg.vmm_confinement,
         hot_disks=2 * cfg.pool if cfg.backend == "qemu" else 0,
     )
@@ -166,7 +166,7 @@ def build_spec(cfg: RunConfig, vm_dir: VmDir, with_network: bool = True) -> VmSp
         run_dir=vm_dir.path,
         console_log=vm_dir.console_log,
         nets=(NetInterface("net0", cfg.network.tap, cfg.network.mac, cfg.quotas.network_rate),)
-        if with_network and cfg.network.enabled else (),
+        if with_network and cfg.network.has_nic else (),
         shares=tuple(Share(bind_tag(i), Path(b.source), b.read_only) for i, b in enumerate(cfg.container.binds)),
         confined=cfg.container.security.vmm_confinement,
     )
