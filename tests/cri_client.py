@@ -26,14 +26,17 @@ class CriServer:
     log: Path
     extra: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    wrapper: tuple[str, ...] = ()  # argv the server runs under, e.g. ip netns exec NS (its VMs then have a network)
     child: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
 
     def start(self, timeout: float = 30.0) -> CriServer:
         env = {**os.environ, "MICROPOD_ROOT": str(self.root), "MICROPOD_NETWORK": "none", **self.env}
         env.pop("MICROPOD_DEBUG", None)
-        argv = [sys.executable, "-m", "micropod", "--debug", "cri", "serve", "--listen", f"unix://{self.socket}",
-                "--log-file", str(self.log), *self.extra]
+        if self.wrapper and "MICROPOD_NETWORK" not in self.env:
+            del env["MICROPOD_NETWORK"]  # in a test's own namespace micropod's default network, the bridge, is safe
+        argv = [*self.wrapper, sys.executable, "-m", "micropod", "--debug", "cri", "serve",
+                "--listen", f"unix://{self.socket}", "--log-file", str(self.log), *self.extra]
         self.child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       start_new_session=True)
         deadline = time.monotonic() + timeout

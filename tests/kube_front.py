@@ -13,6 +13,7 @@ import socket
 import socketserver
 import threading
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from tests.cri_client import CriServer, pb
@@ -47,9 +48,13 @@ def _relay(a: socket.socket, b: socket.socket) -> None:
     other.join(60)
 
 
+Dial = Callable[[tuple[str, int]], socket.socket]
+
+
 class KubeFront:
-    def __init__(self, cri: CriServer) -> None:
+    def __init__(self, cri: CriServer, dial: Dial = socket.create_connection) -> None:
         self.cri = cri
+        self.dial = dial  # how the streaming server is reached (it may listen in another network namespace)
         front = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -130,7 +135,7 @@ class KubeFront:
 
     def _proxy(self, h: http.server.BaseHTTPRequestHandler, stream_url: str) -> None:
         target = urllib.parse.urlsplit(stream_url)
-        upstream = socket.create_connection((target.hostname or "127.0.0.1", target.port or 80))
+        upstream = self.dial((target.hostname or "127.0.0.1", target.port or 80))
         head = [f"{h.command} {target.path} HTTP/1.1"]
         head += [f"{k}: {v}" for k, v in h.headers.items() if k.lower() != "host"]
         head.append(f"Host: {target.netloc}")

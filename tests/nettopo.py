@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 HOST_IP = "192.0.2.1"
 OUTSIDE_IP = "192.0.2.2"
 METADATA_IP = "169.254.169.254"
+CLONE_NEWNET = 0x40000000
 _serial = itertools.count()
 
 
@@ -41,6 +44,29 @@ class Topology:
     def spawn(self, netns: str, *command: str) -> subprocess.Popen[str]:
         return subprocess.Popen(self.argv(netns, *command), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
+
+
+def connect_in(netns: str, address: tuple[str, int], timeout: float = 30.0) -> socket.socket:
+    """A TCP connection from inside ``netns``, for a test that itself runs in the machine's namespace: a socket
+    belongs to the namespace it was made in, so a short-lived thread enters it (setns is per thread) to make one."""
+    from micropod import syscalls
+
+    made: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            with open(f"/run/netns/{netns}", "rb") as handle:
+                syscalls.setns(handle.fileno(), CLONE_NEWNET)
+            made.append(socket.create_connection(address, timeout=timeout))
+        except BaseException as exc:  # handed to the caller's thread
+            made.append(exc)
+
+    thread = threading.Thread(target=make, daemon=True)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 def _kill_everything_in(netns: str) -> None:

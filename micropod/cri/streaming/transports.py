@@ -75,7 +75,12 @@ def serve_spdy(ctx: Context, sock: socket.socket, protocol: str, request: Reques
             ready.set()
 
     session = Session(sock, on_stream)
-    reader = threading.Thread(target=session.serve, daemon=True)
+
+    def serve() -> None:
+        session.serve()
+        ready.set()  # a session that ended (a broken or vanished client) stops the wait for its streams too
+
+    reader = threading.Thread(target=serve, daemon=True)
     reader.start()
     bridge = Bridge()
     try:
