@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +61,26 @@ def private_file(path: Path, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
     fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE)
     os.fchmod(fd, PRIVATE_FILE)
     return fd
+
+
+def make_private(path: Path) -> None:
+    """``path`` a regular file of mode 0600, created if missing, touched without a descriptor that could hold
+    locks: closing any other descriptor of a file drops every POSIX lock this process has on it, and SQLite's
+    connections elsewhere in a long-lived process (the CRI server) rely on theirs to keep the WAL alive."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE))
+        return  # new: nobody had it open
+    except FileExistsError:
+        pass
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)  # closing an O_PATH descriptor drops no lock
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        if stat.S_IMODE(info.st_mode) != PRIVATE_FILE:
+            os.chmod(f"/proc/self/fd/{fd}", PRIVATE_FILE)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(dest: Path, data: bytes, *, tmp_dir: Path | None = None, mode: int = 0o644) -> None:

@@ -35,8 +35,10 @@ class CriServer:
         env.pop("MICROPOD_DEBUG", None)
         if self.wrapper and "MICROPOD_NETWORK" not in self.env:
             del env["MICROPOD_NETWORK"]  # in a test's own namespace micropod's default network, the bridge, is safe
+        # hermetic: no CNI configuration unless a test gives one (the host's /etc/cni/net.d is not the test's)
+        no_cni = () if "--cni-conf-dir" in self.extra else ("--cni-conf-dir", str(self.socket.parent / "no-cni"))
         argv = [*self.wrapper, sys.executable, "-m", "micropod", "--debug", "cri", "serve",
-                "--listen", f"unix://{self.socket}", "--log-file", str(self.log), *self.extra]
+                "--listen", f"unix://{self.socket}", "--log-file", str(self.log), *no_cni, *self.extra]
         self.child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from micropod.errors import ConflictError, NotFoundError, StateError, UsageError
-from micropod.fsutil import private_dir, private_file
+from micropod.fsutil import make_private, private_dir
 from micropod.liveness import ProcessRef, ref_of
 from micropod.state.db import open_tables
 from micropod.state.tables import VMS
@@ -81,7 +80,7 @@ class StateStore:
         try:
             private_dir(db.parent)
             # SQLite gives -wal and -shm the database's own mode, so 0600 here covers all three.
-            os.close(private_file(db, os.O_RDWR))
+            make_private(db)
             self._conn = open_tables(db, VMS)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA synchronous = NORMAL")
