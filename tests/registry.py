@@ -177,6 +177,7 @@ class Fault:
     redirect: bool = False
     retry_after: str | None = None
     redirect_to: str | None = None  # the base URL of the blob store; the front's own on localhost if None
+    body: bytes | None = None  # pass, but answer these bytes instead (a lying mirror: digest header to match)
 
 
 @dataclass
@@ -190,6 +191,7 @@ class Front:
     tokens_issued: list[str] = field(default_factory=list)
     tls: Tls | None = None  # serve HTTPS with this certificate
     realm: str | None = None  # the token realm's base URL; the front's own if None
+    prefix: str = ""  # serve the registry under this path (a mirror's `https://host/prefix`); 404 elsewhere
     _server: http.server.ThreadingHTTPServer | None = None
 
     @property
@@ -244,6 +246,10 @@ class Front:
     def _handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
         path = h.path
         self.seen.append((h.command, path, dict(h.headers.items())))
+        if self.prefix:
+            if not path.startswith(self.prefix + "/"):
+                return self._send(h, 404, b"no such path")
+            path = path[len(self.prefix):]
         if path.startswith("/token"):
             auth = h.headers.get("Authorization", "")
             expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -287,6 +293,9 @@ class Front:
                 continue
             if fault.content_type:
                 headers["Content-Type"] = fault.content_type
+            if fault.body is not None:
+                body = fault.body
+                headers["Docker-Content-Digest"] = "sha256:" + hashlib.sha256(body).hexdigest()
             if fault.corrupt and body:
                 body = bytes([body[0] ^ 0xFF]) + body[1:]
             if fault.truncate and body:

@@ -171,11 +171,10 @@ class _RichProgress:
 
 
 def pull_options(ctx: Context, platform: str | None, tls_verify: bool) -> PullOptions:
-    from micropod.image.credentials import insecure_registries
     from micropod.image.pull import PullOptions, parse_platform
 
-    return PullOptions(platform=parse_platform(platform) if platform else None, tls_verify=tls_verify,
-                       insecure_registries=insecure_registries(ctx.root.path / "registries.json"))
+    return PullOptions.of_root(ctx.root.path, platform=parse_platform(platform) if platform else None,
+                               tls_verify=tls_verify)
 
 
 def credential_store(ctx: Context) -> CredentialStore:

@@ -74,7 +74,6 @@ class Images:
         return pb.ImageStatusResponse(image=image_message(image), info=info)
 
     def PullImage(self, ctx: Context, request: pb.PullImageRequest) -> pb.PullImageResponse:
-        from micropod.image.credentials import insecure_registries
         from micropod.image.pull import PullOptions, pull
 
         name = request.image.image
@@ -82,7 +81,7 @@ class Images:
             raise invalid("PullImage needs an image")
         given = credentials_of(request.auth, name)
         credentials = given or CredentialStore(ctx.root.path / "auth.json")
-        options = PullOptions(insecure_registries=insecure_registries(ctx.root.path / "registries.json"))
+        options = PullOptions.of_root(ctx.root.path)
         try:
             result = pull(ctx.images, name, credentials=credentials, options=options)
         except UsageError:

@@ -1,8 +1,8 @@
 """Registry credentials and registry settings: micropod's own auth file (written by `login`, mode 0600,
 atomically) first, then docker's config.json (`auths` with a base64 `auth`), read only.
 
-Registry settings (`registries.json` next to the auth file) list insecure registries:
-`{"insecure": ["myregistry:5000"]}`: those may be reached over plain HTTP or unverified HTTPS.
+Registry settings (`registries.json` next to the auth file: insecure registries and mirrors) are read
+and validated by micropod.image.settings.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from micropod.errors import UsageError
 from micropod.fsutil import atomic_write, flock
 from micropod.image.reference import DEFAULT_DOMAIN
+from micropod.image.settings import registry_settings
 
 
 @dataclass(frozen=True)
@@ -118,16 +119,8 @@ class CredentialStore:
 
 
 def insecure_registries(path: Path) -> frozenset[str]:
-    try:
-        obj = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return frozenset()
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read registry settings {path}: {exc}") from exc
-    hosts = obj.get("insecure") if isinstance(obj, dict) else None
-    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
-        raise UsageError(f"{path}: 'insecure' must be a list of registry hosts")
-    return frozenset(hosts)
+    """The `insecure` list of the registry settings in `path` (the whole file is validated)."""
+    return registry_settings(path).insecure
 
 
 def registry_host(text: str) -> str:

@@ -4,19 +4,27 @@ Every blob streams through sha256 into a temp file in the store and is renamed i
 its digest matches (`ImageStore.ingest`); blobs already present are skipped. The whole pull holds the
 store's `writing()` lock until the image is tagged, so a concurrent `gc` cannot take its blobs.
 An interrupted pull leaves only complete, verified blobs; running it again fetches what is missing.
+
+Mirrors (micropod.image.settings) come first, in order, then the registry: the manifest is resolved from
+the first that serves it; a blob from that one, else from the next ones. A mirror is untrusted: its
+content goes through the same checks, and the image is stored under its own name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
+import logging
 import platform as _platform
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from micropod.errors import DigestMismatchError, ImageError, MicropodError, NotFoundError, RegistryError, UsageError
 from micropod.image.credentials import CredentialSource
@@ -35,10 +43,13 @@ from micropod.image.model import (
 )
 from micropod.image.reference import Reference, parse_reference
 from micropod.image.registry import RegistryClient, RetryPolicy, TransferError
+from micropod.image.settings import FILENAME, mirror_endpoint, registry_settings
 from micropod.image.store import ImageStore, StoredImage
 
 if TYPE_CHECKING:
     from micropod.context import Context
+
+log = logging.getLogger("micropod")
 
 DEFAULT_CONCURRENCY = 6
 _BLOB_ATTEMPTS = 3
@@ -74,6 +85,14 @@ class PullOptions:
     insecure_registries: frozenset[str] = frozenset()
     concurrency: int = DEFAULT_CONCURRENCY
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    mirrors: Mapping[str, Sequence[str]] = field(default_factory=dict)  # registry domain -> mirror base URLs
+
+    @classmethod
+    def of_root(cls, root: Path, **fields: Any) -> PullOptions:
+        """The options that the state root's registries.json sets (insecure registries, mirrors), and
+        ``fields``: every pull (`pull`, `run`, the CRI's PullImage) reads the file this one way."""
+        settings = registry_settings(root / FILENAME)
+        return cls(insecure_registries=settings.insecure, mirrors=settings.mirrors, **fields)
 
 
 @dataclass(frozen=True)
@@ -118,6 +137,10 @@ class _Cancelled(RegistryError):
     """Another layer failed or the user interrupted: this download stops (its temp file goes)."""
 
 
+# What makes a pull try the next endpoint: unreachable, refused, missing, 5xx, or content that fails checks.
+_FALL_THROUGH = (RegistryError, NotFoundError, ImageError)
+
+
 class Puller:
     def __init__(self, store: ImageStore, credentials: CredentialSource | None, options: PullOptions,
                  progress: PullProgress | None = None) -> None:
@@ -128,30 +151,58 @@ class Puller:
         self._lock = threading.Lock()
         self._cancel = threading.Event()
 
-    def pull(self, text: str) -> PullResult:
-        ref = parse_reference(text)
+    def _clients(self, ref: Reference) -> list[RegistryClient]:
+        """The endpoints to try, in order: the registry's mirrors, then the registry itself."""
+        mirrors = self.options.mirrors
+        client_for = functools.partial(RegistryClient, tls_verify=self.options.tls_verify, retry=self.options.retry,
+                                       max_connections=self.options.concurrency + 2)
+        clients = []
+        for url in mirrors.get(ref.domain, ()):
+            endpoint = mirror_endpoint(url)  # explicit options get the file's checks too
+            client = client_for(f"mirror {endpoint}", endpoint=endpoint)
+            client.credentials = self.credentials.get(client.host) if self.credentials else None  # the mirror's
+            clients.append(client)
         creds = self.credentials.get(ref.domain) if self.credentials else None
         insecure = ref.domain in self.options.insecure_registries
-        with RegistryClient(ref.domain, credentials=creds, tls_verify=self.options.tls_verify, insecure=insecure,
-                            retry=self.options.retry, max_connections=self.options.concurrency + 2) as client, \
-                self.store.writing():
-            digest, manifest = self._manifest(client, ref)
+        clients.append(client_for(ref.domain, credentials=creds, insecure=insecure))
+        return clients
+
+    def pull(self, text: str) -> PullResult:
+        ref = parse_reference(text)
+        clients = self._clients(ref)
+        with contextlib.ExitStack() as stack, self.store.writing():
+            for client in clients:
+                stack.enter_context(client)
+            sources, digest, manifest = self._resolve(clients, ref)
             counts = [0, 0]
-            self._blob(client, ref, manifest.config.check_size(MAX_CONFIG_SIZE, "config"), counts)
+            self._blob(sources, ref, manifest.config.check_size(MAX_CONFIG_SIZE, "config"), counts)
             ImageConfig.from_bytes(self.store.read_blob(manifest.config.digest, manifest.config.size),
                                    f"config {manifest.config.digest}")  # refuse a malformed config early
             workers = max(1, min(self.options.concurrency, len(manifest.layers)))
-            self._layers(client, ref, manifest.layers, counts, workers)
+            self._layers(sources, ref, manifest.layers, counts, workers)
             self.store.add_images([(digest, [ref] if ref.tag else [])])
             image = self.store.get(digest)
         return PullResult(image, ref, downloaded=counts[0], skipped=counts[1])
 
-    def _layers(self, client: RegistryClient, ref: Reference, layers: Sequence[Descriptor], counts: list[int],
-                workers: int) -> None:
+    def _resolve(self, clients: Sequence[RegistryClient], ref: Reference
+                 ) -> tuple[Sequence[RegistryClient], str, Manifest]:
+        """The manifest from the first endpoint that serves one that passes the checks; (that endpoint and
+        the ones after it, the manifest's digest, it). When all fail, the registry's own error, with what
+        the mirrors said as its hint."""
+        failed: list[str] = []
+        for index, client in enumerate(clients):
+            try:
+                return clients[index:], *self._manifest(client, ref)
+            except _FALL_THROUGH as exc:
+                _fell_through(exc, client, clients[index + 1:], failed)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _layers(self, clients: Sequence[RegistryClient], ref: Reference, layers: Sequence[Descriptor],
+                counts: list[int], workers: int) -> None:
         """Fetch layers concurrently; the first failure (or Ctrl-C) cancels the rest at their next chunk,
         so the error comes at once and no download is left running."""
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pull")
-        futures = [pool.submit(self._blob, client, ref, layer, counts) for layer in layers]
+        futures = [pool.submit(self._blob, clients, ref, layer, counts) for layer in layers]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for future in futures:
@@ -198,13 +249,28 @@ class Puller:
             raise _Cancelled(f"download of blob {digest} cancelled")
         self.progress.blob_advanced(digest, nbytes)
 
-    def _blob(self, client: RegistryClient, ref: Reference, desc: Descriptor, counts: list[int]) -> None:
+    def _blob(self, clients: Sequence[RegistryClient], ref: Reference, desc: Descriptor, counts: list[int]) -> None:
         if self.store.has_blob(desc.digest):
             with self._lock:
                 counts[1] += 1
             self.progress.blob_done(desc.digest, skipped=True)
             return
-        self.progress.blob_started(desc.digest, desc.size)
+        failed: list[str] = []
+        for index, client in enumerate(clients):
+            self.progress.blob_started(desc.digest, desc.size)
+            try:
+                self._fetch(client, ref, desc)
+                break
+            except _Cancelled:
+                raise
+            except _FALL_THROUGH as exc:
+                _fell_through(exc, client, clients[index + 1:], failed)
+        with self._lock:
+            counts[0] += 1
+        self.progress.blob_done(desc.digest, skipped=False)
+
+    def _fetch(self, client: RegistryClient, ref: Reference, desc: Descriptor) -> None:
+        """One blob from one endpoint into the store, verified; a truncated transfer is tried again."""
         for attempt in range(_BLOB_ATTEMPTS):
             try:
                 with client.open_blob(ref.path, desc.digest) as reader:
@@ -216,12 +282,21 @@ class Puller:
                 if attempt == _BLOB_ATTEMPTS - 1 or not truncated:
                     if isinstance(exc, DigestMismatchError):
                         raise
-                    raise RegistryError(f"{ref.domain}: download of blob {desc.digest} failed after "
+                    raise RegistryError(f"{client.domain}: download of blob {desc.digest} failed after "
                                         f"{_BLOB_ATTEMPTS} attempts: {exc or type(exc).__name__}") from exc
                 self.progress.blob_started(desc.digest, desc.size)
-        with self._lock:
-            counts[0] += 1
-        self.progress.blob_done(desc.digest, skipped=False)
+
+
+def _fell_through(exc: MicropodError, client: RegistryClient, rest: Sequence[RegistryClient],
+                  failed: list[str]) -> None:
+    """Note `client`'s failure and return when there is an endpoint left to try; else raise the last
+    endpoint's error, what the ones before it said as its hint."""
+    if not rest:
+        if failed:
+            exc.hint = "; ".join([*([exc.hint] if exc.hint else []), "tried first: " + "; ".join(failed)])
+        raise exc
+    log.info("%s; trying %s", exc, rest[0].domain)
+    failed.append(exc.message if exc.message.startswith(client.domain) else f"{client.domain}: {exc.message}")
 
 
 def _body_media_type(body: bytes, name: str) -> str:
@@ -244,13 +319,13 @@ def pull(store: ImageStore, text: str, *, credentials: CredentialSource | None =
 
 def pull_missing(ctx: Context, name: str) -> StoredImage:
     """`run` of an image not in the store: pull it (a name, never an image id), then use it."""
-    from micropod.image.credentials import CredentialStore, insecure_registries
+    from micropod.image.credentials import CredentialStore
     from micropod.image.store import _ID_PREFIX
 
     if _ID_PREFIX.match(name):
         raise NotFoundError(f"No such image: {name}")
     parse_reference(name)
-    options = PullOptions(insecure_registries=insecure_registries(ctx.root.path / "registries.json"))
+    options = PullOptions.of_root(ctx.root.path)  # a bad file is its own error, not "No such image"
     try:
         result = pull(ctx.images, name, credentials=CredentialStore(ctx.root.path / "auth.json"), options=options)
     except MicropodError as exc:

@@ -4,6 +4,7 @@
   works). Plain HTTP only for loopback registries (localhost, 127.0.0.0/8, ::1), registries listed as
   insecure, or with `tls_verify=False` (which also skips certificate checks), as docker does: HTTPS is
   tried first and a non-TLS answer falls back to HTTP. A certificate that fails verification is an error.
+  A mirror's client is given its `endpoint`, a base URL whose scheme is used as written.
 - Auth: the /v2/ ping's WWW-Authenticate challenge decides. Basic sends the credentials; Bearer fetches
   a token from the realm for the request's scope (with the credentials, if any) and caches it per scope.
 - Redirects (blob storage) are followed by hand and never carry the registry's Authorization header.
@@ -161,9 +162,11 @@ class RegistryClient:
 
     def __init__(self, domain: str, *, credentials: Credentials | None = None, tls_verify: bool = True,
                  insecure: bool = False, retry: RetryPolicy | None = None, timeout: float = 60.0,
-                 max_connections: int = 8) -> None:
-        self.domain = domain
-        self.host = DOCKER_HUB_API if domain == DEFAULT_DOMAIN else domain
+                 max_connections: int = 8, endpoint: str | None = None) -> None:
+        self.domain = domain  # what messages name: the registry, or "mirror URL"
+        self.endpoint = endpoint  # a mirror's base URL (settings.mirror_endpoint): used as is, no probing
+        self.host = urllib.parse.urlsplit(endpoint).netloc if endpoint else \
+            DOCKER_HUB_API if domain == DEFAULT_DOMAIN else domain
         self.credentials = credentials
         self.tls_verify = tls_verify
         self.allow_http = insecure or not tls_verify or is_loopback(self.host)
@@ -257,20 +260,19 @@ class RegistryClient:
             if self._base is not None:
                 return self._base
             # Loopback registries are plain HTTP by default (HTTPS next); other insecure ones HTTPS first.
-            if not self.allow_http:
-                schemes = ["https"]
-            else:
-                schemes = ["http", "https"] if is_loopback(self.host) else ["https", "http"]
-            for index, scheme in enumerate(schemes):
-                base = f"{scheme}://{self.host}"
-                more = index + 1 < len(schemes)
+            schemes = ["https"] if not self.allow_http else \
+                ["http", "https"] if is_loopback(self.host) else ["https", "http"]
+            bases = [self.endpoint] if self.endpoint else [f"{scheme}://{self.host}" for scheme in schemes]
+            for index, base in enumerate(bases):
+                scheme = base.partition(":")[0]
+                more = index + 1 < len(bases)
                 try:
                     response = self._send("GET", f"{base}/v2/", {})
                 except RegistryError as exc:
                     cause = exc.__cause__
                     if more and isinstance(cause, OSError | http.client.HTTPException) \
                             and not _dns_failure(cause) and not _cert_failure(cause):
-                        log.debug("%s: %s failed (%s); trying %s", self.domain, scheme, exc, schemes[index + 1])
+                        log.debug("%s: %s failed (%s); trying %s", self.domain, base, exc, bases[index + 1])
                         continue
                     raise
                 if scheme == "http" and response.status == 400 and b"HTTPS" in response.read(4096):
