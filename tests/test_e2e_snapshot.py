@@ -54,3 +54,22 @@ def test_snapshots_are_per_machine_shape(cli: Cli, tmp_path: Path, monkeypatch: 
     out = cli("run", "--rm", "--cpus", "2", "--memory", "320M", "hello", "nproc")
     assert (out.returncode, out.stdout) == (0, "2\n"), out.stderr
     assert len(list((tmp_path / "snapshots").glob("*.qemu"))) == 2
+
+
+def test_pods_resume_from_their_own_snapshot_and_are_not_copies(cli: Cli, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod's VM (its SCSI controller, its cmdline) restores a snapshot of its own machine shape; containers
+    added after the restore get disks hot-added as after a cold boot, and two pods' guests differ."""
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(tmp_path / "snapshots"))
+    probe = "cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1; date +%s"
+    seen = []
+    for name in ("one", "two"):
+        assert cli("pod", "create", "--name", name).returncode == 0
+        out = cli("run", "--rm", "--pod", name, "hello", "sh", "-c", probe)
+        assert out.returncode == 0, out.stderr
+        seen.append(out.stdout.split("\n", 2))
+        assert cli("pod", "rm", "-f", name, timeout=120).returncode == 0
+    assert len(list((tmp_path / "snapshots").glob("*.qemu"))) == 1  # the pods' shape, saved once
+    first, second = seen
+    assert first[0] != second[0] and first[1] != second[1], "two restored pod VMs share their random state"
+    assert abs(int(second[2].strip()) - time.time()) < 30, "the restored pod guest's clock is stale"

@@ -95,7 +95,7 @@ class PodMonitor:
 
             netns.enter(Path(self.cfg.network.netns))
         spec, _ = self.vm.power_on(self.network, lambda attached: build_pod_spec(self.cfg, self.vm_dir, attached),
-                                   with_network=True, warm=False)
+                                   with_network=True)
         assert self.vm.vmm is not None
         self.members.booted(spec, pod_disks(self.vm.vmm, spec, self.cfg, self.vm_dir))
         self.pods.update(self.cfg.pod_id, status="running", started=time.time(), error=None, finished=None)
