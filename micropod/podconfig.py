@@ -13,10 +13,12 @@ from micropod.quotas import Quotas
 from micropod.runconfig import NetworkSettings
 from micropod.state import records
 
-# config.json of a pod. 0: as first written; 1: the network's netns and gateway, a CNI pod's (absent: none).
+# config.json of a pod. 0: as first written; 1: the network's netns and gateway, a CNI pod's (absent: none),
+# and host_share (absent: none).
 POD_CONFIG = records.RecordKind("pod's config.json", upgrades=(lambda raw: raw,))
 
 DEFAULT_POOL = 4
+SHARED_DIR = "shared"  # in the pod's directory: its shared directory, when it has one
 # QEMU: SCSI targets on one controller (255 at most); Firecracker: placeholder drives, which with the system
 # disk, a NIC and vsock must fit its virtio-mmio devices (IRQs 5 to 23).
 MAX_POOL = {"qemu": 64, "firecracker": 8}
@@ -51,6 +53,9 @@ class PodConfig:
     vmm_confinement: bool = True
     network: NetworkSettings = field(default_factory=NetworkSettings)
     quotas: Quotas = field(default_factory=Quotas)
+    # QEMU: a shared directory from boot (virtio-9p), where the host binds its containers' host paths
+    # (micropod/service/podshare.py); QEMU keeps root for it, as for any host directory share.
+    host_share: bool = False
 
     @property
     def vm_id(self) -> str:

@@ -22,7 +22,8 @@ from micropod.state import records
 # volumes, binds, tmpfs and read_only (absent in older records: none, and a writable root); 3: a pod's
 # container's memory_limit and cpu_quota (absent: none); 4: quotas (absent: none); 5: user_data, what the
 # metadata service serves under /latest/user-data (absent: nothing); 6: the log's cri_path, a second copy of the
-# output in kubelet's CRI format (absent: none); 7: the network's netns and gateway, a CNI pod's (absent: none).
+# output in kubelet's CRI format (absent: none); 7: the network's netns and gateway, a CNI pod's, and a bind's
+# entry of its pod's shared directory (absent: none).
 RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,) * 7)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -51,6 +52,9 @@ class VolumeMount:
     read_only: bool = False
 
 
+POD_SHARE_TAG = "podshare"  # the virtio-9p tag of a pod's shared directory
+
+
 def bind_tag(index: int) -> str:
     """The virtio-9p mount tag of a container's ``index``-th bind mount."""
     return f"bind{index}"
@@ -59,11 +63,14 @@ def bind_tag(index: int) -> str:
 @dataclass(frozen=True)
 class BindMount:
     """-v /host/dir:/path[:ro]: the host directory ``source`` (resolved when the container is made) at
-    ``target``, shared with the guest over virtio-9p by the tag ``bind<index>``."""
+    ``target``, shared with the guest over virtio-9p by the tag ``bind<index>``; or, for a pod's container,
+    ``source`` (a directory or a file) bound on the host at the entry ``shared`` of the pod's one shared
+    directory (micropod/service/podshare.py)."""
 
     source: str
     target: str
     read_only: bool = False
+    shared: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,9 @@ class ContainerSpec:
         del spec["vmm_confinement"]  # the host's business, not the guest's
         spec["volumes"] = [{"device": disk, "target": volume.target, "read_only": volume.read_only}
                            for volume, disk in zip(self.volumes, volume_disks, strict=True)]
-        spec["binds"] = [{"tag": bind_tag(i), "target": bind.target, "read_only": bind.read_only}
+        spec["binds"] = [{"tag": bind_tag(i), "target": bind.target, "read_only": bind.read_only} if not bind.shared
+                         else {"tag": POD_SHARE_TAG, "subpath": bind.shared, "target": bind.target,
+                               "read_only": bind.read_only}
                          for i, bind in enumerate(self.binds)]
         spec["args"] = list(self.args)
         spec["env"] = list(self.env)

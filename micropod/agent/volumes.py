@@ -66,11 +66,54 @@ def mount_volumes(cid: str, root: str, volumes: list[Any], mounted: list[str]) -
 
 
 def mount_binds(cid: str, root: str, binds: list[Any], mounted: list[str]) -> None:
-    """Mount each host directory share (virtio-9p) and bind it at its target beneath ``root``."""
+    """Mount each host directory share (virtio-9p) and bind it at its target beneath ``root``. A bind with a
+    ``subpath`` is an entry of the pod's one shared directory (the host bound a host path there when the
+    container was made), a directory or a file."""
     for index, bind in enumerate(binds):
-        tag, target, read_only = _checked(bind, f"binds[{index}]", "tag", _is_tag)
-        _mount_at(f"{BIND_BASE}/{cid}/{index}", (tag, "9p", NINEP_OPTIONS), root, target, read_only,
-                  f"binds[{index}]", mounted, fill=False)
+        field = f"binds[{index}]"
+        tag, target, read_only = _checked(bind, field, "tag", _is_tag)
+        subpath = bind.get("subpath")
+        if subpath is None:
+            _mount_at(f"{BIND_BASE}/{cid}/{index}", (tag, "9p", NINEP_OPTIONS), root, target, read_only, field,
+                      mounted, fill=False)
+            continue
+        if not isinstance(subpath, str) or not _is_entry(subpath):
+            raise VolumeError(f"{field}.subpath: {subpath!r} is not an entry's name")
+        source = f"{_pod_share(tag)}/{subpath}"
+        inside = _mount_point(root, target, field)
+        if stat.S_ISDIR(os.lstat(source).st_mode):
+            _make_directory(inside)
+        else:
+            _make_file(inside)
+        syscalls.mount(source, str(inside), None, syscalls.MS_BIND)
+        mounted.append(str(inside))
+        if read_only:
+            syscalls.mount(None, str(inside), None, syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
+                           | syscalls.MS_NOSUID | syscalls.MS_NODEV)
+
+
+def _is_entry(name: str) -> bool:
+    return 0 < len(name) <= 64 and name.isascii() and name.replace("-", "").isalnum()
+
+
+def _pod_share(tag: str) -> str:
+    """The pod's shared directory, mounted once for all its containers (and kept while the VM runs)."""
+    where = f"{BIND_BASE}/pod-{tag}"
+    if not os.path.ismount(where):
+        os.makedirs(where, 0o700, exist_ok=True)
+        syscalls.mount(tag, where, "9p", syscalls.MS_NOSUID | syscalls.MS_NODEV, NINEP_OPTIONS)
+    return where
+
+
+def _make_file(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        _make_directory(path.parent)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise VolumeError(f"cannot mount a file on {path}: it exists in the image and is not a regular file")
 
 
 def _mount_at(where: str, filesystem: tuple[str, str, str | None], root: str, target: str, read_only: bool,

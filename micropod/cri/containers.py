@@ -24,7 +24,7 @@ from micropod.cri.sandboxes import micropod_name
 from micropod.cri.status import CriError, invalid, not_found, reserved
 from micropod.errors import ConflictError, MicropodError, NotFoundError
 from micropod.monitor.api import Op
-from micropod.runconfig import DEFAULT_LOG, RunConfig
+from micropod.runconfig import DEFAULT_LOG, BindMount, RunConfig
 from micropod.securityopts import capability, profile
 from micropod.service import containers, execs, pods
 from micropod.service.containers import RunRequest
@@ -107,6 +107,22 @@ def log_path(sandbox: SandboxInfo, path: str) -> str:
     return os.path.join(sandbox.log_directory, path)
 
 
+def binds_of(mounts: Any) -> tuple[BindMount, ...]:
+    """Host path mounts, bound into the sandbox's shared directory; image volumes and bidirectional
+    propagation (a guest's mounts reaching the host) are refused."""
+    binds = []
+    for mount in mounts:
+        where = f"mount {mount.host_path or mount.image.image!r} on {mount.container_path!r}"
+        if not mount.host_path:
+            raise invalid(f"{where}: only host path mounts are supported")
+        if not (mount.host_path.startswith("/") and mount.container_path.startswith("/")):
+            raise invalid(f"{where}: the host and container paths must be absolute")
+        if mount.propagation == pb.PROPAGATION_BIDIRECTIONAL:
+            raise invalid(f"{where}: bidirectional propagation would let the guest mount on the host")
+        binds.append(BindMount(mount.host_path, mount.container_path, mount.readonly))
+    return tuple(binds)
+
+
 class Containers:
     service = "RuntimeService"
 
@@ -126,9 +142,7 @@ class Containers:
             raise reserved("container", info.reserved_name(sandbox), ctx.state.find(name).id)
         if config.devices:
             raise invalid("devices are not passed into micropod's VMs")
-        for mount in config.mounts:
-            raise invalid(f"mount {mount.host_path or mount.image.image!r} on {mount.container_path!r}: a running "
-                          "sandbox VM takes no new host directory yet; host path mounts are not supported")
+        binds = binds_of(config.mounts)
         try:
             image = ctx.images.resolve(config.image.image)
         except NotFoundError:
@@ -145,7 +159,7 @@ class Containers:
             workdir=config.working_dir or None, user=user_of(linux.security_context), stdin=config.stdin,
             tty=config.tty, pod=pod.id, memory_limit=memory, cpu_quota=cpus,
             read_only=linux.security_context.readonly_rootfs, security=security_of(linux.security_context),
-            labels=dict(config.labels), log=replace(DEFAULT_LOG, cri_path=info.log_path),
+            labels=dict(config.labels), log=replace(DEFAULT_LOG, cri_path=info.log_path), binds=binds,
         ), configured_only=True)
         try:
             records.save(ctx.root.vm(cfg.vm_id).path, info)

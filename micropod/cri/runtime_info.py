@@ -27,6 +27,8 @@ class HandlerSettings:
     vmm: str = "auto"
     vcpus: int = 1
     memory_mib: int = 512
+    # a shared directory in each QEMU sandbox, for host path mounts (QEMU then runs as root, as for any share)
+    host_paths: bool = True
 
 
 DEFAULT_HANDLERS = {
@@ -55,15 +57,18 @@ def load_handlers(path: Path | None) -> dict[str, HandlerSettings]:
 def _handler(path: Path, name: str, entry: Any) -> HandlerSettings:
     from micropod.vmm.factory import BACKENDS
 
-    if not isinstance(entry, dict) or set(entry) - {"vmm", "vcpus", "memory"}:
-        raise UsageError(f"{path}: runtime handler {name!r} takes only vmm, vcpus and memory")
+    if not isinstance(entry, dict) or set(entry) - {"vmm", "vcpus", "memory", "host_paths"}:
+        raise UsageError(f"{path}: runtime handler {name!r} takes only vmm, vcpus, memory and host_paths")
     vmm = entry.get("vmm", "auto")
     vcpus = entry.get("vcpus", 1)
     if vmm not in BACKENDS:
         raise UsageError(f"{path}: runtime handler {name!r}: vmm must be one of {', '.join(BACKENDS)}")
     if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= 64:
         raise UsageError(f"{path}: runtime handler {name!r}: vcpus must be 1 to 64")
-    return HandlerSettings(vmm, vcpus, parse_memory_mib(str(entry.get("memory", "512M"))))
+    host_paths = entry.get("host_paths", True)
+    if not isinstance(host_paths, bool):
+        raise UsageError(f"{path}: runtime handler {name!r}: host_paths must be true or false")
+    return HandlerSettings(vmm, vcpus, parse_memory_mib(str(entry.get("memory", "512M"))), host_paths)
 
 
 def micropod_version() -> str:

@@ -121,7 +121,7 @@ class Sandboxes:
             name=name, publish=publish if conf is None else (), vcpus=vcpus, memory_mib=memory,
             hostname=config.hostname or meta.name, dns=tuple(dns.servers), dns_search=tuple(dns.searches),
             dns_options=tuple(dns.options), network=self.network if conf is None else "none",
-            labels=dict(config.labels), backend=handler.vmm,
+            labels=dict(config.labels), backend=handler.vmm, host_share=handler.host_paths,
         ))
         try:
             records.save(ctx.root.pod(cfg.pod_id).path, info)

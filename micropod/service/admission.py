@@ -44,23 +44,25 @@ def pod_of(ctx: Context, req: RunRequest) -> PodConfig | None:
                          "of the pod")
     if req.network is not None or req.dns:
         raise UsageError("the network belongs to the pod: give --network and --dns to `micropod pod create`")
-    if req.binds:
-        raise UsageError("a pod's container cannot bind-mount a host directory: a running VM takes no new shared "
-                         "folder; use a named volume (-v NAME:/path) instead")
     from micropod.service.pods import config
 
-    return config(ctx, pod)
+    cfg = config(ctx, pod)
+    if req.binds and not cfg.host_share:
+        raise UsageError("a pod's container cannot bind-mount a host directory: a running VM takes no new shared "
+                         "folder, and this pod has none; use a named volume (-v NAME:/path) instead")
+    return cfg
 
 
-def resolved_binds(binds: tuple[BindMount, ...], backend: str) -> tuple[BindMount, ...]:
-    """Each host directory resolved now, by the user's own path; Firecracker has no way to share one."""
+def resolved_binds(binds: tuple[BindMount, ...], backend: str, files: bool = False) -> tuple[BindMount, ...]:
+    """Each host directory (or, with ``files``, file: a pod's shared directory takes both) resolved now, by the
+    user's own path; Firecracker has no way to share one."""
     if binds and backend != "qemu":
         raise UsageError(f"bind mounts of host directories need QEMU: {backend} has no shared filesystem; "
                          "use a named volume (-v NAME:/path) instead")
     resolved = []
     for bind in binds:
         path = Path(bind.source)
-        if not path.is_dir():
+        if not (path.is_dir() or (files and path.is_file())):
             raise UsageError(f"invalid mount config for type \"bind\": bind source path does not exist or is "
                              f"not a directory: {bind.source}")
         resolved.append(replace(bind, source=str(path.resolve())))

@@ -12,7 +12,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from micropod.monitor.client import MonitorClient, Outcome, outcome
 from micropod.names import check_name, generated_name, new_vm_id
 from micropod.net import lifecycle as networking
 from micropod.net.dns import hosts_file
+from micropod.podconfig import SHARED_DIR
 from micropod.quotas import Quotas
 from micropod.rootfs.upper import DEFAULT_UPPER_SIZE
 from micropod.runconfig import (
@@ -41,6 +42,7 @@ from micropod.runconfig import (
     merge_env,
     parse_signal,
 )
+from micropod.service import podshare
 from micropod.service.admission import checked_quotas, pod_of, resolved_binds
 from micropod.state import ACTIVE, VmRecord, name_in_use
 from micropod.volumes import VolumeRequest
@@ -116,7 +118,7 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
         from micropod.vmm.vmm_ids import id_range
 
         id_range()  # a malformed MICROPOD_VMM_IDS is refused before anything is recorded
-    binds = resolved_binds(req.binds, backend)
+    binds = resolved_binds(req.binds, backend, files=pod is not None)
     guest = locate()
     vm_id = new_vm_id()
     hostname = req.hostname or (pod.hostname if pod else vm_id[:12])
@@ -127,7 +129,12 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
         auto_remove=int(req.auto_remove), backend=backend, pod=pod.pod_id if pod else "",
     ))
     vm_dir = ctx.root.vm(vm_id)
+    share = ctx.root.pod(pod.pod_id).path / SHARED_DIR if pod else None
     try:
+        if share is not None and binds:
+            binds = tuple(replace(b, shared=podshare.entry_name(vm_id, i)) for i, b in enumerate(binds))
+            for bind in binds:
+                podshare.bind(share, bind.shared, Path(bind.source), bind.read_only)
         network = networking.lease(ctx, plan, vm_id)
         volumes = _use_volumes(ctx, vm_id, req.volumes)
         spec = ContainerSpec(
@@ -161,6 +168,8 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
         os.chmod(vm_dir.path, PRIVATE_DIR)
         cfg.dump(vm_dir.config)
     except BaseException:
+        if share is not None:
+            podshare.unbind_container(share, vm_id)
         shutil.rmtree(vm_dir.path, ignore_errors=True)
         networking.release_lease(ctx.root, vm_id)
         if req.volumes:
@@ -302,6 +311,7 @@ def remove(ctx: Context, record: VmRecord, force: bool) -> None:
         from micropod.service import pods
 
         pods.remove_member(ctx, record)
+        podshare.unbind_container(ctx.root.pod(record.pod).path / podshare.SHARED_DIR, record.id)
     vm_dir = ctx.root.vm(record.id)
     networking.detach(ctx.root, record.id)
     networking.release_lease(ctx.root, record.id)

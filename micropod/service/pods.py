@@ -32,8 +32,9 @@ from micropod.monitor.client import MonitorClient
 from micropod.names import check_pod_name, generated_name, new_vm_id
 from micropod.net import lifecycle as networking
 from micropod.net.dns import hosts_file, with_search
-from micropod.podconfig import DEFAULT_POOL, PodConfig, check_pool
+from micropod.podconfig import DEFAULT_POOL, SHARED_DIR, PodConfig, check_pool
 from micropod.runconfig import NetworkSettings
+from micropod.service import podshare
 from micropod.state import VmRecord
 from micropod.state.pods import POD_ACTIVE, PodRecord, pod_name_in_use
 
@@ -57,6 +58,7 @@ class PodRequest:
     pool: int = DEFAULT_POOL
     boot_timeout: float = 60.0
     vmm_confinement: bool = True
+    host_share: bool = False  # a shared directory for containers' host paths, where the VMM has one (QEMU)
 
 
 def create(ctx: Context, req: PodRequest) -> PodConfig:
@@ -72,6 +74,7 @@ def create(ctx: Context, req: PodRequest) -> PodConfig:
     backend = resolve_backend(req.backend)
     check_pool(req.pool, backend)
     check_available(backend)
+    host_share = req.host_share and backend == "qemu"  # Firecracker has no shared filesystem
     guest = locate()
     pod_id = new_vm_id()
     hostname = req.hostname or name
@@ -85,10 +88,12 @@ def create(ctx: Context, req: PodRequest) -> PodConfig:
             vcpus=req.vcpus, memory_mib=req.memory_mib, hostname=hostname, cpu_limit=req.cpu_limit,
             boot_timeout=req.boot_timeout, pool=req.pool, labels=req.labels,
             hosts=hosts_file(hostname, network.ip or None), resolv_conf=resolv,
-            vmm_confinement=req.vmm_confinement, network=network,
+            vmm_confinement=req.vmm_confinement, network=network, host_share=host_share,
         )
         pod_dir.path.mkdir(mode=PRIVATE_DIR, parents=True)
         os.chmod(pod_dir.path, PRIVATE_DIR)
+        if host_share:
+            (pod_dir.path / SHARED_DIR).mkdir(mode=PRIVATE_DIR)
         cfg.dump(pod_dir.config)
     except BaseException:
         shutil.rmtree(pod_dir.path, ignore_errors=True)
@@ -274,6 +279,8 @@ def remove(ctx: Context, pod: PodRecord, force: bool) -> None:
     networking.detach(ctx.root, pod.id)
     networking.release_lease(ctx.root, pod.id)
     VmmCgroup(pod.id, 1, 0).destroy()
+    pod_dir = ctx.root.pod(pod.id).path
+    podshare.unbind_all(pod_dir / SHARED_DIR)  # a host path still bound there would go with the directory
     with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(ctx.root.pod(pod.id).path)
+        shutil.rmtree(pod_dir)
     ctx.pods.delete(pod.id)

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 from micropod.errors import UsageError, VmmUnavailableError
 from micropod.paths import VmDir
-from micropod.podconfig import PodConfig
+from micropod.podconfig import SHARED_DIR, PodConfig
 from micropod.quotas import IoLimits
-from micropod.runconfig import RunConfig, bind_tag
+from micropod.runconfig import POD_SHARE_TAG, RunConfig, bind_tag
 from micropod.vmm import snapshot
 from micropod.vmm.accel import kvm_verdict
 from micropod.vmm.base import Drive, NetInterface, Share, Vmm, VmSpec
@@ -87,6 +87,7 @@ def build_pod_spec(cfg: PodConfig, vm_dir: VmDir, with_network: bool = True) -> 
         if with_network and cfg.network.has_nic else (),
         confined=cfg.vmm_confinement,
         hot_disks=2 * cfg.pool if cfg.backend == "qemu" else 0,
+        shares=(Share(POD_SHARE_TAG, vm_dir.path / SHARED_DIR, read_only=False),) if cfg.host_share else (),
     )
 
 
