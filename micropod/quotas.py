@@ -100,19 +100,22 @@ def parse_cpu_shares(shares: int) -> int:
     return shares
 
 
-def parse_cpuset(text: str) -> str:
-    """--cpuset-cpus: ``0-1,3``, each CPU one this host has."""
+def parse_cpuset(text: str, flag: str = "--cpuset-cpus", available: set[int] | None = None) -> str:
+    """--cpuset-cpus: ``0-1,3``, each CPU one this host has (or one of ``available``: a pod's VM's vCPUs or
+    memory nodes)."""
     if not text:
         return ""
     if not _CPUSET.match(text):
-        raise UsageError(f"invalid --cpuset-cpus {text!r}: use CPUs and ranges such as 0-1,3")
+        raise UsageError(f"invalid {flag} {text!r}: use numbers and ranges such as 0-1,3")
     wanted: set[int] = set()
     for part in text.split(","):
         first, _, last = part.partition("-")
         if last and int(last) < int(first):
-            raise UsageError(f"invalid --cpuset-cpus {text!r}: the range {part} runs backwards")
+            raise UsageError(f"invalid {flag} {text!r}: the range {part} runs backwards")
         wanted.update(range(int(first), int(last or first) + 1))
-    missing = sorted(wanted - os.sched_getaffinity(0))
-    if missing:
-        raise UsageError(f"invalid --cpuset-cpus {text!r}: this host has no CPU {missing[0]} that micropod may use")
+    missing = sorted(wanted - (os.sched_getaffinity(0) if available is None else available))
+    if missing and available is None:
+        raise UsageError(f"invalid {flag} {text!r}: this host has no CPU {missing[0]} that micropod may use")
+    if missing and available:
+        raise UsageError(f"invalid {flag} {text!r}: the pod's VM has no {missing[0]} (it has 0-{max(available)})")
     return text

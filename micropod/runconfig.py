@@ -23,8 +23,9 @@ from micropod.state import records
 # container's memory_limit and cpu_quota (absent: none); 4: quotas (absent: none); 5: user_data, what the
 # metadata service serves under /latest/user-data (absent: nothing); 6: the log's cri_path, a second copy of the
 # output in kubelet's CRI format (absent: none); 7: the network's netns and gateway, a CNI pod's, and a bind's
-# entry of its pod's shared directory (absent: none).
-RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,) * 7)
+# entry of its pod's shared directory (absent: none); 8: a pod's container's cpu_shares, cpuset_cpus and
+# cpuset_mems (absent: none).
+RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,) * 8)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -100,9 +101,18 @@ class ContainerSpec:
     read_only: bool = False  # --read-only: the container's root
     pids_limit: int = 0  # --pids-limit: the container's cgroup pids.max inside the VM; 0 is none
     binds: tuple[BindMount, ...] = ()
-    # A pod's container: its --memory (bytes) and --cpus as its cgroup's limits inside the pod's VM; 0 is none.
+    # A pod's container: its --memory (bytes), --cpus, --cpu-shares and cpuset as its cgroup's limits inside the
+    # pod's VM; 0 (or "") is none.
     memory_limit: int = 0
     cpu_quota: float = 0.0
+    cpu_shares: int = 0
+    cpuset_cpus: str = ""
+    cpuset_mems: str = ""
+
+    def limits(self) -> dict[str, Any]:
+        """The cgroup limits, under the agent's keys (its update message and spec share them)."""
+        return {"pids_limit": self.pids_limit, "memory_limit": self.memory_limit, "cpu_quota": self.cpu_quota,
+                "cpu_shares": self.cpu_shares, "cpuset_cpus": self.cpuset_cpus, "cpuset_mems": self.cpuset_mems}
 
     def to_agent(self, rootfs: dict[str, str], volume_disks: tuple[str, ...] = ()) -> dict[str, Any]:
         """The agent's spec; ``volume_disks`` are the guest's devices of the volumes, in order."""

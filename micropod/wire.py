@@ -14,7 +14,9 @@ containers by id from day one (``main`` for ``run``), so a VM can later hold a w
 Ops, host -> agent: ``create`` {id, spec}, ``start`` {id}, ``signal`` {id, signal}, ``exec`` {id, sid, spec},
 ``resize`` {sid, rows, cols}, ``stats`` {} (the guest's CPU, memory and block counters), ``shutdown`` {},
 ``restore`` {entropy, time}, ``network`` {...}, ``archive-get`` {id, sid, path}, ``archive-put`` {id, sid, path},
-``remove`` {id}, ``update`` {id, pids_limit}. ``create`` may carry ``disks`` {address: bytes}: a pod's disks
+``remove`` {id}, ``update`` {id, and any of pids_limit, memory_limit, cpu_quota, cpu_shares, cpuset_cpus,
+cpuset_mems: those given change, 0 lifting a count's or the quota's limit; a cpu_quota is CPUs, a CFS quota over
+``CPU_PERIOD``}. ``create`` may carry ``disks`` {address: bytes}: a pod's disks
 added after boot (a swapped placeholder ``/dev/vdX``, or a hot-added SCSI disk ``scsi:N``), which the agent
 waits to see, at that size, before it mounts them (micropod/agent/hotdisk.py). ``stats`` with an ``id``: that
 pod container's own cgroup counters.
@@ -51,6 +53,9 @@ DATA = 1
 EOF = 2
 
 STDIN, STDOUT, STDERR = 0, 1, 2
+
+
+CPU_PERIOD = 100_000  # µs: the cgroup CPU period of a container's cpu_quota
 
 
 class GuestOp:

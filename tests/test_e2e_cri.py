@@ -7,10 +7,12 @@ import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from micropod.runtime.cgroups import cpu_weight_from_shares
 from tests.conftest import Cli, require_guest
 from tests.cri_client import CriServer, code_of, pb
 from tests.test_e2e_run import wait_for
@@ -136,6 +138,23 @@ def test_a_pod_s_whole_life_over_the_cri(kubelet: CriServer, tmp_path: Path) -> 
     assert {s.attributes.id for s in listed_stats} == {app, side}
     pod_stats = rt.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=sid)).stats
     assert pod_stats.linux.memory.working_set_bytes.value > 0 and len(pod_stats.linux.containers) == 2
+
+    # UpdateContainerResources: a running container's cgroup takes the limits at once, and its status has them
+    def update(**fields: Any) -> None:
+        rt.UpdateContainerResources(pb.UpdateContainerResourcesRequest(
+            container_id=side, linux=pb.LinuxContainerResources(**fields)), timeout=60)
+
+    side_limits = "cd /sys/fs/cgroup && cat memory.max cpu.max cpu.weight"
+    update(memory_limit_in_bytes=80 << 20, cpu_period=100000, cpu_quota=30000, cpu_shares=256)
+    assert exec_in(side, side_limits).stdout.decode() == f"{80 << 20}\n30000 100000\n{cpu_weight_from_shares(256)}\n"
+    held = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=side)).status.resources.linux
+    assert (held.memory_limit_in_bytes, held.cpu_quota, held.cpu_period, held.cpu_shares) == (80 << 20, 30000,
+                                                                                               100000, 256)
+    for bad in ({"unified": {"memory.high": "1"}}, {"cpuset_cpus": "7"}):
+        code, details = code_of(lambda bad=bad: update(**bad))  # type: ignore[misc]
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    update()  # none: the limits are lifted
+    assert exec_in(side, "cd /sys/fs/cgroup && cat memory.max cpu.max").stdout == b"max\nmax 100000\n"
 
     kubelet.stop(signal.SIGKILL)  # a crashed server loses nothing: the VM runs on under its monitor
     kubelet.start()

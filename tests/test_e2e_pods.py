@@ -17,6 +17,7 @@ import pytest
 from micropod.image.archive import LayoutWriter
 from micropod.image.demo import BUSYBOX, build_demo_layer, demo_config
 from micropod.image.model import OCI_LAYER_GZIP, Platform
+from micropod.runtime.cgroups import cpu_weight_from_shares
 from tests.conftest import Cli
 from tests.nettopo import HOST_IP, Topology
 from tests.test_e2e_net import NOTHING, fetch, leftovers, world  # noqa: F401  (world is a fixture)
@@ -172,6 +173,15 @@ def test_a_container_of_another_image_joins_the_running_pod_without_a_reboot(pod
     # stats of a pod's container are its own cgroup's: its memory limit, its one process
     seen = json.loads(cli("stats", "--no-stream", "--format", "json", "limited", timeout=WAIT).stdout)
     assert seen["MemUsage"].endswith("/ 67.1MB") and seen["PIDs"] == "1", seen
+    # update: a running pod's container's cgroup takes new limits at once, and keeps them when started again
+    updated = cli("update", "-m", "96M", "--cpus", "0.25", "--cpu-shares", "512", "--pids-limit", "40", "limited",
+                  timeout=WAIT)
+    assert updated.returncode == 0, updated.stderr
+    limits_now = "cd /sys/fs/cgroup && cat memory.max cpu.max cpu.weight pids.max"
+    updated_limits = f"{96 << 20}\n25000 100000\n{cpu_weight_from_shares(512)}\n40\n"
+    assert sh(cli, "limited", limits_now) == (0, updated_limits)
+    refused = cli("update", "--memory-reservation", "32M", "limited", timeout=WAIT)
+    assert refused.returncode != 0 and "belong to the pod" in refused.stderr, refused.stderr
     # stop, then start, of a pod's container: the same VM again
     assert cli("stop", "-t", "1", "limited", timeout=WAIT).returncode == 0
     assert states(cli)["limited"].startswith("Exited (137)"), states(cli)
@@ -185,6 +195,7 @@ def test_a_container_of_another_image_joins_the_running_pod_without_a_reboot(pod
     assert cli("start", "limited", timeout=WAIT).returncode == 0
     assert sh(cli, "limited", "cat /proc/sys/kernel/random/boot_id") == (0, boot_id)
     assert cli("exec", "limited", "cat", "/note").stdout == "copied while stopped\n"
+    assert sh(cli, "limited", limits_now) == (0, updated_limits)
     # a pod's container's restart policy: run again in the same VM, with docker's count
     run_in(cli, "p", "flaky", "--restart", "on-failure:2", "hello", "sh", "-c", "echo try; exit 1")
 

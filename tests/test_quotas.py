@@ -44,7 +44,7 @@ def test_a_malformed_rate_is_one_clear_line(flags: dict[str, tuple[str, ...]], p
 
 def test_cpusets_and_network_rates_are_checked() -> None:
     assert parse_cpuset("0") == "0" and parse_rate("10m", "--network-rate") == 10 * MIB
-    for bad, problem in (("0-", "use CPUs and ranges"), ("1-0", "runs backwards"), ("4096", "has no CPU 4096")):
+    for bad, problem in (("0-", "use numbers and ranges"), ("1-0", "runs backwards"), ("4096", "has no CPU 4096")):
         with pytest.raises(UsageError, match=problem):
             parse_cpuset(bad)
 

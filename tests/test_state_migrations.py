@@ -99,13 +99,15 @@ def a_config(tmp_path: Path) -> tuple[RunConfig, Path]:
 def test_config_records_carry_their_version_and_old_ones_load(tmp_path: Path) -> None:
     cfg, path = a_config(tmp_path)
     raw = json.loads(path.read_text())
-    assert raw["schema"] == 7
+    assert raw["schema"] == 8
     del raw["schema"]  # as micropod wrote them before records had versions
     for key in ("volumes", "binds", "tmpfs", "read_only"):  # nor had containers these yet
         del raw["container"][key]
     del raw["user_data"]  # nor configs this
     del raw["log"]["cri_path"]  # nor logs a CRI copy
     del raw["network"]["netns"], raw["network"]["gateway"]  # nor networks a CNI namespace
+    for key in ("cpu_shares", "cpuset_cpus", "cpuset_mems"):  # nor a pod's containers these limits
+        del raw["container"][key]
     path.write_text(json.dumps(raw))
     assert RunConfig.load(path) == cfg
 
@@ -122,7 +124,7 @@ def test_a_config_with_a_renamed_field_is_an_error_not_a_vanished_record(tmp_pat
 
 
 @pytest.mark.parametrize(("content", "problem"), [
-    ('{"schema": 8}', "is at version 8, newer than this micropod knows \\(7\\)"),
+    ('{"schema": 9}', "is at version 9, newer than this micropod knows \\(8\\)"),
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "is not a JSON object"),
     ('{"schema": "1"}', "has a bad 'schema'"),

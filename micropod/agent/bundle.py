@@ -18,6 +18,7 @@ import json
 import os
 
 from micropod.runtime import caps, seccomp, seccomp_docker
+from micropod.wire import CPU_PERIOD
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -105,24 +106,49 @@ def warm_up() -> None:
     seccomp.precompile(_docker_default(tuple(sorted(caps.DOCKER_DEFAULT_CAPS))))
 
 
-CPU_PERIOD = 100_000
-
-
 def _resources(spec: dict[str, Any]) -> dict[str, Any]:
-    """--pids-limit, and a pod's container's --memory and --cpus, as the container's cgroup limits."""
-    limit, memory, cpus = spec.get("pids_limit") or 0, spec.get("memory_limit") or 0, spec.get("cpu_quota") or 0
-    for name, value in (("pids_limit", limit), ("memory_limit", memory)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """--pids-limit, and a pod's container's --memory, --cpus, cpu shares and cpuset, as its cgroup's limits."""
+    return limits(spec, updating=False)
+
+
+_COUNTS = ("pids_limit", "memory_limit", "cpu_shares")
+_CPUSETS = ("cpuset_cpus", "cpuset_mems")
+
+
+def limits(spec: dict[str, Any], updating: bool) -> dict[str, Any]:
+    """The OCI resources of a spec's limits. At creation 0 (or "") is none; on an update only the keys given
+    change, and 0 lifts a count's or the CPU quota's limit (cpu shares and cpusets are kept unless given)."""
+    for name in _COUNTS:
+        value = spec.get(name) or 0
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62:
             raise SecurityError(f"{name}: {value!r} is not a count")
+    for name in _CPUSETS:
+        value = spec.get(name) or ""
+        if not isinstance(value, str) or len(value) > 256:
+            raise SecurityError(f"{name}: {value!r} is not a list of CPUs or nodes")
+    cpus = spec.get("cpu_quota") or 0
     if isinstance(cpus, bool) or not isinstance(cpus, int | float) or not 0 <= cpus <= 1024:
         raise SecurityError(f"cpu_quota: {cpus!r} is not a number of CPUs")
+    unlimited = -1 if updating else 0
+
+    def given(name: str) -> bool:
+        return name in spec if updating else bool(spec.get(name))
+
     resources: dict[str, Any] = {}
-    if limit:
-        resources["pids"] = {"limit": limit}
-    if memory:
-        resources["memory"] = {"limit": memory}
-    if cpus:
-        resources["cpu"] = {"quota": max(1000, int(cpus * CPU_PERIOD)), "period": CPU_PERIOD}
+    cpu: dict[str, Any] = {}
+    if given("pids_limit"):
+        resources["pids"] = {"limit": spec["pids_limit"] or unlimited}
+    if given("memory_limit"):
+        resources["memory"] = {"limit": spec["memory_limit"] or unlimited}
+    if given("cpu_quota"):
+        cpu.update(quota=max(1000, int(cpus * CPU_PERIOD)) if cpus else unlimited, period=CPU_PERIOD)
+    if spec.get("cpu_shares"):
+        cpu["shares"] = spec["cpu_shares"]
+    for name, key in zip(_CPUSETS, ("cpus", "mems"), strict=True):
+        if spec.get(name):
+            cpu[key] = spec[name]
+    if cpu:
+        resources["cpu"] = cpu
     return resources
 
 

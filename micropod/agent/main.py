@@ -267,14 +267,16 @@ class Agent:
         return stats.container_stats(self.container(message).cid)
 
     def on_update(self, message: dict[str, Any]) -> dict[str, Any]:
-        """New cgroup limits for a running container: its pids.max (-1: none)."""
+        """New cgroup limits for a running container: those of the message's limit keys (bundle.limits)."""
         container = self.container(message)
-        limit = message.get("pids_limit")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not -1 <= limit < 1 << 31:
-            raise RequestError(f"pids_limit: {limit!r} is not a count")
-        from micropod.agent import runtime
+        from micropod.agent import bundle, runtime
 
-        runtime.update(container.cid, {"pids": {"limit": limit or -1}})
+        try:
+            resources = bundle.limits(message, updating=True)
+        except bundle.SecurityError as exc:
+            raise RequestError(str(exc)) from None
+        if resources:
+            runtime.update(container.cid, resources)
         return {}
 
     def on_remove(self, message: dict[str, Any]) -> dict[str, Any]:

@@ -14,12 +14,14 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.command()
-@click.option("--cpus", help="CPUs' worth of time for the VM (a running VM keeps its vCPUs).")
-@click.option("-m", "--memory", help="The VM's memory (only while it is stopped).")
+@click.option("--cpus", help="CPUs' worth of time for the VM (a running VM keeps its vCPUs), or for a pod's "
+              "container's cgroup.")
+@click.option("-m", "--memory", help="The VM's memory (only while it is stopped), or a pod's container's cgroup's.")
 @click.option("--pids-limit", type=int, help="At most this many processes in the container (0 or -1: none).")
 @click.option("--restart", "restart_policy", help="no, on-failure[:N], always or unless-stopped.")
-@click.option("--cpu-shares", type=int, help="The VMM's CPU weight against other VMs.")
-@click.option("--cpuset-cpus", help="Host CPUs the VMM may run on ('' for any).")
+@click.option("--cpu-shares", type=int, help="The VMM's CPU weight against other VMs (a pod's container's: its "
+              "cgroup's).")
+@click.option("--cpuset-cpus", help="Host CPUs the VMM may run on ('' for any); a pod's container's: vCPUs.")
 @click.option("--memory-reservation", help="The VMM's soft memory limit ('' for none).")
 @click.option("--device-read-bps", multiple=True, help="[PATH:]RATE")
 @click.option("--device-write-bps", multiple=True, help="[PATH:]RATE")

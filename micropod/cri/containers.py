@@ -24,11 +24,14 @@ from micropod.cri.sandboxes import micropod_name
 from micropod.cri.status import CriError, invalid, not_found, reserved
 from micropod.errors import ConflictError, MicropodError, NotFoundError
 from micropod.monitor.api import Op
-from micropod.runconfig import DEFAULT_LOG, BindMount, RunConfig
+from micropod.quotas import Quotas
+from micropod.runconfig import DEFAULT_LOG, BindMount, ContainerSpec, RunConfig
 from micropod.securityopts import capability, profile
 from micropod.service import containers, execs, pods
 from micropod.service.containers import RunRequest
+from micropod.service.update import UpdateRequest, update
 from micropod.state import VmRecord
+from micropod.wire import CPU_PERIOD
 
 STATES = {"configured": pb.CONTAINER_CREATED, "created": pb.CONTAINER_CREATED, "running": pb.CONTAINER_RUNNING,
           "restarting": pb.CONTAINER_RUNNING, "exited": pb.CONTAINER_EXITED, "dead": pb.CONTAINER_EXITED}
@@ -93,10 +96,24 @@ def check_namespaces(options: Any) -> None:
         raise invalid("each container of a micropod sandbox has its own PID namespace: pid must be CONTAINER")
 
 
-def resources_of(resources: Any) -> tuple[int, float]:
-    memory = max(resources.memory_limit_in_bytes, 0)
-    cpus = resources.cpu_quota / resources.cpu_period if resources.cpu_quota > 0 and resources.cpu_period > 0 else 0.0
-    return memory, cpus
+def limits_of(container_id: str, resources: Any) -> UpdateRequest:
+    """LinuxContainerResources as the container's cgroup limits in its pod's VM (0 or "": none). Hugepage
+    limits bound what the guest has none of; ``unified`` is refused, since its keys would bypass the checks."""
+    if resources.unified:
+        raise invalid(f"container {container_id}: unified cgroup settings are not supported")
+    period, quota = resources.cpu_period or CPU_PERIOD, resources.cpu_quota
+    shares = min(max(resources.cpu_shares, 2), 262144) if resources.cpu_shares > 0 else 0
+    return UpdateRequest(memory_limit=max(resources.memory_limit_in_bytes, 0),
+                         cpu_quota=quota / period if quota > 0 and period > 0 else 0.0, cpu_shares=shares,
+                         cpuset_cpus=resources.cpuset_cpus, cpuset_mems=resources.cpuset_mems)
+
+
+def resources_message(spec: ContainerSpec) -> Any:
+    """What ContainerStatus reports of the limits that hold (kubelet compares them with the pod's)."""
+    return pb.ContainerResources(linux=pb.LinuxContainerResources(
+        cpu_period=CPU_PERIOD if spec.cpu_quota else 0, cpu_quota=int(spec.cpu_quota * CPU_PERIOD),
+        cpu_shares=spec.cpu_shares, memory_limit_in_bytes=spec.memory_limit, cpuset_cpus=spec.cpuset_cpus,
+        cpuset_mems=spec.cpuset_mems))
 
 
 def log_path(sandbox: SandboxInfo, path: str) -> str:
@@ -151,13 +168,15 @@ class Containers:
         linux = config.linux
         if linux.security_context.HasField("namespace_options"):  # absent: every field would read as POD
             check_namespaces(linux.security_context.namespace_options)
-        memory, cpus = resources_of(linux.resources)
+        limits = limits_of(name, linux.resources)
         argv = command_of(image.config.entrypoint, image.config.cmd, list(config.command), list(config.args))
         env = [f"{kv.key}={kv.value.decode(errors='surrogateescape')}" for kv in config.envs]
         cfg = containers.create(ctx, RunRequest(
             image=config.image.image, args=argv, entrypoint="", name=name, env=env,
             workdir=config.working_dir or None, user=user_of(linux.security_context), stdin=config.stdin,
-            tty=config.tty, pod=pod.id, memory_limit=memory, cpu_quota=cpus,
+            tty=config.tty, pod=pod.id, memory_limit=limits.memory_limit or 0, cpu_quota=limits.cpu_quota or 0.0,
+            quotas=Quotas(cpu_shares=limits.cpu_shares or 0, cpuset_cpus=limits.cpuset_cpus or ""),
+            cpuset_mems=limits.cpuset_mems or "",
             read_only=linux.security_context.readonly_rootfs, security=security_of(linux.security_context),
             labels=dict(config.labels), log=replace(DEFAULT_LOG, cri_path=info.log_path), binds=binds,
         ), configured_only=True)
@@ -211,7 +230,7 @@ class Containers:
             created_at=_ns(record.created), started_at=_ns(record.started), finished_at=_ns(record.finished),
             exit_code=record.exit_code or 0, image=pb.ImageSpec(image=info.image), image_ref=_image_ref(ctx, record),
             reason=reason, message=message, labels=cfg.labels, annotations=info.annotations, log_path=info.log_path,
-            image_id=f"sha256:{record.image_id}",
+            image_id=f"sha256:{record.image_id}", resources=resources_message(cfg.container),
         )
         verbose = {"info": json.dumps({"pid": 0, "sandboxID": info.sandbox_id, "config": asdict(cfg)})} \
             if request.verbose else {}
@@ -239,6 +258,15 @@ class Containers:
                 created_at=_ns(record.created), labels=labels, annotations=info.annotations,
                 image_id=f"sha256:{record.image_id}"))
         return pb.ListContainersResponse(containers=found)
+
+    def UpdateContainerResources(self, ctx: Context, request: pb.UpdateContainerResourcesRequest
+                                 ) -> pb.UpdateContainerResourcesResponse:
+        """As containerd: the new limits are kept for the container's next start and, while it runs, applied
+        to its cgroup at once; refused whole if the guest refuses them."""
+        record, _ = find(ctx, request.container_id)
+        if request.HasField("linux"):
+            update(ctx, record, limits_of(record.id, request.linux))
+        return pb.UpdateContainerResourcesResponse()
 
     def ExecSync(self, ctx: Context, request: pb.ExecSyncRequest) -> pb.ExecSyncResponse:
         record, _ = find(ctx, request.container_id)

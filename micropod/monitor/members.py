@@ -109,6 +109,12 @@ class Members:
             self.by_id[cid] = member
         return member
 
+    def reload(self, cid: str) -> Member:
+        """``cid`` after `micropod update` rewrote its config.json: its limits and restart policy as they are now."""
+        member = self._member(cid)
+        member.cfg = RunConfig.load(member.vm_dir.config)
+        return member
+
     def add(self, cid: str) -> Member:
         """A container of this pod onto the running VM: disks, create, start; a stopped one is made afresh on the
         disks it has. On failure its row says why, and nothing of it stays on the VM."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from micropod.errors import AgentError, ChannelFull, ContainerCommandError, UsageError
+from micropod.errors import AgentError, ChannelFull, ContainerCommandError, UsageError, printable
 from micropod.monitor import api
 from micropod.monitor.api import Op
 from micropod.monitor.requests import RequestReader, signal_field, timeout_field
@@ -14,13 +14,14 @@ from micropod.paths import check_vm_id
 from micropod.wire import GuestOp
 
 if TYPE_CHECKING:
+    from micropod import guestmsg
     from micropod.monitor.members import Member
     from micropod.monitor.pod import PodMonitor
 
 log = logging.getLogger("micropod.monitor")
 
 _CONTAINER_OPS = (Op.ATTACH, Op.ADD, Op.REMOVE, Op.EXEC, Op.CP_GET, Op.CP_PUT, Op.SIGNAL, Op.STOP, Op.KILL,
-                  Op.WAIT, Op.RESIZE, Op.REOPEN_LOG)
+                  Op.WAIT, Op.RESIZE, Op.REOPEN_LOG, Op.UPDATE)
 
 
 class PodRequests(RequestReader):
@@ -81,6 +82,8 @@ class PodRequests(RequestReader):
                 raise ContainerCommandError(f"container {cid[:12]} is not running or has no CRI log", 125)
             member.log.cri.reopen()
             self.clients.send_to(fd, lambda c: c.send_control(api.log_reopened_message(cid)))
+        elif op == Op.UPDATE:
+            self._update(fd, cid)
         # WAIT: the client now hears the container's exit
 
     def _member(self, cid: str) -> Member:
@@ -88,6 +91,21 @@ class PodRequests(RequestReader):
         if member is None:
             raise ContainerCommandError(f"container {cid[:12]} is not running in this pod", 125)
         return member
+
+    def _update(self, fd: int, cid: str) -> None:
+        """The container's config.json has new limits: a running container's cgroup in the VM takes them (a
+        stopped one's next start does)."""
+        member = self.members.reload(cid)
+
+        def answer(reply: guestmsg.Reply | None = None) -> None:
+            message = (api.updated_message() if reply is None or reply.ok
+                       else api.error_message(printable(reply.message or "the agent refused the update")))
+            self.clients.send_to(fd, lambda c: c.send_control(message))
+
+        if not member.running:
+            answer()
+            return
+        self.pod.call_agent(GuestOp.UPDATE, answer, id=cid, **member.cfg.container.limits())
 
     def _start_exec(self, fd: int, cid: str, op: str, message: dict[str, Any]) -> None:
         if self.pod.stopping:

@@ -21,9 +21,14 @@ def checked_quotas(req: RunRequest, networked: bool) -> Quotas:
     """Each disk rate names the writable layer or one of the container's volumes; a pod's containers have only
     their cgroup limits (the pod's VM is shared)."""
     quotas = req.quotas
-    if req.pod is not None and quotas != Quotas():
-        raise UsageError("a pod's container takes --memory, --cpus and --pids-limit as its own limits; the VM's "
-                         "quotas (CPU shares, cpuset, disk and network rates) are not available for it")
+    if req.pod is not None:
+        if replace(quotas, cpu_shares=0, cpuset_cpus="") != Quotas():
+            raise UsageError("a pod's container takes --memory, --cpus, --cpu-shares, --cpuset-cpus and --pids-limit "
+                             "as its own cgroup's limits; the VM's quotas (memory reservation, disk and network "
+                             "rates) are not available for it")
+        return Quotas()  # its CPU shares and cpuset are its cgroup's, in its spec
+    if req.cpuset_mems:
+        raise UsageError("cpuset_mems is a pod's container's cgroup limit; a VM of its own has one memory node")
     targets = {"", "/"} | {v.target for v in req.volumes}
     for rate in quotas.disk_rates:
         if rate.target not in targets:
@@ -47,6 +52,10 @@ def pod_of(ctx: Context, req: RunRequest) -> PodConfig | None:
     from micropod.service.pods import config
 
     cfg = config(ctx, pod)
+    from micropod.quotas import parse_cpuset
+
+    parse_cpuset(req.quotas.cpuset_cpus, available=set(range(cfg.vcpus)))  # the guest's CPUs, not the host's
+    parse_cpuset(req.cpuset_mems, "cpuset_mems", available={0})
     if req.binds and not cfg.host_share:
         raise UsageError("a pod's container cannot bind-mount a host directory: a running VM takes no new shared "
                          "folder, and this pod has none; use a named volume (-v NAME:/path) instead")

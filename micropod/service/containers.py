@@ -83,6 +83,7 @@ class RunRequest:
     pod: str | None = None  # --pod: a container of that pod's VM, whose own --memory/--cpus become cgroup limits
     memory_limit: int = 0
     cpu_quota: float = 0.0
+    cpuset_mems: str = ""  # a pod's container's cgroup's memory nodes (the CRI's); "": any
     quotas: Quotas = field(default_factory=Quotas)
     user_data: dict[str, Any] = field(default_factory=dict)  # for the metadata service
     labels: dict[str, str] = field(default_factory=dict)
@@ -155,6 +156,9 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
             pids_limit=req.pids_limit,
             memory_limit=req.memory_limit,
             cpu_quota=req.cpu_quota,
+            cpu_shares=req.quotas.cpu_shares if pod else 0,
+            cpuset_cpus=req.quotas.cpuset_cpus if pod else "",
+            cpuset_mems=req.cpuset_mems,
         )
         cfg = RunConfig(
             vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,

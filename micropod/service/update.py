@@ -34,16 +34,21 @@ class UpdateRequest:
     memory_reservation: str | None = None
     disk_rates: tuple[DiskRate, ...] = ()
     network_rate: int | None = None
+    # A pod's container's cgroup limits exactly, as the CRI gives them (memory in bytes; 0: none).
+    memory_limit: int | None = None
+    cpu_quota: float | None = None
+    cpuset_mems: str | None = None
 
 
 def update(ctx: Context, record: VmRecord, req: UpdateRequest) -> None:
-    if record.pod:
-        raise UsageError(f"container {record.name} is in a pod: its limits are set when it is created")
+    """A pod's container's limits are its cgroup's in the pod's VM; another container's are its VM's."""
     vm_dir = ctx.root.vm(record.id)
     with _locked(vm_dir.path / "update.lock"):  # one update at a time: each applies what config.json says
         old = RunConfig.load(vm_dir.config)
-        running = record.status in ACTIVE
-        new = changed(old, req, running)
+        # A pod's monitor keeps the container's config while it is stopped too (its restart policy), so it is
+        # told whenever the pod runs.
+        running = bool(record.pod) or record.status in ACTIVE
+        new = changed_in_pod(old, req, _pod_vcpus(ctx, record.pod)) if record.pod else changed(old, req, running)
         if new == old:
             return
         new.dump(vm_dir.config)
@@ -97,6 +102,44 @@ def changed(cfg: RunConfig, req: UpdateRequest, running: bool) -> RunConfig:
         if running:
             raise UsageError("a running VM's memory is fixed at boot: stop the container, then update --memory")
         cfg = replace(cfg, memory_mib=parse_memory_mib(req.memory))
+    return replace(_restart_and_pids(cfg, req), quotas=_quotas(cfg, req))
+
+
+def _pod_vcpus(ctx: Context, pod_id: str) -> int:
+    from micropod.podconfig import PodConfig
+
+    return PodConfig.load(ctx.root.pod(pod_id).config).vcpus
+
+
+def changed_in_pod(cfg: RunConfig, req: UpdateRequest, vcpus: int) -> RunConfig:
+    """``cfg`` of a pod's container (in a VM of ``vcpus``) with the request's cgroup limits; the VM's own quotas
+    are the pod's."""
+    from micropod.quotas import parse_cpuset
+    from micropod.units import parse_cpus, parse_memory_mib
+
+    if req.memory_reservation is not None or req.disk_rates or req.network_rate is not None:
+        raise UsageError("a pod's container has only its cgroup's limits (--memory, --cpus, --cpu-shares, "
+                         "--cpuset-cpus, --pids-limit); the VM's quotas belong to the pod")
+    spec = cfg.container
+    if req.cpus is not None:
+        parse_cpus(req.cpus)
+        spec = replace(spec, cpu_quota=float(req.cpus))
+    if req.cpu_quota is not None:
+        spec = replace(spec, cpu_quota=min(max(req.cpu_quota, 0.0), float(vcpus)))
+    if req.memory is not None:
+        spec = replace(spec, memory_limit=parse_memory_mib(req.memory) << 20)
+    if req.memory_limit is not None:
+        spec = replace(spec, memory_limit=max(req.memory_limit, 0))
+    if req.cpu_shares is not None:
+        spec = replace(spec, cpu_shares=req.cpu_shares)
+    if req.cpuset_cpus is not None:
+        spec = replace(spec, cpuset_cpus=parse_cpuset(req.cpuset_cpus, available=set(range(vcpus))))
+    if req.cpuset_mems is not None:
+        spec = replace(spec, cpuset_mems=parse_cpuset(req.cpuset_mems, "cpuset_mems", available={0}))
+    return _restart_and_pids(replace(cfg, container=spec), req)
+
+
+def _restart_and_pids(cfg: RunConfig, req: UpdateRequest) -> RunConfig:
     if req.pids_limit is not None:
         cfg = replace(cfg, container=replace(cfg.container, pids_limit=max(req.pids_limit, 0)))
     if req.restart is not None:
@@ -104,7 +147,7 @@ def changed(cfg: RunConfig, req: UpdateRequest, running: bool) -> RunConfig:
         if cfg.auto_remove and policy.name != "no":
             raise UsageError("conflicting options: --restart and the container's --rm")
         cfg = replace(cfg, restart=policy)
-    return replace(cfg, quotas=_quotas(cfg, req))
+    return cfg
 
 
 def _quotas(cfg: RunConfig, req: UpdateRequest) -> Quotas:
