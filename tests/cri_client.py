@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -29,6 +30,16 @@ class CriServer:
     wrapper: tuple[str, ...] = ()  # argv the server runs under, e.g. ip netns exec NS (its VMs then have a network)
     child: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
+
+    @classmethod
+    def over_loaded_root(cls, tmp_path: Path, archive: Path, **fields: Any) -> CriServer:
+        """A started server over a new root under ``tmp_path`` into which ``archive`` (an image) was loaded."""
+        from tests.conftest import Cli
+
+        root = tmp_path / "root"
+        loaded = Cli(root)("load", "-i", str(archive))
+        assert loaded.returncode == 0, loaded.stderr
+        return cls(root, tmp_path / "run" / "cri.sock", tmp_path / "cri.log", **fields).start()
 
     def start(self, timeout: float = 30.0) -> CriServer:
         env = {**os.environ, "MICROPOD_ROOT": str(self.root), "MICROPOD_NETWORK": "none", **self.env}

@@ -29,10 +29,7 @@ from tests.registry import PASSWORD, USER, RunningRegistry
 
 @pytest.fixture
 def server(tmp_path: Path, hello_archive: Path) -> Iterator[CriServer]:
-    root = tmp_path / "root"
-    loaded = Cli(root)("load", "-i", str(hello_archive))
-    assert loaded.returncode == 0, loaded.stderr
-    running = CriServer(root, tmp_path / "run" / "cri.sock", tmp_path / "cri.log").start()
+    running = CriServer.over_loaded_root(tmp_path, hello_archive)
     yield running
     running.stop()
 

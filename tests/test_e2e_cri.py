@@ -25,10 +25,8 @@ BOOT = 240
 @pytest.fixture
 def kubelet(tmp_path: Path, hello_archive: Path) -> Iterator[CriServer]:
     require_guest()
-    root = tmp_path / "root"
-    loaded = Cli(root)("load", "-i", str(hello_archive))
-    assert loaded.returncode == 0, loaded.stderr
-    server = CriServer(root, tmp_path / "run" / "cri.sock", tmp_path / "cri.log").start()
+    server = CriServer.over_loaded_root(tmp_path, hello_archive)
+    root = server.root
     yield server
     server.stop()
     cli = Cli(root)

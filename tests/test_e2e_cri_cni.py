@@ -62,17 +62,15 @@ def world(tmp_path: Path, hello_archive: Path) -> Iterator[tuple[CriServer, Topo
     require_guest()
     if not (PLUGINS / "bridge").exists():
         pytest.skip("containernetworking-plugins is not installed")
-    root = tmp_path / "root"
-    loaded = Cli(root)("load", "-i", str(hello_archive))
-    assert loaded.returncode == 0, loaded.stderr
     calls = tmp_path / "cni-calls"
     logging_plugins(tmp_path / "bin", calls)
     network_conf(tmp_path / "net.d", tmp_path / "ipam")
     with topology() as topo:
-        server = CriServer(root, tmp_path / "run" / "cri.sock", tmp_path / "cri.log",
-                           extra=("--cni-conf-dir", str(tmp_path / "net.d"), "--cni-bin-dir", str(tmp_path / "bin"),
-                                  "--cni-bin-dir", str(PLUGINS)),
-                           wrapper=("ip", "netns", "exec", topo.host)).start()
+        server = CriServer.over_loaded_root(
+            tmp_path, hello_archive, wrapper=("ip", "netns", "exec", topo.host),
+            extra=("--cni-conf-dir", str(tmp_path / "net.d"), "--cni-bin-dir", str(tmp_path / "bin"),
+                   "--cni-bin-dir", str(PLUGINS)))
+        root = server.root
         try:
             yield server, topo, calls
         finally:

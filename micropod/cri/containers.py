@@ -21,7 +21,7 @@ from micropod.cri.images import image_message
 from micropod.cri.records import ContainerInfo, SandboxInfo
 from micropod.cri.sandboxes import find as find_sandbox
 from micropod.cri.sandboxes import micropod_name
-from micropod.cri.status import CriError, invalid, not_found, reserved
+from micropod.cri.status import CriError, find_recorded, invalid, reserved
 from micropod.errors import ConflictError, MicropodError, NotFoundError
 from micropod.monitor.api import Op
 from micropod.quotas import Quotas
@@ -39,16 +39,7 @@ START_TIMEOUT = 120.0
 
 
 def find(ctx: Context, ident: str) -> tuple[VmRecord, ContainerInfo]:
-    if not ident:
-        raise invalid("a container id is required")
-    try:
-        record = ctx.state.find(ident)
-    except NotFoundError:
-        raise not_found("container", ident) from None
-    info = records.load_container(ctx.root.vm(record.id).path)
-    if info is None:
-        raise not_found("container", ident)
-    return record, info
+    return find_recorded("container", ident, ctx.state.find, lambda r: records.load_container(ctx.root.vm(r.id).path))
 
 
 def command_of(image_entrypoint: tuple[str, ...], image_cmd: tuple[str, ...], command: list[str],

@@ -19,8 +19,7 @@ from micropod.cri.api import pb
 from micropod.cri.network import PodIdentity, PodNetworks
 from micropod.cri.records import SandboxInfo
 from micropod.cri.runtime_info import HandlerSettings
-from micropod.cri.status import CriError, invalid, not_found, reserved
-from micropod.errors import NotFoundError
+from micropod.cri.status import CriError, find_recorded, invalid, reserved
 from micropod.names import check_name, check_pod_name
 from micropod.service import pod_views, pods
 from micropod.state.pods import PodRecord
@@ -40,16 +39,7 @@ def micropod_name(reserved_name: str, kind: str) -> str:
 
 
 def find(ctx: Context, ident: str) -> tuple[PodRecord, SandboxInfo]:
-    if not ident:
-        raise invalid("a pod sandbox id is required")
-    try:
-        pod = ctx.pods.find(ident)
-    except NotFoundError:
-        raise not_found("sandbox", ident) from None
-    info = records.load_sandbox(ctx.root.pod(pod.id).path)
-    if info is None:
-        raise not_found("sandbox", ident)
-    return pod, info
+    return find_recorded("sandbox", ident, ctx.pods.find, lambda p: records.load_sandbox(ctx.root.pod(p.id).path))
 
 
 def cri_pods(ctx: Context) -> list[tuple[PodRecord, SandboxInfo]]:

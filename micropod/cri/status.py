@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import grpc
 
 from micropod.errors import ConflictError, MicropodError, NotFoundError, TimeoutExpired, UsageError
@@ -17,6 +20,26 @@ class CriError(MicropodError):
 
 def not_found(what: str, ident: str) -> CriError:
     return CriError(grpc.StatusCode.NOT_FOUND, f"an error occurred when try to find {what} {ident!r}: not found")
+
+
+_Record = TypeVar("_Record")
+_Info = TypeVar("_Info")
+
+
+def find_recorded(what: str, ident: str, lookup: Callable[[str], _Record],
+                  info_of: Callable[[_Record], _Info | None]) -> tuple[_Record, _Info]:
+    """The record that ``ident`` names, and the CRI's own record of it: NotFound, as containerd says it, if
+    either is missing (a pod or container the CLI made is not the CRI's)."""
+    if not ident:
+        raise invalid(f"a {what} id is required")
+    try:
+        record = lookup(ident)
+    except NotFoundError:
+        raise not_found(what, ident) from None
+    info = info_of(record)
+    if info is None:
+        raise not_found(what, ident)
+    return record, info
 
 
 def invalid(message: str) -> CriError:
