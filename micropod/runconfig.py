@@ -24,7 +24,7 @@ from micropod.state import records
 # metadata service serves under /latest/user-data (absent: nothing); 6: the log's cri_path, a second copy of the
 # output in kubelet's CRI format (absent: none); 7: the network's netns and gateway, a CNI pod's, and a bind's
 # entry of its pod's shared directory (absent: none); 8: a pod's container's cpu_shares, cpuset_cpus and
-# cpuset_mems (absent: none).
+# cpuset_mems, and a container's sysctls (absent: none).
 RUN_CONFIG = records.RecordKind("VM's config.json", upgrades=(lambda raw: raw,) * 8)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -108,6 +108,7 @@ class ContainerSpec:
     cpu_shares: int = 0
     cpuset_cpus: str = ""
     cpuset_mems: str = ""
+    sysctls: dict[str, str] = field(default_factory=dict)  # --sysctl, a CRI pod's: namespaced ones only
 
     def limits(self) -> dict[str, Any]:
         """The cgroup limits, under the agent's keys (its update message and spec share them)."""

@@ -1,5 +1,5 @@
-"""A pod's container's cgroup limits without a VM: what the agent makes of them at creation and on an update,
-what `update` may change, and the CRI's LinuxContainerResources both ways."""
+"""A container's cgroup limits and sysctls without a VM: what the agent makes of limits at creation and on an
+update, what `update` may change, the CRI's LinuxContainerResources both ways, and which sysctls go where."""
 
 from __future__ import annotations
 
@@ -92,3 +92,41 @@ def test_the_cri_s_resources_become_limits_and_come_back_in_the_status() -> None
         25000, 100000, MIB, 2)
     with pytest.raises(CriError, match="unified"):
         limits_of("c", pb.LinuxContainerResources(unified={"memory.max": "1"}))
+
+
+def test_sysctls_split_into_the_container_s_own_and_the_pod_network_s() -> None:
+    from micropod.agent.bundle import config, sysctls
+
+    spec = {"sysctls": {"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "20",
+                        "net.ipv4.ip_local_port_range": "20000 30000"}}
+    own, network = sysctls(spec)
+    assert own == {"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "20"}
+    assert network == {"net.ipv4.ip_local_port_range": "20000 30000"}
+    document = config("c", "/root", {"args": ["true"]}, spec)
+    assert document["linux"]["sysctl"] == own  # the runtime checks them against the container's namespaces
+    assert "sysctl" not in config("c", "/root", {"args": ["true"]}, {})["linux"]
+
+
+@pytest.mark.parametrize("given", [
+    {"vm.max_map_count": "1"}, {"kernel.hostname": "x"}, {"net/../../x": "1"}, {"net.core.somaxconn": 5},
+    {"net.core.somaxconn": "1\0"}, {f"net.x{i}": "1" for i in range(65)}, ["net.core.somaxconn"],
+])
+def test_the_agent_refuses_sysctls_outside_the_pod_s_namespaces(given: Any) -> None:
+    from micropod.agent.bundle import sysctls
+
+    with pytest.raises(SecurityError):
+        sysctls({"sysctls": given})
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    ({"vm.swappiness": "1"}, "invalid --sysctl vm.swappiness: not in a namespace"),
+    ({"net..x": "1"}, "not a sysctl name"),
+    ({"net.core.somaxconn": "x" * 5000}, "too long"),
+])
+def test_run_refuses_sysctls_that_are_not_namespaced(given: dict[str, str], problem: str) -> None:
+    from micropod.service.admission import checked_sysctls
+
+    assert checked_sysctls({"net.core.somaxconn": "128", "kernel.sem": "250 32000 32 128"}) == {
+        "net.core.somaxconn": "128", "kernel.sem": "250 32000 32 128"}
+    with pytest.raises(UsageError, match=problem):
+        checked_sysctls(given)

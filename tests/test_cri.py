@@ -115,6 +115,11 @@ def test_bad_input_gets_the_codes_containerd_gives(server: CriServer) -> None:
     code, details = code_of(lambda: rt.RunPodSandbox(pb.RunPodSandboxRequest(config=sandbox_config(
         port_mappings=[pb.PortMapping(protocol=pb.SCTP, container_port=80, host_port=8080)]))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "TCP and UDP" in details
+    for sysctl, problem in (("vm.max_map_count", "not in a namespace"), ("net/../../x", "not a sysctl name")):
+        code, details = code_of(lambda sysctl=sysctl: rt.RunPodSandbox(pb.RunPodSandboxRequest(  # type: ignore[misc]
+            config=sandbox_config(linux=pb.LinuxPodSandboxConfig(sysctls={sysctl: "1"})))))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "invalid sysctl" in details and sysctl in details \
+            and problem in details, details
     assert code_of(lambda: rt.CheckpointContainer(pb.CheckpointContainerRequest(container_id=unknown)))[0] \
         == grpc.StatusCode.UNIMPLEMENTED
     assert not rt.ListPodSandbox(pb.ListPodSandboxRequest()).items  # nothing half-made

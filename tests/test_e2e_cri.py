@@ -39,7 +39,12 @@ def sandbox(logs: Path) -> pb.PodSandboxConfig:
     return pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name="web", uid="uid-1", namespace="default", attempt=0),
         hostname="webhost", log_directory=str(logs), labels={"app": "web"}, annotations={"note": "kept"},
-        dns_config=pb.DNSConfig(servers=["10.96.0.10"], searches=["default.svc.cluster.local"], options=["ndots:5"]))
+        dns_config=pb.DNSConfig(servers=["10.96.0.10"], searches=["default.svc.cluster.local"], options=["ndots:5"]),
+        linux=pb.LinuxPodSandboxConfig(sysctls=SYSCTLS))
+
+
+# kubelet's safe sysctls: one of each container's IPC namespace, one of the pod's network (the VM's)
+SYSCTLS = {"kernel.shm_rmid_forced": "1", "net.ipv4.ip_local_port_range": "20000\t30000"}
 
 
 def container(name: str, script: str, **fields: object) -> pb.ContainerConfig:
@@ -111,6 +116,9 @@ def test_a_pod_s_whole_life_over_the_cri(kubelet: CriServer, tmp_path: Path) -> 
     assert "search default.svc.cluster.local" in out and "options ndots:5" in out and "nameserver 10.96.0.10" in out
     assert "CapEff:\t0000000000000000" in out and "Seccomp:\t2" in out
     assert "Read-only file system" in out
+    for cid in (app, side):
+        seen_sysctls = exec_in(cid, "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/net/ipv4/ip_local_port_range")
+        assert seen_sysctls.stdout.decode() == "1\n20000\t30000\n", seen_sysctls
     procs = exec_in(side, "for p in /proc/[0-9]*; do cat $p/comm; done").stdout.decode().split()
     assert "sleep" in procs and "sh" in procs and not any(p in procs for p in ("python3", "tick")), procs
     assert exec_in(side, "cat /proc/1/cmdline | tr '\\0' ' '").stdout.decode().strip() == "sleep 3600"

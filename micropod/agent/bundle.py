@@ -18,6 +18,7 @@ import json
 import os
 
 from micropod.runtime import caps, seccomp, seccomp_docker
+from micropod.runtime.spec_linux import SYSCTL_NAME, sysctl_namespace
 from micropod.wire import CPU_PERIOD
 
 TYPE_CHECKING = False
@@ -152,6 +153,44 @@ def limits(spec: dict[str, Any], updating: bool) -> dict[str, Any]:
     return resources
 
 
+MAX_SYSCTLS = 64
+MAX_SYSCTL_VALUE = 4096
+
+
+def sysctls(spec: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """A pod's sysctls, split: those of the container's own IPC and UTS namespaces (its OCI config's), and the
+    network's, which every container of the pod shares with the agent (so the agent writes them)."""
+    raw = spec.get("sysctls") or {}
+    if not isinstance(raw, dict) or len(raw) > MAX_SYSCTLS:
+        raise SecurityError(f"sysctls: not a map of at most {MAX_SYSCTLS} names to values")
+    own: dict[str, str] = {}
+    network: dict[str, str] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not SYSCTL_NAME.fullmatch(key):
+            raise SecurityError(f"sysctl {key!r}: not a sysctl name")
+        if not isinstance(value, str) or len(value) > MAX_SYSCTL_VALUE or "\0" in value:
+            raise SecurityError(f"sysctl {key}: its value is not a string of at most {MAX_SYSCTL_VALUE} characters")
+        kind = sysctl_namespace(key)
+        if kind is None or key == "kernel.hostname":
+            raise SecurityError(f"sysctl {key} is not in a namespace of the pod")
+        (network if kind == "network" else own)[key] = value
+    return own, network
+
+
+def write_network_sysctls(values: dict[str, str]) -> None:
+    """The pod's network sysctls, in the agent's (the pod's) network namespace."""
+    for key, value in values.items():
+        path = "/proc/sys/" + (key if "/" in key else key.replace(".", "/"))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.write(fd, value.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise SecurityError(f"sysctl {key}={value}: {exc.strerror}") from None
+
+
 # docker's options for --tmpfs before the user's own, which come later and so win.
 TMPFS_DEFAULTS = ("rw", "noexec", "nosuid", "nodev")
 
@@ -180,6 +219,9 @@ def config(cid: str, root: str, process: dict[str, Any], spec: dict[str, Any]) -
         "cgroupsPath": f"{CGROUP_PARENT}/{cid}",
         "resources": _resources(spec),
     }
+    own_sysctls = sysctls(spec)[0]
+    if own_sysctls:
+        linux["sysctl"] = own_sysctls
     if not privileged:
         linux["maskedPaths"] = list(MASKED_PATHS)
         linux["readonlyPaths"] = list(READONLY_PATHS)

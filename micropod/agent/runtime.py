@@ -80,6 +80,7 @@ def start_main(cid: str, launch: Launch, spec: dict[str, Any], stdio: tuple[int,
     process = _process(launch)
     try:
         document = bundle.config(cid, launch.root, process, spec)
+        bundle.write_network_sysctls(bundle.sysctls(spec)[1])
     except bundle.SecurityError as exc:
         raise LaunchError(125, str(exc)) from exc
     directory = bundle.write(cid, document)

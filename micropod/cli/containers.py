@@ -59,6 +59,8 @@ _CONTAINER_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--device-write-iops", multiple=True, help="[PATH:]N: write operations per second."),
     click.option("--network-rate", default="", help="Bytes per second each way on the VM's NIC (e.g. 10m)."),
     click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="A label of the container."),
+    click.option("--sysctl", "sysctls", multiple=True, metavar="KEY=VALUE",
+                 help="A namespaced kernel parameter in the VM (net.*, kernel.shm*, kernel.msg*, fs.mqueue.*)."),
     click.option("--metadata", multiple=True, metavar="KEY=VALUE",
                  help="What the VM's metadata service serves under /latest/user-data/KEY."),
     click.option("--metadata-file", type=click.Path(dir_okay=False),
@@ -103,7 +105,7 @@ def _run_request(security: SecurityOptions, options: dict[str, Any]) -> containe
         pids_limit=_pids_limit(options["pids_limit"]), upper_size=_storage_size(options["storage_opts"]),
         pod=options["pod"], quotas=quotas_of(options), **_pod_limits(options),
         user_data=user_data(options["metadata"], options["metadata_file"]),
-        labels=key_values(options["labels"], "--label"),
+        labels=key_values(options["labels"], "--label"), sysctls=key_values(options["sysctls"], "--sysctl"),
     )
 
 

@@ -167,7 +167,7 @@ class Containers:
             workdir=config.working_dir or None, user=user_of(linux.security_context), stdin=config.stdin,
             tty=config.tty, pod=pod.id, memory_limit=limits.memory_limit or 0, cpu_quota=limits.cpu_quota or 0.0,
             quotas=Quotas(cpu_shares=limits.cpu_shares or 0, cpuset_cpus=limits.cpuset_cpus or ""),
-            cpuset_mems=limits.cpuset_mems or "",
+            cpuset_mems=limits.cpuset_mems or "", sysctls=sandbox.sysctls,
             read_only=linux.security_context.readonly_rootfs, security=security_of(linux.security_context),
             labels=dict(config.labels), log=replace(DEFAULT_LOG, cri_path=info.log_path), binds=binds,
         ), configured_only=True)

@@ -79,6 +79,13 @@ def vm_size(linux: Any, handler: HandlerSettings) -> tuple[int, int]:
     return vcpus, memory
 
 
+def _sysctls(sysctls: Any) -> dict[str, str]:
+    """The pod's sysctls: each container's, checked now (the network's are the VM's, shared by the pod)."""
+    from micropod.service.admission import checked_sysctls
+
+    return checked_sysctls(dict(sysctls), "sysctl")  # a UsageError: InvalidArgument
+
+
 class Sandboxes:
     service = "RuntimeService"
 
@@ -100,7 +107,7 @@ class Sandboxes:
         info = SandboxInfo(name=meta.name, uid=meta.uid, namespace=meta.namespace, attempt=meta.attempt,
                            annotations=dict(config.annotations), log_directory=config.log_directory,
                            runtime_handler=request.runtime_handler, cgroup_parent=config.linux.cgroup_parent,
-                           sysctls=dict(config.linux.sysctls), port_mappings=mappings)
+                           sysctls=_sysctls(config.linux.sysctls), port_mappings=mappings)
         name = micropod_name(info.reserved_name, "sandbox")
         if ctx.pods.name_taken(name):
             raise reserved("sandbox", info.reserved_name, ctx.pods.find(name).id)

@@ -141,7 +141,7 @@ IPC_SYSCTLS = {
     "kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced",
 }  # fmt: skip
 # Dots or slashes between non-empty names: nothing that could climb out of /proc/sys.
-_SYSCTL_NAME = re.compile(r"[\w@:+-]+(?:[./][\w@:+-]+)+", re.ASCII)
+SYSCTL_NAME = re.compile(r"[\w@:+-]+(?:[./][\w@:+-]+)+", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -358,19 +358,24 @@ def _sysctl(value: object, types: dict[str, Namespace]) -> dict[str, str]:
     sysctl = want_str_map(value, "linux.sysctl")
     for key in sysctl:
         where = f"linux.sysctl[{key!r}]"
-        if not _SYSCTL_NAME.fullmatch(key):
+        if not SYSCTL_NAME.fullmatch(key):
             raise SpecError(where, "is not a sysctl name")
-        if key in IPC_SYSCTLS or key.startswith("fs.mqueue."):
-            _own_namespace(types, "ipc", where)
-        elif key.startswith("net."):
-            _own_namespace(types, "network", where)
-        elif key == "kernel.domainname":
-            _own_namespace(types, "uts", where)
-        elif key == "kernel.hostname":
+        if key == "kernel.hostname":
             raise SpecError(where, "conflicts with the hostname field; set that instead")
-        else:
+        kind = sysctl_namespace(key)
+        if kind is None:
             raise SpecError(where, "is not in a namespace of the container (it would change the host's)")
+        _own_namespace(types, kind, where)
     return sysctl
+
+
+def sysctl_namespace(key: str) -> str | None:
+    """The namespace whose value the sysctl ``key`` is (runc's rule), or None: the kernel's own."""
+    if key in IPC_SYSCTLS or key.startswith("fs.mqueue."):
+        return "ipc"
+    if key.startswith("net."):
+        return "network"
+    return "uts" if key in ("kernel.domainname", "kernel.hostname") else None
 
 
 def _own_namespace(types: dict[str, Namespace], kind: str, where: str) -> None:

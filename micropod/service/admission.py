@@ -76,3 +76,21 @@ def resolved_binds(binds: tuple[BindMount, ...], backend: str, files: bool = Fal
                              f"not a directory: {bind.source}")
         resolved.append(replace(bind, source=str(path.resolve())))
     return tuple(resolved)
+
+
+def checked_sysctls(sysctls: dict[str, str], flag: str = "--sysctl") -> dict[str, str]:
+    """docker's --sysctl (and a CRI pod's): only those of a namespace the container or its pod has, as runc
+    allows; the guest's kernel is the pod's, but its own settings are the in-guest runtime's layer of defence."""
+    from micropod.runtime.spec_linux import SYSCTL_NAME, sysctl_namespace
+
+    if len(sysctls) > 64:
+        raise UsageError(f"too many sysctls ({len(sysctls)}): at most 64")
+    for key, value in sysctls.items():
+        if not SYSCTL_NAME.fullmatch(key):
+            raise UsageError(f"invalid {flag} {key!r}: not a sysctl name")
+        if sysctl_namespace(key) is None or key == "kernel.hostname":
+            raise UsageError(f"invalid {flag} {key}: not in a namespace of the container (net.*, fs.mqueue.*, "
+                             "kernel.msg*, kernel.sem, kernel.shm*, kernel.domainname)")
+        if "\0" in value or len(value) > 4096:
+            raise UsageError(f"invalid {flag} {key}: its value is too long or has a NUL")
+    return dict(sysctls)

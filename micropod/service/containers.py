@@ -43,7 +43,7 @@ from micropod.runconfig import (
     parse_signal,
 )
 from micropod.service import podshare
-from micropod.service.admission import checked_quotas, pod_of, resolved_binds
+from micropod.service.admission import checked_quotas, checked_sysctls, pod_of, resolved_binds
 from micropod.state import ACTIVE, VmRecord, name_in_use
 from micropod.volumes import VolumeRequest
 
@@ -84,6 +84,7 @@ class RunRequest:
     memory_limit: int = 0
     cpu_quota: float = 0.0
     cpuset_mems: str = ""  # a pod's container's cgroup's memory nodes (the CRI's); "": any
+    sysctls: dict[str, str] = field(default_factory=dict)
     quotas: Quotas = field(default_factory=Quotas)
     user_data: dict[str, Any] = field(default_factory=dict)  # for the metadata service
     labels: dict[str, str] = field(default_factory=dict)
@@ -102,6 +103,7 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
     pod = pod_of(ctx, req)
     plan = networking.plan(ctx, "none" if pod else req.network, req.publish, () if pod else req.dns)
     quotas = checked_quotas(req, plan.network is not None)
+    sysctls = checked_sysctls(req.sysctls)
     if req.user_data and (pod or plan.network is None):
         raise UsageError("--metadata needs the VM's metadata service, which a pod's container and a --network none "
                          "VM do not have")
@@ -159,6 +161,7 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
             cpu_shares=req.quotas.cpu_shares if pod else 0,
             cpuset_cpus=req.quotas.cpuset_cpus if pod else "",
             cpuset_mems=req.cpuset_mems,
+            sysctls=sysctls,
         )
         cfg = RunConfig(
             vm_id=vm_id, name=name, image=req.image, image_id=image.id, backend=backend,
