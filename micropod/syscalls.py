@@ -52,6 +52,15 @@ PR_SET_NO_NEW_PRIVS = 38
 SYS_PIVOT_ROOT = 155  # x86_64; glibc has no wrapper
 SYS_MOUNT_SETATTR = 442  # the same on every architecture (asm-generic); glibc 2.36 has no wrapper either
 AT_RECURSIVE = 0x8000
+AT_EMPTY_PATH = 0x1000
+SYS_OPEN_TREE = 428  # asm-generic numbers, as mount_setattr's
+SYS_MOVE_MOUNT = 429
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
 
 # asm-generic/ioctls.h, the same on x86_64 and arm64.
 TIOCSCTTY = 0x540E
@@ -129,6 +138,27 @@ def mount_setattr(target: str, attr_set: int, attr_clr: int, recursive: bool = T
     result = _libc.syscall(SYS_MOUNT_SETATTR, -100, _bytes(target), flags, ctypes.byref(attr),
                            ctypes.sizeof(attr))  # -100: AT_FDCWD
     _check(result, f"mount_setattr {target} (set {attr_set:#x}, clear {attr_clr:#x})")
+
+
+def open_tree_clone(path: str) -> int:
+    """A detached bind mount of ``path`` (open_tree(2) with OPEN_TREE_CLONE), as a descriptor: nothing sees it
+    until move_mount places it."""
+    fd = _libc.syscall(SYS_OPEN_TREE, -100, _bytes(path), OPEN_TREE_CLONE | os.O_CLOEXEC)
+    _check(fd, f"open_tree {path}")
+    return int(fd)
+
+
+def mount_setattr_fd(mount_fd: int, attr_set: int) -> None:
+    """mount_setattr(2) on the mount that ``mount_fd`` is (a detached one from open_tree_clone, say)."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, mount_fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)),
+           f"mount_setattr (set {attr_set:#x})")
+
+
+def move_mount_onto(mount_fd: int, target_fd: int) -> None:
+    """The mount ``mount_fd`` placed on what ``target_fd`` (an O_PATH descriptor) is: no path is resolved."""
+    _check(_libc.syscall(SYS_MOVE_MOUNT, mount_fd, b"", target_fd, b"",
+                         MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH), "move_mount")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:

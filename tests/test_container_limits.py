@@ -72,6 +72,7 @@ def test_update_of_a_pod_s_container_changes_its_cgroup_limits() -> None:
     (UpdateRequest(cpuset_mems="1"), "invalid cpuset_mems '1': the pod's VM has no 1"),
     (UpdateRequest(cpuset_cpus="1-0"), "runs backwards"),
     (UpdateRequest(memory="1k"), "at least"),
+    (UpdateRequest(cpu_shares=1), "from 2 to 262144"),
 ])
 def test_update_of_a_pod_s_container_refuses_what_is_not_its_own(request_: UpdateRequest, problem: str) -> None:
     with pytest.raises(UsageError, match=problem):

@@ -18,6 +18,7 @@ from micropod.cri.streaming.remotecommand import Request
 from micropod.cri.streaming.server import StreamServer
 from micropod.paths import StateRoot
 from tests.spdy_client import PORTFORWARD, REMOTECOMMAND, Response, http_exchange, upgrade
+from tests.test_e2e_run import wait_for
 
 WAIT = 30.0
 GHOST = Request("exec", "ghost", ("true",), stdin=False, stdout=True, stderr=True)
@@ -140,3 +141,56 @@ def test_a_port_forward_to_a_sandbox_that_does_not_run_fails_on_its_error_stream
         assert error.read_all(WAIT) == (b"error forwarding port 81 to pod ghost: port 81 was not asked for in "
                                         b"PortForward")
         session.close()
+
+
+def test_a_head_that_trickles_in_is_cut_off_at_one_deadline(tmp_path: Path) -> None:
+    """The socket's timeout bounded each read alone: a byte every few seconds held a thread for hours."""
+    import time
+
+    server = StreamServer(("127.0.0.1", 0), StateRoot(tmp_path / "root"), head_timeout=1.0)
+    server.start()
+    try:
+        with dial(server) as sock:
+            sock.sendall(b"GET /exec/x HTTP/1.1\r\n")
+            started = time.monotonic()
+            closed = False
+            while time.monotonic() - started < WAIT and not closed:
+                try:
+                    sock.sendall(b"X")  # one byte of a header every 0.2 s: each read is quick, the head never ends
+                    sock.settimeout(0.2)
+                    closed = sock.recv(1) == b""
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+            assert closed, "the server kept the connection"
+            assert time.monotonic() - started < WAIT / 2
+        long_line = b"GET /exec/x HTTP/1.1\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n"
+        with dial(server) as sock:
+            sock.sendall(long_line)
+            assert sock.recv(1) == b""  # closed without an answer
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(tmp_path: Path) -> None:
+    server = StreamServer(("127.0.0.1", 0), StateRoot(tmp_path / "root"), max_connections=2)
+    server.start()
+    try:
+        held = [dial(server), dial(server)]  # accepted in order: these two take the slots before the third
+        with dial(server) as third:
+            assert third.recv(1) == b"", "a third connection got a thread"
+        for sock in held:
+            sock.close()
+
+        def served() -> bool:  # once their threads see the ends, the slots are free again
+            try:
+                return plain(server, "/exec/nothing").status == 404
+            except (OSError, EOFError):
+                return False
+
+        wait_for(served, WAIT, "a free slot")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -16,8 +16,15 @@ pytestmark = pytest.mark.e2e
 
 
 def mounted_under(path: Path) -> list[str]:
+    """The host paths bound below ``path`` (a sandbox's shared directory, itself a tmpfs, not counted)."""
     return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(str(path))]
+            if line.split()[4].startswith(str(path)) and not line.split()[4].endswith("/shared")]
+
+
+def shares_under(path: Path) -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(str(path)) and line.split()[4].endswith("/shared")
+            and " - tmpfs " in line]
 
 
 def test_host_paths_are_seen_inside_and_leave_the_host_intact(kubelet: CriServer, tmp_path: Path) -> None:  # noqa: F811
@@ -45,6 +52,7 @@ def test_host_paths_are_seen_inside_and_leave_the_host_intact(kubelet: CriServer
     assert config_file.read_text() == "setting=1\n"
     pod_dir = kubelet.root / "pods" if (kubelet.root / "pods").exists() else kubelet.root
     assert len(mounted_under(pod_dir.resolve())) == 2, mounted_under(pod_dir.resolve())
+    assert len(shares_under(pod_dir.resolve())) == 1  # the guest's writes to the share fill a small tmpfs only
 
     code, details = code_of(lambda: rt.CreateContainer(pb.CreateContainerRequest(
         pod_sandbox_id=sid, config=container("bad", "true", mounts=[
@@ -74,4 +82,4 @@ def test_removing_a_sandbox_with_a_bound_host_path_keeps_the_host_files(kubelet:
         "app", "exec sleep 3600", mounts=[pb.Mount(host_path=str(data), container_path="/data")])))
     rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
     assert (data / "precious").read_text() == "keep\n"
-    assert not mounted_under((kubelet.root / "pods").resolve())
+    assert not mounted_under((kubelet.root / "pods").resolve()) and not shares_under(kubelet.root.resolve())

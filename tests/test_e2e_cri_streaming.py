@@ -32,6 +32,7 @@ from tests.kube_front import KubeFront
 from tests.nettopo import Topology, connect_in, topology
 from tests.spdy_client import PORTFORWARD, REMOTECOMMAND, Session, resize_message, upgrade
 from tests.test_e2e_cri import BOOT, container, sandbox
+from tests.test_e2e_run import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -102,6 +103,13 @@ def _start_pod(topo: Topology, cri: CriServer, logs: Path) -> Pod:
         ids[name] = rt.CreateContainer(pb.CreateContainerRequest(
             pod_sandbox_id=sid, sandbox_config=config, config=container(name, script, **fields))).container_id
         rt.StartContainer(pb.StartContainerRequest(container_id=ids[name]), timeout=BOOT)
+
+    def echo_listens() -> bool:  # a forwarded connection before nc listens is refused (the pod shares one network)
+        probe = f"cat /proc/net/tcp /proc/net/tcp6 | grep -qE ':{ECHO_PORT:04X} [0-9A-F]+:0000 0A'"
+        return rt.ExecSync(pb.ExecSyncRequest(container_id=ids["shell"], cmd=["sh", "-c", probe], timeout=10),
+                           timeout=40).exit_code == 0
+
+    wait_for(echo_listens, 60, "the pod's echo server", cri.log_tail)
     return Pod(topo, cri, sid, ids)
 
 

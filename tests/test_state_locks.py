@@ -49,3 +49,19 @@ def test_make_private_creates_fixes_and_never_follows(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         make_private(tmp_path / "planted")
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("store", [PodStore, StateStore])
+def test_whichever_store_makes_state_db_makes_it_private(tmp_path: Path, store: type) -> None:
+    """Only StateStore made it 0600 before: a pod or volume store that came first left the umask's mode."""
+    db = tmp_path / "state.db"
+    old = os.umask(0)
+    try:
+        opened = store(db)
+        opened.all()
+        opened.close()
+    finally:
+        os.umask(old)
+    for path in (db, db.with_name("state.db-wal"), db.with_name("state.db-shm")):
+        if path.exists():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

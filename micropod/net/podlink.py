@@ -3,8 +3,9 @@ redirects in both directions, as firecracker-containerd's tc-redirect-tap and Ka
 eth0's MAC and address, and the namespace itself routes nothing.
 
 What comes from the guest is redirected only when it carries the pod's own MAC and address (IPv4 and ARP);
-anything else falls into the namespace's own stack, which forwards nothing, so a guest cannot spoof another
-address onto the CNI network. This kernel has no gact (no tc drop action) and no matchall, hence u32 filters
+anything else falls into the namespace's own stack, which is made to forward nothing (forwarding off, strict
+reverse-path filtering, no IPv6 and no ARP answers on the TAP), so a guest cannot spoof another address onto the
+CNI network. This kernel has no gact (no tc drop action) and no matchall, hence u32 filters
 and the fall-through.
 """
 
@@ -25,6 +26,18 @@ POD_TAP = "tap0"
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 
+NAMESPACE_SYSCTLS = (("net/ipv4/conf/all/forwarding", "0"), ("net/ipv6/conf/all/forwarding", "0"),
+                     ("net/ipv4/conf/all/rp_filter", "1"))
+# no IPv6 on the TAP at all (its link-local address would tell the guest its MAC), and no ARP answers from it
+TAP_SYSCTLS = (("net/ipv6/conf/{tap}/disable_ipv6", "1"), ("net/ipv4/conf/{tap}/arp_ignore", "8"))
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    """In the calling thread's network namespace: /proc/sys/net is the opener's."""
+    with open(f"/proc/sys/{key}", "w") as f:
+        f.write(value)
+
+
 @dataclass(frozen=True)
 class PodLink:
     netns: Path
@@ -38,8 +51,14 @@ class PodLink:
     def setup(self) -> None:
         """The TAP, up, and the redirects; a partial setup is undone by the namespace's removal."""
         def make_tap() -> None:
+            # A new namespace copies the host's forwarding and rp_filter (micropod's bridge turns forwarding on):
+            # what falls through the filters must die in a stack that routes nothing and answers no ARP for it.
+            for key, value in NAMESPACE_SYSCTLS:
+                _write_sysctl(key, value)
             if index_of(POD_TAP) is None:
                 syscalls.create_persistent_tap(POD_TAP)
+            for key, value in TAP_SYSCTLS:
+                _write_sysctl(key.format(tap=POD_TAP), value)
             index = index_of(POD_TAP)
             if index is None:
                 raise NetworkError(f"the pod's TAP vanished right after it was created in {self.netns}")

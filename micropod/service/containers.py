@@ -176,7 +176,7 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
         cfg.dump(vm_dir.config)
     except BaseException:
         if share is not None:
-            podshare.unbind_container(share, vm_id)
+            podshare.unbind_container(share, vm_id, len(binds))
         shutil.rmtree(vm_dir.path, ignore_errors=True)
         networking.release_lease(ctx.root, vm_id)
         if req.volumes:
@@ -318,7 +318,9 @@ def remove(ctx: Context, record: VmRecord, force: bool) -> None:
         from micropod.service import pods
 
         pods.remove_member(ctx, record)
-        podshare.unbind_container(ctx.root.pod(record.pod).path / podshare.SHARED_DIR, record.id)
+        bound = RunConfig.load_if_present(ctx.root.vm(record.id).config)
+        podshare.unbind_container(ctx.root.pod(record.pod).path / podshare.SHARED_DIR, record.id,
+                                  len(bound.container.binds) if bound else 0)
     vm_dir = ctx.root.vm(record.id)
     networking.detach(ctx.root, record.id)
     networking.release_lease(ctx.root, record.id)

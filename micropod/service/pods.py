@@ -94,8 +94,11 @@ def create(ctx: Context, req: PodRequest) -> PodConfig:
         os.chmod(pod_dir.path, PRIVATE_DIR)
         if host_share:
             (pod_dir.path / SHARED_DIR).mkdir(mode=PRIVATE_DIR)
+            podshare.mount_share(pod_dir.path / SHARED_DIR)
         cfg.dump(pod_dir.config)
     except BaseException:
+        with contextlib.suppress(MicropodError):
+            podshare.unmount_share(pod_dir.path / SHARED_DIR)
         shutil.rmtree(pod_dir.path, ignore_errors=True)
         networking.release_lease(ctx.root, pod_id)
         ctx.pods.delete(pod_id)
@@ -137,11 +140,13 @@ def boot(ctx: Context, pod: PodRecord) -> None:
         return
     if pod.status == "starting":
         raise ConflictError(f"pod {pod.name} is being started by another command")
+    cfg = config(ctx, pod)
+    pod_dir = ctx.root.pod(pod.id)
+    if cfg.host_share:
+        podshare.mount_share(pod_dir.path / SHARED_DIR)  # gone with a reboot of the host
     if not ctx.pods.update_if(pod.id, ("created", "stopped", "dead"), status="starting", error=None,
                               monitor_pid=None, monitor_start=None, vmm_pid=None, vmm_start=None):
         raise ConflictError(f"pod {pod.name} is being started or removed by another command")
-    cfg = config(ctx, pod)
-    pod_dir = ctx.root.pod(pod.id)
     argv: list[str | Path] = [sys.executable, "-m", "micropod.monitor", "--root", ctx.root.path, "--pod", pod.id]
     if ctx.debug:
         argv.append("--debug")
@@ -281,6 +286,7 @@ def remove(ctx: Context, pod: PodRecord, force: bool) -> None:
     VmmCgroup(pod.id, 1, 0).destroy()
     pod_dir = ctx.root.pod(pod.id).path
     podshare.unbind_all(pod_dir / SHARED_DIR)  # a host path still bound there would go with the directory
+    podshare.unmount_share(pod_dir / SHARED_DIR)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(pod_dir)
     ctx.pods.delete(pod.id)

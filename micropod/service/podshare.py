@@ -2,10 +2,11 @@
 paths of containers made later (a running microvm takes no new device), as Kata's shared directory does.
 
 The guest can write into the directory (mapped-xattr: what it makes is QEMU's, with no set-id bits on the
-host), so nothing here trusts a name in it: entries are made by the host under an open descriptor of the
-directory, with O_EXCL and no following, and mounted on through that descriptor; unmounts never follow a link.
-Every mount under the directory goes before the directory does, since removing it recursively would otherwise
-reach into the host paths bound there.
+host), so nothing here trusts a name in it: the directory is a small tmpfs of its own, entries are made by the
+host under an open descriptor of it, with O_EXCL and no following, the mounts are placed through that
+descriptor, and only the names the host recorded are ever unbound; unmounts never follow a link. Every mount
+under the directory goes before the tmpfs does, and the tmpfs before its pod's directory is removed, so no
+recursive removal reaches into a host path or into what the guest built.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from micropod import syscalls
 from micropod.errors import StateError, UsageError
 from micropod.podconfig import SHARED_DIR
 
-__all__ = ["SHARED_DIR", "bind", "entry_name", "unbind", "unbind_all", "unbind_container"]
+__all__ = ["SHARED_DIR", "bind", "entry_name", "mount_share", "unbind", "unbind_all", "unbind_container",
+           "unmount_share"]
 
 UMOUNT_NOFOLLOW = 0x8
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -29,8 +31,37 @@ def entry_name(container_id: str, index: int) -> str:
     return f"{container_id[:32]}-{index}"
 
 
+def unbind_container(share: Path, container_id: str, count: int) -> None:
+    """The entries of a container's ``count`` binds, by the names the host gave them (never by what is there)."""
+    unbind(share, [entry_name(container_id, i) for i in range(count)])
+
+
+SHARE_TMPFS = "size=1m,nr_inodes=4096,mode=0700"  # only the entries' mount points live in it
+
+
+def mount_share(share: Path) -> None:
+    """The shared directory a small tmpfs of its own (if it is not one already): the guest can write into it,
+    and then fills neither the state root's disk nor its inodes, and what it leaves goes with one unmount."""
+    if os.path.ismount(share):
+        return
+    syscalls.mount("tmpfs", str(share), "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
+                   SHARE_TMPFS)
+
+
+def unmount_share(share: Path) -> None:
+    """After unbind_all: the tmpfs unmounted, never lazily, so that a host path bound there meanwhile keeps it
+    (EBUSY) rather than letting a recursive removal reach into it."""
+    if not os.path.ismount(share):
+        return
+    try:
+        syscalls.umount2(str(share), UMOUNT_NOFOLLOW)
+    except OSError as exc:
+        raise StateError(f"cannot unmount {share}: {exc.strerror}; it is not removed") from None
+
+
 def bind(share: Path, name: str, source: Path, read_only: bool) -> None:
-    """``source`` (a directory or a file, resolved already) bound at ``share``/``name``."""
+    """``source`` (a directory or a file, resolved already) bound at ``share``/``name``: a detached mount, made
+    read-only (and nosuid, nodev) before it is placed, so the guest never sees it writable."""
     info = os.stat(source)
     directory = os.open(share, _OPEN_DIR)
     try:
@@ -41,18 +72,17 @@ def bind(share: Path, name: str, source: Path, read_only: bool) -> None:
                              dir_fd=directory))
         else:
             raise UsageError(f"host path {source} is neither a directory nor a regular file")
-        point = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+        tree = syscalls.open_tree_clone(str(source))
         try:
-            syscalls.mount(str(source), f"/proc/self/fd/{point}", None, syscalls.MS_BIND)
-        finally:
-            os.close(point)
-        if read_only:  # held on the host too: a guest that ignores its own read-only mount writes nothing
-            mounted = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+            attrs = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
+            syscalls.mount_setattr_fd(tree, attrs | (syscalls.MOUNT_ATTR_RDONLY if read_only else 0))
+            point = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
             try:
-                syscalls.mount(None, f"/proc/self/fd/{mounted}", None, syscalls.MS_BIND | syscalls.MS_REMOUNT
-                               | syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV)
+                syscalls.move_mount_onto(tree, point)
             finally:
-                os.close(mounted)
+                os.close(point)
+        finally:
+            os.close(tree)
     except BaseException:
         unbind(share, [name])
         raise
@@ -61,7 +91,8 @@ def bind(share: Path, name: str, source: Path, read_only: bool) -> None:
 
 
 def unbind(share: Path, names: list[str]) -> None:
-    """Idempotent: each entry unmounted (lazily, never through a link) and removed."""
+    """Idempotent: each entry unmounted (lazily, never through a link) and removed. An entry the guest filled
+    meanwhile stays, empty of mounts, until the share's tmpfs goes with its pod."""
     for name in names:
         path = share / name
         while True:
@@ -80,21 +111,11 @@ def unbind(share: Path, names: list[str]) -> None:
                 os.rmdir(name, dir_fd=directory)
             except NotADirectoryError:
                 os.unlink(name, dir_fd=directory)
-        except FileNotFoundError:
-            pass
         except OSError as exc:
-            raise StateError(f"cannot remove {path}: {exc.strerror}") from None
+            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+                raise StateError(f"cannot remove {path}: {exc.strerror}") from None
         finally:
             os.close(directory)
-
-
-def unbind_container(share: Path, container_id: str) -> None:
-    """The entries of one container (by their names' prefix: whatever the guest made under one goes too)."""
-    try:
-        names = os.listdir(share)
-    except FileNotFoundError:
-        return
-    unbind(share, [n for n in names if n.startswith(entry_name(container_id, 0)[:-1])])
 
 
 def mounts_under(share: Path) -> list[str]:

@@ -114,7 +114,7 @@ def _pod_vcpus(ctx: Context, pod_id: str) -> int:
 def changed_in_pod(cfg: RunConfig, req: UpdateRequest, vcpus: int) -> RunConfig:
     """``cfg`` of a pod's container (in a VM of ``vcpus``) with the request's cgroup limits; the VM's own quotas
     are the pod's."""
-    from micropod.quotas import parse_cpuset
+    from micropod.quotas import parse_cpu_shares, parse_cpuset
     from micropod.units import parse_cpus, parse_memory_mib
 
     if req.memory_reservation is not None or req.disk_rates or req.network_rate is not None:
@@ -123,7 +123,7 @@ def changed_in_pod(cfg: RunConfig, req: UpdateRequest, vcpus: int) -> RunConfig:
     spec = cfg.container
     if req.cpus is not None:
         parse_cpus(req.cpus)
-        spec = replace(spec, cpu_quota=float(req.cpus))
+        spec = replace(spec, cpu_quota=min(float(req.cpus), float(vcpus)))
     if req.cpu_quota is not None:
         spec = replace(spec, cpu_quota=min(max(req.cpu_quota, 0.0), float(vcpus)))
     if req.memory is not None:
@@ -131,7 +131,7 @@ def changed_in_pod(cfg: RunConfig, req: UpdateRequest, vcpus: int) -> RunConfig:
     if req.memory_limit is not None:
         spec = replace(spec, memory_limit=max(req.memory_limit, 0))
     if req.cpu_shares is not None:
-        spec = replace(spec, cpu_shares=req.cpu_shares)
+        spec = replace(spec, cpu_shares=parse_cpu_shares(req.cpu_shares))
     if req.cpuset_cpus is not None:
         spec = replace(spec, cpuset_cpus=parse_cpuset(req.cpuset_cpus, available=set(range(vcpus))))
     if req.cpuset_mems is not None:

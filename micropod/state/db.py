@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from micropod.errors import StateError
+from micropod.fsutil import make_private
 
 BUSY_TIMEOUT = 30.0
 
@@ -51,6 +52,12 @@ def connect(db: Path) -> sqlite3.Connection:
     Setting up a connection can meet a lock that SQLite's busy handler does not wait for (a fresh
     connection asking for WAL while others open the file), so that part is retried, within bounds.
     """
+    try:
+        # Before SQLite makes it with the umask's mode: -wal and -shm take the database's, so 0600 covers all
+        # three, whichever of the stores opens it first.
+        make_private(db)
+    except OSError as exc:
+        raise StateError(f"state store {db}: {exc.strerror or exc}") from exc
     deadline = time.monotonic() + BUSY_TIMEOUT
     while True:
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from micropod.errors import ConflictError, NotFoundError, StateError, UsageError
-from micropod.fsutil import make_private, private_dir
+from micropod.fsutil import private_dir
 from micropod.liveness import ProcessRef, ref_of
 from micropod.state.db import open_tables
 from micropod.state.tables import VMS
@@ -79,8 +79,6 @@ class StateStore:
         self.path = db
         try:
             private_dir(db.parent)
-            # SQLite gives -wal and -shm the database's own mode, so 0600 here covers all three.
-            make_private(db)
             self._conn = open_tables(db, VMS)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA synchronous = NORMAL")

@@ -44,7 +44,7 @@ def target_address(ctx: Context, request: Request) -> str:
 
 
 def _port(text: str, request: Request) -> int:
-    if not text.isdigit() or not 0 < int(text) < 1 << 16:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 1 << 16:  # isdigit() alone takes '²'
         raise MicropodError(f"invalid port {text!r}")
     port = int(text)
     if request.ports and port not in request.ports:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import logging
 import secrets
+import socket
 import socketserver
 import threading
 import time
@@ -26,7 +27,9 @@ log = logging.getLogger("micropod.cri")
 TOKEN_TTL = 60.0
 MAX_PENDING = 1024
 MAX_SESSIONS = 64
+MAX_CONNECTIONS = 128  # before a token is shown too: each holds a thread
 MAX_HEADER_LINE = 8192
+HEAD_TIMEOUT = 10.0  # for the whole head, however slowly it trickles in
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,49 @@ class Tokens:
         return pending.request
 
 
+class HeadTooSlow(OSError):
+    pass
+
+
+class HeadReader:
+    """The request's head off the socket a line at a time, within one deadline for all of it and at most
+    MAX_HEADER_LINE bytes a line. It reads only up to each line's end (peeking for it), so whatever the client
+    sent after the head is still in the socket for the upgraded session."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = b""
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise HeadTooSlow("the request's head did not arrive in time")
+            self.sock.settimeout(remaining)
+            peeked = self.sock.recv(MAX_HEADER_LINE + 1 - len(line), socket.MSG_PEEK)
+            if not peeked:
+                return line
+            end = peeked.find(b"\n")
+            line += self.sock.recv(len(peeked) if end < 0 else end + 1)
+            if end >= 0 or (0 <= limit <= len(line)):
+                return line
+            if len(line) > MAX_HEADER_LINE:
+                raise HeadTooSlow(f"a line of the request's head is longer than {MAX_HEADER_LINE} bytes")
+
+    def close(self) -> None:
+        pass
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: StreamServer
     protocol_version = "HTTP/1.1"
     rbufsize = 0  # unbuffered: after the upgrade, every byte the client sent is still in the socket
-    timeout = 10.0  # for the request's head; a session, once upgraded, has none
+    timeout = HEAD_TIMEOUT  # a session, once upgraded, has none
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = HeadReader(self.connection, time.monotonic() + self.server.head_timeout)  # type: ignore[assignment]
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("stream %s %s", self.address_string(), format % args)
@@ -144,11 +185,35 @@ class StreamServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], root: StateRoot) -> None:
+    def __init__(self, address: tuple[str, int], root: StateRoot, max_connections: int = MAX_CONNECTIONS,
+                 head_timeout: float = HEAD_TIMEOUT) -> None:
         super().__init__(address, _Handler)
         self.root = root
         self.tokens = Tokens()
         self.sessions = threading.BoundedSemaphore(MAX_SESSIONS)
+        self.connections = threading.BoundedSemaphore(max_connections)
+        self.head_timeout = head_timeout
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection, if fewer than the cap hold one; else it is closed at once."""
+        if not self.connections.acquire(blocking=False):
+            log.warning("stream %s: too many connections; closed", client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("stream %s: connection ended in error", client_address[0], exc_info=True)
 
     @property
     def base_url(self) -> str:
