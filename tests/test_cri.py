@@ -208,5 +208,18 @@ def test_auth_config_forms() -> None:
     encoded = credentials_of(pb.AuthConfig(auth=base64.b64encode(b"u:p:q").decode()), "reg.example/img")
     assert encoded is not None and encoded.get("reg.example") is not None
     assert credentials_of(pb.AuthConfig(), "img") is None
+    hub = credentials_of(pb.AuthConfig(username="u", password="p", server_address="https://index.docker.io/v1/"),
+                         "busybox")
+    assert hub is not None and hub.get("docker.io") is not None  # a Docker Hub secret, as kubelet passes it
     with pytest.raises(CriError, match="tokens are not supported"):
         credentials_of(pb.AuthConfig(identity_token="t"), "img")
+
+
+def test_cni_args_cannot_be_smuggled_in_through_a_pod_s_metadata() -> None:
+    from micropod.errors import NetworkError
+    from micropod.net.cni import cni_args
+
+    assert cni_args((("IgnoreUnknown", "1"), ("K8S_POD_NAME", "web"))) == "IgnoreUnknown=1;K8S_POD_NAME=web"
+    for bad in (("K8S_POD_UID", "u;IP=10.0.0.9"), ("K8S_POD_NAME", "a=b"), ("", "x")):
+        with pytest.raises(NetworkError, match="CNI argument"):
+            cni_args((bad,))

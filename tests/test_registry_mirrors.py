@@ -302,10 +302,17 @@ def test_bad_settings_are_one_line_naming_the_file_and_field(mp: Cli, text: str,
 def test_settings_normalise_and_keep_insecure_optional(tmp_path: Path) -> None:
     path = tmp_path / "registries.json"
     assert registry_settings(path) == RegistrySettings()
-    path.write_text(json.dumps({"mirrors": {"Index.Docker.IO": ["HTTP://M.example:5000/v2/", "https://n.example/p/"],
+    path.write_text(json.dumps({"insecure": ["m.example:5000"],
+                                "mirrors": {"Index.Docker.IO": ["HTTP://M.example:5000/v2/", "https://n.example/p/"],
                                             "r.example:5000": []}}))
     settings = registry_settings(path)
     assert settings.mirrors == {"docker.io": ("http://m.example:5000", "https://n.example/p"), "r.example:5000": ()}
+    path.write_text(json.dumps({"mirrors": {"docker.io": ["http://127.0.0.1:5000", "http://localhost:1"]}}))
+    assert len(registry_settings(path).mirrors["docker.io"]) == 2  # plain HTTP to this machine needs no listing
+    path.write_text(json.dumps({"mirrors": {"docker.io": ["http://m.example:5000"]}}))
+    with pytest.raises(UsageError, match=r"is plain HTTP: list m\.example:5000 in 'insecure'"):
+        registry_settings(path)
+    path.write_text(json.dumps({"mirrors": {"docker.io": ["https://n.example"]}}))
     assert insecure_registries(path) == frozenset()  # a file with mirrors alone is no error for `insecure`
     path.write_text(json.dumps({"insecure": ["r.example:5000"], "mirrors": {}}))
     assert insecure_registries(path) == {"r.example:5000"}

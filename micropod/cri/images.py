@@ -17,6 +17,7 @@ from micropod.cri.status import CriError, invalid
 from micropod.errors import MicropodError, NotFoundError, UsageError
 from micropod.image.credentials import Credentials, CredentialSource, CredentialStore, GivenCredentials
 from micropod.image.reference import parse_reference
+from micropod.image.settings import canonical_registry
 from micropod.image.store import StoredImage
 
 
@@ -43,8 +44,10 @@ def credentials_of(auth: Any, image: str) -> CredentialSource | None:
             raise invalid("the auth field is not base64 of user:password") from None
     if not username:
         return None
-    registry = auth.server_address.removeprefix("https://").removeprefix("http://").split("/", 1)[0] or None
-    return GivenCredentials(registry or parse_reference(image).domain, Credentials(username, password))
+    registry = auth.server_address.removeprefix("https://").removeprefix("http://").split("/", 1)[0]
+    # kubelet passes a Docker Hub secret's "https://index.docker.io/v1/"
+    return GivenCredentials(canonical_registry(registry) if registry else parse_reference(image).domain,
+                            Credentials(username, password))
 
 
 class Images:

@@ -6,15 +6,17 @@
 - `insecure`: registries that may be reached over plain HTTP (HTTPS is tried first, as docker does).
 - `mirrors`: as containerd's registry mirrors: for an image whose registry is a key, each mirror is
   tried in order, then the registry itself. A mirror is a base URL, http or https (the scheme is used
-  as written: no probing), with an optional port and path prefix; `/v2/...` is appended to it (a
-  trailing `/v2` is dropped first). The image keeps its own name; a mirror's content is verified as
-  the registry's is (blobs by digest, a pinned manifest by its digest).
+  as written: no probing; http only to loopback or to a host listed in `insecure`), with an optional
+  port and path prefix; `/v2/...` is appended to it (a trailing `/v2` is dropped first). The image
+  keeps its own name; a mirror's content is verified as the registry's is (blobs by digest, a pinned
+  manifest by its digest).
 
 A bad shape is one UsageError naming the file and the field.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import urllib.parse
 from collections.abc import Mapping
@@ -61,8 +63,13 @@ def mirror_endpoint(url: str, where: str = "mirror") -> str:
 def _registry_key(key: str, where: str) -> str:
     if not key or "/" in key or any(c.isspace() for c in key):
         raise UsageError(f"{where}: {key!r} is not a registry host (write e.g. \"docker.io\" or \"host:5000\")")
-    key = key.lower()
-    return DEFAULT_DOMAIN if key in _HUB_ALIASES else key
+    return canonical_registry(key)
+
+
+def canonical_registry(host: str) -> str:
+    """Docker Hub by its one name (its index and API hosts are aliases of docker.io)."""
+    host = host.lower()
+    return DEFAULT_DOMAIN if host in _HUB_ALIASES else host
 
 
 def parse_settings(obj: Any, path: Path | str) -> RegistrySettings:
@@ -91,7 +98,26 @@ def parse_settings(obj: Any, path: Path | str) -> RegistrySettings:
                 raise UsageError(f"{where}[{index}]: must be a URL string, not {type(url).__name__}")
             endpoints.append(mirror_endpoint(url, f"{where}[{index}]"))
         mirrors[registry] = tuple(endpoints)
+    insecure = frozenset(h.lower() for h in hosts)
+    for registry, bases in mirrors.items():
+        for index, endpoint in enumerate(bases):
+            _check_plain_http(endpoint, insecure, f"{path}: mirrors[{json.dumps(registry)}][{index}]")
     return RegistrySettings(frozenset(hosts), mirrors)
+
+
+def _check_plain_http(endpoint: str, insecure: frozenset[str], where: str) -> None:
+    """Plain HTTP only to this machine or to a host listed as insecure, as docker's mirrors: a manifest pulled
+    by tag over it is what anyone on the way says it is."""
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme != "http" or parts.netloc in insecure or (parts.hostname or "") in insecure:
+        return
+    try:
+        if ipaddress.ip_address(parts.hostname or "").is_loopback:
+            return
+    except ValueError:
+        if parts.hostname == "localhost":
+            return
+    raise UsageError(f"{where}: mirror {endpoint} is plain HTTP: list {parts.netloc} in 'insecure' to allow it")
 
 
 def registry_settings(path: Path) -> RegistrySettings:

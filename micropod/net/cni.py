@@ -133,7 +133,7 @@ class Cni:
         env = proc.minimal_env({
             "CNI_COMMAND": command, "CNI_CONTAINERID": who.container_id, "CNI_NETNS": str(who.netns),
             "CNI_IFNAME": who.ifname, "CNI_PATH": os.pathsep.join(map(str, self.bin_dirs)),
-            "CNI_ARGS": ";".join(f"{k}={v}" for k, v in who.args),
+            "CNI_ARGS": cni_args(who.args),
         })
         self.calls.append(f"{command} {kind}")
         try:
@@ -232,3 +232,11 @@ def address_of(result: dict[str, Any], ifname: str) -> Address:
     mac = next((str(i["mac"]) for i in interfaces
                 if isinstance(i, dict) and i.get("name") == ifname and isinstance(i.get("mac"), str)), None)
     return Address(iface, gateway, mac)
+
+
+def cni_args(pairs: tuple[tuple[str, str], ...]) -> str:
+    """CNI_ARGS, ``K=V;K=V``: a pod's name or uid with a ``;`` or ``=`` would smuggle in other arguments."""
+    for key, value in pairs:
+        if any(c in text for text in (key, value) for c in ";=\0") or not key:
+            raise NetworkError(f"CNI argument {key}={value!r} has a ';', '=' or NUL")
+    return ";".join(f"{k}={v}" for k, v in pairs)
