@@ -36,8 +36,11 @@ def test_each_vmm_runs_as_its_own_uid_in_a_jail_with_no_host_file_in_reach(cli: 
     one, two = status(pid_one), status(pid_two)
     assert one["Uid"] != "0" and one["Gid"] == one["Uid"] and one["Seccomp"] == "2", one
     assert one["Uid"] != two["Uid"], (one["Uid"], two["Uid"])
-    assert sorted(os.listdir(f"/proc/{pid_one}/root")) == ["bin", "dev", "lib", "lib64", "sbin", "tmp", "usr",
-                                                           "vmlinux"]
+    assert sorted(os.listdir(f"/proc/{pid_one}/root")) == ["bin", "dev", "lib", "lib64", "proc", "sbin", "tmp",
+                                                           "usr", "vmlinux"]
+    # its /proc (for its guest RAM's /proc/self/fd/N) has processes only: no sysctl, kcore, keys or mounts
+    assert all(entry.isdigit() or entry in ("self", "thread-self") for entry in
+               os.listdir(f"/proc/{pid_one}/root/proc")), os.listdir(f"/proc/{pid_one}/root/proc")
     # what QEMU is asked over QMP to open by name, it cannot: no host file is in its namespace
     sockets = SocketDir(cli.root / "vms" / vm_one)
     qmp = QmpClient(sockets.address("qmp.sock"))

@@ -126,15 +126,21 @@ def test_syslog_from_dev_log_lands_in_the_container_log(cli: Cli) -> None:
     assert [e["stream"] for e in entries if "hi-there" in e["log"]] == ["syslog"]
 
 
-def test_system_df_and_prune(cli: Cli) -> None:
+def test_system_df_and_prune(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(tmp_path / "snapshots"))  # pruned here, not the shared one
     assert cli("run", "--name", "done", "hello", "true").returncode == 0
     start_sleeper(cli, "alive")
     usage = {r["Type"]: r for r in map(json.loads, cli("system", "df", "--format", "json").stdout.splitlines())}
     assert (usage["Containers"]["TotalCount"], usage["Containers"]["Active"]) == (2, 1)
     assert usage["Rootfs cache"]["TotalCount"] == 1 and usage["Rootfs cache"]["Reclaimable"] == "0B"
+    assert (usage["Boot snapshots"]["TotalCount"], usage["Boot snapshots"]["Active"]) == (1, 1), usage
+    holder = json.loads(next((tmp_path / "snapshots").glob("*.holder")).read_text())["pid"]
     out = cli("system", "prune", "-f")
     assert out.returncode == 0, out.stderr
     assert "Deleted Containers:" in out.stdout and "rootfs" not in out.stdout  # the running one still uses it
+    wait_for(lambda: not Path(f"/proc/{holder}/fd").exists(), 10, "the guest RAM holder to end")
+    # the snapshot goes, and its guest RAM's holder, while the VM restored from it keeps its own mapping
+    assert "Deleted boot snapshots:" in out.stdout and not list((tmp_path / "snapshots").glob("[!.]*"))
     assert [r["Names"] for r in ps(cli)] == ["alive"]
     assert cli("exec", "alive", "true").returncode == 0
     assert cli("rm", "-f", "alive").returncode == 0

@@ -1,3 +1,4 @@
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,3 +84,20 @@ def test_switches_and_locations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert snapshot.snapshot_path(CacheRoot(tmp_path), "k") == tmp_path / "s" / "k.qemu"
     snapshot.invalidate(tmp_path / "s" / "missing.qemu")
     snapshot.invalidate(None)
+
+
+def test_only_the_most_recently_used_snapshots_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(tmp_path / "snaps"))
+    monkeypatch.setenv("MICROPOD_SNAPSHOTS_KEPT", "2")
+    cache = CacheRoot(tmp_path / "cache")
+    (tmp_path / "snaps").mkdir()
+    for age, name in enumerate(("newest", "middle", "oldest", "half")):
+        stream = tmp_path / "snaps" / f"{name}.qemu"
+        stream.write_bytes(b"s")
+        os.utime(stream, ns=(0, (10 - age) * 10**9))
+        if name != "half":  # a stream without its RAM is no snapshot (never restored, never counted)
+            stream.with_suffix(".ram").write_bytes(b"r")
+    assert [p.stem for p in snapshot.saved(cache)] == ["newest", "middle", "oldest"]
+    assert [p.stem for p in snapshot.drop_least_used(cache)] == ["oldest"]
+    assert sorted(p.name for p in (tmp_path / "snaps").iterdir()) == [
+        "half.qemu", "middle.qemu", "middle.ram", "newest.qemu", "newest.ram"]

@@ -72,7 +72,7 @@ def doctor(ctx: Context, fmt: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @pass_ctx
 def system_df(ctx: Context, fmt: str) -> None:
-    """Show micropod's disk usage: images, containers (their VM dirs) and the rootfs cache."""
+    """Show micropod's disk usage: images, containers (their VM dirs), the rootfs cache and boot snapshots."""
     from micropod.cli.output import json_lines, table
     from micropod.service.housekeeping import disk_usage
     from micropod.units import human_size
@@ -90,12 +90,14 @@ def system_df(ctx: Context, fmt: str) -> None:
 @click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
 @pass_ctx
 def system_prune(ctx: Context, force: bool) -> None:
-    """Remove stopped containers and the rootfs bases no container uses (images: `image prune`)."""
+    """Remove stopped containers, the rootfs bases no container uses and the boot snapshots (images: `image
+    prune`)."""
     from micropod.service.housekeeping import prune
     from micropod.units import human_size
 
     if not force and not click.confirm(
         "WARNING! This will remove:\n  - all stopped containers\n  - every rootfs base no container uses\n"
+        "  - every boot snapshot (running VMs keep theirs)\n"
         "Are you sure you want to continue?", default=False):
         return
     result = prune(ctx)
@@ -107,6 +109,10 @@ def system_prune(ctx: Context, force: bool) -> None:
         click.echo("Deleted rootfs bases:")
         for path in result.rootfs:
             click.echo(path.name)
+    if result.snapshots:
+        click.echo("Deleted boot snapshots:")
+        for path in result.snapshots:
+            click.echo(path.stem)
     click.echo(f"\nTotal reclaimed space: {human_size(result.reclaimed)}")
 
 

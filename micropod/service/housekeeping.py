@@ -64,7 +64,19 @@ def disk_usage(ctx: Context) -> list[Usage]:
         Usage("Containers", len(records), len(running), sum(container_sizes.values()), stopped_size),
         Usage("Rootfs cache", len(bases), sum(1 for p in bases if p.resolve() in used), sum(base_sizes.values()),
               sum(size for p, size in base_sizes.items() if p.resolve() not in used)),
+        _snapshot_usage(),
     ]
+
+
+def _snapshot_usage() -> Usage:
+    """Boot snapshots: each a stream and its guest RAM; active while a holder keeps that RAM for running VMs.
+    All reclaimable: a VM restored from one keeps its RAM mapped, and the next run saves the snapshot again."""
+    from micropod.paths import CacheRoot
+    from micropod.vmm import snapshot
+
+    found = snapshot.saved(CacheRoot.from_env())
+    size = sum(allocated(f) for p in found for f in snapshot.files_of(p))
+    return Usage("Boot snapshots", len(found), sum(1 for p in found if snapshot.in_use(p)), size, size)
 
 
 def _count_images(ctx: Context) -> int:
@@ -79,6 +91,7 @@ class Pruned:
     containers: list[str]
     rootfs: list[Path]
     reclaimed: int
+    snapshots: list[Path]
 
 
 def prune(ctx: Context) -> Pruned:
@@ -101,4 +114,11 @@ def prune(ctx: Context) -> Pruned:
         reclaimed += allocated(base)
         base.unlink(missing_ok=True)
         bases.append(base)
-    return Pruned(removed, bases, reclaimed)
+    from micropod.paths import CacheRoot
+    from micropod.vmm import snapshot
+
+    snapshots = snapshot.saved(CacheRoot.from_env())
+    for saved in snapshots:
+        reclaimed += sum(allocated(f) for f in snapshot.files_of(saved))
+        snapshot.invalidate(saved)
+    return Pruned(removed, bases, reclaimed, snapshots)

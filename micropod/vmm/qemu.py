@@ -21,11 +21,13 @@ from micropod import proc
 from micropod.errors import BootError, VmmError, VmmUnavailableError
 from micropod.quotas import IoLimits
 from micropod.unixsock import SocketDir
+from micropod.vmm import guestram
 from micropod.vmm.accel import choose_accel
 from micropod.vmm.base import AGENT_SERIAL_NAME, VmSpec
 from micropod.vmm.binaries import find_qemu
 from micropod.vmm.capped import CONSOLE_LOG_MAX, VMM_LOG_MAX, CappedLog, close_all
 from micropod.vmm.child import LogSource, died_error, wait_exit, wait_until
+from micropod.vmm.guestram import GuestRam
 from micropod.vmm.qemu_confined import Handles, Jail, add_fd_argv, fd_set, open_handles
 from micropod.vmm.qemu_scsi import ScsiDisks, controller_argv
 from micropod.vmm.qmp import QmpClient
@@ -55,11 +57,12 @@ class QemuLayout:
         return self.run_dir / "vmm.log"
 
 
-def machine_options(accel: str) -> str:
+def machine_options(accel: str, ram: GuestRam | None = None) -> str:
     # No ACPI: the guest ends the VM by rebooting, which -no-reboot turns into QEMU exiting, and SMP
     # comes from the MP table. Under TCG the guest has no kvmclock and hangs without the PIT and PIC;
     # with KVM they only cost boot time. Turning the RTC off doubles TCG boot time (measured).
-    return "microvm,acpi=off,x-option-roms=off" + (",pit=off,pic=off" if accel == "kvm" else "")
+    return ("microvm,acpi=off,x-option-roms=off" + (",pit=off,pic=off" if accel == "kvm" else "")
+            + (f",memory-backend={guestram.BACKEND_ID}" if ram else ""))
 
 
 # QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid or capability changes, no fork or exec,
@@ -97,20 +100,23 @@ def _node(name: str) -> dict[str, Any]:
     return {"node-name": name}
 
 
-def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout, handles: Handles | None = None) -> list[str]:
+def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout, handles: Handles | None = None,
+              ram: GuestRam | None = None) -> list[str]:
     """The whole QEMU command line for a VmSpec, as data that tests can check; with ``handles`` (a confined QEMU,
-    micropod/vmm/qemu_confined.py) every file and socket is a descriptor it is given, never a name."""
+    micropod/vmm/qemu_confined.py) every file and socket is a descriptor it is given, never a name. With ``ram``
+    the guest's RAM is that file (a snapshot's template or clone, micropod/vmm/guestram.py)."""
     qmp = (["-chardev", f"socket,id=qmp,fd={handles.qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
            if handles else ["-qmp", f"unix:{QMP_SOCK},server=on,wait=off"])
     agent = f"socket,id=agent,fd={handles.agent}" if handles else f"socket,id=agent,path={AGENT_SOCK}"
     argv = [
         str(binary),
         *(add_fd_argv(handles) if handles else ()),
-        "-M", machine_options(accel),
+        "-M", machine_options(accel, ram),
         "-accel", accel,
         "-cpu", "host" if accel == "kvm" else "max",
         "-smp", str(spec.vcpus),
         "-m", f"{spec.memory_mib}M",
+        *(ram.argv(spec.memory_mib) if ram else ()),
         "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
         *(QEMU_SANDBOX if spec.confined else ()),
         "-kernel", str(spec.kernel),
@@ -164,8 +170,11 @@ class QemuVmm:
     name = "qemu"
 
     def __init__(
-        self, spec: VmSpec, binary: Path | None = None, accel: str | None = None, snapshot: Path | None = None
+        self, spec: VmSpec, binary: Path | None = None, accel: str | None = None, snapshot: Path | None = None,
+        ram: GuestRam | None = None,
     ) -> None:
+        """``snapshot``: restore it, on the shared copy of its guest RAM; ``ram``: run on this RAM file (the
+        snapshot template's, which the caller owns)."""
         found = binary or find_qemu()
         if found is None:
             raise VmmUnavailableError(
@@ -177,6 +186,7 @@ class QemuVmm:
         self.layout = QemuLayout.in_dir(spec.run_dir)
         self.sockets = SocketDir(spec.run_dir)
         self.snapshot = snapshot
+        self.ram = ram
         self._proc: subprocess.Popen[bytes] | None = None
         self._listener: socket.socket | None = None
         self._agent: socket.socket | None = None  # a confined QEMU's agent channel, until connect_agent takes it
@@ -214,26 +224,29 @@ class QemuVmm:
 
     def start(self) -> None:
         (self.spec.run_dir / QMP_SOCK).unlink(missing_ok=True)
+        # A restored VM's RAM is the snapshot's shared copy; this descriptor is ours to close once QEMU has it.
+        clone_ram = guestram.shared_copy(guestram.image_for(self.snapshot)) if self.snapshot is not None else None
+        ram = clone_ram or self.ram
         uid = self.spec.vmm_uid
         handles, jail = None, None
-        if uid is None:
-            self._listener = self.sockets.listen(AGENT_SOCK, backlog=1)
-            argv = self.argv
-        else:
-            handles = open_handles(self.spec, self.sockets, QMP_SOCK)
-            self._agent = handles.ours
-            jail_dir = self.spec.run_dir / "jail"
-            jail_dir.mkdir(mode=0o700, exist_ok=True)
-            jail = Jail.for_vm(jail_dir, self.spec.kernel, uid, self.accel)
-            argv = qemu_argv(replace(self.spec, kernel=Path(jail.KERNEL)), self.binary, self.accel, self.layout,
-                             handles)
-        fds = handles.fds if handles else []
         snapshot_fd = -1
         try:
+            if uid is None:
+                self._listener = self.sockets.listen(AGENT_SOCK, backlog=1)
+                argv = qemu_argv(self.spec, self.binary, self.accel, self.layout, ram=ram)
+            else:
+                handles = open_handles(self.spec, self.sockets, QMP_SOCK)
+                self._agent = handles.ours
+                jail_dir = self.spec.run_dir / "jail"
+                jail_dir.mkdir(mode=0o700, exist_ok=True)
+                jail = Jail.for_vm(jail_dir, self.spec.kernel, uid, self.accel, proc=ram is not None)
+                argv = qemu_argv(replace(self.spec, kernel=Path(jail.KERNEL)), self.binary, self.accel,
+                                 self.layout, handles, ram)
+            fds = [*(handles.fds if handles else ()), *((ram.fd,) if ram else ())]
             if self.snapshot is not None:
                 snapshot_fd = os.open(self.snapshot, os.O_RDONLY | os.O_CLOEXEC)
                 fds.append(snapshot_fd)
-                argv += ["-incoming", f"fd:{snapshot_fd}"]
+                argv += ["-incoming", "defer"]  # once x-ignore-shared is set (_resume_restored)
             self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX, deferred=True)
             self._vmm_log = CappedLog(self.layout.vmm_log, VMM_LOG_MAX, deferred=True)
             # A confined QEMU runs as its own uid from the start: the VM's directory is not its cwd to reach.
@@ -249,17 +262,21 @@ class QemuVmm:
             close_all(*(log for log in (self._console, self._vmm_log) if log is not None))
             if snapshot_fd >= 0:
                 os.close(snapshot_fd)
+            if clone_ram is not None:
+                os.close(clone_ram.fd)
             if handles is not None:
                 handles.close_passed()
         if self.snapshot is not None:
-            self._resume_restored()
+            self._resume_restored(snapshot_fd)
 
-    def _resume_restored(self) -> None:
-        """Wait for QEMU to load the snapshot, then let the (saved while paused) guest run."""
+    def _resume_restored(self, stream_fd: int) -> None:
+        """Load the snapshot from QEMU's copy of ``stream_fd``, then let the (saved while paused) guest run."""
         child = self.process
         qmp = wait_until(self._try_qmp, proc=child, timeout=30, what="QEMU's control socket",
                          logs=self.logs(console=False))
         try:
+            qmp.execute("migrate-set-capabilities", capabilities=guestram.IGNORE_SHARED)
+            qmp.execute("migrate-incoming", uri=f"fd:{stream_fd}")
             def loaded() -> str | None:
                 reply = qmp.execute("query-status")
                 if not isinstance(reply, dict) or "status" not in reply:

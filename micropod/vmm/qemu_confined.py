@@ -23,6 +23,7 @@ from micropod.syscalls import (
     CLONE_NEWNS,
     MS_BIND,
     MS_NODEV,
+    MS_NOEXEC,
     MS_NOSUID,
     MS_PRIVATE,
     MS_RDONLY,
@@ -126,13 +127,16 @@ class Jail:
     uid: int
     devices: tuple[str, ...] = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
     groups: tuple[int, ...] = ()  # the kvm group, for /dev/kvm
+    # QEMU opens its guest RAM (a sealed memfd it inherits, micropod/vmm/guestram.py) by /proc/self/fd/N: a /proc
+    # of its own then, showing no other process and no system file (subset=pid, hidepid=invisible), read-only
+    proc: bool = False
 
     @classmethod
-    def for_vm(cls, root: Path, kernel: Path, uid: int, accel: str) -> Jail:
+    def for_vm(cls, root: Path, kernel: Path, uid: int, accel: str, proc: bool = False) -> Jail:
         """With /dev/kvm, and its group, when the VM runs on KVM."""
         if accel != "kvm":
-            return cls(root, kernel, uid)
-        return cls(root, kernel, uid, (*cls.devices, "/dev/kvm"), (os.stat("/dev/kvm").st_gid,))
+            return cls(root, kernel, uid, proc=proc)
+        return cls(root, kernel, uid, (*cls.devices, "/dev/kvm"), (os.stat("/dev/kvm").st_gid,), proc=proc)
 
     KERNEL = "/vmlinux"
 
@@ -145,7 +149,7 @@ class Jail:
         mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host's namespace
         root = str(self.root)
         mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-        for name in ("usr", "dev", "tmp"):
+        for name in ("usr", "dev", "tmp", *(("proc",) if self.proc else ())):
             os.mkdir(f"{root}/{name}")
             os.chmod(f"{root}/{name}", 0o755)  # the monitor's umask is 077
         for link in ("lib", "lib64", "bin", "sbin"):
@@ -159,6 +163,9 @@ class Jail:
         os.close(os.open(f"{root}{self.KERNEL}", os.O_CREAT | os.O_WRONLY, 0o600))
         mount(str(self.kernel), f"{root}{self.KERNEL}", None, MS_BIND)
         mount(None, f"{root}{self.KERNEL}", None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        if self.proc:
+            mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+                  "subset=pid,hidepid=invisible")
         os.chroot(root)
         os.chdir("/")
         os.setgroups(list(self.groups))

@@ -3,10 +3,11 @@
 A cold boot under TCG spends about two seconds on the kernel and on starting CPython in the guest,
 the same work for every VM. So the first VM of a given shape (kernel, system image, vCPUs, memory,
 upper-layer size, QEMU build, accelerator) is booted as a template with placeholder disks, paused
-once the agent greets, and saved with QEMU's migration stream. Each run restores that stream with
-``-incoming fd:N`` behind its own disks and sends the agent ``restore``: fresh host entropy to
-reseed the guest's CRNG, and the time. The agent drops its cached blocks of each disk before
-mounting it, since the template's partition scan read other files behind the same devices.
+once the agent greets, and saved with QEMU's migration stream, its RAM apart (guestram.py). Each run
+restores that stream with ``-incoming`` behind its own disks, on a shared copy-on-write mapping of
+that RAM, and sends the agent ``restore``: fresh host entropy to reseed the guest's CRNG, and the
+time. The agent drops its cached blocks of each disk before mounting it, since the template's
+partition scan read other files behind the same devices.
 
 The template's rootfs placeholder is large and sparse: the guest keeps the capacity it saw at boot,
 and a squashfs image only reads within its own size, so every image fits behind it.
@@ -32,6 +33,7 @@ from micropod.fsutil import flock, private_dir
 from micropod.liveness import start_time
 from micropod.paths import CacheRoot
 from micropod.unixsock import SocketDir
+from micropod.vmm import guestram
 from micropod.vmm.base import Drive, NetInterface, VmSpec
 from micropod.vmm.child import wait_until
 from micropod.vmm.qmp import QmpClient
@@ -43,12 +45,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("micropod")
 
-FORMAT_VERSION = "2"  # 2: streams written by QEMU into our fd (1 went through `exec:cat`)
+# 3: the guest's RAM in a file of its own beside a stream without it (guestram.py); 2: streams written by QEMU
+# into our fd (1 went through `exec:cat`)
+FORMAT_VERSION = "3"
 # What a template's rootfs disk claims to hold; images up to this size can boot from the snapshot.
 ROOTFS_PLACEHOLDER_SIZE = 1 << 40
 TEMPLATE_TIMEOUT = 120.0
 SAVE_TIMEOUT = 60.0
 TEMPLATE_MAC = "02:00:00:00:00:01"
+# Machine shapes whose snapshots are kept; past it, the least recently used goes when another is saved.
+DEFAULT_KEPT = 8
 
 
 def enabled() -> bool:
@@ -149,7 +155,8 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
     except OSError as exc:
         _delete_taps(taps)
         raise BootError(f"cannot create the snapshot template's TAP: {exc.strerror}") from exc
-    vmm = vmm_factory(template_spec(spec, workdir, taps), snapshot=None)
+    ram = guestram.template_ram(spec.memory_mib)
+    vmm = vmm_factory(template_spec(spec, workdir, taps), snapshot=None, ram=ram)
     try:
         vmm.start()
         channel = vmm.connect_agent(TEMPLATE_TIMEOUT)
@@ -172,6 +179,7 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
                 qmp.execute("getfd", pass_fd=out, fdname="snapshot")
             finally:
                 os.close(out)
+            qmp.execute("migrate-set-capabilities", capabilities=guestram.IGNORE_SHARED)
             qmp.execute("migrate", uri="fd:snapshot")
 
             def finished() -> str | None:
@@ -188,9 +196,12 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
             sockets.close()
         channel.close()
         vmm.wait(10)
+        # The RAM first: a stream is only ever beside the RAM it was saved with.
+        guestram.save_image(ram, guestram.image_for(target))
         os.replace(tmp, target)
     finally:
         vmm.kill()
+        os.close(ram.fd)
         tmp.unlink(missing_ok=True)
         for leftover in workdir.iterdir():
             if leftover.is_dir() and not leftover.is_symlink():
@@ -215,21 +226,65 @@ def ensure_snapshot(vmm_factory: QemuFactory, spec: VmSpec, key: str, cache: Cac
     # Private, and closed if an older version left it open: a snapshot holds its clones' KASLR offsets and
     # canaries (README, Security model).
     private_dir(path.parent)
-    if path.exists():
+    if complete(path):
+        with contextlib.suppress(OSError):
+            os.utime(path)  # its last use, for the bound on how many are kept (only the stream's time moves)
         return path
     started = time.monotonic()
     try:
         with flock(path.with_name(f".{path.name}.lock")):
-            if not path.exists():
+            if not complete(path):
                 save_template(vmm_factory, spec, path)
                 log.info("saved boot snapshot %s in %.1fs", path.name[:12], time.monotonic() - started)
     except MicropodError as exc:
         log.warning("booting without a snapshot: %s", exc)
         return None
+    drop_least_used(cache)
     return path
 
 
+def drop_least_used(cache: CacheRoot) -> list[Path]:
+    """Keep the ``kept()`` snapshots used last; the others go."""
+    dropped = saved(cache)[kept():]
+    for stale in dropped:
+        log.info("dropping the least recently used boot snapshot %s", stale.name[:12])
+        invalidate(stale)
+    return dropped
+
+
+def kept() -> int:
+    try:
+        return max(1, int(os.environ.get("MICROPOD_SNAPSHOTS_KEPT", DEFAULT_KEPT)))
+    except ValueError:
+        return DEFAULT_KEPT
+
+
+def saved(cache: CacheRoot) -> list[Path]:
+    """The complete snapshots, the most recently used first."""
+    directory = snapshot_dir(cache)
+    found = [p for p in directory.glob("*.qemu") if complete(p)] if directory.is_dir() else []
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def files_of(path: Path) -> tuple[Path, Path]:
+    return path, guestram.image_for(path)
+
+
+def in_use(path: Path) -> bool:
+    """Whether a holder keeps this snapshot's guest RAM for the VMs restored from it."""
+    return guestram.holder_alive(guestram.image_for(path))
+
+
+def complete(path: Path) -> bool:
+    return path.exists() and guestram.image_for(path).exists()
+
+
 def invalidate(path: Path | None) -> None:
+    """Drop a snapshot (its stream, its RAM and the RAM's holder); VMs running from it keep their mappings."""
     if path is not None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        image = guestram.image_for(path)
+        guestram.release(image)
+        with contextlib.suppress(FileNotFoundError):
+            image.unlink()
