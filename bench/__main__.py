@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from bench import boot, confinement, cri, inguest, metadata, net, pods, pull, unpack
+from bench import boot, confinement, cri, density, inguest, metadata, net, pods, pull, unpack
 from bench import exec as exec_bench
 from bench import ps as ps_bench
 from bench import runtime as runtime_bench
@@ -18,7 +18,7 @@ def main() -> int:
     results.update(pull=pull.run(), unpack=unpack.run(), net=net.run(), runtime=runtime_bench.run(),
                    runtime_in_guest=inguest.run(), pods=pods.run(),
                    confinement=confinement.run(), ps=ps_bench.run(),
-                   metadata=metadata.run(), cri=cri.run())
+                   metadata=metadata.run(), cri=cri.run(), density=density.run())
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

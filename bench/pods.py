@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.timing import comparison, demo_root, time_command
+from bench.timing import comparison, demo_root, pss_kib, time_command
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 DENSITY = int(os.environ.get("BENCH_POD_DENSITY", "10"))
@@ -54,19 +54,12 @@ def _density(micropod: Any, root: Path) -> dict[str, Any]:
         micropod("run", "-d", "--pod", "bench", "--name", f"in-pod{index}", "hello", "sleep", "3600")
     with sqlite3.connect(root / "state.db") as db:
         pod_pids = [p for row in db.execute("SELECT monitor_pid, vmm_pid FROM pods") for p in row if p]
-    in_pod = sum(_pss_kib(pid) for pid in pod_pids) / DENSITY
+    in_pod = sum(pss_kib(pid) for pid in pod_pids) / DENSITY
     for index in range(DENSITY):
         micropod("run", "-d", "--name", f"vm{index}", "hello", "sleep", "3600")
     with sqlite3.connect(root / "state.db") as db:
         vm_pids = [p for row in db.execute("SELECT monitor_pid, vmm_pid FROM vms WHERE pod = ''") for p in row if p]
-    per_vm = sum(_pss_kib(pid) for pid in vm_pids) / DENSITY
+    per_vm = sum(pss_kib(pid) for pid in vm_pids) / DENSITY
     return {"containers": DENSITY, "in_one_pod_mib": round(in_pod / 1024, 1),
             "one_vm_each_mib": round(per_vm / 1024, 1), "ratio": round(in_pod / per_vm, 3)}
 
-
-def _pss_kib(pid: int) -> int:
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return 0
-    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:")), 0)

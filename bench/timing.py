@@ -77,3 +77,12 @@ def comparison(ours: tuple[str, Sequence[float]], baseline: tuple[str, Sequence[
         **extra,
         "samples": {name: [round(s, digits) for s in samples], base_name: [round(s, digits) for s in base_samples]},
     }
+
+
+def pss_kib(pid: int) -> int:
+    """A process's proportional set size (a page shared by k processes counts 1/k); 0 once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:")), 0)

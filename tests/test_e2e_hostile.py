@@ -81,9 +81,12 @@ def monitor_pid(root: Path) -> int | None:
             continue
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            # a monitor its state root's forker made has the forker's argv, and a name of its own
+            forked = argv[2:3] == [b"micropod.monitor.forker"] and \
+                Path(f"/proc/{entry}/comm").read_text() == "micropod-mon\n"
         except OSError:
             continue
-        if b"micropod.monitor" in argv and os.fsencode(root) in argv:
+        if (b"micropod.monitor" in argv or forked) and os.fsencode(root) in argv:
             return int(entry)
     return None
 

@@ -216,18 +216,16 @@ def start(ctx: Context, cfg: RunConfig, attach: bool, maintenance: bool = False)
     vm_dir = ctx.root.vm(cfg.vm_id)
     ours: socket.socket | None = None
     theirs: socket.socket | None = None
-    argv: list[str | Path] = [sys.executable, "-m", "micropod.monitor", "--root", ctx.root.path, cfg.vm_id]
+    args = ["--root", str(ctx.root.path), cfg.vm_id]
     if ctx.debug:
-        argv.append("--debug")
+        args.append("--debug")
     if maintenance:
-        argv.append("--maintenance")
+        args.append("--maintenance")
     if attach:
         ours, theirs = socket.socketpair()
-        argv[3:3] = ["--attach-fd", str(theirs.fileno())]
     try:
         with os.fdopen(private_file(vm_dir.monitor_log), "ab") as log:
-            child = proc.spawn(argv, stdout=log, stderr=log, new_session=True,
-                               pass_fds=[theirs.fileno()] if theirs else [], env=monitor_env())
+            pid = spawn_monitor(ctx, args, log.fileno(), theirs.fileno() if theirs else None)
     except BaseException:
         if ours:
             ours.close()
@@ -235,10 +233,25 @@ def start(ctx: Context, cfg: RunConfig, attach: bool, maintenance: bool = False)
     finally:
         if theirs:
             theirs.close()
-    ref = ProcessRef.of(child.pid)
+    ref = ProcessRef.of(pid)
     if ref is not None:
         ctx.state.update(cfg.vm_id, monitor_pid=ref.pid, monitor_start=ref.started)
     return MonitorClient(ours) if ours else None
+
+
+def spawn_monitor(ctx: Context, args: list[str], log_fd: int, attach_fd: int | None = None) -> int:
+    """Start a monitor (``python -m micropod.monitor ARGS``, detached, its output into ``log_fd``): forked from
+    the state root's pre-imported forker (micropod/monitor/forker.py), or spawned when that cannot be."""
+    from micropod.monitor.forker import ATTACH_FD, fork_monitor
+
+    attach = ["--attach-fd", ATTACH_FD] if attach_fd is not None else []
+    pid = fork_monitor(ctx.root, [*attach, *args], proc.minimal_env(monitor_env()), log_fd, attach_fd)
+    if pid is not None:
+        return pid
+    argv: list[str | Path] = [sys.executable, "-m", "micropod.monitor",
+                              *(["--attach-fd", str(attach_fd)] if attach_fd is not None else []), *args]
+    return proc.spawn(argv, stdout=log_fd, stderr=log_fd, new_session=True,
+                      pass_fds=[attach_fd] if attach_fd is not None else [], env=monitor_env()).pid
 
 
 def monitor_env() -> dict[str, str]:

@@ -10,13 +10,10 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from micropod import proc
 from micropod.context import Context
 from micropod.errors import (
     ConflictError,
@@ -147,14 +144,12 @@ def boot(ctx: Context, pod: PodRecord) -> None:
     if not ctx.pods.update_if(pod.id, ("created", "stopped", "dead"), status="starting", error=None,
                               monitor_pid=None, monitor_start=None, vmm_pid=None, vmm_start=None):
         raise ConflictError(f"pod {pod.name} is being started or removed by another command")
-    argv: list[str | Path] = [sys.executable, "-m", "micropod.monitor", "--root", ctx.root.path, "--pod", pod.id]
-    if ctx.debug:
-        argv.append("--debug")
-    from micropod.service.containers import monitor_env
+    args = ["--root", str(ctx.root.path), "--pod", pod.id, *(["--debug"] if ctx.debug else [])]
+    from micropod.service.containers import spawn_monitor
 
     with os.fdopen(private_file(pod_dir.monitor_log), "ab") as log:
-        child = proc.spawn(argv, stdout=log, stderr=log, new_session=True, env=monitor_env())
-    ref = ProcessRef.of(child.pid)
+        pid = spawn_monitor(ctx, args, log.fileno())
+    ref = ProcessRef.of(pid)
     if ref is not None:
         ctx.pods.update(pod.id, monitor_pid=ref.pid, monitor_start=ref.started)
     _await_running(ctx, pod, ref, cfg.boot_timeout + 60)
