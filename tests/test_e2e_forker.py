@@ -41,7 +41,9 @@ def test_monitors_are_forked_by_one_forker_whose_death_ends_no_vm(cli: Cli) -> N
     one, two = monitor_of(cli, "one"), monitor_of(cli, "two")
     parent = parent_of(one)
     assert parent == parent_of(two) and parent != 1
-    assert Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[2] == b"micropod.monitor.forker"
+    assert Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[1:4] == [b"-P", b"-m",
+                                                                               b"micropod.monitor.forker"]
+    assert Path(f"/proc/{parent}/cwd").readlink() == Path("/")
     assert Path(f"/proc/{one}/comm").read_text().strip() == "micropod-mon"
     assert os.stat(cli.root / "forker").st_mode & 0o777 == 0o700
     # crash isolation: the forker dies, every VM it forked a monitor for goes on
@@ -65,14 +67,15 @@ def test_without_the_forker_a_monitor_is_spawned(cli: Cli, monkeypatch: pytest.M
 def test_a_forker_of_other_code_steps_aside(tmp_path: Path) -> None:
     root = StateRoot(tmp_path / "root")
     forker.forker_dir(root)
-    server = subprocess.Popen([sys.executable, "-m", "micropod.monitor.forker", str(root.path)])
+    name = forker.context_name()
+    server = subprocess.Popen([sys.executable, "-m", "micropod.monitor.forker", str(root.path), name])
     try:
         deadline = time.monotonic() + 30
-        while not (root.path / "forker" / forker.SOCK).exists():
+        while not (root.path / "forker" / name).exists():
             assert time.monotonic() < deadline and server.poll() is None
             time.sleep(0.01)
         with socket.socket(socket.AF_UNIX) as conn, open(os.devnull, "wb") as log:
-            conn.connect(str(root.path / "forker" / forker.SOCK))
+            conn.connect(str(root.path / "forker" / name))
             request = {"identity": "another micropod", "args": ["--root", str(root.path), "x"], "env": {}}
             socket.send_fds(conn, [json.dumps(request).encode()], [log.fileno()])
             assert json.loads(conn.makefile().readline()) == {"stale": True}
@@ -80,3 +83,21 @@ def test_a_forker_of_other_code_steps_aside(tmp_path: Path) -> None:
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_forker_that_took_the_request_and_never_answered_is_an_error_not_a_second_monitor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forker, "REPLY_TIMEOUT", 0.5)
+    root = StateRoot(tmp_path / "root")
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(str(forker.forker_dir(root) / forker.context_name()))
+    silent.listen()
+    try:
+        with open(os.devnull, "wb") as log, pytest.raises(forker.ForkerError, match="did not answer"):
+            forker.fork_monitor(root, ["--root", str(root.path), "x"], {}, log.fileno())
+    finally:
+        silent.close()
+    # nobody listening at all: the caller spawns the monitor itself
+    monkeypatch.setattr(forker, "_start", lambda *_: False)
+    with open(os.devnull, "wb") as log:
+        assert forker.fork_monitor(root, ["--root", str(root.path), "x"], {}, log.fileno()) is None

@@ -82,7 +82,7 @@ def monitor_pid(root: Path) -> int | None:
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             # a monitor its state root's forker made has the forker's argv, and a name of its own
-            forked = argv[2:3] == [b"micropod.monitor.forker"] and \
+            forked = b"micropod.monitor.forker" in argv and \
                 Path(f"/proc/{entry}/comm").read_text() == "micropod-mon\n"
         except OSError:
             continue

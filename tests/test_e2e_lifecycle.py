@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import Cli
 from tests.test_e2e_exec import start_sleeper
 from tests.test_e2e_run import _pid_of, console_of, one_line_error, ps, wait_for
+from tests.test_guestram import ended
 
 pytestmark = pytest.mark.e2e
 
@@ -138,7 +139,7 @@ def test_system_df_and_prune(cli: Cli, tmp_path: Path, monkeypatch: pytest.Monke
     out = cli("system", "prune", "-f")
     assert out.returncode == 0, out.stderr
     assert "Deleted Containers:" in out.stdout and "rootfs" not in out.stdout  # the running one still uses it
-    wait_for(lambda: not Path(f"/proc/{holder}/fd").exists(), 10, "the guest RAM holder to end")
+    assert ended(holder)
     # the snapshot goes, and its guest RAM's holder, while the VM restored from it keeps its own mapping
     assert "Deleted boot snapshots:" in out.stdout and not list((tmp_path / "snapshots").glob("[!.]*"))
     assert [r["Names"] for r in ps(cli)] == ["alive"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -28,6 +29,33 @@ def test_restored_vms_do_not_share_random_state_or_a_stale_clock(cli: Cli, tmp_p
     assert first[0] != second[0], "two restored VMs produced the same random uuid"
     assert first[1] != second[1], "two restored VMs read the same bytes from /dev/urandom"
     assert abs(int(second[2].strip()) - time.time()) < 30, "the restored guest's clock is stale"
+
+
+def ram_mappings(pid: int) -> set[str]:
+    """The inodes of the snapshot RAM memfds a QEMU maps."""
+    return {line.split()[4] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if "/memfd:micropod-ram-" in line}
+
+
+def vmm_pid(cli: Cli, name: str) -> int:
+    return int(json.loads(cli("inspect", name).stdout)[0]["State"]["Pid"])
+
+
+@pytest.mark.parametrize("shared", ["1", "0"])
+def test_restored_vms_map_one_sealed_copy_of_the_ram_unless_told_not_to(
+        cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: str) -> None:
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(tmp_path / "snapshots"))
+    monkeypatch.setenv("MICROPOD_SHARED_RAM", shared)
+    run_out(cli, "true")  # builds the snapshot
+    for name in ("a", "b"):
+        assert cli("run", "-d", "--name", name, "hello", "sleep", "600").returncode == 0
+    first, second = ram_mappings(vmm_pid(cli, "a")), ram_mappings(vmm_pid(cli, "b"))
+    assert len(first) == len(second) == 1
+    assert (first == second) == (shared == "1"), (first, second)
+    assert len(list((tmp_path / "snapshots").glob("*.holder"))) == (1 if shared == "1" else 0)
+    done = cli("exec", "b", "sh", "-c", "echo $((6 * 7))")
+    assert (done.returncode, done.stdout) == (0, "42\n"), done.stderr
+    assert cli("rm", "-f", "a", "b").returncode == 0
 
 
 def test_cold_boot_when_snapshots_are_off(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -248,9 +248,10 @@ def spawn_monitor(ctx: Context, args: list[str], log_fd: int, attach_fd: int | N
     pid = fork_monitor(ctx.root, [*attach, *args], proc.minimal_env(monitor_env()), log_fd, attach_fd)
     if pid is not None:
         return pid
-    argv: list[str | Path] = [sys.executable, "-m", "micropod.monitor",
+    # -P and "/": no module is ever imported from the caller's working directory
+    argv: list[str | Path] = [sys.executable, "-P", "-m", "micropod.monitor",
                               *(["--attach-fd", str(attach_fd)] if attach_fd is not None else []), *args]
-    return proc.spawn(argv, stdout=log_fd, stderr=log_fd, new_session=True,
+    return proc.spawn(argv, stdout=log_fd, stderr=log_fd, new_session=True, cwd=Path("/"),
                       pass_fds=[attach_fd] if attach_fd is not None else [], env=monitor_env()).pid
 
 

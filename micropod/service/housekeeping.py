@@ -69,13 +69,13 @@ def disk_usage(ctx: Context) -> list[Usage]:
 
 
 def _snapshot_usage() -> Usage:
-    """Boot snapshots: each a stream and its guest RAM; active while a holder keeps that RAM for running VMs.
+    """Boot snapshots: each its guest RAM and its stream; active while a holder keeps that RAM for running VMs.
     All reclaimable: a VM restored from one keeps its RAM mapped, and the next run saves the snapshot again."""
     from micropod.paths import CacheRoot
     from micropod.vmm import snapshot
 
     found = snapshot.saved(CacheRoot.from_env())
-    size = sum(allocated(f) for p in found for f in snapshot.files_of(p))
+    size = sum(allocated(p) for p in found)
     return Usage("Boot snapshots", len(found), sum(1 for p in found if snapshot.in_use(p)), size, size)
 
 
@@ -119,6 +119,6 @@ def prune(ctx: Context) -> Pruned:
 
     snapshots = snapshot.saved(CacheRoot.from_env())
     for saved in snapshots:
-        reclaimed += sum(allocated(f) for f in snapshot.files_of(saved))
+        reclaimed += allocated(saved)
         snapshot.invalidate(saved)
     return Pruned(removed, bases, reclaimed, snapshots)

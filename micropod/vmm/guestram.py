@@ -8,9 +8,11 @@ one copy for every clone, and the ones it writes become its own. The restore cop
 That common copy is a memfd sealed against every change (write, shrink, grow, more seals), so not even a root
 QEMU that a guest took over can alter the memory the next clone starts from: QEMU 7.2 opens a memory file
 read-write whatever its sharing (8.2 added ``rom=off``), and a writable file on disk would be exactly that hole.
-The memfd outlives any one VM in a holder, a ``sleep`` that inherits it, recorded beside the image (pid, start
-time, descriptor, inode). A monitor reopens it through ``/proc/PID/fd/N``; a holder that is gone is started
-again from the image, and one whose record names another image is ended.
+The memfd outlives any one VM in a holder, a ``sleep`` that inherits it, recorded beside the snapshot (pid,
+start time, descriptor, inode, and the snapshot file's identity). A monitor reopens it through
+``/proc/PID/fd/N``; a holder that is gone is started again from the snapshot, and one whose record names
+another snapshot file (or fails any check) is ended. The RAM is the snapshot file's first bytes, the migration
+stream follows: one file, one rename, so a stream is never restored over another template's RAM.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from micropod import proc
 from micropod.errors import BootError, MicropodError
-from micropod.fsutil import PRIVATE_FILE, atomic_write, flock, fsync_dir
+from micropod.fsutil import PRIVATE_FILE, atomic_write, flock
 from micropod.jsonfile import read_json_object
 from micropod.liveness import start_time
 
@@ -67,22 +69,17 @@ def template_ram(memory_mib: int) -> GuestRam:
     return GuestRam(fd, shared=True)
 
 
-def save_image(ram: GuestRam, target: Path) -> None:
-    """The template's RAM, written sparse (only the pages the guest touched) and durably to ``target``."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE)
-    try:
-        _copy_sparse(ram.fd, out, os.fstat(ram.fd).st_size)
-        os.fsync(out)
-        os.replace(tmp, target)
-    finally:
-        os.close(out)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    fsync_dir(target.parent)
+def write_image(ram: GuestRam, out: int) -> int:
+    """The template's RAM into ``out`` from offset 0, sparse (only the pages the guest touched); ``out`` is left
+    at its end, where the migration stream follows in the same file (snapshot.py). Returns its size."""
+    size = os.fstat(ram.fd).st_size
+    _copy_sparse(ram.fd, out, size)
+    os.lseek(out, size, os.SEEK_SET)
+    return size
 
 
 def _copy_sparse(src: int, dst: int, size: int) -> None:
+    """Bytes [0, size) of ``src`` into ``dst``, holes left holes."""
     os.ftruncate(dst, size)
     offset = 0
     while offset < size:
@@ -92,62 +89,81 @@ def _copy_sparse(src: int, dst: int, size: int) -> None:
             if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
                 return
             raise
-        end = os.lseek(src, start, os.SEEK_HOLE)
+        if start >= size:
+            return
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
         os.lseek(dst, start, os.SEEK_SET)
         while start < end:
             sent = os.sendfile(dst, src, start, min(end - start, _COPY_CHUNK))
             if sent == 0:
-                raise OSError(errno.EIO, "the RAM file ended early")
+                raise OSError(errno.EIO, "the snapshot ended inside its RAM")
             start += sent
         offset = end
 
 
-def shared_copy(image: Path) -> GuestRam:
-    """The sealed memfd that holds ``image`` for every VM restored from it: the running holder's, or a new one
-    (loaded from the image, sealed, and given to a new holder)."""
-    record = holder_record(image)
+def sharing_enabled() -> bool:
+    """MICROPOD_SHARED_RAM=0: every VM gets a copy of its own (no page is shared between tenants' VMs, at the
+    cost of the memory and a copy per start)."""
+    return os.environ.get("MICROPOD_SHARED_RAM", "1") not in ("0", "false", "no", "off")
+
+
+def clone_ram(snapshot: Path, fd: int, size: int) -> GuestRam:
+    """The RAM a VM restored from ``snapshot`` (open as ``fd``, its first ``size`` bytes) runs on: the sealed
+    memfd every such VM shares, from its running holder or from a new one; its own copy without sharing."""
     try:
-        with flock(image.with_name(f".{image.name}.lock")):
-            fd = _from_holder(record, image)
-            if fd is None:
-                fd = _load_sealed(image)
+        if not sharing_enabled():
+            return GuestRam(_load_sealed(fd, size, snapshot.stem), shared=False)
+        with flock(lock_of(snapshot)):
+            record = holder_record(snapshot)
+            identity = _identity(fd)
+            memfd = _from_holder(record, identity, size)
+            if memfd is None:
+                memfd = _load_sealed(fd, size, snapshot.stem)
                 try:
-                    _start_holder(fd, record, image)
+                    _start_holder(memfd, record, identity)
                 except BaseException:
-                    os.close(fd)
+                    os.close(memfd)
                     raise
     except OSError as exc:
         # A BootError: the monitor then drops the snapshot and boots cold.
         raise BootError(f"the snapshot's guest RAM cannot be shared: {exc.strerror or exc}") from exc
-    return GuestRam(fd, shared=False)
+    return GuestRam(memfd, shared=False)
 
 
-def holder_record(image: Path) -> Path:
-    return image.with_name(f"{image.name}.holder")
+def lock_of(snapshot: Path) -> Path:
+    """The lock a snapshot is built, shared and dropped under."""
+    return snapshot.with_name(f".{snapshot.name}.lock")
 
 
-def _identity(image: Path) -> str:
-    st = image.stat()
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+def holder_record(snapshot: Path) -> Path:
+    return snapshot.with_suffix(".holder")
 
 
-def _from_holder(record: Path, image: Path) -> int | None:
+def _identity(fd: int) -> str:
+    """The snapshot file itself, by its open descriptor: a holder serves the file it was loaded from, never one
+    saved since under the same name."""
+    st = os.fstat(fd)
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _from_holder(record: Path, identity: str, size: int) -> int | None:
     found = _read_record(record)
     if found is None:
         return None
-    pid, started, fd_number, inode, of_image = found
-    if of_image != _identity(image):  # the holder of an image since replaced
-        _end(pid, started)
-        return None
-    if start_time(pid) != started:
+    pid, started, fd_number, inode, of_snapshot = found
+    if of_snapshot != identity or start_time(pid) != started:
+        _end(pid, started)  # the holder of a snapshot since replaced (or gone): never used again
         return None
     try:
         fd = os.open(f"/proc/{pid}/fd/{fd_number}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
+        _end(pid, started)
         return None
     info = os.fstat(fd)
-    if info.st_ino != inode or info.st_size != image.stat().st_size or not is_sealed(fd):
+    # checked again once open, so that the pid cannot have become another process's in between
+    if start_time(pid) != started or info.st_ino != inode or info.st_size != size or not is_sealed(fd):
         os.close(fd)
+        _end(pid, started)
         return None
     return fd
 
@@ -160,54 +176,54 @@ def _read_record(record: Path) -> tuple[int, int, int, int, str] | None:
     if found is None:
         return None
     values = (found.get("pid"), found.get("started"), found.get("fd"), found.get("inode"))
-    image = found.get("image")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values) or \
-            not isinstance(image, str):
+    identity = found.get("snapshot")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values) or \
+            not isinstance(identity, str):
         return None
     pid, started, fd_number, inode = (int(v) for v in values)  # type: ignore[arg-type]
-    return pid, started, fd_number, inode, image
+    return pid, started, fd_number, inode, identity
 
 
 def is_sealed(fd: int) -> bool:
     return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
 
 
-def _load_sealed(image: Path) -> int:
-    src = os.open(image, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    fd = os.memfd_create(f"micropod-ram-{image.stem[:16]}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def _load_sealed(src: int, size: int, name: str) -> int:
+    if not stat.S_ISREG(os.fstat(src).st_mode) or os.fstat(src).st_size <= size:
+        raise OSError(errno.EINVAL, "the snapshot is shorter than its guest RAM")
+    fd = os.memfd_create(f"micropod-ram-{name[:16]}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        info = os.fstat(src)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, f"{image} is not a regular file")
-        _copy_sparse(src, fd, info.st_size)
+        _copy_sparse(src, fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except BaseException:
         os.close(fd)
         raise
-    finally:
-        os.close(src)
     return fd
 
 
-def _start_holder(fd: int, record: Path, image: Path) -> None:
+def _start_holder(fd: int, record: Path, identity: str) -> None:
     sleep = shutil.which("sleep") or "/bin/sleep"
-    holder = proc.spawn([sleep, "infinity"], pass_fds=(fd,), new_session=True)
+    holder = proc.spawn([sleep, "infinity"], pass_fds=(fd,), new_session=True, cwd=Path("/"))
     started = start_time(holder.pid)
-    if started is None:
-        raise OSError(errno.ESRCH, "the guest RAM holder ended at once")
-    entry = {"pid": holder.pid, "started": started, "fd": fd, "inode": os.fstat(fd).st_ino,
-             "image": _identity(image)}
-    atomic_write(record, json.dumps(entry).encode(), mode=PRIVATE_FILE)
+    try:
+        if started is None:
+            raise OSError(errno.ESRCH, "the guest RAM holder ended at once")
+        entry = {"pid": holder.pid, "started": started, "fd": fd, "inode": os.fstat(fd).st_ino,
+                 "snapshot": identity}
+        atomic_write(record, json.dumps(entry).encode(), mode=PRIVATE_FILE)
+    except BaseException:
+        holder.kill()  # a holder nobody can find would keep the RAM forever
+        raise
 
 
-def holder_alive(image: Path) -> bool:
-    found = _read_record(holder_record(image))
+def holder_alive(snapshot: Path) -> bool:
+    found = _read_record(holder_record(snapshot))
     return found is not None and start_time(found[0]) == found[1]
 
 
-def release(image: Path) -> None:
-    """End the holder of ``image`` (the snapshot is being dropped); VMs running on its memfd keep it mapped."""
-    record = holder_record(image)
+def release(snapshot: Path) -> None:
+    """End the holder of ``snapshot`` (being dropped, under its lock); VMs running on its RAM keep it mapped."""
+    record = holder_record(snapshot)
     found = _read_record(record)
     if found is not None:
         _end(found[0], found[1])
@@ -225,8 +241,3 @@ def _end(pid: int, started: int) -> None:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     finally:
         os.close(pidfd)
-
-
-def image_for(snapshot: Path) -> Path:
-    """Where a boot snapshot's guest RAM is kept: beside its migration stream."""
-    return snapshot.with_suffix(".ram")

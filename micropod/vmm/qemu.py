@@ -224,12 +224,25 @@ class QemuVmm:
 
     def start(self) -> None:
         (self.spec.run_dir / QMP_SOCK).unlink(missing_ok=True)
-        # A restored VM's RAM is the snapshot's shared copy; this descriptor is ours to close once QEMU has it.
-        clone_ram = guestram.shared_copy(guestram.image_for(self.snapshot)) if self.snapshot is not None else None
+        clone_ram: GuestRam | None = None
+        snapshot_fd = -1
+        if self.snapshot is not None:
+            # The snapshot is the guest's RAM, then the stream: QEMU reads the stream from where the RAM ends, and
+            # runs on the RAM every clone shares (a descriptor that is ours to close once QEMU has it).
+            try:
+                snapshot_fd = os.open(self.snapshot, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                raise BootError(f"the boot snapshot cannot be opened: {exc.strerror}") from exc
+            try:
+                ram_size = self.spec.memory_mib << 20
+                clone_ram = guestram.clone_ram(self.snapshot, snapshot_fd, ram_size)
+                os.lseek(snapshot_fd, ram_size, os.SEEK_SET)
+            except BaseException:
+                os.close(snapshot_fd)
+                raise
         ram = clone_ram or self.ram
         uid = self.spec.vmm_uid
         handles, jail = None, None
-        snapshot_fd = -1
         try:
             if uid is None:
                 self._listener = self.sockets.listen(AGENT_SOCK, backlog=1)
@@ -243,8 +256,7 @@ class QemuVmm:
                 argv = qemu_argv(replace(self.spec, kernel=Path(jail.KERNEL)), self.binary, self.accel,
                                  self.layout, handles, ram)
             fds = [*(handles.fds if handles else ()), *((ram.fd,) if ram else ())]
-            if self.snapshot is not None:
-                snapshot_fd = os.open(self.snapshot, os.O_RDONLY | os.O_CLOEXEC)
+            if snapshot_fd >= 0:
                 fds.append(snapshot_fd)
                 argv += ["-incoming", "defer"]  # once x-ignore-shared is set (_resume_restored)
             self._console = CappedLog(self.spec.console_log, CONSOLE_LOG_MAX, deferred=True)

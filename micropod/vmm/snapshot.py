@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("micropod")
 
-# 3: the guest's RAM in a file of its own beside a stream without it (guestram.py); 2: streams written by QEMU
-# into our fd (1 went through `exec:cat`)
+# 3: the guest's RAM, then a stream without it (guestram.py), in one file; 2: streams written by QEMU into our
+# fd (1 went through `exec:cat`)
 FORMAT_VERSION = "3"
 # What a template's rootfs disk claims to hold; images up to this size can boot from the snapshot.
 ROOTFS_PLACEHOLDER_SIZE = 1 << 40
@@ -156,8 +156,9 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
         _delete_taps(taps)
         raise BootError(f"cannot create the snapshot template's TAP: {exc.strerror}") from exc
     ram = guestram.template_ram(spec.memory_mib)
-    vmm = vmm_factory(template_spec(spec, workdir, taps), snapshot=None, ram=ram)
+    vmm: QemuVmm | None = None
     try:
+        vmm = vmm_factory(template_spec(spec, workdir, taps), snapshot=None, ram=ram)
         vmm.start()
         channel = vmm.connect_agent(TEMPLATE_TIMEOUT)
         channel.settimeout(TEMPLATE_TIMEOUT)
@@ -171,11 +172,13 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
         qmp = QmpClient(sockets.address("qmp.sock"))
         try:
             qmp.execute("stop")
-            # QEMU writes the stream straight into our file. With `exec:cat > file`, QEMU ends the cat
-            # when it closes the channel at completion (SIGTERM after a short wait), which can cut a
-            # cat still writing short: a truncated snapshot that the next restore rejects.
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            # The file: the guest's RAM (final once the VM is stopped), then the stream QEMU writes straight
+            # into our descriptor, from where the RAM ends. With `exec:cat > file`, QEMU ends the cat when it
+            # closes the channel at completion (SIGTERM after a short wait), which can cut a cat still writing
+            # short: a truncated snapshot that the next restore rejects.
+            out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
+                guestram.write_image(ram, out)
                 qmp.execute("getfd", pass_fd=out, fdname="snapshot")
             finally:
                 os.close(out)
@@ -196,11 +199,12 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
             sockets.close()
         channel.close()
         vmm.wait(10)
-        # The RAM first: a stream is only ever beside the RAM it was saved with.
-        guestram.save_image(ram, guestram.image_for(target))
+        with open(tmp, "rb") as saved_file:
+            os.fsync(saved_file.fileno())
         os.replace(tmp, target)
     finally:
-        vmm.kill()
+        if vmm is not None:
+            vmm.kill()
         os.close(ram.fd)
         tmp.unlink(missing_ok=True)
         for leftover in workdir.iterdir():
@@ -228,11 +232,13 @@ def ensure_snapshot(vmm_factory: QemuFactory, spec: VmSpec, key: str, cache: Cac
     private_dir(path.parent)
     if complete(path):
         with contextlib.suppress(OSError):
-            os.utime(path)  # its last use, for the bound on how many are kept (only the stream's time moves)
+            # its last use, for the bound on how many are kept: the lock's time, since the snapshot's own times
+            # are part of its identity (guestram.py)
+            os.utime(guestram.lock_of(path))
         return path
     started = time.monotonic()
     try:
-        with flock(path.with_name(f".{path.name}.lock")):
+        with flock(guestram.lock_of(path)):
             if not complete(path):
                 save_template(vmm_factory, spec, path)
                 log.info("saved boot snapshot %s in %.1fs", path.name[:12], time.monotonic() - started)
@@ -260,31 +266,35 @@ def kept() -> int:
 
 
 def saved(cache: CacheRoot) -> list[Path]:
-    """The complete snapshots, the most recently used first."""
+    """The snapshots (of any format version), the most recently used first."""
     directory = snapshot_dir(cache)
-    found = [p for p in directory.glob("*.qemu") if complete(p)] if directory.is_dir() else []
-    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    found = []
+    for path in directory.glob("*.qemu") if directory.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):  # dropped meanwhile by another run
+            found.append((_last_use(path), path))
+    return [path for _, path in sorted(found, reverse=True)]
 
 
-def files_of(path: Path) -> tuple[Path, Path]:
-    return path, guestram.image_for(path)
+def _last_use(path: Path) -> int:
+    try:
+        return guestram.lock_of(path).stat().st_mtime_ns
+    except FileNotFoundError:
+        return path.stat().st_mtime_ns
 
 
 def in_use(path: Path) -> bool:
     """Whether a holder keeps this snapshot's guest RAM for the VMs restored from it."""
-    return guestram.holder_alive(guestram.image_for(path))
+    return guestram.holder_alive(path)
 
 
 def complete(path: Path) -> bool:
-    return path.exists() and guestram.image_for(path).exists()
+    return path.exists()
 
 
 def invalidate(path: Path | None) -> None:
-    """Drop a snapshot (its stream, its RAM and the RAM's holder); VMs running from it keep their mappings."""
-    if path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        image = guestram.image_for(path)
-        guestram.release(image)
-        with contextlib.suppress(FileNotFoundError):
-            image.unlink()
+    """Drop a snapshot and its RAM's holder, under its lock; VMs running from it keep their mappings."""
+    if path is not None and path.parent.is_dir():
+        with flock(guestram.lock_of(path)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            guestram.release(path)
