@@ -155,6 +155,7 @@ PRELOADED = ("micropod.monitor.main", "micropod.monitor.pod")
 def serve(root: Path, name: str) -> int:
     import importlib
 
+    os.umask(0o077)  # its socket and anything it creates are its owner's alone, whatever the caller's umask
     identity = code_identity()  # before the imports: a source changed meanwhile makes the first request stale
     for module in PRELOADED:
         with contextlib.suppress(ImportError):  # an optional one missing is the monitor's to report
