@@ -16,6 +16,11 @@ _VM_ID = re.compile(r"^[0-9a-f]{64}$")
 _DIGEST_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
+def switched_on(name: str) -> bool:
+    """A MICROPOD_* switch: on unless set to 0, false, no or off."""
+    return os.environ.get(name, "1") not in ("0", "false", "no", "off")
+
+
 def check_vm_id(vm_id: str) -> str:
     if not _VM_ID.match(vm_id):
         raise UsageError(f"invalid VM id {vm_id!r}")

@@ -1,9 +1,9 @@
 """Guest RAM shared by every VM restored from one boot snapshot, as Kata's VM templating does.
 
 The template VM runs on a memfd mapped shared (``memory-backend-file,share=on``), so its RAM is that file, and
-its migration stream leaves RAM out (``x-ignore-shared``). The file is kept beside the stream. A VM restored
-from the snapshot maps one common copy privately (``share=off``): the pages it only reads stay the page cache's,
-one copy for every clone, and the ones it writes become its own. The restore copies no RAM at all.
+its migration stream leaves RAM out (``x-ignore-shared``). A VM restored from the snapshot maps one common copy
+privately (``share=off``): the pages it only reads stay the page cache's, one copy for every clone, and the
+ones it writes become its own. The restore copies no RAM at all.
 
 That common copy is a memfd sealed against every change (write, shrink, grow, more seals), so not even a root
 QEMU that a guest took over can alter the memory the next clone starts from: QEMU 7.2 opens a memory file
@@ -33,6 +33,7 @@ from micropod.errors import BootError, MicropodError
 from micropod.fsutil import PRIVATE_FILE, atomic_write, flock
 from micropod.jsonfile import read_json_object
 from micropod.liveness import start_time
+from micropod.paths import switched_on
 
 BACKEND_ID = "ram"
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
@@ -104,7 +105,7 @@ def _copy_sparse(src: int, dst: int, size: int) -> None:
 def sharing_enabled() -> bool:
     """MICROPOD_SHARED_RAM=0: every VM gets a copy of its own (no page is shared between tenants' VMs, at the
     cost of the memory and a copy per start)."""
-    return os.environ.get("MICROPOD_SHARED_RAM", "1") not in ("0", "false", "no", "off")
+    return switched_on("MICROPOD_SHARED_RAM")
 
 
 def clone_ram(snapshot: Path, fd: int, size: int) -> GuestRam:
@@ -189,7 +190,8 @@ def is_sealed(fd: int) -> bool:
 
 
 def _load_sealed(src: int, size: int, name: str) -> int:
-    if not stat.S_ISREG(os.fstat(src).st_mode) or os.fstat(src).st_size <= size:
+    info = os.fstat(src)
+    if not stat.S_ISREG(info.st_mode) or info.st_size <= size:
         raise OSError(errno.EINVAL, "the snapshot is shorter than its guest RAM")
     fd = os.memfd_create(f"micropod-ram-{name[:16]}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:

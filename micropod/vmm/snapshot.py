@@ -31,7 +31,7 @@ from micropod import syscalls, wire
 from micropod.errors import BootError, MicropodError, VmmError
 from micropod.fsutil import flock, private_dir
 from micropod.liveness import start_time
-from micropod.paths import CacheRoot
+from micropod.paths import CacheRoot, switched_on
 from micropod.unixsock import SocketDir
 from micropod.vmm import guestram
 from micropod.vmm.base import Drive, NetInterface, VmSpec
@@ -58,7 +58,7 @@ DEFAULT_KEPT = 8
 
 
 def enabled() -> bool:
-    return os.environ.get("MICROPOD_SNAPSHOTS", "1") not in ("0", "false", "no", "off")
+    return switched_on("MICROPOD_SNAPSHOTS")
 
 
 def _identity(path: Path) -> str:
