@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from micropod.runconfig import bind_tag
 from micropod.unixsock import SocketDir
 from micropod.vmm.qmp import QmpClient
 from tests.conftest import Cli
@@ -73,3 +74,38 @@ def test_an_exhausted_or_malformed_uid_range_is_one_clear_line(cli: Cli) -> None
     assert "no uid is free for another VMM in MICROPOD_VMM_IDS=3999990-3999990" in one_line_error(refused.stderr)
     assert malformed.returncode == 125 and "invalid MICROPOD_VMM_IDS 'lots'" in one_line_error(malformed.stderr)
     assert cli("ps", "-aq").stdout.split() == [vmm_of(cli, "holder")[1][:12]]  # --rm left nothing behind
+
+
+
+def test_a_vm_with_a_bind_mount_keeps_qemu_jailed_with_only_the_share_in_reach(cli: Cli, tmp_path: Path) -> None:
+    """A host directory shared over virtio-9p is bound into the jail: QEMU stays its own uid, holding only
+    CAP_DAC_OVERRIDE (to reach a root-owned 0700 directory, as the user who shared it can), and nothing else
+    of the host is in reach; `:ro` is read-only in the jail as well as in QEMU."""
+    shared, read_only, outside = tmp_path / "shared", tmp_path / "read-only", tmp_path / "outside"
+    for directory in (shared, read_only, outside):
+        directory.mkdir(mode=0o700)
+    (shared / "from-host").write_text("host\n")
+    (read_only / "kept").write_text("kept\n")
+    (outside / "secret").write_text("no\n")
+    started = cli("run", "-d", "--name", "binder", "-v", f"{shared}:/h", "-v", f"{read_only}:/ro:ro", "hello",
+                  "sleep", "600", timeout=WAIT)
+    assert started.returncode == 0, started.stderr
+    pid, _ = vmm_of(cli, "binder")
+    seen = status(pid)
+    assert seen["Uid"] != "0" and seen["Seccomp"] == "2", seen
+    dac_override = f"{1 << 1:016x}"
+    assert (seen["CapEff"], seen["CapPrm"], seen["CapBnd"], seen["CapAmb"]) == (dac_override,) * 4, seen
+    jail = Path(f"/proc/{pid}/root")
+    assert sorted(os.listdir(jail / "shares")) == [bind_tag(0), bind_tag(1)]
+    assert "secret" not in {p.name for p in jail.rglob("*") if not str(p).startswith(str(jail / "usr"))
+                            and not str(p).startswith(str(jail / "proc"))}
+    done = cli("exec", "binder", "sh", "-c", "cat /h/from-host /ro/kept; echo guest > /h/from-guest; "
+               "echo x > /ro/kept && echo WROTE-RO", timeout=WAIT)
+    assert done.stdout.startswith("host\nkept\n") and "WROTE-RO" not in done.stdout, (done.stdout, done.stderr)
+    made = shared / "from-guest"
+    assert (made.stat().st_uid, made.read_text()) == (int(seen["Uid"]), "guest\n")
+    assert (read_only / "kept").read_text() == "kept\n"
+    # the jail's bind is read-only too: a QEMU that ignored readonly=on still could not write there
+    ro_line = next(line for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+                   if line.split()[4] == f"/shares/{bind_tag(1)}")
+    assert ro_line.split()[5].startswith("ro,"), ro_line

@@ -4,11 +4,13 @@ and the sandbox, while the host's files stay."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.conftest import Cli
 from tests.cri_client import CriServer, code_of, pb
 from tests.test_e2e_cri import BOOT, container, kubelet, sandbox  # noqa: F401  (kubelet: a fixture)
 
@@ -53,6 +55,12 @@ def test_host_paths_are_seen_inside_and_leave_the_host_intact(kubelet: CriServer
     pod_dir = kubelet.root / "pods" if (kubelet.root / "pods").exists() else kubelet.root
     assert len(mounted_under(pod_dir.resolve())) == 2, mounted_under(pod_dir.resolve())
     assert len(shares_under(pod_dir.resolve())) == 1  # the guest's writes to the share fill a small tmpfs only
+    # QEMU is still its own uid in its jail, where the binds made after boot reached it through the shared mount
+    vmm = json.loads(Cli(kubelet.root)("pod", "inspect", sid).stdout)[0]["VM"]["VmmPid"]
+    uid = next(line.split()[1] for line in Path(f"/proc/{vmm}/status").read_text().splitlines()
+               if line.startswith("Uid:"))
+    assert uid != "0" and (data / "from-guest").stat().st_uid == int(uid)
+    assert len(list(Path(f"/proc/{vmm}/root/shares").iterdir())) == 1
 
     code, details = code_of(lambda: rt.CreateContainer(pb.CreateContainerRequest(
         pod_sandbox_id=sid, config=container("bad", "true", mounts=[

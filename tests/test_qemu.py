@@ -55,3 +55,17 @@ def test_qemu_runs_in_its_own_seccomp_sandbox_unless_confinement_is_lifted(tmp_p
     lifted = qemu_argv(replace(spec(tmp_path), confined=False), Path("/usr/bin/qemu"), "tcg",
                        QemuLayout.in_dir(tmp_path))
     assert values(lifted, "-sandbox") == []
+
+
+def test_a_share_is_named_by_its_path_in_the_jail_when_confined(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from micropod.vmm.base import Share
+    from micropod.vmm.qemu_confined import Handles
+
+    shared = replace(spec(tmp_path), drives=(), nets=(), shares=(Share("h0", Path("/data,x"), True),))
+    open_argv = qemu_argv(shared, Path("/q"), "tcg", QemuLayout.in_dir(tmp_path))
+    assert values(open_argv, "-fsdev") == ["local,id=h0,path=/data,,x,security_model=mapped-xattr,readonly=on"]
+    jailed = qemu_argv(shared, Path("/q"), "tcg", QemuLayout.in_dir(tmp_path), Handles(agent=5, qmp=6))
+    assert values(jailed, "-fsdev") == ["local,id=h0,path=/shares/h0,security_model=mapped-xattr,readonly=on"]
+    assert "virtio-9p-device,fsdev=h0,mount_tag=h0" in values(jailed, "-device")

@@ -58,12 +58,9 @@ _VMM_IDS: dict[str, VmmId] = {}  # the VM's uid, held by this monitor for all of
 
 
 def confine(spec: VmSpec, backend: str) -> VmSpec:
-    """A confined VMM runs as a uid of its own (QEMU in its jail, Firecracker under its jailer). A VM with a
-    virtio-9p share keeps QEMU root: its 9p server must reach the host directory as the user who shared it
-    (README's security model says so)."""
-    if not spec.confined or spec.shares or spec.vmm_uid is not None or backend not in ("qemu", "firecracker"):
-        if spec.shares and spec.confined:
-            log.warning("QEMU runs as root: the VM shares a host directory over virtio-9p")
+    """A confined VMM runs as a uid of its own (QEMU in its jail, Firecracker under its jailer); a host
+    directory shared over virtio-9p is bound into QEMU's jail (micropod/vmm/qemu_confined.py)."""
+    if not spec.confined or spec.vmm_uid is not None or backend not in ("qemu", "firecracker"):
         return spec
     held = _VMM_IDS.get(spec.vm_id)
     if held is None:
@@ -374,6 +371,7 @@ def boot_container(vm: VmProcess, cfg: RunConfig, network: NetworkAttachment, ma
     if maintenance:
         log.debug("phase: container mounted for maintenance")
         return
+    log.debug("phase: container created")
     vm.request(GuestOp.START, deadline, id=MAIN, sid=MAIN_SID)
     log.debug("phase: container started")
 

@@ -41,11 +41,12 @@ SHARE_TMPFS = "size=1m,nr_inodes=4096,mode=0700"  # only the entries' mount poin
 
 def mount_share(share: Path) -> None:
     """The shared directory a small tmpfs of its own (if it is not one already): the guest can write into it,
-    and then fills neither the state root's disk nor its inodes, and what it leaves goes with one unmount."""
-    if os.path.ismount(share):
-        return
-    syscalls.mount("tmpfs", str(share), "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
-                   SHARE_TMPFS)
+    and then fills neither the state root's disk nor its inodes, and what it leaves goes with one unmount. It
+    is a shared mount, so that what the host binds there later reaches QEMU's jail (a slave of it)."""
+    if not os.path.ismount(share):
+        syscalls.mount("tmpfs", str(share), "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
+                       SHARE_TMPFS)
+    syscalls.mount(None, str(share), None, syscalls.MS_SHARED)
 
 
 def unmount_share(share: Path) -> None:

@@ -155,8 +155,9 @@ def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout, handle
         # mapped-xattr: what the guest sets (owner, mode, setuid bits, device nodes, symlinks) is kept in
         # xattrs of plain files that QEMU creates 0600/0700 as itself, so no file a guest writes is ever a
         # setuid binary, a device or a symlink on the host. A comma in an option value is written twice.
+        # confined, the share is bound into QEMU's jail (qemu_confined.Jail)
         readonly = ",readonly=on" if share.read_only else ""
-        path = str(share.path).replace(",", ",,")
+        path = (Jail.share_path(share.tag) if handles else str(share.path)).replace(",", ",,")
         argv += [
             "-fsdev", f"local,id={share.tag},path={path},security_model=mapped-xattr{readonly}",
             "-device", f"virtio-9p-device,fsdev={share.tag},mount_tag={share.tag}",
@@ -252,7 +253,8 @@ class QemuVmm:
                 self._agent = handles.ours
                 jail_dir = self.spec.run_dir / "jail"
                 jail_dir.mkdir(mode=0o700, exist_ok=True)
-                jail = Jail.for_vm(jail_dir, self.spec.kernel, uid, self.accel, proc=ram is not None)
+                jail = Jail.for_vm(jail_dir, self.spec.kernel, uid, self.accel, proc=ram is not None,
+                                   shares=self.spec.shares)
                 argv = qemu_argv(replace(self.spec, kernel=Path(jail.KERNEL)), self.binary, self.accel,
                                  self.layout, handles, ram)
             fds = [*(handles.fds if handles else ()), *((ram.fd,) if ram else ())]

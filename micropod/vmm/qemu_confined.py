@@ -6,6 +6,13 @@ from the first instruction, and reaches nothing by name: its disks come as ``-ad
 its TAP as an open tun descriptor, its agent channel as one end of a socketpair and its QMP socket as a listener
 bound by the monitor. The VM's directory (0700, root's) and the state root stay closed to it, as does every file
 its uid cannot read (``blockdev-add`` of /etc/shadow fails). Disks hot-added later come over QMP ``add-fd``.
+
+A host directory shared over virtio-9p cannot be a descriptor: QEMU's 9p server opens it by path. So it is bound
+into the jail (``/shares/<tag>``, read-only for ``:ro``, nosuid and nodev), and QEMU keeps one capability,
+CAP_DAC_OVERRIDE, to read and write the files there whoever owns them (as the user who shared it could); it
+cannot chown (mapped-xattr keeps owners and modes in xattrs) nor chmod a file it did not create. The jail's
+mounts are slaves of the host's, so a host path the host binds into a pod's shared directory later reaches QEMU,
+and nothing mounted in the jail ever reaches the host.
 """
 
 from __future__ import annotations
@@ -29,12 +36,19 @@ from micropod.syscalls import (
     MS_RDONLY,
     MS_REC,
     MS_REMOUNT,
+    MS_SLAVE,
+    ambient_raise,
+    capbset_drop,
+    capset,
     mount,
+    set_keepcaps,
     set_no_new_privs,
     unshare,
 )
 from micropod.unixsock import SocketDir
-from micropod.vmm.base import VmSpec
+from micropod.vmm.base import Share, VmSpec
+
+CAP_DAC_OVERRIDE = 1
 
 
 @dataclass
@@ -130,15 +144,23 @@ class Jail:
     # QEMU opens its guest RAM (a sealed memfd it inherits, micropod/vmm/guestram.py) by /proc/self/fd/N: a /proc
     # of its own then, showing no other process and no system file (subset=pid, hidepid=invisible), read-only
     proc: bool = False
+    shares: tuple[Share, ...] = ()  # host directories for virtio-9p, bound at share_path(tag)
 
     @classmethod
-    def for_vm(cls, root: Path, kernel: Path, uid: int, accel: str, proc: bool = False) -> Jail:
+    def for_vm(cls, root: Path, kernel: Path, uid: int, accel: str, proc: bool = False,
+               shares: tuple[Share, ...] = ()) -> Jail:
         """With /dev/kvm, and its group, when the VM runs on KVM."""
         if accel != "kvm":
-            return cls(root, kernel, uid, proc=proc)
-        return cls(root, kernel, uid, (*cls.devices, "/dev/kvm"), (os.stat("/dev/kvm").st_gid,), proc=proc)
+            return cls(root, kernel, uid, proc=proc, shares=shares)
+        return cls(root, kernel, uid, (*cls.devices, "/dev/kvm"), (os.stat("/dev/kvm").st_gid,), proc=proc,
+                   shares=shares)
 
     KERNEL = "/vmlinux"
+    SHARES = "/shares"
+
+    @classmethod
+    def share_path(cls, tag: str) -> str:
+        return f"{cls.SHARES}/{tag}"
 
     def enter(self) -> None:
         """In the child: the namespace, the jail's mounts, chroot into it, then the VM's uid with no groups."""
@@ -146,10 +168,12 @@ class Jail:
         # network (it reaches its TAP and sockets by descriptor, and nothing else: no host service, no other VM)
         # and System V IPC.
         unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC)
-        mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host's namespace
+        # Nothing mounted here reaches the host's namespace; what the host mounts reaches this one (a host path
+        # bound into a pod's shared directory after boot). Without shares, nothing is to come.
+        mount(None, "/", None, MS_REC | (MS_SLAVE if self.shares else MS_PRIVATE))
         root = str(self.root)
         mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-        for name in ("usr", "dev", "tmp", *(("proc",) if self.proc else ())):
+        for name in ("usr", "dev", "tmp", *(("proc",) if self.proc else ()), *(("shares",) if self.shares else ())):
             os.mkdir(f"{root}/{name}")
             os.chmod(f"{root}/{name}", 0o755)  # the monitor's umask is 077
         for link in ("lib", "lib64", "bin", "sbin"):
@@ -166,11 +190,37 @@ class Jail:
         if self.proc:
             mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
                   "subset=pid,hidepid=invisible")
+        for share in self.shares:
+            target = f"{root}{self.share_path(share.tag)}"
+            os.mkdir(target, 0o700)
+            mount(str(share.path), target, None, MS_BIND | MS_REC)
+            read_only = MS_RDONLY if share.read_only else 0
+            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | read_only)
         os.chroot(root)
         os.chdir("/")
+        if self.shares:
+            self._keep_only(CAP_DAC_OVERRIDE)
         os.setgroups(list(self.groups))
         os.setgid(self.uid)
         os.setuid(self.uid)
+        if self.shares:
+            # setuid kept the permitted set (keepcaps); now only the one capability, ambient so that QEMU's exec
+            # keeps it (no_new_privs does not block ambient capabilities, and no file can add any)
+            capset(1 << CAP_DAC_OVERRIDE, 1 << CAP_DAC_OVERRIDE, 1 << CAP_DAC_OVERRIDE)
+            ambient_raise(CAP_DAC_OVERRIDE)
+            set_keepcaps(False)
         # A VMM may outlive its monitor (`ps` says "monitor lost", rm ends it): vmm_ids.allocate never gives a
         # uid that a process still runs as, so its uid is not another VM's meanwhile.
         set_no_new_privs()
+
+    @staticmethod
+    def _keep_only(cap: int) -> None:
+        """As root: every other capability out of the bounding set, and the permitted set kept across setuid."""
+        for other in range(64):
+            if other == cap:
+                continue
+            try:
+                capbset_drop(other)
+            except OSError:  # past the kernel's last capability
+                break
+        set_keepcaps(True)
