@@ -43,6 +43,7 @@ def atomic_file(dest: Path, *, tmp_dir: Path | None = None, mode: int | None = 0
 
 
 PRIVATE_DIR = 0o700
+COPY_CHUNK = 1 << 24
 PRIVATE_FILE = 0o600
 
 
@@ -101,3 +102,26 @@ def flock(path: Path, *, exclusive: bool = True) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def copy_sparse(src: int, dst: int, size: int) -> None:
+    """Bytes [0, size) of ``src`` into ``dst``, holes left holes."""
+    os.ftruncate(dst, size)
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
+                return
+            raise
+        if start >= size:
+            return
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        os.lseek(dst, start, os.SEEK_SET)
+        while start < end:
+            sent = os.sendfile(dst, src, start, min(end - start, COPY_CHUNK))
+            if sent == 0:
+                raise OSError(errno.EIO, "the source ended before its size")
+            start += sent
+        offset = end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -101,3 +102,43 @@ def test_pods_resume_from_their_own_snapshot_and_are_not_copies(cli: Cli, tmp_pa
     first, second = seen
     assert first[0] != second[0] and first[1] != second[1], "two restored pod VMs share their random state"
     assert abs(int(second[2].strip()) - time.time()) < 30, "the restored pod guest's clock is stale"
+
+
+def test_first_boots_resume_with_the_images_root_ready_each_on_its_own_pristine_layer(
+        cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """micropod/vmm/rootsnap.py: the image's root is mounted in the snapshot; each container gets its own copy
+    of the pristine layer, its own hostname and environment, and a restarted one keeps what it wrote."""
+    snapshots = tmp_path / "snapshots"
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(snapshots))
+    assert run_out(cli, "true") == ""
+    [saved] = snapshots.glob("*.qemu")
+    assert saved.with_suffix(".upper").exists(), sorted(p.name for p in snapshots.iterdir())
+    probe = "hostname; echo $GREETING; ls /written 2>&1; echo mine > /written"
+    seen = []
+    for name in ("one", "two"):
+        out = cli("run", "--name", name, "-e", f"GREETING=hi-{name}", "hello", "sh", "-c", probe)
+        assert out.returncode == 0, out.stderr
+        seen.append(out.stdout.splitlines())
+    ids = [json.loads(cli("inspect", name).stdout)[0]["Id"] for name in ("one", "two")]
+    for (hostname, greeting, listing), name, cid in zip(seen, ("one", "two"), ids, strict=True):
+        assert (hostname, greeting) == (cid[:12], f"hi-{name}")
+        assert "No such file" in listing, listing  # the second did not get the first's layer
+    assert len(list(snapshots.glob("*.qemu"))) == 1  # both resumed the same root-ready snapshot
+    # a restarted container has its own layer: it boots from the machine shape's plain snapshot, data kept
+    again = cli("start", "-a", "one")
+    assert (again.returncode, again.stdout.splitlines()[2]) == (0, "/written"), (again.stdout, again.stderr)
+    assert len(list(snapshots.glob("*.qemu"))) == 2 and len(list(snapshots.glob("*.upper"))) == 1
+
+
+def test_a_root_ready_snapshot_of_a_changed_base_is_never_used(cli: Cli, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshots = tmp_path / "snapshots"
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(snapshots))
+    run_out(cli, "true")
+    [base] = (cli.root / "rootfs").glob("*.sqfs")
+    os.utime(base, ns=(base.stat().st_atime_ns, base.stat().st_mtime_ns + 10**9))
+    assert run_out(cli, "echo", "fresh") == "fresh\n"
+    assert len(list(snapshots.glob("*.upper"))) == 2  # a new one for the changed base; the old one is not used
+    monkeypatch.setenv("MICROPOD_ROOT_SNAPSHOTS", "0")
+    assert run_out(cli, "echo", "plain") == "plain\n"
+    assert len(list(snapshots.glob("*.upper"))) == 2 and len(list(snapshots.glob("*.qemu"))) == 3

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 class Container:
-    __slots__ = ("cid", "main", "main_done", "mounted", "root", "spec")
+    __slots__ = ("cid", "main", "main_done", "mounted", "prepared", "root", "spec")
 
     def __init__(self, cid: str, spec: dict[str, Any], root: str, mounted: list[str]) -> None:
         self.cid = cid
@@ -24,6 +24,7 @@ class Container:
         self.mounted = mounted
         self.main: Proc | None = None
         self.main_done = False
+        self.prepared = False  # a root-ready template's: mounted, waiting for the create of the run it resumes as
 
 
 def valid_id(cid: str) -> bool:
@@ -51,6 +52,20 @@ def mount_container(cid: str, spec: dict[str, Any], mount_base: str) -> Containe
         mounts.unmount_all(mounted)
         raise
     return Container(cid, spec, root, mounted)
+
+
+def adopt(container: Container, spec: dict[str, Any]) -> bool:
+    """A root-ready template's container taken over by the run resumed from it: the same root (base and layer
+    devices), and nothing else to mount; its hostname set. False if it cannot be."""
+    if not container.prepared or container.main is not None or spec.get("rootfs") != container.spec.get("rootfs"):
+        return False
+    if spec.get("volumes") or spec.get("binds"):
+        return False
+    if spec.get("hostname"):
+        _socket.sethostname(spec["hostname"])
+    container.spec = spec
+    container.prepared = False
+    return True
 
 
 def exec_spec(base: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:

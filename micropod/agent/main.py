@@ -20,7 +20,7 @@ import time
 from micropod import syscalls, wire
 from micropod.agent import boot, handover, launch, mounts, process, signals, stats
 from micropod.agent.console import console
-from micropod.agent.containers import Container, Proc, exec_spec, mount_container, valid_id
+from micropod.agent.containers import Container, Proc, adopt, exec_spec, mount_container, valid_id
 from micropod.agent.errors import RequestError, describe
 from micropod.agent.filecopy import FileCopy
 from micropod.agent.hostlink import HostLink
@@ -199,10 +199,12 @@ class Agent:
         cid, spec = message.get("id"), message.get("spec")
         if not isinstance(cid, str) or not valid_id(cid):
             raise RequestError(f"invalid container id {cid!r}")
-        if cid in self.containers:
-            raise RequestError(f"container {cid} already exists")
         if not isinstance(spec, dict):
             raise RequestError("create needs a spec object")
+        if cid in self.containers:
+            if adopt(self.containers[cid], spec):  # resumed from a root-ready snapshot (micropod/vmm/rootsnap.py)
+                return {"prepared": True}
+            raise RequestError(f"container {cid} already exists")
         if message.get("disks") is not None:
             from micropod.agent import hotdisk
 
@@ -211,6 +213,7 @@ class Agent:
         in_pod = self.config.pod or self.containers
         mount_base = f"/run/micropod-{cid}" if in_pod else self.config.mount_base
         container = mount_container(cid, spec, mount_base)
+        container.prepared = message.get("prepare") is True and not in_pod
         self.containers[cid] = container
         self.syslog.serve(container)
         return {}

@@ -37,6 +37,7 @@ from micropod.vmm import snapshot, vmm_ids
 from micropod.vmm.base import Vmm, VmSpec
 from micropod.vmm.child import log_tail
 from micropod.vmm.factory import ROOTFS_DRIVE, UPPER_DRIVE, build_spec, create_vmm, volume_drive
+from micropod.vmm.rootsnap import FreshRoot
 from micropod.vmm.vmm_ids import VmmId
 from micropod.wire import GuestOp
 
@@ -173,7 +174,7 @@ class VmProcess:
         self.host_cgroup: VmmCgroup | None = None
 
     def power_on(self, network: NetworkAttachment, spec_for: Callable[[bool], VmSpec], with_network: bool,
-                 warm: bool = True) -> tuple[VmSpec, float]:
+                 warm: bool = True, fresh: FreshRoot | None = None) -> tuple[VmSpec, float]:
         """The VMM in its host cgroup, the TAP attached (``with_network``), a live agent, the guest's address
         set; the VM's spec and the boot's deadline."""
         if self.host_cgroup is None:
@@ -187,7 +188,7 @@ class VmProcess:
         if mmds is not None:
             spec = replace(spec, mmds=mmds)
         deadline = time.monotonic() + self.cfg.boot_timeout
-        self.launch(spec, deadline, warm)
+        self.launch(spec, deadline, warm, fresh)
         patch_mmds = getattr(self.vmm, "patch_mmds", None)
         if mmds is not None and network.metadata is not None and callable(patch_mmds):
             network.metadata.renew_into(patch_mmds)
@@ -195,10 +196,10 @@ class VmProcess:
             self.request(GuestOp.NETWORK, deadline, **lifecycle.agent_request(self.cfg.network))
         return spec, deadline
 
-    def launch(self, spec: VmSpec, deadline: float, warm: bool = True) -> None:
+    def launch(self, spec: VmSpec, deadline: float, warm: bool = True, fresh: FreshRoot | None = None) -> None:
         """Restore the boot snapshot if there is one, else boot cold; either way the agent answers after."""
         try:
-            self._start(spec, deadline, warm=warm)
+            self._start(spec, deadline, warm=warm, fresh=fresh)
         except BootError as exc:
             vmm = self.vmm
             if vmm is None or not vmm.warm:
@@ -207,14 +208,14 @@ class VmProcess:
             log.warning("restoring the boot snapshot failed, booting cold: %s", exc)
             vmm.kill()
             snapshot.invalidate(getattr(vmm, "snapshot", None))
-            self._start(spec, time.monotonic() + self.cfg.boot_timeout, warm=False)
+            self._start(spec, time.monotonic() + self.cfg.boot_timeout, warm=False, fresh=fresh)
 
-    def _start(self, spec: VmSpec, deadline: float, warm: bool) -> None:
+    def _start(self, spec: VmSpec, deadline: float, warm: bool, fresh: FreshRoot | None = None) -> None:
         """Start the VMM and get a live agent channel: a fresh boot's hello, or a restored VM's reply."""
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
-        self.vmm = create_vmm(self.cfg.backend, spec, warm=warm)
+        self.vmm = create_vmm(self.cfg.backend, spec, warm=warm, fresh=fresh)
         self.vmm.start()
         log.debug("phase: VMM started (%s)", "from snapshot" if self.vmm.warm else "cold boot")
         pid = self.vmm.pid
@@ -360,11 +361,16 @@ def boot_container(vm: VmProcess, cfg: RunConfig, network: NetworkAttachment, ma
     from micropod.rootfs.upper import create_upper
 
     vm_dir = vm.vm_dir
+    fresh = None
     if not vm_dir.upper.exists():
-        create_upper(vm_dir.upper, cfg.upper_size)
-    log.debug("phase: upper disk ready")
+        # a first boot whose mounts are only the root's may resume with them made (micropod/vmm/rootsnap.py)
+        if maintenance or cfg.backend != "qemu" or cfg.container.volumes or cfg.container.binds:
+            create_upper(vm_dir.upper, cfg.upper_size)
+        else:
+            fresh = FreshRoot(MAIN, vm_dir.upper, cfg.upper_size, create_upper)
+    log.debug("phase: upper disk %s", "to come" if fresh else "ready")
     spec, deadline = vm.power_on(network, lambda attached: build_spec(cfg, vm_dir, with_network=attached),
-                                 with_network=not maintenance)
+                                 with_network=not maintenance, fresh=fresh)
     rootfs = {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)}
     volumes = tuple(spec.guest_disk(volume_drive(i)) for i in range(len(cfg.container.volumes)))
     vm.request(GuestOp.CREATE, deadline, id=MAIN, spec=cfg.container.to_agent(rootfs, volumes))

@@ -69,13 +69,14 @@ def disk_usage(ctx: Context) -> list[Usage]:
 
 
 def _snapshot_usage() -> Usage:
-    """Boot snapshots: each its guest RAM and its stream; active while a holder keeps that RAM for running VMs.
-    All reclaimable: a VM restored from one keeps its RAM mapped, and the next run saves the snapshot again."""
+    """Boot snapshots: each its guest RAM and its stream (and a root-ready one's pristine layer); active while a
+    holder keeps that RAM for running VMs. All reclaimable: a VM restored from one keeps its RAM mapped, and the
+    next run saves the snapshot again."""
     from micropod.paths import CacheRoot
     from micropod.vmm import snapshot
 
     found = snapshot.saved(CacheRoot.from_env())
-    size = sum(allocated(p) for p in found)
+    size = sum(allocated(p) for saved in found for p in (saved, *snapshot.companions(saved)) if p.exists())
     return Usage("Boot snapshots", len(found), sum(1 for p in found if snapshot.in_use(p)), size, size)
 
 

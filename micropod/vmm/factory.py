@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import partial
 from pathlib import Path
@@ -12,13 +13,16 @@ from micropod.paths import VmDir
 from micropod.podconfig import SHARED_DIR, PodConfig
 from micropod.quotas import IoLimits
 from micropod.runconfig import POD_SHARE_TAG, RunConfig, bind_tag
-from micropod.vmm import snapshot
+from micropod.vmm import rootsnap, snapshot
 from micropod.vmm.accel import kvm_verdict
 from micropod.vmm.base import Drive, NetInterface, Share, Vmm, VmSpec
+from micropod.vmm.rootsnap import FreshRoot
 
 if TYPE_CHECKING:
     from micropod.monitor.pool import DrivePool
     from micropod.vmm.firecracker import JailerConfig
+
+log = logging.getLogger("micropod.monitor")
 
 BACKENDS = ("auto", "qemu", "firecracker")
 
@@ -193,18 +197,35 @@ def jailer_for(spec: VmSpec) -> JailerConfig | None:
     return JailerConfig(binary=jailer, uid=spec.vmm_uid, gid=spec.vmm_uid, chroot_base=base)
 
 
-def create_vmm(backend: str, spec: VmSpec, warm: bool = True) -> Vmm:
-    """A backend for ``spec``; with ``warm``, QEMU VMs resume from a boot snapshot when they can."""
+def create_vmm(backend: str, spec: VmSpec, warm: bool = True, fresh: FreshRoot | None = None) -> Vmm:
+    """A backend for ``spec``; with ``warm``, QEMU VMs resume from a boot snapshot when they can, and a container's
+    first boot (``fresh``: its writable layer not made yet) from a snapshot taken with its image's root mounted."""
     if backend == "qemu":
         from micropod.vmm.qemu import QemuVmm
 
         vmm = QemuVmm(spec)
         if not (warm and snapshot.enabled()):
+            if fresh is not None:
+                fresh.ensure_layer()
             return vmm
+        factory = partial(QemuVmm, binary=vmm.binary, accel=vmm.accel)
         shape = QemuVmm(snapshot.machine_shape(spec), vmm.binary, vmm.accel).argv
+        if fresh is not None and not fresh.upper.exists() and rootsnap.enabled():
+            template = rootsnap.RootTemplate(
+                fresh, {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)},
+                ROOTFS_DRIVE, next(d.path for d in spec.drives if d.drive_id == ROOTFS_DRIVE), UPPER_DRIVE)
+            saved = rootsnap.restore_root(factory, spec, rootsnap.root_key(spec, shape, vmm.binary, template),
+                                          template)
+            if saved is not None:
+                log.debug("phase: resuming with the image's root ready")
+                return QemuVmm(spec, vmm.binary, vmm.accel, snapshot=saved)
+        if fresh is not None:
+            fresh.ensure_layer()
         key = snapshot.snapshot_key(spec, shape, vmm.binary)
-        saved = snapshot.ensure_snapshot(partial(QemuVmm, binary=vmm.binary, accel=vmm.accel), spec, key)
+        saved = snapshot.ensure_snapshot(factory, spec, key)
         return QemuVmm(spec, vmm.binary, vmm.accel, snapshot=saved) if saved else vmm
+    if fresh is not None:
+        fresh.ensure_layer()
     if backend == "firecracker":
         from micropod.vmm.binaries import find_firecracker
         from micropod.vmm.firecracker import FirecrackerVmm

@@ -30,14 +30,13 @@ from pathlib import Path
 
 from micropod import proc
 from micropod.errors import BootError, MicropodError
-from micropod.fsutil import PRIVATE_FILE, atomic_write, flock
+from micropod.fsutil import PRIVATE_FILE, atomic_write, copy_sparse, flock
 from micropod.jsonfile import read_json_object
 from micropod.liveness import start_time
 from micropod.paths import switched_on
 
 BACKEND_ID = "ram"
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-_COPY_CHUNK = 1 << 24
 _RECORD_MAX = 4096
 
 
@@ -74,32 +73,9 @@ def write_image(ram: GuestRam, out: int) -> int:
     """The template's RAM into ``out`` from offset 0, sparse (only the pages the guest touched); ``out`` is left
     at its end, where the migration stream follows in the same file (snapshot.py). Returns its size."""
     size = os.fstat(ram.fd).st_size
-    _copy_sparse(ram.fd, out, size)
+    copy_sparse(ram.fd, out, size)
     os.lseek(out, size, os.SEEK_SET)
     return size
-
-
-def _copy_sparse(src: int, dst: int, size: int) -> None:
-    """Bytes [0, size) of ``src`` into ``dst``, holes left holes."""
-    os.ftruncate(dst, size)
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(src, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
-                return
-            raise
-        if start >= size:
-            return
-        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
-        os.lseek(dst, start, os.SEEK_SET)
-        while start < end:
-            sent = os.sendfile(dst, src, start, min(end - start, _COPY_CHUNK))
-            if sent == 0:
-                raise OSError(errno.EIO, "the snapshot ended inside its RAM")
-            start += sent
-        offset = end
 
 
 def sharing_enabled() -> bool:
@@ -195,7 +171,7 @@ def _load_sealed(src: int, size: int, name: str) -> int:
         raise OSError(errno.EINVAL, "the snapshot is shorter than its guest RAM")
     fd = os.memfd_create(f"micropod-ram-{name[:16]}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        _copy_sparse(src, fd, size)
+        copy_sparse(src, fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except BaseException:
         os.close(fd)

@@ -22,10 +22,10 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from micropod import syscalls, wire
 from micropod.errors import BootError, MicropodError, VmmError
@@ -66,13 +66,16 @@ def _identity(path: Path) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def snapshot_key(spec: VmSpec, argv_shape: list[str], binary: Path) -> str:
-    """Everything the saved machine state depends on; disk files and log paths are not part of it."""
+def snapshot_key(spec: VmSpec, argv_shape: list[str], binary: Path, sizes: Mapping[str, int] | None = None,
+                 extra: tuple[str, ...] = ()) -> str:
+    """Everything the saved machine state depends on; disk files and log paths are not part of it. ``sizes``:
+    writable drives not made yet; ``extra``: what a root-ready snapshot depends on too (rootsnap.py)."""
     h = hashlib.sha256()
     parts = [FORMAT_VERSION, str(wire.VERSION), _identity(binary), _identity(spec.kernel), spec.cmdline,
-             str(spec.vcpus), str(spec.memory_mib), *argv_shape]
+             str(spec.vcpus), str(spec.memory_mib), *argv_shape, *extra]
     for drive in spec.drives:
-        size = drive.path.stat().st_size if not drive.read_only else 0
+        known = (sizes or {}).get(drive.drive_id)
+        size = 0 if drive.read_only else known if known is not None else drive.path.stat().st_size
         parts.append(f"{drive.drive_id}:{drive.read_only}:{drive.is_root}:{size}")
         if drive.is_root:
             parts.append(_identity(drive.path))
@@ -122,12 +125,16 @@ def stale_template_taps() -> list[str]:
     return stale
 
 
-def template_spec(spec: VmSpec, workdir: Path, taps: list[str] | None = None) -> VmSpec:
-    """The same machine with placeholder disks for everything but the shared system image."""
+def template_spec(spec: VmSpec, workdir: Path, taps: list[str] | None = None,
+                  disks: Mapping[str, Path] | None = None) -> VmSpec:
+    """The same machine with placeholder disks for everything but the shared system image and ``disks``."""
     drives = []
     for drive in spec.drives:
         if drive.is_root:
             drives.append(drive)
+            continue
+        if disks and drive.drive_id in disks:
+            drives.append(replace(drive, path=disks[drive.drive_id]))
             continue
         placeholder = workdir / f"{drive.drive_id}.placeholder"
         size = ROOTFS_PLACEHOLDER_SIZE if drive.read_only else drive.path.stat().st_size
@@ -143,7 +150,23 @@ def template_spec(spec: VmSpec, workdir: Path, taps: list[str] | None = None) ->
                    console_log=workdir / "console.log")
 
 
-def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
+class TemplateSetup(Protocol):
+    """What a root-ready snapshot's template does beyond a boot snapshot's (rootsnap.py)."""
+
+    def disks(self, workdir: Path) -> dict[str, Path]:
+        """Real disks for some drives, made in the template's ``workdir``; the others get placeholders."""
+        ...
+
+    def prepare(self, channel: socket.socket) -> None:
+        """Once the agent greeted, before the VM is paused and saved."""
+        ...
+
+    def commit(self, target: Path) -> None:
+        """The template ended, its snapshot saved at ``target`` next: keep what goes with it."""
+        ...
+
+
+def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path, setup: TemplateSetup | None = None) -> None:
     """Boot the template, wait for the agent's hello, pause, and save the migration stream."""
     workdir = private_dir(target.parent / f".template-{os.getpid()}")
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -158,7 +181,8 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
     ram = guestram.template_ram(spec.memory_mib)
     vmm: QemuVmm | None = None
     try:
-        vmm = vmm_factory(template_spec(spec, workdir, taps), snapshot=None, ram=ram)
+        disks = setup.disks(workdir) if setup else None
+        vmm = vmm_factory(template_spec(spec, workdir, taps, disks), snapshot=None, ram=ram)
         vmm.start()
         channel = vmm.connect_agent(TEMPLATE_TIMEOUT)
         channel.settimeout(TEMPLATE_TIMEOUT)
@@ -168,6 +192,8 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
             raise BootError(f"the snapshot template did not come up: {exc}") from exc
         if kind != wire.CONTROL or wire.decode_control(payload)["op"] != wire.GuestOp.HELLO:
             raise BootError("the snapshot template's agent did not greet")
+        if setup is not None:
+            setup.prepare(channel)
         sockets = SocketDir(workdir)
         qmp = QmpClient(sockets.address("qmp.sock"))
         try:
@@ -201,6 +227,8 @@ def save_template(vmm_factory: QemuFactory, spec: VmSpec, target: Path) -> None:
         vmm.wait(10)
         with open(tmp, "rb") as saved_file:
             os.fsync(saved_file.fileno())
+        if setup is not None:
+            setup.commit(target)
         os.replace(tmp, target)
     finally:
         if vmm is not None:
@@ -223,7 +251,8 @@ def _delete_taps(taps: list[str]) -> None:
         delete_tap(tap)
 
 
-def ensure_snapshot(vmm_factory: QemuFactory, spec: VmSpec, key: str, cache: CacheRoot | None = None) -> Path | None:
+def ensure_snapshot(vmm_factory: QemuFactory, spec: VmSpec, key: str, cache: CacheRoot | None = None,
+                    setup: TemplateSetup | None = None) -> Path | None:
     """The snapshot for this machine shape, building it under a lock if missing; None if that fails."""
     cache = cache or CacheRoot.from_env()
     path = snapshot_path(cache, key)
@@ -240,7 +269,7 @@ def ensure_snapshot(vmm_factory: QemuFactory, spec: VmSpec, key: str, cache: Cac
     try:
         with flock(guestram.lock_of(path)):
             if not complete(path):
-                save_template(vmm_factory, spec, path)
+                save_template(vmm_factory, spec, path, setup)
                 log.info("saved boot snapshot %s in %.1fs", path.name[:12], time.monotonic() - started)
     except MicropodError as exc:
         log.warning("booting without a snapshot: %s", exc)
@@ -291,10 +320,16 @@ def complete(path: Path) -> bool:
     return path.exists()
 
 
+def companions(path: Path) -> list[Path]:
+    """What goes with a snapshot: a root-ready one's pristine writable layer (rootsnap.py)."""
+    return [path.with_suffix(".upper")]
+
+
 def invalidate(path: Path | None) -> None:
     """Drop a snapshot and its RAM's holder, under its lock; VMs running from it keep their mappings."""
     if path is not None and path.parent.is_dir():
         with flock(guestram.lock_of(path)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            for gone in (path, *companions(path)):
+                with contextlib.suppress(FileNotFoundError):
+                    gone.unlink()
             guestram.release(path)
