@@ -54,7 +54,7 @@ class PodConfig:
     network: NetworkSettings = field(default_factory=NetworkSettings)
     quotas: Quotas = field(default_factory=Quotas)
     # QEMU: a shared directory from boot (virtio-9p), where the host binds its containers' host paths
-    # (micropod/service/podshare.py); QEMU keeps root for it, as for any host directory share.
+    # (micropod/service/podshare.py), bound into a confined QEMU's jail (micropod/vmm/qemu_confined.py).
     host_share: bool = False
 
     @property

@@ -131,9 +131,10 @@ class _MountAttr(ctypes.Structure):
                 ("userns_fd", ctypes.c_uint64)]
 
 
-def mount_setattr(target: str, attr_set: int, attr_clr: int, recursive: bool = True) -> None:
-    """mount_setattr(2) on ``target`` (and, recursively, every mount below it): MOUNT_ATTR_* bits."""
-    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+def mount_setattr(target: str, attr_set: int, attr_clr: int, recursive: bool = True, propagation: int = 0) -> None:
+    """mount_setattr(2) on ``target`` (and, recursively, every mount below it): MOUNT_ATTR_* bits, and MS_PRIVATE,
+    MS_SLAVE or MS_SHARED as ``propagation`` (0: unchanged)."""
+    attr = _MountAttr(attr_set, attr_clr, propagation, 0)
     flags = AT_RECURSIVE if recursive else 0
     result = _libc.syscall(SYS_MOUNT_SETATTR, -100, _bytes(target), flags, ctypes.byref(attr),
                            ctypes.sizeof(attr))  # -100: AT_FDCWD
@@ -148,9 +149,9 @@ def open_tree_clone(path: str) -> int:
     return int(fd)
 
 
-def mount_setattr_fd(mount_fd: int, attr_set: int) -> None:
+def mount_setattr_fd(mount_fd: int, attr_set: int, propagation: int = 0) -> None:
     """mount_setattr(2) on the mount that ``mount_fd`` is (a detached one from open_tree_clone, say)."""
-    attr = _MountAttr(attr_set, 0, 0, 0)
+    attr = _MountAttr(attr_set, 0, propagation, 0)
     _check(_libc.syscall(SYS_MOUNT_SETATTR, mount_fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)),
            f"mount_setattr (set {attr_set:#x})")
 

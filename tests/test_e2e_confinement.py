@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -87,9 +88,23 @@ def test_a_vm_with_a_bind_mount_keeps_qemu_jailed_with_only_the_share_in_reach(c
     (shared / "from-host").write_text("host\n")
     (read_only / "kept").write_text("kept\n")
     (outside / "secret").write_text("no\n")
+    (read_only / "sub").mkdir()
+    later = shared / "later"
+    later.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "sub", str(read_only / "sub")], check=True)
+    try:
+        shares_held_apart(cli, shared, read_only, outside, later)
+    finally:
+        for mounted in (later, read_only / "sub"):
+            subprocess.run(["umount", "-l", str(mounted)], capture_output=True)
+
+
+def shares_held_apart(cli: Cli, shared: Path, read_only: Path, outside: Path, later: Path) -> None:
     started = cli("run", "-d", "--name", "binder", "-v", f"{shared}:/h", "-v", f"{read_only}:/ro:ro", "hello",
                   "sleep", "600", timeout=WAIT)
     assert started.returncode == 0, started.stderr
+    # a host mount made under a share after boot stays out of the jail (its copy of the share is private)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "later", str(later)], check=True)
     pid, _ = vmm_of(cli, "binder")
     seen = status(pid)
     assert seen["Uid"] != "0" and seen["Seccomp"] == "2", seen
@@ -97,15 +112,22 @@ def test_a_vm_with_a_bind_mount_keeps_qemu_jailed_with_only_the_share_in_reach(c
     assert (seen["CapEff"], seen["CapPrm"], seen["CapBnd"], seen["CapAmb"]) == (dac_override,) * 4, seen
     jail = Path(f"/proc/{pid}/root")
     assert sorted(os.listdir(jail / "shares")) == [bind_tag(0), bind_tag(1)]
-    assert "secret" not in {p.name for p in jail.rglob("*") if not str(p).startswith(str(jail / "usr"))
-                            and not str(p).startswith(str(jail / "proc"))}
+    reachable = set()
+    for top, dirs, files in os.walk(jail):
+        if Path(top) == jail:
+            dirs[:] = [d for d in dirs if d not in ("usr", "proc")]
+        reachable |= set(files)
+    assert "secret" not in reachable and "from-host" in reachable and "kept" in reachable
     done = cli("exec", "binder", "sh", "-c", "cat /h/from-host /ro/kept; echo guest > /h/from-guest; "
                "echo x > /ro/kept && echo WROTE-RO", timeout=WAIT)
     assert done.stdout.startswith("host\nkept\n") and "WROTE-RO" not in done.stdout, (done.stdout, done.stderr)
     made = shared / "from-guest"
     assert (made.stat().st_uid, made.read_text()) == (int(seen["Uid"]), "guest\n")
     assert (read_only / "kept").read_text() == "kept\n"
-    # the jail's bind is read-only too: a QEMU that ignored readonly=on still could not write there
-    ro_line = next(line for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
-                   if line.split()[4] == f"/shares/{bind_tag(1)}")
-    assert ro_line.split()[5].startswith("ro,"), ro_line
+    # the jail's bind is read-only too, and so is every mount below it, nosuid and nodev: a QEMU that ignored
+    # readonly=on still could not write there, nor open a device node of the host through a share
+    jail_mounts = {line.split()[4]: line.split()[5].split(",") for line in
+                   Path(f"/proc/{pid}/mountinfo").read_text().splitlines() if line.split()[4].startswith("/shares/")}
+    assert set(jail_mounts) == {f"/shares/{bind_tag(0)}", f"/shares/{bind_tag(1)}", f"/shares/{bind_tag(1)}/sub"}
+    for point, options in jail_mounts.items():
+        assert {"nosuid", "nodev"} <= set(options) and (options[0] == "ro") == (bind_tag(1) in point), (point, options)

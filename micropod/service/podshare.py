@@ -76,7 +76,10 @@ def bind(share: Path, name: str, source: Path, read_only: bool) -> None:
         tree = syscalls.open_tree_clone(str(source))
         try:
             attrs = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
-            syscalls.mount_setattr_fd(tree, attrs | (syscalls.MOUNT_ATTR_RDONLY if read_only else 0))
+            # private: a peer of its source would bring what the host mounts under that path later, with the
+            # host's flags, into the share and on into QEMU's jail
+            syscalls.mount_setattr_fd(tree, attrs | (syscalls.MOUNT_ATTR_RDONLY if read_only else 0),
+                                      propagation=syscalls.MS_PRIVATE)
             point = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
             try:
                 syscalls.move_mount_onto(tree, point)

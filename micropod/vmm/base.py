@@ -39,6 +39,9 @@ class Share:
     tag: str
     path: Path
     read_only: bool
+    # what the host mounts in it later reaches a confined QEMU (a CRI sandbox's shared directory, where the host
+    # binds host paths after boot); any other share is a private copy in QEMU's jail
+    follows_host: bool = False
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ def build_pod_spec(cfg: PodConfig, vm_dir: VmDir, with_network: bool = True) -> 
         if with_network and cfg.network.has_nic else (),
         confined=cfg.vmm_confinement,
         hot_disks=2 * cfg.pool if cfg.backend == "qemu" else 0,
-        shares=(Share(POD_SHARE_TAG, vm_dir.path / SHARED_DIR, read_only=False),) if cfg.host_share else (),
+        shares=(Share(POD_SHARE_TAG, vm_dir.path / SHARED_DIR, read_only=False, follows_host=True),)
+        if cfg.host_share else (),
     )
 
 

@@ -8,16 +8,18 @@ bound by the monitor. The VM's directory (0700, root's) and the state root stay 
 its uid cannot read (``blockdev-add`` of /etc/shadow fails). Disks hot-added later come over QMP ``add-fd``.
 
 A host directory shared over virtio-9p cannot be a descriptor: QEMU's 9p server opens it by path. So it is bound
-into the jail (``/shares/<tag>``, read-only for ``:ro``, nosuid and nodev), and QEMU keeps one capability,
-CAP_DAC_OVERRIDE, to read and write the files there whoever owns them (as the user who shared it could); it
-cannot chown (mapped-xattr keeps owners and modes in xattrs) nor chmod a file it did not create. The jail's
-mounts are slaves of the host's, so a host path the host binds into a pod's shared directory later reaches QEMU,
-and nothing mounted in the jail ever reaches the host.
+into the jail (``/shares/<tag>``, recursively, every mount in it made nosuid and nodev, and read-only for ``:ro``,
+flags added to the host's, never cleared), and QEMU keeps one capability, CAP_DAC_OVERRIDE, to read and write the
+files there whoever owns them (as the user who shared it could); it cannot chown (mapped-xattr keeps owners and
+modes in xattrs) nor chmod a file it did not create. Every mount of the jail is a private copy, but for a CRI
+sandbox's shared directory, a slave of the host's: the host paths the host binds there after boot reach QEMU.
+Nothing mounted in the jail ever reaches the host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from dataclasses import dataclass, field
@@ -28,6 +30,9 @@ from micropod.syscalls import (
     CLONE_NEWIPC,
     CLONE_NEWNET,
     CLONE_NEWNS,
+    MOUNT_ATTR_NODEV,
+    MOUNT_ATTR_NOSUID,
+    MOUNT_ATTR_RDONLY,
     MS_BIND,
     MS_NODEV,
     MS_NOEXEC,
@@ -41,6 +46,7 @@ from micropod.syscalls import (
     capbset_drop,
     capset,
     mount,
+    mount_setattr,
     set_keepcaps,
     set_no_new_privs,
     unshare,
@@ -168,9 +174,10 @@ class Jail:
         # network (it reaches its TAP and sockets by descriptor, and nothing else: no host service, no other VM)
         # and System V IPC.
         unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC)
-        # Nothing mounted here reaches the host's namespace; what the host mounts reaches this one (a host path
-        # bound into a pod's shared directory after boot). Without shares, nothing is to come.
-        mount(None, "/", None, MS_REC | (MS_SLAVE if self.shares else MS_PRIVATE))
+        # Nothing mounted here reaches the host's namespace. A share that follows the host needs the host's mounts
+        # to reach this one: slaves, then, and every other mount of the jail made private once it is built.
+        following = any(share.follows_host for share in self.shares)
+        mount(None, "/", None, MS_REC | (MS_SLAVE if following else MS_PRIVATE))
         root = str(self.root)
         mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
         for name in ("usr", "dev", "tmp", *(("proc",) if self.proc else ()), *(("shares",) if self.shares else ())):
@@ -194,8 +201,12 @@ class Jail:
             target = f"{root}{self.share_path(share.tag)}"
             os.mkdir(target, 0o700)
             mount(str(share.path), target, None, MS_BIND | MS_REC)
-            read_only = MS_RDONLY if share.read_only else 0
-            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | read_only)
+            read_only = MOUNT_ATTR_RDONLY if share.read_only else 0
+            mount_setattr(target, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | read_only, 0, recursive=True,
+                          propagation=0 if share.follows_host else MS_PRIVATE)
+        if following:
+            for bound in (f"{root}/usr", f"{root}{self.KERNEL}", *(f"{root}{device}" for device in self.devices)):
+                mount(None, bound, None, MS_REC | MS_PRIVATE)
         os.chroot(root)
         os.chdir("/")
         if self.shares:
@@ -221,6 +232,8 @@ class Jail:
                 continue
             try:
                 capbset_drop(other)
-            except OSError:  # past the kernel's last capability
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: past the kernel's last capability
+                    raise
                 break
         set_keepcaps(True)
