@@ -101,3 +101,47 @@ def test_only_the_most_recently_used_snapshots_are_kept(tmp_path: Path, monkeypa
     assert [p.stem for p in snapshot.drop_least_used(cache)] == ["oldest"]
     assert sorted(p.name for p in (tmp_path / "snaps").iterdir() if not p.name.startswith(".")) == [
         "middle.qemu", "newest.qemu"]
+
+
+def test_the_snapshot_a_run_is_about_to_use_is_never_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot just saved had its lock made when its build began, so it looked older than those used
+    meanwhile: it was dropped the moment it was saved (a pod then booted cold)."""
+    monkeypatch.setenv("MICROPOD_SNAPSHOT_DIR", str(tmp_path / "snaps"))
+    monkeypatch.setenv("MICROPOD_SNAPSHOTS_KEPT", "1")
+    cache = CacheRoot(tmp_path / "cache")
+    (tmp_path / "snaps").mkdir()
+    for name, when in (("other", 20), ("fresh", 10)):
+        (tmp_path / "snaps" / f"{name}.qemu").write_bytes(b"s")
+        (tmp_path / "snaps" / f"{name}.upper").write_bytes(b"u")
+        lock = tmp_path / "snaps" / f".{name}.qemu.lock"
+        lock.touch()
+        os.utime(lock, ns=(0, when * 10**9))
+    fresh = tmp_path / "snaps" / "fresh.qemu"
+    assert snapshot.drop_least_used(cache, keep=fresh) == [tmp_path / "snaps" / "other.qemu"]
+    assert sorted(p.name for p in (tmp_path / "snaps").iterdir() if not p.name.startswith(".")) == [
+        "fresh.qemu", "fresh.upper"]  # a root-ready snapshot's pristine layer goes with it
+
+
+def test_a_root_ready_key_follows_the_bases_bytes_not_its_path(spec: VmSpec, tmp_path: Path) -> None:
+    from micropod.rootfs.upper import create_upper
+    from micropod.vmm import rootsnap
+
+    digests = tmp_path / "digests"
+    fresh = rootsnap.FreshRoot("main", tmp_path / "new-upper.ext4", 1 << 30, create_upper)
+    rootfs = {"lower": "/dev/vdb", "upper": "/dev/vdc"}
+
+    def key_of(base: Path, size: int = 1 << 30) -> str:
+        template = rootsnap.RootTemplate(replace(fresh, size=size), rootfs, "rootfs", base, "upper")
+        return rootsnap.root_key(spec, ["-M", "microvm"], spec.kernel, template, digests)
+
+    image = spec.drives[1].path
+    same_bytes = tmp_path / "elsewhere.sqfs"
+    same_bytes.write_bytes(image.read_bytes())
+    first = key_of(image)
+    assert key_of(same_bytes) == first  # the same image in another state root
+    assert first != key(spec)  # never a plain boot snapshot's
+    assert key_of(image, size=2 << 30) != first
+    with image.open("ab") as f:
+        f.write(b"changed")
+    assert key_of(image) != first  # hashed again: its size and time changed
+    assert len(list(digests.iterdir())) == 3

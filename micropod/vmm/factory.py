@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from micropod.errors import UsageError, VmmUnavailableError
-from micropod.paths import VmDir
+from micropod.paths import CacheRoot, VmDir
 from micropod.podconfig import SHARED_DIR, PodConfig
 from micropod.quotas import IoLimits
 from micropod.runconfig import POD_SHARE_TAG, RunConfig, bind_tag
@@ -215,7 +215,8 @@ def create_vmm(backend: str, spec: VmSpec, warm: bool = True, fresh: FreshRoot |
             template = rootsnap.RootTemplate(
                 fresh, {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)},
                 ROOTFS_DRIVE, next(d.path for d in spec.drives if d.drive_id == ROOTFS_DRIVE), UPPER_DRIVE)
-            saved = rootsnap.restore_root(factory, spec, rootsnap.root_key(spec, shape, vmm.binary, template),
+            digests = snapshot.snapshot_dir(CacheRoot.from_env()) / "bases"
+            saved = rootsnap.restore_root(factory, spec, rootsnap.root_key(spec, shape, vmm.binary, template, digests),
                                           template)
             if saved is not None:
                 log.debug("phase: resuming with the image's root ready")

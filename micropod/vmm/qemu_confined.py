@@ -11,9 +11,11 @@ A host directory shared over virtio-9p cannot be a descriptor: QEMU's 9p server 
 into the jail (``/shares/<tag>``, recursively, every mount in it made nosuid and nodev, and read-only for ``:ro``,
 flags added to the host's, never cleared), and QEMU keeps one capability, CAP_DAC_OVERRIDE, to read and write the
 files there whoever owns them (as the user who shared it could); it cannot chown (mapped-xattr keeps owners and
-modes in xattrs) nor chmod a file it did not create. Every mount of the jail is a private copy, but for a CRI
-sandbox's shared directory, a slave of the host's: the host paths the host binds there after boot reach QEMU.
-Nothing mounted in the jail ever reaches the host.
+modes in xattrs) nor chmod a file it did not create, and a seccomp filter of ours (below QEMU's own) refuses it
+any set-uid or set-gid mode: a QEMU its guest took over can plant no set-id binary of its uid there (mapped-xattr
+keeps the guest's own set-id bits in xattrs, so QEMU never needs one). Every mount of the jail is a private copy,
+but for a CRI sandbox's shared directory, a slave of the host's: the host paths the host binds there after boot
+reach QEMU. Nothing mounted in the jail ever reaches the host.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from micropod.syscalls import (
     capset,
     mount,
     mount_setattr,
+    seccomp_set_filter,
     set_keepcaps,
     set_no_new_privs,
     unshare,
@@ -55,6 +58,33 @@ from micropod.unixsock import SocketDir
 from micropod.vmm.base import Share, VmSpec
 
 CAP_DAC_OVERRIDE = 1
+
+# What a confined QEMU with a share may not do: give a file or directory a set-uid or set-gid mode (the mode
+# argument's index per call), nor use the calls whose modes a filter cannot see (openat2's is in a struct,
+# io_uring's requests are not system calls at all). QEMU 7.2 makes none of them for mapped-xattr 9p.
+_MODE_ARGUMENT = {"chmod": 1, "fchmod": 1, "creat": 1, "mkdir": 1, "mknod": 1, "fchmodat": 2, "fchmodat2": 2,
+                  "mkdirat": 2, "mknodat": 2, "open": 2, "openat": 3}
+SETID_GUARD = {
+    "defaultAction": "SCMP_ACT_ALLOW",
+    "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+    "syscalls": [
+        *({"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
+           "args": [{"index": index, "value": bit, "valueTwo": bit, "op": "SCMP_CMP_MASKED_EQ"}
+                    for bit in (0o4000, 0o2000)]}
+          for name, index in _MODE_ARGUMENT.items()),
+        {"names": ["openat2", "io_uring_setup", "io_uring_enter", "io_uring_register"],
+         "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS},
+    ],
+}
+
+
+def setid_guard() -> bytes:
+    """SETID_GUARD as a BPF program, compiled before the fork (libseccomp, micropod/runtime/seccomp.py)."""
+    from micropod.runtime import seccomp
+
+    flt = seccomp.parse(SETID_GUARD, "the VMM's set-id guard")
+    assert flt is not None
+    return seccomp.compile_filter(flt)
 
 
 @dataclass
@@ -151,15 +181,17 @@ class Jail:
     # of its own then, showing no other process and no system file (subset=pid, hidepid=invisible), read-only
     proc: bool = False
     shares: tuple[Share, ...] = ()  # host directories for virtio-9p, bound at share_path(tag)
+    guard: bytes = b""  # with shares: setid_guard(), loaded last
 
     @classmethod
     def for_vm(cls, root: Path, kernel: Path, uid: int, accel: str, proc: bool = False,
                shares: tuple[Share, ...] = ()) -> Jail:
         """With /dev/kvm, and its group, when the VM runs on KVM."""
+        guard = setid_guard() if shares else b""
         if accel != "kvm":
-            return cls(root, kernel, uid, proc=proc, shares=shares)
+            return cls(root, kernel, uid, proc=proc, shares=shares, guard=guard)
         return cls(root, kernel, uid, (*cls.devices, "/dev/kvm"), (os.stat("/dev/kvm").st_gid,), proc=proc,
-                   shares=shares)
+                   shares=shares, guard=guard)
 
     KERNEL = "/vmlinux"
     SHARES = "/shares"
@@ -223,6 +255,8 @@ class Jail:
         # A VMM may outlive its monitor (`ps` says "monitor lost", rm ends it): vmm_ids.allocate never gives a
         # uid that a process still runs as, so its uid is not another VM's meanwhile.
         set_no_new_privs()
+        if self.guard:
+            seccomp_set_filter(self.guard)
 
     @staticmethod
     def _keep_only(cap: int) -> None:

@@ -8,14 +8,18 @@ and only starts the command: the layer's mkfs, the disks' cache flush and the mo
 VM distinct is redone as after any restore (snapshot.py): the RNG reseed and the clock on ``restore``, the
 address on ``network``, the hostname on ``create``, the environment, user and process on ``start``.
 
-The snapshot's key adds the image's base (its path, size and modification time) and the layer's size to the
-machine shape's, so a rebuilt or removed image never restores another's root. Only a container's first boot,
+The snapshot's key adds the image's base, by the SHA-256 of its bytes, and the layer's size to the machine
+shape's, so a rebuilt image never restores another's root, while the same image's base in another state root (a
+byte-identical file: tar2sqfs is deterministic) shares the snapshot. The digest is computed once per base file
+(its path, inode, size and modification time) and kept in the snapshot directory. Only a container's first boot,
 with no volumes or binds (they are mounted at create), restores one: a restarted container has its own layer,
 and boots from the machine shape's plain snapshot.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from micropod import guestmsg, wire
 from micropod.errors import BootError
-from micropod.fsutil import copy_sparse, private_file
+from micropod.fsutil import atomic_write, copy_sparse, private_dir, private_file
 from micropod.paths import switched_on
 from micropod.vmm import snapshot
 from micropod.vmm.base import VmSpec
@@ -40,6 +44,8 @@ log = logging.getLogger("micropod")
 
 PREPARE_TIMEOUT = 60.0
 _PREPARE_REQ = 1
+_DIGESTS_KEPT = 256
+_READ_CHUNK = 1 << 20
 
 
 def enabled() -> bool:
@@ -107,11 +113,34 @@ def pristine_layer(saved: Path) -> Path:
     return snapshot.companions(saved)[0]
 
 
-def root_key(spec: VmSpec, shape: list[str], binary: Path, template: RootTemplate) -> str:
-    base = template.base.stat()
+def root_key(spec: VmSpec, shape: list[str], binary: Path, template: RootTemplate, digests: Path) -> str:
     return snapshot.snapshot_key(spec, shape, binary, sizes={template.upper_drive: template.fresh.size},
-                                 extra=("root-ready", f"{template.base}:{base.st_size}:{base.st_mtime_ns}",
+                                 extra=("root-ready", content_digest(template.base, digests),
                                         json.dumps(template.rootfs, sort_keys=True)))
+
+
+def content_digest(path: Path, digests: Path) -> str:
+    """The SHA-256 of ``path``'s bytes, remembered in ``digests`` under the file's identity (so a replaced file is
+    hashed again); at most _DIGESTS_KEPT are remembered, the oldest forgotten first."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        identity = hashlib.sha256(f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+        memo = private_dir(digests) / identity
+        with contextlib.suppress(OSError):
+            known = memo.read_text()
+            if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+                return known
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, _READ_CHUNK):
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    atomic_write(memo, digest.hexdigest().encode(), mode=0o600)
+    remembered = sorted(digests.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    for stale in remembered[:-_DIGESTS_KEPT]:
+        stale.unlink(missing_ok=True)
+    return digest.hexdigest()
 
 
 def restore_root(vmm_factory: QemuFactory, spec: VmSpec, key: str, template: RootTemplate) -> Path | None:

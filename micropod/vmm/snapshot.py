@@ -271,16 +271,20 @@ def ensure_snapshot(vmm_factory: QemuFactory, spec: VmSpec, key: str, cache: Cac
             if not complete(path):
                 save_template(vmm_factory, spec, path, setup)
                 log.info("saved boot snapshot %s in %.1fs", path.name[:12], time.monotonic() - started)
+            with contextlib.suppress(OSError):
+                os.utime(guestram.lock_of(path))  # used now: its lock's time was the build's start
     except MicropodError as exc:
         log.warning("booting without a snapshot: %s", exc)
         return None
-    drop_least_used(cache)
+    drop_least_used(cache, keep=path)
     return path
 
 
-def drop_least_used(cache: CacheRoot) -> list[Path]:
-    """Keep the ``kept()`` snapshots used last; the others go."""
-    dropped = saved(cache)[kept():]
+def drop_least_used(cache: CacheRoot, keep: Path | None = None) -> list[Path]:
+    """Keep the ``kept()`` snapshots used last (and ``keep``, the one a run is about to use); the others go."""
+    found = saved(cache)
+    ordered = [keep, *(p for p in found if p != keep)] if keep in found else found  # keep: the one used last
+    dropped = ordered[kept():]
     for stale in dropped:
         log.info("dropping the least recently used boot snapshot %s", stale.name[:12])
         invalidate(stale)
