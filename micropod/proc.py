@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import shlex
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -52,12 +54,33 @@ def run(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float | None = None,
+    output_limit: int | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run a program to completion; raise CommandError with its stderr tail when it fails."""
+    """Run a program to completion; raise CommandError with its stderr tail when it fails. With ``output_limit``
+    its stdout is read as it comes and the program killed past that many bytes (CommandError), and only the last
+    STDERR_KEPT bytes of its stderr are kept: a program that prints without end never fills the caller's
+    memory."""
     args = _argv(argv)
     log.debug("+ %s", shlex.join(args))
+    if output_limit is not None:
+        proc = _run_bounded(args, input or b"", env, cwd, timeout, output_limit)
+    else:
+        proc = _run_whole(args, input, stdin, stdout, env, cwd, timeout)
+    if check and proc.returncode != 0:
+        tail = stderr_tail(proc.stderr) or stderr_tail(proc.stdout)
+        raise CommandError(f"{shlex.join(args[:3])}{' ...' if len(args) > 3 else ''} failed "
+                           f"with exit code {proc.returncode}: {tail}")
+    return proc
+
+
+STDERR_KEPT = 1 << 16
+
+
+def _run_whole(args: list[str], input: bytes | None, stdin: int | IO[Any] | None, stdout: int | IO[Any] | None,
+               env: Mapping[str, str] | None, cwd: Path | None,
+               timeout: float | None) -> subprocess.CompletedProcess[bytes]:
     try:
-        proc = subprocess.run(
+        return subprocess.run(
             args,
             input=input,
             stdin=stdin if input is None else None,
@@ -72,11 +95,64 @@ def run(
         raise CommandError(f"{args[0]}: command not found", hint="run 'micropod doctor'") from exc
     except subprocess.TimeoutExpired as exc:
         raise CommandError(f"{args[0]} timed out after {timeout}s: {stderr_tail(exc.stderr)}") from exc
-    if check and proc.returncode != 0:
-        tail = stderr_tail(proc.stderr) or stderr_tail(proc.stdout)
-        raise CommandError(f"{shlex.join(args[:3])}{' ...' if len(args) > 3 else ''} failed "
-                           f"with exit code {proc.returncode}: {tail}")
-    return proc
+
+
+def _run_bounded(args: list[str], input: bytes, env: Mapping[str, str] | None, cwd: Path | None,
+                 timeout: float | None, limit: int) -> subprocess.CompletedProcess[bytes]:
+    try:
+        child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=minimal_env(env), cwd=cwd)
+    except FileNotFoundError as exc:
+        raise CommandError(f"{args[0]}: command not found", hint="run 'micropod doctor'") from exc
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out, err = bytearray(), bytearray()
+    pending = memoryview(input)
+    with selectors.DefaultSelector() as selector:
+        for stream in (child.stdin, child.stdout, child.stderr):
+            os.set_blocking(stream.fileno(), False)
+        selector.register(child.stdout, selectors.EVENT_READ, out)
+        selector.register(child.stderr, selectors.EVENT_READ, err)
+        if pending:
+            selector.register(child.stdin, selectors.EVENT_WRITE)
+        else:
+            child.stdin.close()
+        try:
+            while selector.get_map():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise CommandError(f"{args[0]} timed out after {timeout}s: {stderr_tail(bytes(err))}")
+                for key, _ in selector.select(left):
+                    if key.fileobj is child.stdin:
+                        try:
+                            pending = pending[os.write(child.stdin.fileno(), pending[:1 << 16]):]
+                        except BrokenPipeError:
+                            pending = pending[:0]
+                        if not pending:
+                            selector.unregister(child.stdin)
+                            child.stdin.close()
+                        continue
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                        continue
+                    kept: bytearray = key.data
+                    kept += chunk
+                    if kept is out and len(out) > limit:
+                        raise CommandError(f"{args[0]} printed more than {limit} bytes")
+                    if kept is err and len(err) > STDERR_KEPT:
+                        del err[:-STDERR_KEPT]
+            returncode = child.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except (CommandError, subprocess.TimeoutExpired) as exc:
+            child.kill()
+            child.wait()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise CommandError(f"{args[0]} timed out after {timeout}s: {stderr_tail(bytes(err))}") from None
+            raise
+        finally:
+            for stream in (child.stdin, child.stdout, child.stderr):
+                stream.close()
+    return subprocess.CompletedProcess(args, returncode, bytes(out), bytes(err))
 
 
 def spawn(

@@ -138,11 +138,9 @@ class Cni:
         self.calls.append(f"{command} {kind}")
         try:
             out = proc.run([self.plugin(kind)], input=json.dumps(stdin).encode(), env=env, check=False,
-                           timeout=self.timeout)
+                           timeout=self.timeout, output_limit=MAX_OUTPUT)
         except CommandError as exc:
             raise NetworkError(f"CNI plugin {kind} ({command}): {exc}") from None
-        if len(out.stdout) > MAX_OUTPUT:
-            raise NetworkError(f"CNI plugin {kind} ({command}) printed more than {MAX_OUTPUT} bytes")
         if out.returncode != 0:
             raise NetworkError(f"CNI plugin {kind} failed ({command}): {_error_message(out.stdout, out.stderr)}")
         if command != "ADD":
