@@ -2,17 +2,21 @@
 connection, streams that the client opens with SYN_STREAM, header blocks compressed with one zlib context per
 direction, and data frames. Flow control windows are granted generously and never waited on, as spdystream does.
 
-Every length is checked against a cap before anything is read into memory: the peer is a network client.
+Every length is checked against a cap before anything is read into memory: the peer is a network client. What
+it sends is queued within a byte budget per stream and per session; past it the session stops reading (TCP
+pushes back), and a stream that nobody reads for UNREAD_TIMEOUT is reset rather than holding the session. A
+stream both sides have finished is forgotten, so MAX_STREAMS bounds the open ones, not a session's life.
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
 import socket
 import struct
 import threading
+import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,7 +28,9 @@ FLAG_FIN = 0x01
 MAX_FRAME = 1 << 20  # larger than any frame spdystream sends (its data frames are at most 32 KiB)
 MAX_HEADERS = 64 << 10
 MAX_STREAMS = 64
-QUEUED_FRAMES = 16  # per stream: a client that sends faster than the container reads waits (TCP pushes back)
+STREAM_QUEUE_BYTES = 256 << 10  # what a stream holds unread (one frame more if it held nothing)
+SESSION_QUEUE_BYTES = 1 << 20  # what all of a session's streams hold unread together
+UNREAD_TIMEOUT = 30.0  # a stream whose queue stays full this long is reset
 RST_PROTOCOL_ERROR, RST_REFUSED, RST_CANCEL = 1, 3, 5
 WINDOW_GRANT = 1 << 30
 
@@ -135,7 +141,8 @@ class Stream:
     session: Session
     stream_id: int
     headers: dict[str, list[str]]
-    incoming: queue.Queue[bytes] = field(default_factory=lambda: queue.Queue(QUEUED_FRAMES))
+    incoming: deque[bytes] = field(default_factory=deque)
+    queued: int = 0  # bytes in incoming
     finished: threading.Event = field(default_factory=threading.Event)  # the peer's FIN, a reset, or the end
     closed: bool = False
 
@@ -144,21 +151,35 @@ class Stream:
 
     def read(self) -> bytes | None:
         """The next data the peer sent; None once it has finished (or the session ended)."""
-        while True:
-            try:
-                return self.incoming.get(timeout=0.2)
-            except queue.Empty:
-                if self.finished.is_set() and self.incoming.empty():
+        budget = self.session.budget
+        with budget:
+            while not self.incoming:
+                if self.finished.is_set():
                     return None
+                budget.wait(0.2)
+            data = self.incoming.popleft()
+            self.queued -= len(data)
+            self.session.queued -= len(data)
+            budget.notify_all()
+            return data
 
     def deliver(self, data: bytes) -> None:
-        """From the session's reader: waits while the queue is full, unless nobody will read it any more."""
-        while not (self.finished.is_set() or self.session.ended.is_set()):
-            try:
-                self.incoming.put(data, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        """From the session's reader: waits while the budgets are spent, unless nobody will read it any more; a
+        stream that stays full past UNREAD_TIMEOUT is reset and its data dropped."""
+        session = self.session
+        deadline = time.monotonic() + UNREAD_TIMEOUT
+        with session.budget:
+            while ((self.queued and self.queued + len(data) > STREAM_QUEUE_BYTES)
+                   or (session.queued and session.queued + len(data) > SESSION_QUEUE_BYTES)):
+                if self.finished.is_set() or session.ended.is_set():
+                    return
+                if time.monotonic() > deadline:
+                    session.reset(self)
+                    return
+                session.budget.wait(0.2)
+            self.incoming.append(data)
+            self.queued += len(data)
+            session.queued += len(data)
 
     def write(self, data: bytes) -> None:
         for start in range(0, len(data), 32 << 10):
@@ -168,7 +189,10 @@ class Stream:
         """Our half: a FIN, once."""
         if not self.closed:
             self.closed = True
-            self.session.send(data_frame(self.stream_id, b"", fin=True))
+            try:
+                self.session.send(data_frame(self.stream_id, b"", fin=True))
+            finally:
+                self.session.forget_if_done(self)
 
 
 class Session:
@@ -178,9 +202,38 @@ class Session:
         self.sock = sock
         self.on_stream = on_stream
         self.codec = HeaderCodec()
-        self.streams: dict[int, Stream] = {}
+        self.streams: dict[int, Stream] = {}  # the open ones
+        self.last_stream_id = 0
         self._send_lock = threading.Lock()
         self.ended = threading.Event()
+        self.budget = threading.Condition()  # guards every stream's queue and ``queued``
+        self.queued = 0  # bytes queued unread, over all streams
+
+    def forget_if_done(self, stream: Stream) -> None:
+        """A stream both sides finished: dropped, with what it still held unread."""
+        if stream.closed and stream.finished.is_set():
+            with self.budget:
+                if self.streams.get(stream.stream_id) is stream:
+                    del self.streams[stream.stream_id]
+                self.queued -= stream.queued
+                stream.queued = 0
+                stream.incoming.clear()
+                self.budget.notify_all()
+
+    def finish(self, stream: Stream) -> None:
+        """The peer's half is done (FIN or reset): its reader wakes at once."""
+        stream.finished.set()
+        with self.budget:
+            self.budget.notify_all()
+        self.forget_if_done(stream)
+
+    def reset(self, stream: Stream) -> None:
+        """Cancel a stream (RST_STREAM): nobody read it."""
+        stream.closed = True
+        stream.finished.set()
+        with contextlib.suppress(OSError):
+            self.send(control_frame(RST_STREAM, 0, struct.pack(">II", stream.stream_id, RST_CANCEL)))
+        self.forget_if_done(stream)
 
     def send(self, frame: bytes) -> None:
         with self._send_lock:
@@ -199,8 +252,10 @@ class Session:
             pass
         finally:
             self.ended.set()
-            for stream in self.streams.values():
+            for stream in list(self.streams.values()):
                 stream.finished.set()
+            with self.budget:
+                self.budget.notify_all()
 
     def _dispatch(self, frame: Frame) -> None:
         if not frame.control:
@@ -211,14 +266,14 @@ class Session:
                 stream.deliver(frame.payload)
                 self.send(control_frame(WINDOW_UPDATE, 0, struct.pack(">II", frame.stream_id, len(frame.payload))))
             if frame.flags & FLAG_FIN:
-                stream.finished.set()
+                self.finish(stream)
         elif frame.kind == SYN_STREAM:
             self._open(frame)
         elif frame.kind == RST_STREAM:
             stream = self.streams.get(frame.stream_id)
             if stream is not None:
                 stream.closed = True
-                stream.finished.set()
+                self.finish(stream)
         elif frame.kind == PING:
             self.send(control_frame(PING, 0, frame.payload[:4]))
         elif frame.kind == GOAWAY:
@@ -232,15 +287,17 @@ class Session:
             raise SpdyError("a SYN_STREAM too short")
         headers = self.codec.decode(frame.payload[10:])
         stream_id = frame.stream_id
-        if stream_id in self.streams or stream_id % 2 == 0 or len(self.streams) >= MAX_STREAMS:
+        # SPDY's stream ids only grow: one at or below the last is a reused id, not a new stream
+        if stream_id <= self.last_stream_id or stream_id % 2 == 0 or len(self.streams) >= MAX_STREAMS:
             self.send(control_frame(RST_STREAM, 0, struct.pack(">II", stream_id, RST_REFUSED)))
             return
+        self.last_stream_id = stream_id
         stream = Stream(self, stream_id, headers)
         self.streams[stream_id] = stream
         self.send(control_frame(SYN_REPLY, 0, struct.pack(">I", stream_id) + self.codec.encode({})))
         self.send(control_frame(WINDOW_UPDATE, 0, struct.pack(">II", stream_id, WINDOW_GRANT)))
         if frame.flags & FLAG_FIN:
-            stream.finished.set()
+            self.finish(stream)
         self.on_stream(stream)
 
     def close(self) -> None:
