@@ -75,6 +75,15 @@ class BindMount:
 
 
 @dataclass(frozen=True)
+class DeviceMapping:
+    """A device of the VM's own kernel given to the container (micropod/agent/devices.py)."""
+
+    path: str
+    container_path: str
+    permissions: str = "rwm"
+
+
+@dataclass(frozen=True)
 class TmpfsMount:
     """--tmpfs PATH[:OPTIONS]: a tmpfs at ``target``, with docker's defaults and then ``options``."""
 
@@ -101,6 +110,7 @@ class ContainerSpec:
     read_only: bool = False  # --read-only: the container's root
     pids_limit: int = 0  # --pids-limit: the container's cgroup pids.max inside the VM; 0 is none
     binds: tuple[BindMount, ...] = ()
+    devices: tuple[DeviceMapping, ...] = ()
     # A pod's container: its --memory (bytes), --cpus, --cpu-shares and cpuset as its cgroup's limits inside the
     # pod's VM; 0 (or "") is none.
     memory_limit: int = 0
@@ -260,6 +270,7 @@ class RunConfig:
         container["env"] = tuple(container["env"])
         container["volumes"] = tuple(VolumeMount(**volume) for volume in container.get("volumes") or ())
         container["binds"] = tuple(BindMount(**bind) for bind in container.get("binds") or ())
+        container["devices"] = tuple(DeviceMapping(**device) for device in container.get("devices") or ())
         container["tmpfs"] = tuple(TmpfsMount(m["target"], tuple(m["options"])) for m in container.get("tmpfs") or ())
         log = LogOptions(**raw.pop("log", {}))
         restart = RestartPolicy(**raw.pop("restart", {}))

@@ -91,3 +91,29 @@ def test_removing_a_sandbox_with_a_bound_host_path_keeps_the_host_files(kubelet:
     rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
     assert (data / "precious").read_text() == "keep\n"
     assert not mounted_under((kubelet.root / "pods").resolve()) and not shares_under(kubelet.root.resolve())
+
+
+def test_devices_of_the_vms_own_kernel_and_refusals_of_the_hosts(kubelet: CriServer, tmp_path: Path) -> None:  # noqa: F811
+    """CreateContainer's devices name devices of the guest (micropod/agent/devices.py): TUN is given, as a node
+    and a devices-cgroup rule; a host disk is refused before any VM is asked."""
+    rt = kubelet.runtime
+    logs = tmp_path / "logs"
+    (logs / "tun").mkdir(parents=True)
+    config = sandbox(logs)
+    sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=BOOT).pod_sandbox_id
+    code, details = code_of(lambda: rt.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=sid, sandbox_config=config, config=container("disk", "true", devices=[
+            pb.Device(host_path="/dev/vda", container_path="/dev/vda", permissions="rw")]))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "cannot be passed into a microVM" in details, details
+    tun = rt.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=sid, sandbox_config=config, config=container(
+        "tun", "exec sleep 3600", devices=[pb.Device(host_path="/dev/net/tun", container_path="/dev/net/tun",
+                                                   permissions="rw")]))).container_id
+    rt.StartContainer(pb.StartContainerRequest(container_id=tun), timeout=BOOT)
+    seen = rt.ExecSync(pb.ExecSyncRequest(container_id=tun, cmd=["sh", "-c", (
+        "stat -c '%t:%T' /dev/net/tun; cat /dev/net/tun 2>&1; ls /dev/fuse 2>&1")], timeout=30), timeout=60)
+    lines = seen.stdout.decode().splitlines()
+    assert lines[0] == "a:c8", lines  # 10:200 in hex: the guest's TUN driver
+    assert "File descriptor in bad state" in lines[1], lines  # opened: the driver answers, no interface yet
+    assert "No such file" in lines[2], lines  # only what was asked for
+    rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+    rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)

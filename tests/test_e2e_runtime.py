@@ -114,3 +114,15 @@ def test_the_vmm_gets_a_host_cgroup_capped_by_cpus_and_memory(cli: Cli) -> None:
     assert int(limit.read_text()) == (128 + OVERHEAD_MIB) << 20
     assert cli("rm", "-f", "half", timeout=120).returncode == 0
     assert not quota.parent.exists() and not limit.parent.exists()
+
+
+def test_a_device_of_the_vms_kernel_is_given_with_the_access_asked_for(cli: Cli) -> None:
+    """run --device: FUSE, read-only in the devices cgroup ("r"): it opens for reading, not for writing; a device
+    of the host is one line, and no VM boots."""
+    script = ("stat -c '%t:%T' /dev/fuse; (exec 3</dev/fuse) && echo read-ok; "
+              "(exec 3>/dev/fuse) 2>/dev/null || echo write-refused")
+    done = cli("run", "--rm", "--device", "/dev/fuse:/dev/fuse:r", "hello", "sh", "-c", script, timeout=WAIT)
+    assert (done.returncode, done.stdout) == (0, "a:e5\nread-ok\nwrite-refused\n"), done.stderr  # 10:229
+    refused = cli("run", "--rm", "--device", "/dev/sda", "hello", "true")
+    assert refused.returncode == 125 and "cannot be passed into a microVM" in refused.stderr, refused.stderr
+    assert refused.stderr.count("\n") == 1 and cli("ps", "-aq").stdout == ""

@@ -17,6 +17,7 @@ import functools
 import json
 import os
 
+from micropod.agent import devices
 from micropod.runtime import caps, seccomp, seccomp_docker
 from micropod.runtime.spec_linux import SYSCTL_NAME, sysctl_namespace
 from micropod.wire import CPU_PERIOD
@@ -219,6 +220,13 @@ def config(cid: str, root: str, process: dict[str, Any], spec: dict[str, Any]) -
         "cgroupsPath": f"{CGROUP_PARENT}/{cid}",
         "resources": _resources(spec),
     }
+    try:
+        nodes, rules = devices.oci_devices(spec.get("devices"))
+    except devices.DeviceError as exc:
+        raise SecurityError(str(exc)) from None
+    if nodes:
+        linux["devices"] = nodes
+        linux["resources"]["devices"] = rules
     own_sysctls = sysctls(spec)[0]
     if own_sysctls:
         linux["sysctl"] = own_sysctls

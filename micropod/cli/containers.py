@@ -102,6 +102,7 @@ def _run_request(security: SecurityOptions, options: dict[str, Any]) -> containe
         log=parse_log_opts(options["log_opts"]), restart=policy, network=options["network"],
         publish=options["publish"], dns=options["dns"], security=security, volumes=tuple(mounts.volumes),
         tmpfs=tuple(mounts.tmpfs), read_only=mounts.read_only, binds=tuple(mounts.binds),
+        devices=tuple(mounts.devices),
         pids_limit=_pids_limit(options["pids_limit"]), upper_size=_storage_size(options["storage_opts"]),
         pod=options["pod"], quotas=quotas_of(options), **_pod_limits(options),
         user_data=user_data(options["metadata"], options["metadata_file"]),

@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 
 import click
 
+from micropod.agent.devices import check_request
 from micropod.errors import UsageError
-from micropod.runconfig import BindMount, TmpfsMount
+from micropod.runconfig import BindMount, DeviceMapping, TmpfsMount
 from micropod.volumes import VolumeRequest, check_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,14 +81,31 @@ def parse_tmpfs(text: str) -> TmpfsMount:
     return TmpfsMount(_target(path, "--tmpfs"), words)
 
 
+def parse_device(text: str) -> DeviceMapping:
+    """docker's --device PATH[:CONTAINER_PATH][:PERMISSIONS], for a device of the VM's own kernel
+    (micropod/agent/devices.py)."""
+    parts = text.split(":")
+    if len(parts) == 2 and parts[1] and not parts[1].startswith("/"):
+        parts = [parts[0], parts[0], parts[1]]  # PATH:PERMISSIONS
+    if not 1 <= len(parts) <= 3 or not parts[0]:
+        raise UsageError(f"invalid --device {text!r}: it is PATH[:CONTAINER_PATH][:PERMISSIONS]")
+    path, target, permissions = [*parts, "", ""][:3]
+    device = DeviceMapping(path, target or path, permissions or "rwm")
+    problem = check_request(device.path, device.container_path, device.permissions)
+    if problem:
+        raise UsageError(f"invalid --device {text!r}: {problem}")
+    return device
+
+
 @dataclass
 class MountRequests:
-    """What -v, --mount, --tmpfs and --read-only asked for, gathered as click parses them."""
+    """What -v, --mount, --tmpfs, --read-only and --device asked for, gathered as click parses them."""
 
     volumes: list[VolumeRequest] = field(default_factory=list)
     binds: list[BindMount] = field(default_factory=list)
     tmpfs: list[TmpfsMount] = field(default_factory=list)
     read_only: bool = False
+    devices: list[DeviceMapping] = field(default_factory=list)
 
     def check(self) -> MountRequests:
         targets = [v.target for v in self.volumes] + [b.target for b in self.binds] + [t.target for t in self.tmpfs]
@@ -109,6 +127,8 @@ def mount_options(command: F) -> F:
             found.read_only = bool(values)
         elif param.name == "tmpfs":
             found.tmpfs.extend(parse_tmpfs(v) for v in values)
+        elif param.name == "device":
+            found.devices.extend(parse_device(v) for v in values)
         else:
             for value in values:
                 parsed = (parse_volume if param.name == "volume" else parse_mount)(value)
@@ -126,6 +146,8 @@ def mount_options(command: F) -> F:
                      help="PATH[:OPTIONS] (a tmpfs, rw,noexec,nosuid,nodev unless the options say otherwise)"),
         click.option("--read-only", "read_only", is_flag=True, expose_value=False, callback=gather,
                      help="Mount the container's root read-only."),
+        click.option("--device", "device", multiple=True, expose_value=False, callback=gather,
+                     help="PATH[:CONTAINER_PATH][:rwm], a device of the VM's own kernel: /dev/fuse, /dev/net/tun"),
     ]
     for option in reversed(options):
         command = option(command)

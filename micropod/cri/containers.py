@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from micropod.agent.devices import check_request
 from micropod.context import Context
 from micropod.cri import records
 from micropod.cri.api import pb
@@ -25,7 +26,7 @@ from micropod.cri.status import CriError, find_recorded, invalid, reserved
 from micropod.errors import ConflictError, MicropodError, NotFoundError
 from micropod.monitor.api import Op
 from micropod.quotas import Quotas
-from micropod.runconfig import DEFAULT_LOG, BindMount, ContainerSpec, RunConfig
+from micropod.runconfig import DEFAULT_LOG, BindMount, ContainerSpec, DeviceMapping, RunConfig
 from micropod.securityopts import capability, profile
 from micropod.service import containers, execs, pods
 from micropod.service.containers import RunRequest
@@ -115,6 +116,20 @@ def log_path(sandbox: SandboxInfo, path: str) -> str:
     return os.path.join(sandbox.log_directory, path)
 
 
+def devices_of(devices: Any) -> tuple[DeviceMapping, ...]:
+    """A CRI container's devices: ones of the VM's own kernel (micropod/agent/devices.py), as containerd takes
+    host_path, container_path and permissions (an empty container path is the host path, none is "rwm")."""
+    found = []
+    for device in devices:
+        mapping = DeviceMapping(device.host_path, device.container_path or device.host_path,
+                                device.permissions or "rwm")
+        problem = check_request(mapping.path, mapping.container_path, mapping.permissions)
+        if problem:
+            raise invalid(problem)
+        found.append(mapping)
+    return tuple(found)
+
+
 def binds_of(mounts: Any) -> tuple[BindMount, ...]:
     """Host path mounts, bound into the sandbox's shared directory; image volumes and bidirectional
     propagation (a guest's mounts reaching the host) are refused."""
@@ -148,8 +163,7 @@ class Containers:
         name = micropod_name(info.reserved_name(sandbox), "container")
         if ctx.state.name_taken(name):
             raise reserved("container", info.reserved_name(sandbox), ctx.state.find(name).id)
-        if config.devices:
-            raise invalid("devices are not passed into micropod's VMs")
+        devices = devices_of(config.devices)
         binds = binds_of(config.mounts)
         try:
             image = ctx.images.resolve(config.image.image)
@@ -170,6 +184,7 @@ class Containers:
             cpuset_mems=limits.cpuset_mems or "", sysctls=sandbox.sysctls,
             read_only=linux.security_context.readonly_rootfs, security=security_of(linux.security_context),
             labels=dict(config.labels), log=replace(DEFAULT_LOG, cri_path=info.log_path), binds=binds,
+            devices=devices,
         ), configured_only=True)
         try:
             records.save(ctx.root.vm(cfg.vm_id).path, info)

@@ -32,6 +32,7 @@ from micropod.rootfs.upper import DEFAULT_UPPER_SIZE
 from micropod.runconfig import (
     BindMount,
     ContainerSpec,
+    DeviceMapping,
     LogOptions,
     RestartPolicy,
     RunConfig,
@@ -78,6 +79,7 @@ class RunRequest:
     tmpfs: tuple[TmpfsMount, ...] = ()
     read_only: bool = False
     binds: tuple[BindMount, ...] = ()
+    devices: tuple[DeviceMapping, ...] = ()  # of the VM's own kernel, checked (micropod/agent/devices.py)
     pids_limit: int = 0
     upper_size: int | None = None  # --storage-opt size=; None: the default
     pod: str | None = None  # --pod: a container of that pod's VM, whose own --memory/--cpus become cgroup limits
@@ -155,6 +157,7 @@ def create(ctx: Context, req: RunRequest, configured_only: bool = False) -> RunC
             tmpfs=req.tmpfs,
             read_only=req.read_only,
             binds=binds,
+            devices=req.devices,
             pids_limit=req.pids_limit,
             memory_limit=req.memory_limit,
             cpu_quota=req.cpu_quota,
