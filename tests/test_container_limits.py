@@ -131,3 +131,13 @@ def test_run_refuses_sysctls_that_are_not_namespaced(given: dict[str, str], prob
         "net.core.somaxconn": "128", "kernel.sem": "250 32000 32 128"}
     with pytest.raises(UsageError, match=problem):
         checked_sysctls(given)
+
+
+def test_an_update_that_empties_a_cpuset_clears_it() -> None:
+    """limits() leaves a cpuset it has no value for as it is (runc's update); the agent resets the ones an
+    update gives empty to the parent's (V2Cgroup.clear_cpusets)."""
+    from micropod.agent.bundle import cleared_cpusets
+
+    assert cleared_cpusets({"cpuset_cpus": "", "cpuset_mems": "0"}) == ("cpus",)
+    assert cleared_cpusets({"pids_limit": 3}) == ()
+    assert cleared_cpusets({"cpuset_cpus": "", "cpuset_mems": ""}) == ("cpus", "mems")

@@ -147,7 +147,7 @@ def test_a_container_of_another_image_joins_the_running_pod_without_a_reboot(pod
     cli = pods
     loaded = cli("load", "-i", str(second_image(tmp_path / "second.tar")))
     assert loaded.returncode == 0, loaded.stderr
-    assert cli("pod", "create", "--name", "p").returncode == 0
+    assert cli("pod", "create", "--name", "p", "--cpus", "2").returncode == 0
     run_in(cli, "p", "first", "hello", "sleep", "600")
     code, boot_id = sh(cli, "first", "cat /proc/sys/kernel/random/boot_id")
     assert code == 0, boot_id
@@ -167,7 +167,7 @@ def test_a_container_of_another_image_joins_the_running_pod_without_a_reboot(pod
     assert set(states(cli)) == {"first"}  # --rm removed it
 
     # A pod's container's --memory and --cpus are its own cgroup's limits in the VM.
-    run_in(cli, "p", "limited", "-m", "64M", "--cpus", "0.5", "hello", "sleep", "600")
+    run_in(cli, "p", "limited", "-m", "64M", "--cpus", "0.5", "--cpuset-cpus", "0", "hello", "sleep", "600")
     code, text = sh(cli, "limited", "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max")
     assert (code, text) == (0, f"{64 << 20}\n50000 100000\n"), text
     # stats of a pod's container are its own cgroup's: its memory limit, its one process
@@ -180,6 +180,10 @@ def test_a_container_of_another_image_joins_the_running_pod_without_a_reboot(pod
     limits_now = "cd /sys/fs/cgroup && cat memory.max cpu.max cpu.weight pids.max"
     updated_limits = f"{96 << 20}\n25000 100000\n{cpu_weight_from_shares(512)}\n40\n"
     assert sh(cli, "limited", limits_now) == (0, updated_limits)
+    # a cpuset cleared by an update is all of the VM's at once, not at the next start
+    assert sh(cli, "limited", "cat /sys/fs/cgroup/cpuset.cpus") == (0, "0\n")
+    assert cli("update", "--cpuset-cpus", "", "limited", timeout=WAIT).returncode == 0
+    assert sh(cli, "limited", "cat /sys/fs/cgroup/cpuset.cpus") == (0, "0-1\n")
     refused = cli("update", "--memory-reservation", "32M", "limited", timeout=WAIT)
     assert refused.returncode != 0 and "belong to the pod" in refused.stderr, refused.stderr
     # stop, then start, of a pod's container: the same VM again
@@ -196,6 +200,7 @@ def test_a_container_of_another_image_joins_the_running_pod_without_a_reboot(pod
     assert sh(cli, "limited", "cat /proc/sys/kernel/random/boot_id") == (0, boot_id)
     assert cli("exec", "limited", "cat", "/note").stdout == "copied while stopped\n"
     assert sh(cli, "limited", limits_now) == (0, updated_limits)
+    assert sh(cli, "limited", "cat /sys/fs/cgroup/cpuset.cpus") == (0, "\n")  # and started again, none of its own
     # a pod's container's restart policy: run again in the same VM, with docker's count
     run_in(cli, "p", "flaky", "--restart", "on-failure:2", "hello", "sh", "-c", "echo try; exit 1")
 

@@ -154,6 +154,13 @@ def limits(spec: dict[str, Any], updating: bool) -> dict[str, Any]:
     return resources
 
 
+def cleared_cpusets(spec: dict[str, Any]) -> tuple[str, ...]:
+    """An update's cpusets given empty: ``cpus``, ``mems``, to be reset to the parent's (limits() leaves a cpuset
+    it is not given a value for as it is, as runc's update does)."""
+    return tuple(key for name, key in zip(_CPUSETS, ("cpus", "mems"), strict=True)
+                 if name in spec and spec[name] == "")
+
+
 MAX_SYSCTLS = 64
 MAX_SYSCTL_VALUE = 4096
 

@@ -278,8 +278,9 @@ class Agent:
             resources = bundle.limits(message, updating=True)
         except bundle.SecurityError as exc:
             raise RequestError(str(exc)) from None
-        if resources:
-            runtime.update(container.cid, resources)
+        cleared = bundle.cleared_cpusets(message)
+        if resources or cleared:
+            runtime.update(container.cid, resources, cleared)
         return {}
 
     def on_remove(self, message: dict[str, Any]) -> dict[str, Any]:

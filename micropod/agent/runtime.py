@@ -117,13 +117,17 @@ def _container_process(cid: str) -> dict[str, Any]:
     return dict(document.get("process") or {})
 
 
-def update(cid: str, resources: dict[str, Any]) -> None:
-    """New limits for a running container's cgroup, as `micropod-runtime update` sets them."""
+def update(cid: str, resources: dict[str, Any], cleared_cpusets: tuple[str, ...] = ()) -> None:
+    """New limits for a running container's cgroup, as `micropod-runtime update` sets them; ``cleared_cpusets``
+    (cpus, mems) go back to the parent's (the guest's cgroups are v2)."""
     from micropod.runtime import cgroups
+    from micropod.runtime.cgroups_v2 import V2Cgroup
 
     group = cgroups.cgroup_from_paths(_life().states.load(cid).cgroup_paths)
     group.validate(resources)
     group.apply(resources)
+    if cleared_cpusets and isinstance(group, V2Cgroup):
+        group.clear_cpusets(cleared_cpusets)
 
 
 def forget(cid: str) -> None:

@@ -87,6 +87,14 @@ class V2Cgroup:
                             write_raw(parent, "cgroup.subtree_control", f"+{name}")
             make_cgroup_dir(child)
 
+    def clear_cpusets(self, keys: tuple[str, ...]) -> None:
+        """``cpus`` and/or ``mems`` back to all of the parent's. Not an empty list, which would follow the parent
+        for good: Linux 6.1 (the guest's) refuses to empty a populated cgroup's cpuset (ENOSPC)."""
+        for key in keys:
+            parent = (read_optional(self.path.parent, f"cpuset.{key}.effective") or "").strip()
+            if parent:
+                self._write(f"cpuset.{key}", parent)
+
     def _write(self, name: str, value: str) -> None:
         try:
             write_raw(self.path, name, value)
