@@ -101,3 +101,22 @@ def test_a_forker_that_took_the_request_and_never_answered_is_an_error_not_a_sec
     monkeypatch.setattr(forker, "_start", lambda *_: False)
     with open(os.devnull, "wb") as log:
         assert forker.fork_monitor(root, ["--root", str(root.path), "x"], {}, log.fileno()) is None
+
+
+def test_a_forked_monitor_takes_its_callers_limits_and_nice_not_the_forkers(cli: Cli) -> None:
+    """The forker was started by an earlier caller; a monitor it forks gets what a spawned one would have
+    inherited from its own caller (forker.process_settings)."""
+    assert cli("run", "-d", "--name", "first", "hello", "sleep", "600", timeout=WAIT).returncode == 0
+    forker_pid = parent_of(monitor_of(cli, "first"))
+    wrapped = ["nice", "-n", "7", "prlimit", "--nofile=777:888", sys.executable, "-m", "micropod", "run", "-d",
+               "--name", "second", "hello", "sleep", "600"]
+    done = subprocess.run(wrapped, env=cli.env(), capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 0, done.stderr
+    second = monitor_of(cli, "second")
+    assert parent_of(second) == forker_pid  # forked, by the forker the first run started
+    limits = Path(f"/proc/{second}/limits").read_text()
+    assert any(line.startswith("Max open files") and line.split()[3:5] == ["777", "888"]
+               for line in limits.splitlines()), limits
+    assert int(Path(f"/proc/{second}/stat").read_text().rpartition(")")[2].split()[16]) == 7  # its nice
+    assert "Max open files            777" not in Path(f"/proc/{forker_pid}/limits").read_text()
+    assert cli("rm", "-f", "first", "second", timeout=WAIT).returncode == 0

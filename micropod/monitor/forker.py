@@ -23,6 +23,7 @@ import gc
 import hashlib
 import json
 import os
+import resource
 import signal
 import socket
 import struct
@@ -84,7 +85,8 @@ def fork_monitor(root: StateRoot, args: list[str], env: dict[str, str], log_fd: 
     if not enabled():
         return None
     fds = [log_fd, *([attach_fd] if attach_fd is not None else [])]
-    request = json.dumps({"identity": code_identity(), "args": args, "env": env}).encode()
+    request = json.dumps({"identity": code_identity(), "args": args, "env": env,
+                          "process": process_settings()}).encode()
     name = context_name()
     try:
         sockets = SocketDir(forker_dir(root))
@@ -107,6 +109,40 @@ def fork_monitor(root: StateRoot, args: list[str], env: dict[str, str], log_fd: 
     finally:
         sockets.close()
     return None
+
+
+def process_settings() -> dict[str, object]:
+    """What a spawned monitor would inherit from its caller and a forked one would take from the forker instead
+    (started by an earlier caller): the resource limits, the nice value, the umask and the OOM score
+    adjustment."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    limits = {str(number): list(resource.getrlimit(number)) for number in _RLIMITS}
+    try:
+        oom = int(Path("/proc/self/oom_score_adj").read_text())
+    except (OSError, ValueError):
+        oom = 0
+    return {"rlimits": limits, "nice": os.getpriority(os.PRIO_PROCESS, 0), "umask": umask, "oom_score_adj": oom}
+
+
+_RLIMITS = tuple(getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_"))
+
+
+def apply_process_settings(settings: object) -> None:
+    """In the forked child, as root: the caller's process_settings(); what is malformed or refused is left as the
+    forker's (a monitor still runs)."""
+    if not isinstance(settings, dict):
+        return
+    for number, pair in (settings.get("rlimits") or {}).items():
+        with contextlib.suppress(ValueError, OSError, TypeError):
+            soft, hard = pair
+            resource.setrlimit(int(number), (int(soft), int(hard)))
+    with contextlib.suppress(ValueError, OSError, TypeError):
+        os.setpriority(os.PRIO_PROCESS, 0, int(settings["nice"]))
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        os.umask(int(settings["umask"]) & 0o777)
+    with contextlib.suppress(ValueError, OSError, TypeError, KeyError):
+        Path("/proc/self/oom_score_adj").write_text(str(int(settings["oom_score_adj"])))
 
 
 def _ask(sockets: SocketDir, name: str, request: bytes, fds: list[int]) -> dict[str, object] | None:
@@ -197,6 +233,7 @@ def _handle(conn: socket.socket, listener: socket.socket, identity: str) -> bool
             return True
         pid = os.fork()
         if pid == 0:
+            apply_process_settings(request.get("process"))
             _run_monitor(listener, conn, args, {str(k): str(v) for k, v in env.items()}, fds)
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         return True
