@@ -1,4 +1,4 @@
-"""A running QEMU's drive pointed at another file over QMP (micropod/vmm/qemu.py swap_backing_file): how a
+"""A running QEMU's drive pointed at another file over QMP (micropod/vmm/qemu_blocks.py swap_backing_file): how a
 later container's disk reaches a VM that booted with a placeholder, QEMU microvm having no hotplug."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 
 from micropod.errors import VmmError
 from micropod.vmm.base import Drive, VmSpec
-from micropod.vmm.qemu import QemuLayout, qemu_argv, swap_backing_file
+from micropod.vmm.qemu import QemuLayout, qemu_argv
+from micropod.vmm.qemu_blocks import swap_backing_file
 from micropod.vmm.qmp import QmpClient
 
 QEMU = shutil.which("qemu-system-x86_64")

@@ -15,7 +15,6 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from micropod import proc
 from micropod.errors import BootError, VmmError, VmmUnavailableError
@@ -28,6 +27,7 @@ from micropod.vmm.binaries import find_qemu
 from micropod.vmm.capped import CONSOLE_LOG_MAX, VMM_LOG_MAX, CappedLog, close_all
 from micropod.vmm.child import LogSource, died_error, wait_exit, wait_until
 from micropod.vmm.guestram import GuestRam
+from micropod.vmm.qemu_blocks import format_node, swap_backing_file
 from micropod.vmm.qemu_confined import Handles, Jail, add_fd_argv, fd_set, open_handles
 from micropod.vmm.qemu_scsi import ScsiDisks, controller_argv
 from micropod.vmm.qmp import QmpClient
@@ -69,35 +69,6 @@ def machine_options(accel: str, ram: GuestRam | None = None) -> str:
 # no scheduler or resource-limit changes. A QEMU bug exploited by a guest then cannot start a shell, become
 # another user or raise its own limits.
 QEMU_SANDBOX = ("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
-
-
-def format_node(drive_id: str) -> str:
-    """The block node name of a drive's raw format layer, which a swap of its file reopens."""
-    return f"fmt-{drive_id}"
-
-
-def swap_backing_file(qmp: QmpClient, drive_id: str, path: Path, read_only: bool, generation: int) -> None:
-    """Point a running VM's drive at another file, as Firecracker's PATCH /drives does: QEMU microvm has no
-    virtio-mmio hotplug, so a later disk goes onto a placeholder drive the VM booted with. A new file node
-    is added and the raw node reopened on it (about 12 ms here); the guest is told a new capacity if the
-    size differs, and must drop what it cached of the device before it reads it."""
-    node = f"file-{drive_id}-{generation}"
-    added: dict[str, Any] = {"driver": "file", "filename": str(path), "node-name": node, "read-only": read_only}
-    qmp.execute("blockdev-add", **added)
-    try:
-        qmp.execute("blockdev-reopen", options=[{"driver": "raw", "node-name": format_node(drive_id),
-                                                 "file": node, "read-only": read_only}])
-    except VmmError:
-        qmp.execute("blockdev-del", **_node(node))
-        raise
-    if generation > 0:  # the file node the previous swap added; the one -drive made goes by itself
-        with contextlib.suppress(VmmError):
-            qmp.execute("blockdev-del", **_node(f"file-{drive_id}-{generation - 1}"))
-    qmp.execute("block_resize", **_node(format_node(drive_id)), size=path.stat().st_size)
-
-
-def _node(name: str) -> dict[str, Any]:
-    return {"node-name": name}
 
 
 def qemu_argv(spec: VmSpec, binary: Path, accel: str, layout: QemuLayout, handles: Handles | None = None,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from micropod.errors import VmmError
+from micropod.vmm.qemu_blocks import node_ref
 from micropod.vmm.qemu_confined import open_disk
 from micropod.vmm.qmp import QmpClient
 
@@ -72,7 +73,7 @@ class ScsiDisks:
             try:
                 qmp.execute("device_add", **device)
             except VmmError:
-                qmp.execute("blockdev-del", **_node(node))
+                qmp.execute("blockdev-del", **node_ref(node))
                 qmp.execute("remove-fd", **{"fdset-id": fd_set})
                 raise
         finally:
@@ -95,7 +96,7 @@ class ScsiDisks:
             while True:
                 try:
                     if not _present(qmp, slot):
-                        qmp.execute("blockdev-del", **_node(node))
+                        qmp.execute("blockdev-del", **node_ref(node))
                         qmp.execute("remove-fd", **{"fdset-id": fd_set})
                         break
                 except VmmError as exc:
@@ -113,10 +114,6 @@ class ScsiDisks:
         if not slot.startswith("hd") or not slot[2:].isdigit() or int(slot[2:]) >= self.slots:
             raise VmmError(f"no disk slot {slot!r}")
         return int(slot[2:])
-
-
-def _node(name: str) -> dict[str, Any]:
-    return {"node-name": name}
 
 
 def _present(qmp: QmpClient, slot: str) -> bool:
