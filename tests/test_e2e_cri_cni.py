@@ -166,9 +166,10 @@ def test_a_sandbox_takes_its_address_from_cni_and_del_runs_once(world: tuple[Cri
     netns_file = Path(verbose["netns"])
     assert verbose["network"] == "cni" and netns_file.exists()
     # what falls through the TAP's filters meets a stack that routes nothing (the host's forwarding is not copied)
-    # (the namespace's file is mounted in the server's own mount namespace: entered through the pod's VMM)
-    vmm = json.loads(Cli(server.root)("pod", "inspect", sid).stdout)[0]["VM"]["VmmPid"]
-    seen = subprocess.run(["nsenter", "-t", str(vmm), "-n", "cat", "/proc/sys/net/ipv4/conf/all/forwarding",
+    # (the namespace's file is mounted in the server's own mount namespace: entered through the pod's monitor,
+    # which runs in it; its VMM has a network namespace of its own in its jail, with nothing but its descriptors)
+    monitor = json.loads(Cli(server.root)("pod", "inspect", sid).stdout)[0]["VM"]["MonitorPid"]
+    seen = subprocess.run(["nsenter", "-t", str(monitor), "-n", "cat", "/proc/sys/net/ipv4/conf/all/forwarding",
                            "/proc/sys/net/ipv6/conf/tap0/disable_ipv6", "/proc/sys/net/ipv4/conf/tap0/arp_ignore"],
                           capture_output=True, text=True, timeout=30)
     assert seen.stdout.split() == ["0", "1", "8"], seen

@@ -116,10 +116,12 @@ def prune(ctx: Context) -> Pruned:
         base.unlink(missing_ok=True)
         bases.append(base)
     from micropod.paths import CacheRoot
-    from micropod.vmm import snapshot
+    from micropod.vmm import rootsnap, snapshot
 
-    snapshots = snapshot.saved(CacheRoot.from_env())
+    cache = CacheRoot.from_env()
+    snapshots = snapshot.saved(cache)
     for saved in snapshots:
-        reclaimed += allocated(saved)
+        reclaimed += sum(allocated(p) for p in (saved, *snapshot.companions(saved)))
         snapshot.invalidate(saved)
+    rootsnap.forget_digests(cache)
     return Pruned(removed, bases, reclaimed, snapshots)

@@ -215,7 +215,7 @@ def create_vmm(backend: str, spec: VmSpec, warm: bool = True, fresh: FreshRoot |
             template = rootsnap.RootTemplate(
                 fresh, {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)},
                 ROOTFS_DRIVE, next(d.path for d in spec.drives if d.drive_id == ROOTFS_DRIVE), UPPER_DRIVE)
-            digests = snapshot.snapshot_dir(CacheRoot.from_env()) / "bases"
+            digests = rootsnap.digests_dir(CacheRoot.from_env())
             saved = rootsnap.restore_root(factory, spec, rootsnap.root_key(spec, shape, vmm.binary, template, digests),
                                           template)
             if saved is not None:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from micropod import guestmsg, wire
 from micropod.errors import BootError
 from micropod.fsutil import atomic_write, copy_sparse, private_dir, private_file
-from micropod.paths import switched_on
+from micropod.paths import CacheRoot, switched_on
 from micropod.vmm import snapshot
 from micropod.vmm.base import VmSpec
 
@@ -117,6 +117,19 @@ def root_key(spec: VmSpec, shape: list[str], binary: Path, template: RootTemplat
     return snapshot.snapshot_key(spec, shape, binary, sizes={template.upper_drive: template.fresh.size},
                                  extra=("root-ready", content_digest(template.base, digests),
                                         json.dumps(template.rootfs, sort_keys=True)))
+
+
+def digests_dir(cache: CacheRoot) -> Path:
+    return snapshot.snapshot_dir(cache) / "bases"
+
+
+def forget_digests(cache: CacheRoot) -> None:
+    """The remembered digests go with the snapshots (system prune)."""
+    directory = digests_dir(cache)
+    if directory.is_dir() and not directory.is_symlink():
+        for memo in directory.iterdir():
+            memo.unlink(missing_ok=True)
+        directory.rmdir()
 
 
 def content_digest(path: Path, digests: Path) -> str:
