@@ -109,3 +109,41 @@ def test_a_reused_stream_id_is_refused(pairs: list[Pair]) -> None:
         pair.client.conn.sock.sendall(spdy_client.control(spdy.SYN_STREAM, 0, payload))
     wait_for(lambda: first.reset is not None)
     assert first.reset == spdy.RST_REFUSED
+
+
+def test_a_session_opens_a_bounded_number_of_streams_in_its_life(pairs: list[Pair],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handlers keep what they were given for the session's life: forgetting finished streams must not
+    let one session open streams without end."""
+    monkeypatch.setattr(spdy, "MAX_SESSION_STREAMS", 5)
+    pair = Pair(lambda stream: None)
+    pairs.append(pair)
+    for _ in range(5):
+        opened = pair.client.open({"streamType": "data"})
+        pair.client.send(spdy_client.control(spdy.RST_STREAM, 0, struct.pack(">II", opened.stream_id, 5)))
+        assert opened.reset is None
+    refused = pair.client.open({"streamType": "data"})
+    assert refused.reset == spdy.RST_REFUSED
+
+
+def test_a_slow_reader_that_reads_is_never_reset(pairs: list[Pair], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spdy, "UNREAD_TIMEOUT", 0.6)
+    received: list[bytes] = []
+
+    def on_stream(stream: spdy.Stream) -> None:
+        def slowly() -> None:
+            while (data := stream.read()) is not None:
+                received.append(data)
+                time.sleep(0.15)
+
+        threading.Thread(target=slowly, daemon=True).start()
+
+    pair = Pair(on_stream)
+    pairs.append(pair)
+    stream = pair.client.open({"streamType": "stdin"})
+    chunk = b"z" * (64 << 10)
+    for _ in range(24):  # 1.5 MiB: over the budget, so the session waits on the reader for seconds
+        stream.write(chunk)
+    stream.close()
+    wait_for(lambda: sum(map(len, received)) == 24 * len(chunk), timeout=30)
+    assert stream.reset is None

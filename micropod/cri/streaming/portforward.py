@@ -23,6 +23,7 @@ SPDY_PROTOCOL = "portforward.k8s.io"
 WEBSOCKET_PROTOCOLS = ("v4.channel.k8s.io", "portforward.k8s.io")
 CONNECT_TIMEOUT = 10.0
 PAIR_TIMEOUT = 30.0
+MAX_UNPAIRED = 32  # error streams and data streams that wait for their pair, each, in a session
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,23 @@ def serve_spdy(ctx: Context, sock: socket.socket, request: Request) -> None:
     lock = threading.Lock()
     arrived = threading.Condition(lock)
 
+    waiting = [0]  # data streams waiting for their error stream
+
     def on_stream(stream: Stream) -> None:
         kind, request_id = stream.header("streamtype"), stream.header("requestid")
-        if kind == "error":
-            with arrived:
+        with arrived:
+            # what waits to be paired is bounded: error streams kept, data streams with a thread each
+            if kind == "error":
+                refused = request_id in errors or len(errors) >= MAX_UNPAIRED
+            else:
+                refused = kind != "data" or waiting[0] >= MAX_UNPAIRED
+            if not refused and kind == "error":
                 errors[request_id] = stream
                 arrived.notify_all()
+            elif not refused:
+                waiting[0] += 1
+        if refused:
+            session.reset(stream)
         elif kind == "data":
             threading.Thread(target=pair_and_forward, args=(stream, request_id), daemon=True).start()
 
@@ -103,6 +115,7 @@ def serve_spdy(ctx: Context, sock: socket.socket, request: Request) -> None:
         with arrived:
             arrived.wait_for(lambda: request_id in errors or session.ended.is_set(), PAIR_TIMEOUT)
             error = errors.pop(request_id, None)
+            waiting[0] -= 1
         if error is None:
             with contextlib.suppress(OSError):
                 data.close()

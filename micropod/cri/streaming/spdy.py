@@ -27,7 +27,9 @@ SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, PING, GOAWAY, HEADERS, WINDOW_UPDAT
 FLAG_FIN = 0x01
 MAX_FRAME = 1 << 20  # larger than any frame spdystream sends (its data frames are at most 32 KiB)
 MAX_HEADERS = 64 << 10
-MAX_STREAMS = 64
+MAX_STREAMS = 64  # open at once
+MAX_SESSION_STREAMS = 1024  # in a session's life
+SEND_TIMEOUT = 30.0
 STREAM_QUEUE_BYTES = 256 << 10  # what a stream holds unread (one frame more if it held nothing)
 SESSION_QUEUE_BYTES = 1 << 20  # what all of a session's streams hold unread together
 UNREAD_TIMEOUT = 30.0  # a stream whose queue stays full this long is reset
@@ -143,6 +145,7 @@ class Stream:
     headers: dict[str, list[str]]
     incoming: deque[bytes] = field(default_factory=deque)
     queued: int = 0  # bytes in incoming
+    stalled_since: float = 0.0  # since when data has waited with no read (while queued)
     finished: threading.Event = field(default_factory=threading.Event)  # the peer's FIN, a reset, or the end
     closed: bool = False
 
@@ -160,26 +163,32 @@ class Stream:
             data = self.incoming.popleft()
             self.queued -= len(data)
             self.session.queued -= len(data)
+            self.stalled_since = time.monotonic()  # progress: what still waits, waits from now
             budget.notify_all()
             return data
 
     def deliver(self, data: bytes) -> None:
-        """From the session's reader: waits while the budgets are spent, unless nobody will read it any more; a
-        stream that stays full past UNREAD_TIMEOUT is reset and its data dropped."""
+        """From the session's reader: waits while the budgets are spent, unless nobody will read it any more. A
+        stream whose data has waited UNREAD_TIMEOUT with no read at all (a slow reader that reads is never one)
+        is reset, its data dropped, whichever stream it is that holds the budget."""
         session = self.session
-        deadline = time.monotonic() + UNREAD_TIMEOUT
-        with session.budget:
-            while ((self.queued and self.queued + len(data) > STREAM_QUEUE_BYTES)
-                   or (session.queued and session.queued + len(data) > SESSION_QUEUE_BYTES)):
-                if self.finished.is_set() or session.ended.is_set():
+        while True:
+            with session.budget:
+                if self.finished.is_set() or session.ended.is_set() or session.streams.get(self.stream_id) is not self:
+                    return  # finished or forgotten: nobody reads it any more
+                if not ((self.queued and self.queued + len(data) > STREAM_QUEUE_BYTES)
+                        or (session.queued and session.queued + len(data) > SESSION_QUEUE_BYTES)):
+                    if not self.incoming:
+                        self.stalled_since = time.monotonic()
+                    self.incoming.append(data)
+                    self.queued += len(data)
+                    session.queued += len(data)
                     return
-                if time.monotonic() > deadline:
-                    session.reset(self)
-                    return
-                session.budget.wait(0.2)
-            self.incoming.append(data)
-            self.queued += len(data)
-            session.queued += len(data)
+                stale = session.stale_streams()
+                if not stale:
+                    session.budget.wait(0.2)
+            for stream in stale:  # outside the lock: a client that does not read holds no reader up
+                session.reset(stream)
 
     def write(self, data: bytes) -> None:
         for start in range(0, len(data), 32 << 10):
@@ -208,6 +217,25 @@ class Session:
         self.ended = threading.Event()
         self.budget = threading.Condition()  # guards every stream's queue and ``queued``
         self.queued = 0  # bytes queued unread, over all streams
+        self.opened = 0  # streams this session ever opened
+        # a client that stops reading what we send cannot hold a writer (and the session) forever
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0))
+
+    def stale_streams(self) -> list[Stream]:
+        """Under the budget's lock: the streams whose data has waited UNREAD_TIMEOUT unread, marked finished and
+        emptied (their resets to be sent outside the lock)."""
+        now = time.monotonic()
+        stale = [s for s in self.streams.values() if s.queued and now - s.stalled_since > UNREAD_TIMEOUT]
+        for stream in stale:
+            stream.closed = True
+            stream.finished.set()
+            self.queued -= stream.queued
+            stream.queued = 0
+            stream.incoming.clear()
+        if stale:
+            self.budget.notify_all()
+        return stale
 
     def forget_if_done(self, stream: Stream) -> None:
         """A stream both sides finished: dropped, with what it still held unread."""
@@ -287,8 +315,11 @@ class Session:
             raise SpdyError("a SYN_STREAM too short")
         headers = self.codec.decode(frame.payload[10:])
         stream_id = frame.stream_id
-        # SPDY's stream ids only grow: one at or below the last is a reused id, not a new stream
-        if stream_id <= self.last_stream_id or stream_id % 2 == 0 or len(self.streams) >= MAX_STREAMS:
+        # SPDY's stream ids only grow: one at or below the last is a reused id, not a new stream; and a session
+        # opens at most MAX_SESSION_STREAMS in its life (the handlers keep what they were given)
+        self.opened += 1
+        if (stream_id <= self.last_stream_id or stream_id % 2 == 0 or len(self.streams) >= MAX_STREAMS
+                or self.opened > MAX_SESSION_STREAMS):
             self.send(control_frame(RST_STREAM, 0, struct.pack(">II", stream_id, RST_REFUSED)))
             return
         self.last_stream_id = stream_id

@@ -17,6 +17,7 @@ from micropod.cri.streaming.websocket import BINARY, TEXT, WebSocket, WebSocketE
 
 STREAMS_TIMEOUT = 30.0  # for the client to open every stream it asked for, as kubelet waits
 STDIN, STDOUT, STDERR, ERROR, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
+REMOTECOMMAND_STREAMS = frozenset({"error", "stdin", "stdout", "stderr", "resize"})
 
 
 def expected_streams(request: Request, protocol: str) -> set[str]:
@@ -70,7 +71,11 @@ def serve_spdy(ctx: Context, sock: socket.socket, protocol: str, request: Reques
     wanted = expected_streams(request, protocol)
 
     def on_stream(stream: Stream) -> None:
-        opened.setdefault(stream.header("streamtype"), stream)
+        kind = stream.header("streamtype")
+        if kind not in REMOTECOMMAND_STREAMS or kind in opened:  # held for the session's life: known ones, once
+            session.reset(stream)
+            return
+        opened[kind] = stream
         if wanted <= set(opened):
             ready.set()
 
