@@ -216,11 +216,11 @@ def create_vmm(backend: str, spec: VmSpec, warm: bool = True, fresh: FreshRoot |
                 fresh, {"lower": spec.guest_disk(ROOTFS_DRIVE), "upper": spec.guest_disk(UPPER_DRIVE)},
                 ROOTFS_DRIVE, next(d.path for d in spec.drives if d.drive_id == ROOTFS_DRIVE), UPPER_DRIVE)
             digests = rootsnap.digests_dir(CacheRoot.from_env())
-            saved = rootsnap.restore_root(factory, spec, rootsnap.root_key(spec, shape, vmm.binary, template, digests),
+            ready = rootsnap.restore_root(factory, spec, rootsnap.root_key(spec, shape, vmm.binary, template, digests),
                                           template)
-            if saved is not None:
+            if ready is not None:
                 log.debug("phase: resuming with the image's root ready")
-                return QemuVmm(spec, vmm.binary, vmm.accel, snapshot=saved)
+                return QemuVmm(spec, vmm.binary, vmm.accel, snapshot=ready[0], snapshot_fd=ready[1])
         if fresh is not None:
             fresh.ensure_layer()
         key = snapshot.snapshot_key(spec, shape, vmm.binary)

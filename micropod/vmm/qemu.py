@@ -143,10 +143,11 @@ class QemuVmm:
 
     def __init__(
         self, spec: VmSpec, binary: Path | None = None, accel: str | None = None, snapshot: Path | None = None,
-        ram: GuestRam | None = None,
+        ram: GuestRam | None = None, snapshot_fd: int | None = None,
     ) -> None:
-        """``snapshot``: restore it, on the shared copy of its guest RAM; ``ram``: run on this RAM file (the
-        snapshot template's, which the caller owns)."""
+        """``snapshot``: restore it, on the shared copy of its guest RAM (from ``snapshot_fd``, its file opened
+        already, which this VMM then owns: rootsnap.py opens it with the layer that must go with it); ``ram``:
+        run on this RAM file (the snapshot template's, which the caller owns)."""
         found = binary or find_qemu()
         if found is None:
             raise VmmUnavailableError(
@@ -158,6 +159,7 @@ class QemuVmm:
         self.layout = QemuLayout.in_dir(spec.run_dir)
         self.sockets = SocketDir(spec.run_dir)
         self.snapshot = snapshot
+        self._snapshot_fd = snapshot_fd
         self.ram = ram
         self._proc: subprocess.Popen[bytes] | None = None
         self._listener: socket.socket | None = None
@@ -202,9 +204,11 @@ class QemuVmm:
             # The snapshot is the guest's RAM, then the stream: QEMU reads the stream from where the RAM ends, and
             # runs on the RAM every clone shares (a descriptor that is ours to close once QEMU has it).
             try:
-                snapshot_fd = os.open(self.snapshot, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                snapshot_fd = (self._snapshot_fd if self._snapshot_fd is not None
+                               else os.open(self.snapshot, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
             except OSError as exc:
                 raise BootError(f"the boot snapshot cannot be opened: {exc.strerror}") from exc
+            self._snapshot_fd = None
             try:
                 ram_size = self.spec.memory_mib << 20
                 clone_ram = guestram.clone_ram(self.snapshot, snapshot_fd, ram_size)

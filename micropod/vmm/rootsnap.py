@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING
 
 from micropod import guestmsg, wire
 from micropod.errors import BootError
-from micropod.fsutil import atomic_write, copy_sparse, private_dir, private_file
+from micropod.fsutil import atomic_write, copy_sparse, flock, private_dir, private_file
 from micropod.paths import CacheRoot, switched_on
-from micropod.vmm import snapshot
+from micropod.vmm import guestram, snapshot
 from micropod.vmm.base import VmSpec
+from micropod.vmm.guestram import lock_of
 
 if TYPE_CHECKING:
     from micropod.vmm.snapshot import QemuFactory
@@ -127,9 +128,10 @@ def forget_digests(cache: CacheRoot) -> None:
     """The remembered digests go with the snapshots (system prune)."""
     directory = digests_dir(cache)
     if directory.is_dir() and not directory.is_symlink():
-        for memo in directory.iterdir():
+        for memo in filter(_is_memo, directory.iterdir()):
             memo.unlink(missing_ok=True)
-        directory.rmdir()
+        with contextlib.suppress(OSError):  # another run is writing one meanwhile
+            directory.rmdir()
 
 
 def content_digest(path: Path, digests: Path) -> str:
@@ -149,26 +151,63 @@ def content_digest(path: Path, digests: Path) -> str:
             digest.update(chunk)
     finally:
         os.close(fd)
-    atomic_write(memo, digest.hexdigest().encode(), mode=0o600)
-    remembered = sorted(digests.iterdir(), key=lambda p: p.stat().st_mtime_ns)
-    for stale in remembered[:-_DIGESTS_KEPT]:
-        stale.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # remembering is best-effort: a full disk costs a hash next time
+        atomic_write(memo, digest.hexdigest().encode(), mode=0o600)
+        _forget_oldest(digests)
     return digest.hexdigest()
 
 
-def restore_root(vmm_factory: QemuFactory, spec: VmSpec, key: str, template: RootTemplate) -> Path | None:
-    """The root-ready snapshot (built if missing), with its pristine layer copied to the container's; None, with
-    nothing made, when none can serve."""
+def _is_memo(path: Path) -> bool:
+    return len(path.name) == 64 and all(c in "0123456789abcdef" for c in path.name)
+
+
+def _forget_oldest(digests: Path) -> None:
+    """At most _DIGESTS_KEPT memos; another run's temporary file or a memo gone meanwhile is no error."""
+    dated = []
+    for memo in filter(_is_memo, digests.iterdir()):
+        with contextlib.suppress(FileNotFoundError):
+            dated.append((memo.stat().st_mtime_ns, memo))
+    for _, stale in sorted(dated)[:-_DIGESTS_KEPT]:
+        stale.unlink(missing_ok=True)
+
+
+def restore_root(vmm_factory: QemuFactory, spec: VmSpec, key: str,
+                 template: RootTemplate) -> tuple[Path, int] | None:
+    """The root-ready snapshot (built if missing), opened, with its pristine layer copied to the container's:
+    both taken under the snapshot's lock, so the layer is the one saved with that snapshot file even if another
+    run drops and rebuilds it meanwhile (QEMU gets the open descriptor). None, with nothing made, when none can
+    serve."""
     saved = snapshot.ensure_snapshot(vmm_factory, spec, key, setup=template)
     if saved is None:
         return None
-    upper = template.fresh.upper
+    with flock(lock_of(saved)):
+        try:
+            opened = os.open(saved, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # dropped since: the plain snapshot serves
+            return None
+        try:
+            _copy_pristine(saved, template.fresh.upper)
+        except BaseException:
+            os.close(opened)
+            raise
+        copied = template.fresh.upper.exists()
+    if not copied:
+        os.close(opened)
+        return None
+    return saved, opened
+
+
+def _copy_pristine(saved: Path, upper: Path) -> None:
+    """The snapshot's pristine layer, copied sparse to ``upper`` (made here: O_EXCL, 0600); on a failure,
+    nothing is left at ``upper`` (and a snapshot without its layer is dropped)."""
     try:
         source = os.open(pristine_layer(saved), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         log.warning("the root-ready snapshot has no pristine layer (%s); dropping it", exc.strerror)
-        snapshot.invalidate(saved)
-        return None
+        with contextlib.suppress(FileNotFoundError):
+            saved.unlink()
+        guestram.release(saved)
+        return
     try:
         target = private_file(upper, os.O_WRONLY | os.O_EXCL)
         try:
@@ -180,7 +219,5 @@ def restore_root(vmm_factory: QemuFactory, spec: VmSpec, key: str, template: Roo
         os.close(target)
     except OSError as exc:
         log.warning("cannot copy the root-ready snapshot's layer (%s); booting from the plain snapshot", exc)
-        return None
     finally:
         os.close(source)
-    return saved
