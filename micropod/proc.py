@@ -6,10 +6,12 @@ reported once, with the tail of the program's stderr.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -100,8 +102,9 @@ def _run_whole(args: list[str], input: bytes | None, stdin: int | IO[Any] | None
 def _run_bounded(args: list[str], input: bytes, env: Mapping[str, str] | None, cwd: Path | None,
                  timeout: float | None, limit: int) -> subprocess.CompletedProcess[bytes]:
     try:
+        # a session of its own: on a timeout or a flood, whatever it started goes too, and holds no pipe open
         child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 env=minimal_env(env), cwd=cwd)
+                                 env=minimal_env(env), cwd=cwd, start_new_session=True)
     except FileNotFoundError as exc:
         raise CommandError(f"{args[0]}: command not found", hint="run 'micropod doctor'") from exc
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
@@ -143,8 +146,9 @@ def _run_bounded(args: list[str], input: bytes, env: Mapping[str, str] | None, c
                     if kept is err and len(err) > STDERR_KEPT:
                         del err[:-STDERR_KEPT]
             returncode = child.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except (CommandError, subprocess.TimeoutExpired) as exc:
-            child.kill()
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signal.SIGKILL)
             child.wait()
             if isinstance(exc, subprocess.TimeoutExpired):
                 raise CommandError(f"{args[0]} timed out after {timeout}s: {stderr_tail(bytes(err))}") from None

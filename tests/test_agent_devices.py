@@ -16,8 +16,9 @@ from micropod.runconfig import DeviceMapping
     ("/dev/vda", "/dev/vda", "rw", "cannot be passed into a microVM"),  # the container's own disks
     ("/dev/vport0p1", "/dev/x", "rw", "cannot be passed into a microVM"),  # the host channel
     ("/dev/ttyS0", "/dev/ttyS0", "rw", "cannot be passed into a microVM"),  # the console
-    ("/dev/fuse", "fuse", "rwm", "is not an absolute path"),
-    ("/dev/fuse", "/dev/../etc/x", "rwm", "is not an absolute path"),
+    ("/dev/fuse", "fuse", "rwm", "is not a path under /dev"),
+    ("/dev/fuse", "/dev/../etc/x", "rwm", "is not a path under /dev"),
+    ("/dev/fuse", "/run/micropod-agent.sock", "rwm", "is not a path under /dev"),
     ("/dev/fuse", "/dev/fuse", "rwx", "not a combination of r, w and m"),
     ("/dev/fuse", "/dev/fuse", "", "not a combination of r, w and m"),
 ])

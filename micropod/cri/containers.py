@@ -89,7 +89,8 @@ def check_namespaces(options: Any) -> None:
 
 
 def limits_of(container_id: str, resources: Any) -> UpdateRequest:
-    """LinuxContainerResources as the container's cgroup limits in its pod's VM (0 or "": none). Hugepage
+    """LinuxContainerResources as the container's cgroup limits in its pod's VM (0: none; a cpuset given as ""
+    is left as it is, as containerd leaves it). Hugepage
     limits bound what the guest has none of; ``unified`` is refused, since its keys would bypass the checks."""
     if resources.unified:
         raise invalid(f"container {container_id}: unified cgroup settings are not supported")
@@ -97,7 +98,7 @@ def limits_of(container_id: str, resources: Any) -> UpdateRequest:
     shares = min(max(resources.cpu_shares, 2), 262144) if resources.cpu_shares > 0 else 0
     return UpdateRequest(memory_limit=max(resources.memory_limit_in_bytes, 0),
                          cpu_quota=quota / period if quota > 0 and period > 0 else 0.0, cpu_shares=shares,
-                         cpuset_cpus=resources.cpuset_cpus, cpuset_mems=resources.cpuset_mems)
+                         cpuset_cpus=resources.cpuset_cpus or None, cpuset_mems=resources.cpuset_mems or None)
 
 
 def resources_message(spec: ContainerSpec) -> Any:

@@ -133,16 +133,17 @@ def apply_process_settings(settings: object) -> None:
     forker's (a monitor still runs)."""
     if not isinstance(settings, dict):
         return
-    for number, pair in (settings.get("rlimits") or {}).items():
+    limits = settings.get("rlimits")
+    for number, pair in limits.items() if isinstance(limits, dict) else ():
         with contextlib.suppress(ValueError, OSError, TypeError):
             soft, hard = pair
             resource.setrlimit(int(number), (int(soft), int(hard)))
     with contextlib.suppress(ValueError, OSError, TypeError):
-        os.setpriority(os.PRIO_PROCESS, 0, int(settings["nice"]))
-    with contextlib.suppress(ValueError, TypeError, KeyError):
-        os.umask(int(settings["umask"]) & 0o777)
-    with contextlib.suppress(ValueError, OSError, TypeError, KeyError):
-        Path("/proc/self/oom_score_adj").write_text(str(int(settings["oom_score_adj"])))
+        os.setpriority(os.PRIO_PROCESS, 0, int(settings.get("nice", 0)))
+    with contextlib.suppress(ValueError, TypeError):
+        os.umask((int(settings.get("umask", 0o077)) & 0o777) | 0o077)  # never more open than the forker's own
+    with contextlib.suppress(ValueError, OSError, TypeError):
+        Path("/proc/self/oom_score_adj").write_text(str(int(settings.get("oom_score_adj", 0))))
 
 
 def _ask(sockets: SocketDir, name: str, request: bytes, fds: list[int]) -> dict[str, object] | None:
@@ -233,8 +234,7 @@ def _handle(conn: socket.socket, listener: socket.socket, identity: str) -> bool
             return True
         pid = os.fork()
         if pid == 0:
-            apply_process_settings(request.get("process"))
-            _run_monitor(listener, conn, args, {str(k): str(v) for k, v in env.items()}, fds)
+            _run_monitor(listener, conn, args, {str(k): str(v) for k, v in env.items()}, fds, request.get("process"))
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         return True
     except (OSError, ValueError, AttributeError):
@@ -245,11 +245,12 @@ def _handle(conn: socket.socket, listener: socket.socket, identity: str) -> bool
 
 
 def _run_monitor(listener: socket.socket, conn: socket.socket, args: list[str], env: dict[str, str],
-                 fds: list[int]) -> None:
-    """In the forked child: a session of its own, the request's log as stdout and stderr, its environment, and
-    the monitor's main; never returns."""
+                 fds: list[int], settings: object = None) -> None:
+    """In the forked child: the caller's process settings, a session of its own, the request's log as stdout and
+    stderr, its environment, and the monitor's main; never returns."""
     code = 1
     try:
+        apply_process_settings(settings)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         with contextlib.suppress(OSError):  # `ps` and `top` tell a monitor from its forker (its argv is the forker's)
             Path("/proc/self/comm").write_text("micropod-mon")

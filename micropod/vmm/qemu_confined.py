@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from micropod import syscalls
+from micropod.errors import VmmUnavailableError
 from micropod.syscalls import (
     CLONE_NEWIPC,
     CLONE_NEWNET,
@@ -82,6 +83,11 @@ def setid_guard() -> bytes:
     """SETID_GUARD as a BPF program, compiled before the fork (libseccomp, micropod/runtime/seccomp.py)."""
     from micropod.runtime import seccomp
 
+    unknown = seccomp.unknown_syscalls(SETID_GUARD)
+    if unknown:  # libseccomp skips a name it does not know: the guard would silently let that call through
+        raise VmmUnavailableError(f"this libseccomp does not know {', '.join(unknown)}: a VM with a host directory "
+                                  "share cannot have its VMM confined here",
+                                  hint="upgrade libseccomp, or use --security-opt vmm-confinement=off")
     flt = seccomp.parse(SETID_GUARD, "the VMM's set-id guard")
     assert flt is not None
     return seccomp.compile_filter(flt)
