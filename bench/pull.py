@@ -124,7 +124,7 @@ def run() -> dict[str, Any]:
             shutil.rmtree(root)
             shutil.rmtree(target)
     return comparison(("micropod_pull", ours), ("skopeo_copy", theirs),
-                      image_bytes=image_size(layout), layers=LAYERS, target=1.0, goal=0.7)
+                      image_bytes=image_size(layout), layers=LAYERS, target=0.8, goal=0.6)  # issue 14
 
 
 if __name__ == "__main__":
