@@ -11,9 +11,9 @@ address on ``network``, the hostname on ``create``, the environment, user and pr
 The snapshot's key adds the image's base, by the SHA-256 of its bytes, and the layer's size to the machine
 shape's, so a rebuilt image never restores another's root, while the same image's base in another state root (a
 byte-identical file: tar2sqfs is deterministic) shares the snapshot. The digest is computed once per base file
-(its path, inode, size and modification time) and kept in the snapshot directory. Only a container's first boot,
-with no volumes or binds (they are mounted at create), restores one: a restarted container has its own layer,
-and boots from the machine shape's plain snapshot.
+(its path, inode, size, modification and change times) and kept in the snapshot directory. Only a container's
+first boot, with no volumes or binds (they are mounted at create), restores one: a restarted container has its
+own layer, and boots from the machine shape's plain snapshot.
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def content_digest(path: Path, digests: Path) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        identity = hashlib.sha256(f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+        identity = hashlib.sha256(f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+                                  .encode()).hexdigest()
         memo = private_dir(digests) / identity
         with contextlib.suppress(OSError):
             known = memo.read_text()
