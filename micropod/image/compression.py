@@ -7,8 +7,6 @@ import bz2
 import gzip
 import io
 import lzma
-import queue
-import threading
 import zlib
 from typing import IO, cast
 
@@ -80,64 +78,6 @@ def decompressed(raw: io.BufferedReader) -> IO[bytes]:
     if kind == BZIP2:
         return bz2.BZ2File(raw)
     return raw
-
-
-class Readahead:
-    """``source`` read by a thread of its own, up to ``depth`` chunks ahead of the reader. What that thread does
-    (the blob's reads, its sha256, the inflating) releases the GIL, so a layer decompresses on one core while
-    the reader parses its tar on the other. An error of the source is raised to the reader, in order; ``close``
-    stops the thread and waits for it, so the source is never read after it."""
-
-    def __init__(self, source: IO[bytes], chunk: int = 1 << 20, depth: int = 4) -> None:
-        self._source, self._chunk = source, chunk
-        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
-        self._stop = threading.Event()
-        self._pending = b""
-        self._eof = False
-        self._thread = threading.Thread(target=self._fill, name="layer-readahead", daemon=True)
-        self._thread.start()
-
-    def _fill(self) -> None:
-        try:
-            while not self._stop.is_set():
-                data = self._source.read(self._chunk)
-                self._put(data)
-                if not data:
-                    return
-        except BaseException as exc:  # the reader's to raise, in order
-            self._put(exc)
-
-    def _put(self, item: bytes | BaseException) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            parts = []
-            while part := self.read(self._chunk):
-                parts.append(part)
-            return b"".join(parts)
-        if not self._pending:
-            if self._eof:
-                return b""
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._eof = True
-                raise item
-            if not item:
-                self._eof = True
-                return b""
-            self._pending = item
-        data, self._pending = self._pending[:size], self._pending[size:]
-        return data
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # What decompressing may raise on corrupt input, for callers that translate it.

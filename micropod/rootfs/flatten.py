@@ -38,7 +38,7 @@ from typing import IO, cast
 import zstandard
 
 from micropod.errors import RootfsError
-from micropod.image.compression import Readahead, decompressed
+from micropod.image.compression import decompressed
 from micropod.image.model import Image, Layer
 from micropod.rootfs.limits import Budget, GuardedTarInfo, ImageLimits, MeteredReader, check_globals
 from micropod.rootfs.pathtree import PathTree
@@ -49,8 +49,6 @@ CHUNK = 1 << 20
 # tarfile's streams re-slice their whole buffer for every 512-byte header, so a large one costs per entry:
 # 64 KiB measured 3x faster than 1 MiB on small files, and faster on large ones too.
 TAR_BUFFER = 64 << 10
-# What a layer's decompressing thread may hold ahead of the tar reader (compression.Readahead): well under 1 MiB
-READAHEAD_CHUNK, READAHEAD_DEPTH = 128 << 10, 4
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 # squashfs can store only these xattr namespaces; POSIX ACLs (system.*) cannot be represented.
@@ -87,16 +85,13 @@ def open_layer_tar(layer: Layer, budget: Budget | None = None) -> Iterator[tarfi
     Every decompressed byte, trailing garbage included, counts against `budget`."""
     with layer.open() as blob:
         raw = blob if isinstance(blob, io.BufferedReader) else io.BufferedReader(_RawAdapter(blob), CHUNK)
-        ahead: Readahead | None = None
         try:
-            ahead = Readahead(decompressed(raw), READAHEAD_CHUNK, READAHEAD_DEPTH)
-            stream = cast(IO[bytes], MeteredReader(cast(IO[bytes], ahead), budget))
+            stream = cast(IO[bytes], MeteredReader(decompressed(raw), budget))
             with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape",
                               bufsize=TAR_BUFFER, tarinfo=GuardedTarInfo) as tar:
                 yield tar
             while stream.read(CHUNK):
                 pass
-            ahead.close()
             while raw.read(CHUNK):
                 pass
         except (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile, lzma.LZMAError, zstandard.ZstdError) as exc:
@@ -107,9 +102,6 @@ def open_layer_tar(layer: Layer, budget: Budget | None = None) -> Iterator[tarfi
             if isinstance(exc, BrokenPipeError):
                 raise
             raise RootfsError(f"layer {layer.digest} cannot be read: {exc}") from exc
-        finally:
-            if ahead is not None:
-                ahead.close()  # before the blob closes: its thread reads it
 
 
 def members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
