@@ -7,10 +7,22 @@ import bz2
 import gzip
 import io
 import lzma
+import types
 import zlib
 from typing import IO, cast
 
 import zstandard
+
+_inflate_lib: types.ModuleType
+INFLATE_ERRORS: tuple[type[Exception], ...]
+try:  # ISA-L's inflate, the same API as zlib's, about twice as fast here (python-isal, from PyPI)
+    from isal import isal_zlib
+
+    _inflate_lib = isal_zlib
+    INFLATE_ERRORS = (zlib.error, cast(type[Exception], isal_zlib.error))
+except ImportError:  # pragma: no cover (a checkout without it still works)
+    _inflate_lib = zlib
+    INFLATE_ERRORS = (zlib.error,)
 
 GZIP, ZSTD, XZ, BZIP2, NONE = "gzip", "zstd", "xz", "bzip2", "none"
 _MAGIC = ((b"\x1f\x8b", GZIP), (b"\x28\xb5\x2f\xfd", ZSTD), (b"\xfd7zXZ\x00", XZ), (b"BZh", BZIP2))
@@ -24,15 +36,15 @@ def detect(head: bytes) -> str:
 
 
 class _GzipReader(io.RawIOBase):
-    """gzip (concatenated members too) straight through zlib in large pieces. GzipFile feeds zlib 8 KiB
-    at a time and checks the CRC again in Python; the layer's sha256 already guards the bytes, and zlib
-    checks each member's trailer itself."""
+    """gzip (concatenated members too) straight through ISA-L's (else zlib's) inflate in large pieces. GzipFile
+    feeds zlib 8 KiB at a time and checks the CRC again in Python; the layer's sha256 already guards the bytes,
+    and inflate checks each member's trailer itself."""
 
     def __init__(self, raw: io.BufferedReader, chunk: int = 1 << 20) -> None:
         super().__init__()
         self._raw = raw
         self._chunk = chunk
-        self._inflate = zlib.decompressobj(wbits=31)
+        self._inflate = _inflate_lib.decompressobj(wbits=31)
         self._pending = b""  # compressed input not yet consumed
         self._done = False
 
@@ -44,7 +56,7 @@ class _GzipReader(io.RawIOBase):
         while not self._done:
             if self._inflate.eof:
                 rest = self._inflate.unused_data
-                self._inflate = zlib.decompressobj(wbits=31)
+                self._inflate = _inflate_lib.decompressobj(wbits=31)
                 self._pending = (rest + self._pending).lstrip(b"\0")  # zero padding after a member
                 while not self._pending:
                     more = self._raw.read(self._chunk)
@@ -82,4 +94,4 @@ def decompressed(raw: io.BufferedReader) -> IO[bytes]:
 
 # What decompressing may raise on corrupt input, for callers that translate it.
 DECOMPRESSION_ERRORS: tuple[type[Exception], ...] = (
-    EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, zstandard.ZstdError, OSError, ValueError)
+    EOFError, gzip.BadGzipFile, *INFLATE_ERRORS, lzma.LZMAError, zstandard.ZstdError, OSError, ValueError)

@@ -30,7 +30,6 @@ import logging
 import lzma
 import tarfile
 import tempfile
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, cast
@@ -38,7 +37,7 @@ from typing import IO, cast
 import zstandard
 
 from micropod.errors import RootfsError
-from micropod.image.compression import decompressed
+from micropod.image.compression import INFLATE_ERRORS, decompressed
 from micropod.image.model import Image, Layer
 from micropod.rootfs.limits import Budget, GuardedTarInfo, ImageLimits, MeteredReader, check_globals
 from micropod.rootfs.pathtree import PathTree
@@ -49,6 +48,9 @@ CHUNK = 1 << 20
 # tarfile's streams re-slice their whole buffer for every 512-byte header, so a large one costs per entry:
 # 64 KiB measured 3x faster than 1 MiB on small files, and faster on large ones too.
 TAR_BUFFER = 64 << 10
+# The writer's stream re-slices its buffer for every bufsize it sends, so a 1 MiB piece of file data cost 16
+# slices of up to 1 MiB each at 64 KiB; headers only append to it, so a large one costs nothing per entry.
+WRITE_BUFFER = CHUNK
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 # squashfs can store only these xattr namespaces; POSIX ACLs (system.*) cannot be represented.
@@ -78,6 +80,10 @@ class _RawAdapter(io.RawIOBase):
         return len(data)
 
 
+_LAYER_ERRORS: tuple[type[Exception], ...] = (tarfile.TarError, *INFLATE_ERRORS, EOFError, gzip.BadGzipFile,
+                                               lzma.LZMAError, zstandard.ZstdError)
+
+
 @contextlib.contextmanager
 def open_layer_tar(layer: Layer, budget: Budget | None = None) -> Iterator[tarfile.TarFile]:
     """The layer as a streaming tar reader; compression is recognised by its magic bytes (media types
@@ -94,7 +100,7 @@ def open_layer_tar(layer: Layer, budget: Budget | None = None) -> Iterator[tarfi
                 pass
             while raw.read(CHUNK):
                 pass
-        except (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile, lzma.LZMAError, zstandard.ZstdError) as exc:
+        except _LAYER_ERRORS as exc:
             raise RootfsError(f"layer {layer.digest} is not a valid tar archive: {exc}") from exc
         except RecursionError as exc:  # tarfile recurses once per extended header before a member
             raise RootfsError(f"layer {layer.digest} chains too many tar extended headers") from exc
@@ -187,7 +193,7 @@ class _Flattener:
 
     def run(self) -> FlattenStats:
         with tarfile.open(fileobj=self.out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
-                          errors="surrogateescape", bufsize=TAR_BUFFER) as self.tar:
+                          errors="surrogateescape", bufsize=WRITE_BUFFER) as self.tar:
             # tarfile copies file data in 16 KiB pieces by default, which costs much per byte here.
             self.tar.copybufsize = CHUNK  # type: ignore[attr-defined]
             for index in reversed(range(len(self.layers))):
