@@ -85,8 +85,9 @@ def test_the_cri_s_resources_become_limits_and_come_back_in_the_status() -> None
     request = limits_of("c", given)
     assert request == UpdateRequest(memory_limit=MIB, cpu_quota=0.25, cpu_shares=2, cpuset_cpus="0",
                                     cpuset_mems="0")  # shares at least 2, as the kernel's cgroup v1 floor
+    # none given: no limit, but a cpuset given as "" is left as it is, as containerd leaves it
     assert limits_of("c", pb.LinuxContainerResources(cpu_quota=-1, memory_limit_in_bytes=-1)) == UpdateRequest(
-        memory_limit=0, cpu_quota=0.0, cpu_shares=0, cpuset_cpus="", cpuset_mems="")
+        memory_limit=0, cpu_quota=0.0, cpu_shares=0, cpuset_cpus=None, cpuset_mems=None)
     spec = changed_in_pod(pod_member(), request, vcpus=1).container
     reported = resources_message(spec).linux
     assert (reported.cpu_quota, reported.cpu_period, reported.memory_limit_in_bytes, reported.cpu_shares) == (
