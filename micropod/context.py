@@ -6,10 +6,10 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from micropod.paths import StateRoot
-from micropod.state import StateStore
 
 if TYPE_CHECKING:
     from micropod.image.store import ImageStore
+    from micropod.state import StateStore
     from micropod.state.pods import PodStore
     from micropod.volumes import VolumeStore
 
@@ -21,6 +21,8 @@ class Context:
 
     @cached_property
     def state(self) -> StateStore:
+        from micropod.state import StateStore  # sqlite and the schema: not every command opens them (pull)
+
         self.root.ensure()
         return StateStore(self.root.db)
 
