@@ -94,9 +94,17 @@ def _run_whole(args: list[str], input: bytes | None, stdin: int | IO[Any] | None
             check=False,
         )
     except FileNotFoundError as exc:
-        raise CommandError(f"{args[0]}: command not found", hint="run 'micropod doctor'") from exc
+        raise _not_found(args) from exc
     except subprocess.TimeoutExpired as exc:
-        raise CommandError(f"{args[0]} timed out after {timeout}s: {stderr_tail(exc.stderr)}") from exc
+        raise _timed_out(args, timeout, exc.stderr) from exc
+
+
+def _not_found(args: list[str]) -> CommandError:
+    return CommandError(f"{args[0]}: command not found", hint="run 'micropod doctor'")
+
+
+def _timed_out(args: list[str], timeout: float | None, stderr: bytes | None) -> CommandError:
+    return CommandError(f"{args[0]} timed out after {timeout}s: {stderr_tail(stderr)}")
 
 
 def _run_bounded(args: list[str], input: bytes, env: Mapping[str, str] | None, cwd: Path | None,
@@ -106,7 +114,7 @@ def _run_bounded(args: list[str], input: bytes, env: Mapping[str, str] | None, c
         child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  env=minimal_env(env), cwd=cwd, start_new_session=True)
     except FileNotFoundError as exc:
-        raise CommandError(f"{args[0]}: command not found", hint="run 'micropod doctor'") from exc
+        raise _not_found(args) from exc
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     deadline = None if timeout is None else time.monotonic() + timeout
     out, err = bytearray(), bytearray()
@@ -124,7 +132,7 @@ def _run_bounded(args: list[str], input: bytes, env: Mapping[str, str] | None, c
             while selector.get_map():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise CommandError(f"{args[0]} timed out after {timeout}s: {stderr_tail(bytes(err))}")
+                    raise _timed_out(args, timeout, bytes(err))
                 for key, _ in selector.select(left):
                     if key.fileobj is child.stdin:
                         try:
@@ -151,7 +159,7 @@ def _run_bounded(args: list[str], input: bytes, env: Mapping[str, str] | None, c
                 os.killpg(child.pid, signal.SIGKILL)
             child.wait()
             if isinstance(exc, subprocess.TimeoutExpired):
-                raise CommandError(f"{args[0]} timed out after {timeout}s: {stderr_tail(bytes(err))}") from None
+                raise _timed_out(args, timeout, bytes(err)) from None
             raise
         finally:
             for stream in (child.stdin, child.stdout, child.stderr):

@@ -82,6 +82,18 @@ class DeviceMapping:
     container_path: str
     permissions: str = "rwm"
 
+    @classmethod
+    def requested(cls, path: str, container_path: str = "", permissions: str = "") -> DeviceMapping:
+        """A request as docker and containerd take one (no container path: the device's own, no permissions:
+        rwm), checked: UsageError naming what cannot be given."""
+        from micropod.agent.devices import check_request
+
+        mapping = cls(path, container_path or path, permissions or "rwm")
+        problem = check_request(mapping.path, mapping.container_path, mapping.permissions)
+        if problem:
+            raise UsageError(problem)
+        return mapping
+
 
 @dataclass(frozen=True)
 class TmpfsMount:

@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 import click
 
-from micropod.agent.devices import check_request
 from micropod.errors import UsageError
 from micropod.runconfig import BindMount, DeviceMapping, TmpfsMount
 from micropod.volumes import VolumeRequest, check_name
@@ -89,12 +88,10 @@ def parse_device(text: str) -> DeviceMapping:
         parts = [parts[0], parts[0], parts[1]]  # PATH:PERMISSIONS
     if not 1 <= len(parts) <= 3 or not parts[0]:
         raise UsageError(f"invalid --device {text!r}: it is PATH[:CONTAINER_PATH][:PERMISSIONS]")
-    path, target, permissions = [*parts, "", ""][:3]
-    device = DeviceMapping(path, target or path, permissions or "rwm")
-    problem = check_request(device.path, device.container_path, device.permissions)
-    if problem:
-        raise UsageError(f"invalid --device {text!r}: {problem}")
-    return device
+    try:
+        return DeviceMapping.requested(*parts)
+    except UsageError as exc:
+        raise UsageError(f"invalid --device {text!r}: {exc.message}") from None
 
 
 @dataclass

@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 
-from micropod.agent.devices import check_request
 from micropod.context import Context
 from micropod.cri import records
 from micropod.cri.api import pb
@@ -23,7 +22,7 @@ from micropod.cri.records import ContainerInfo, SandboxInfo
 from micropod.cri.sandboxes import find as find_sandbox
 from micropod.cri.sandboxes import micropod_name
 from micropod.cri.status import CriError, find_recorded, invalid, reserved
-from micropod.errors import ConflictError, MicropodError, NotFoundError
+from micropod.errors import ConflictError, MicropodError, NotFoundError, UsageError
 from micropod.monitor.api import Op
 from micropod.quotas import Quotas
 from micropod.runconfig import DEFAULT_LOG, BindMount, ContainerSpec, DeviceMapping, RunConfig
@@ -118,17 +117,11 @@ def log_path(sandbox: SandboxInfo, path: str) -> str:
 
 
 def devices_of(devices: Any) -> tuple[DeviceMapping, ...]:
-    """A CRI container's devices: ones of the VM's own kernel (micropod/agent/devices.py), as containerd takes
-    host_path, container_path and permissions (an empty container path is the host path, none is "rwm")."""
-    found = []
-    for device in devices:
-        mapping = DeviceMapping(device.host_path, device.container_path or device.host_path,
-                                device.permissions or "rwm")
-        problem = check_request(mapping.path, mapping.container_path, mapping.permissions)
-        if problem:
-            raise invalid(problem)
-        found.append(mapping)
-    return tuple(found)
+    """A CRI container's devices: ones of the VM's own kernel (micropod/agent/devices.py)."""
+    try:
+        return tuple(DeviceMapping.requested(d.host_path, d.container_path, d.permissions) for d in devices)
+    except UsageError as exc:
+        raise invalid(exc.message) from None
 
 
 def binds_of(mounts: Any) -> tuple[BindMount, ...]:

@@ -76,8 +76,15 @@ def _snapshot_usage() -> Usage:
     from micropod.vmm import snapshot
 
     found = snapshot.saved(CacheRoot.from_env())
-    size = sum(allocated(p) for saved in found for p in (saved, *snapshot.companions(saved)) if p.exists())
+    size = sum(map(_snapshot_bytes, found))
     return Usage("Boot snapshots", len(found), sum(1 for p in found if snapshot.in_use(p)), size, size)
+
+
+def _snapshot_bytes(saved: Path) -> int:
+    """A boot snapshot's bytes on disk, with what goes with it (a root-ready one's pristine layer)."""
+    from micropod.vmm import snapshot
+
+    return sum(allocated(p) for p in (saved, *snapshot.companions(saved)))
 
 
 def _count_images(ctx: Context) -> int:
@@ -121,7 +128,7 @@ def prune(ctx: Context) -> Pruned:
     cache = CacheRoot.from_env()
     snapshots = snapshot.saved(cache)
     for saved in snapshots:
-        reclaimed += sum(allocated(p) for p in (saved, *snapshot.companions(saved)))
+        reclaimed += _snapshot_bytes(saved)
         snapshot.invalidate(saved)
     rootsnap.forget_digests(cache)
     return Pruned(removed, bases, reclaimed, snapshots)

@@ -228,10 +228,8 @@ class QemuVmm:
                 self._agent = handles.ours
                 jail_dir = self.spec.run_dir / "jail"
                 jail_dir.mkdir(mode=0o700, exist_ok=True)
-                # /proc: QEMU opens its guest RAM by /proc/self/fd/N, and its 9p server sets xattrs through
-                # /proc/self/fd/N/NAME (there is no fsetxattrat)
-                jail = Jail.for_vm(jail_dir, self.spec.kernel, uid, self.accel,
-                                   proc=ram is not None or bool(self.spec.shares), shares=self.spec.shares)
+                jail = Jail.for_vm(jail_dir, self.spec.kernel, uid, self.accel, proc=ram is not None,
+                                   shares=self.spec.shares)
                 argv = qemu_argv(replace(self.spec, kernel=Path(jail.KERNEL)), self.binary, self.accel,
                                  self.layout, handles, ram)
             fds = [*(handles.fds if handles else ()), *((ram.fd,) if ram else ())]

@@ -192,8 +192,10 @@ class Jail:
     @classmethod
     def for_vm(cls, root: Path, kernel: Path, uid: int, accel: str, proc: bool = False,
                shares: tuple[Share, ...] = ()) -> Jail:
-        """With /dev/kvm, and its group, when the VM runs on KVM."""
+        """With /dev/kvm, and its group, when the VM runs on KVM; with /proc for shares too (QEMU's 9p server sets
+        xattrs through /proc/self/fd/N/NAME: there is no fsetxattrat)."""
         guard = setid_guard() if shares else b""
+        proc = proc or bool(shares)
         if accel != "kvm":
             return cls(root, kernel, uid, proc=proc, shares=shares, guard=guard)
         return cls(root, kernel, uid, (*cls.devices, "/dev/kvm"), (os.stat("/dev/kvm").st_gid,), proc=proc,

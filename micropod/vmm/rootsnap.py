@@ -145,7 +145,7 @@ def content_digest(path: Path, digests: Path) -> str:
         memo = private_dir(digests) / identity
         with contextlib.suppress(OSError):
             known = memo.read_text()
-            if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+            if _is_sha256_hex(known):
                 return known
         digest = hashlib.sha256()
         while chunk := os.read(fd, _READ_CHUNK):
@@ -158,8 +158,12 @@ def content_digest(path: Path, digests: Path) -> str:
     return digest.hexdigest()
 
 
+def _is_sha256_hex(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 def _is_memo(path: Path) -> bool:
-    return len(path.name) == 64 and all(c in "0123456789abcdef" for c in path.name)
+    return _is_sha256_hex(path.name)
 
 
 def _forget_oldest(digests: Path) -> None:
@@ -187,19 +191,18 @@ def restore_root(vmm_factory: QemuFactory, spec: VmSpec, key: str,
         except OSError:  # dropped since: the plain snapshot serves
             return None
         try:
-            _copy_pristine(saved, template.fresh.upper)
+            copied = _copy_pristine(saved, template.fresh.upper)
         except BaseException:
             os.close(opened)
             raise
-        copied = template.fresh.upper.exists()
     if not copied:
         os.close(opened)
         return None
     return saved, opened
 
 
-def _copy_pristine(saved: Path, upper: Path) -> None:
-    """The snapshot's pristine layer, copied sparse to ``upper`` (made here: O_EXCL, 0600); on a failure,
+def _copy_pristine(saved: Path, upper: Path) -> bool:
+    """The snapshot's pristine layer, copied sparse to ``upper`` (made here: O_EXCL, 0600); on a failure (False),
     nothing is left at ``upper`` (and a snapshot without its layer is dropped)."""
     try:
         source = os.open(pristine_layer(saved), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -208,7 +211,7 @@ def _copy_pristine(saved: Path, upper: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             saved.unlink()
         guestram.release(saved)
-        return
+        return False
     try:
         target = private_file(upper, os.O_WRONLY | os.O_EXCL)
         try:
@@ -220,5 +223,7 @@ def _copy_pristine(saved: Path, upper: Path) -> None:
         os.close(target)
     except OSError as exc:
         log.warning("cannot copy the root-ready snapshot's layer (%s); booting from the plain snapshot", exc)
+        return False
     finally:
         os.close(source)
+    return True

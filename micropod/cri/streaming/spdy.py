@@ -230,12 +230,16 @@ class Session:
         for stream in stale:
             stream.closed = True
             stream.finished.set()
+            self._discard(stream)
+        return stale
+
+    def _discard(self, stream: Stream) -> None:
+        """Under the budget's lock: what ``stream`` still held unread, dropped and given back to the budget."""
+        if stream.queued:
             self.queued -= stream.queued
             stream.queued = 0
             stream.incoming.clear()
-        if stale:
             self.budget.notify_all()
-        return stale
 
     def forget_if_done(self, stream: Stream) -> None:
         """A stream both sides finished: dropped, with what it still held unread."""
@@ -243,10 +247,7 @@ class Session:
             with self.budget:
                 if self.streams.get(stream.stream_id) is stream:
                     del self.streams[stream.stream_id]
-                self.queued -= stream.queued
-                stream.queued = 0
-                stream.incoming.clear()
-                self.budget.notify_all()
+                self._discard(stream)
 
     def finish(self, stream: Stream) -> None:
         """The peer's half is done (FIN or reset): its reader wakes at once."""
